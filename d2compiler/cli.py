@@ -1,0 +1,152 @@
+"""The `d2c` command line: schema, validate, run, inspect, eval."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+
+import torch
+
+from .errors import D2Error
+
+log = logging.getLogger("d2compiler")
+
+
+def _cmd_schema(args: argparse.Namespace) -> int:
+    from .recipe import recipe_json_schema
+
+    print(json.dumps(recipe_json_schema(), indent=2))
+    return 0
+
+
+def _load(args: argparse.Namespace):
+    from .recipe import apply_overrides, read_recipe_file, validate_recipe
+
+    data = read_recipe_file(args.recipe)
+    overrides = list(args.set or [])
+    if getattr(args, "model", None):
+        overrides.append(f"model.source={json.dumps(args.model)}")
+    if getattr(args, "output", None):
+        overrides.append(f"output.path={json.dumps(args.output)}")
+    if getattr(args, "overwrite", False):
+        overrides.append("output.overwrite=true")
+    return validate_recipe(apply_overrides(data, overrides, args.recipe), args.recipe)
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from .passmanager import PassManager
+
+    recipe = _load(args)
+    schedule = PassManager(list(recipe.passes)).schedule
+    print(f"{args.recipe}: valid recipe; pass schedule: {' -> '.join(p.name for p in schedule)}")
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from .pipeline import compress
+
+    recipe = _load(args)
+    summary = compress(recipe, quiet=args.quiet)
+    print(summary.table())
+    return 0
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from .executor import capture_block_inputs
+    from .graph import bind_linears, find_blocks, trace_block
+    from .models import load_model
+
+    loaded = load_model(args.model, "float32", "cpu")
+    model = loaded.model
+    path, blocks = find_blocks(model)
+    vocab = getattr(model.config, "vocab_size", 100) or 100
+    sample = capture_block_inputs(model, blocks, [torch.randint(0, vocab, (1, args.tokens))], torch.device("cpu"))[0]
+    structure = trace_block(blocks[0], sample.args, sample.kwargs, label=f"{path}.0")
+    layers = bind_linears(blocks[0], f"{path}.0", structure)
+    print(f"model: {type(model).__name__} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters)")
+    print(f"blocks: {path} x {len(blocks)} ({type(blocks[0]).__name__})")
+    print(f"attention: {len(structure.attention)} site(s) " + ", ".join(f"{s.kind}" for s in structure.attention))
+    groups = {name: i for i, g in enumerate(structure.input_groups) for name in g}
+    width = max(len(layer.local_name) for layer in layers)
+    print(f"  {'linear':<{width}}  {'class':<8} {'role':<6} {'out x in':<12} input")
+    for layer in layers:
+        out_f, in_f = layer.shape
+        print(f"  {layer.local_name:<{width}}  {type(layer.module).__name__:<8} {layer.role:<6} "
+              f"{f'{out_f}x{in_f}':<12} #{groups.get(layer.local_name, -1)}")
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from .data import evaluation_windows, load_text, tokenize
+    from .evaluate import perplexity
+    from .models import load_model, resolve_device
+
+    loaded = load_model(args.model, args.dtype, args.device)
+    ids = tokenize(loaded.tokenizer, load_text(args.data, "evaluation", config=args.config, split=args.split, field=args.field))
+    windows = evaluation_windows(ids, args.seq_len, args.max_windows)
+    ppl = perplexity(loaded.model, windows, resolve_device(args.device), quiet=args.quiet)
+    print(json.dumps({"model": args.model, "data": args.data, "seq_len": args.seq_len, "windows": len(windows), "ppl": ppl}))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="d2c", description="d2compiler: declarative, pass-based compression of transformer models.")
+    parser.add_argument("--quiet", "-q", action="store_true", help="no progress bars or info logs")
+    parser.add_argument("--verbose", "-v", action="store_true", help="debug logs")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    sub.add_parser("schema", help="print the recipe JSON Schema").set_defaults(func=_cmd_schema)
+
+    def recipe_cmd(name: str, help_: str, func) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_)
+        p.add_argument("recipe", help="recipe file (.toml or .json)")
+        p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a field, e.g. passes.1.sparsity=0.6 (repeatable)")
+        p.add_argument("--model", help="override model.source")
+        p.set_defaults(func=func)
+        return p
+
+    recipe_cmd("validate", "check a recipe without running it", _cmd_validate)
+    run = recipe_cmd("run", "compress a model as a recipe says", _cmd_run)
+    run.add_argument("--output", help="override output.path")
+    run.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+
+    insp = sub.add_parser("inspect", help="show blocks, linears, roles and shapes of a model")
+    insp.add_argument("model", help="HF id or folder, .gguf, .safetensors, or builtin:smollm2-135m")
+    insp.add_argument("--tokens", type=int, default=16, help="length of the dummy input used for tracing")
+    insp.set_defaults(func=_cmd_inspect)
+
+    ev = sub.add_parser("eval", help="perplexity of a model or of a d2c output folder")
+    ev.add_argument("model")
+    ev.add_argument("--data", default="builtin:python-docs", help="text source (see `d2c schema`, TextSource)")
+    ev.add_argument("--config", default=None)
+    ev.add_argument("--split", default="test")
+    ev.add_argument("--field", default="text")
+    ev.add_argument("--seq-len", type=int, default=512)
+    ev.add_argument("--max-windows", type=int, default=None)
+    ev.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "auto"])
+    ev.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    ev.set_defaults(func=_cmd_eval)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    level = logging.DEBUG if args.verbose else (logging.WARNING if args.quiet else logging.INFO)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("transformers", "datasets", "httpx", "huggingface_hub"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    try:
+        return args.func(args)
+    except D2Error as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

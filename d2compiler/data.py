@@ -1,0 +1,135 @@
+"""Text corpora and token windows for calibration and evaluation.
+
+Every source is reduced to a list of rows joined with "\\n\\n", the protocol SparseGPT and Wanda use
+for WikiText-2 (see `../shared/data/README.md`): a text file gives one row per line, with
+whitespace-only lines as empty rows, exactly as the HF `text` loader does; a jsonl file gives the
+`field` of each line; an HF dataset gives the `field` of each row.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from .errors import DataError
+
+BUILTIN_PYTHON_DOCS = "builtin:python-docs"
+CALIBRATION_FRACTION = 0.75
+
+Part = Literal["calibration", "evaluation"]
+
+
+def python_docs_rows(part: Part) -> list[str]:
+    """The stdlib `pydoc_data.topics` prose, topics in sorted order. The first 75% of topics (by
+    characters) are the calibration part and the rest the evaluation part, so they never overlap."""
+    from pydoc_data.topics import topics
+
+    rows = [topics[k] for k in sorted(topics)]
+    total = sum(len(r) for r in rows)
+    seen, cut = 0, len(rows)
+    for i, row in enumerate(rows):
+        if seen >= CALIBRATION_FRACTION * total:
+            cut = i
+            break
+        seen += len(row)
+    return rows[:cut] if part == "calibration" else rows[cut:]
+
+
+def _text_file_rows(path: Path) -> list[str]:
+    with path.open(encoding="utf-8") as f:
+        return [line if line.strip() else "" for line in f]
+
+
+def _jsonl_rows(path: Path, field: str) -> list[str]:
+    rows = []
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                item = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path}:{lineno}: invalid JSON: {exc.msg}") from None
+            if not isinstance(item, dict) or not isinstance(item.get(field), str):
+                raise DataError(f"{path}:{lineno}: no string field {field!r}")
+            rows.append(item[field])
+    return rows
+
+
+def _hf_rows(name: str, config: str | None, split: str, field: str) -> list[str]:
+    try:
+        import datasets
+    except ImportError as exc:  # pragma: no cover - datasets is a required dependency
+        raise DataError(f"{name}: the `datasets` package is needed for hub datasets") from exc
+    try:
+        ds = datasets.load_dataset(name, config, split=split)
+    except Exception as exc:  # datasets raises many unrelated types for a missing dataset
+        raise DataError(f"{name}: cannot load dataset (config={config!r}, split={split!r}): {exc}") from None
+    if field not in ds.column_names:
+        raise DataError(f"{name}: no column {field!r}; columns: {ds.column_names}")
+    return list(ds[field])
+
+
+def load_rows(source: str, part: Part, *, config: str | None = None, split: str = "test", field: str = "text") -> list[str]:
+    """The rows of a text source (see the module docstring)."""
+    if source == BUILTIN_PYTHON_DOCS:
+        return python_docs_rows(part)
+    if source.startswith("builtin:"):
+        raise DataError(f"unknown builtin corpus {source!r}; the builtin is {BUILTIN_PYTHON_DOCS!r}")
+    path = Path(source).expanduser()
+    if path.is_file():
+        try:
+            return _jsonl_rows(path, field) if path.suffix == ".jsonl" else _text_file_rows(path)
+        except UnicodeDecodeError as exc:
+            raise DataError(f"{path}: not UTF-8 text: {exc}") from None
+    if path.exists():
+        raise DataError(f"{source}: not a file")
+    if source.startswith((".", "/", "~")) or path.suffix in (".txt", ".raw", ".jsonl", ".json"):
+        raise DataError(f"{source}: no such file")
+    return _hf_rows(source, config, split, field)
+
+
+def load_text(source: str, part: Part, **kwargs: Any) -> str:
+    """Rows joined with "\\n\\n"."""
+    return "\n\n".join(load_rows(source, part, **kwargs))
+
+
+def tokenize(tokenizer: Any, text: str) -> torch.Tensor:
+    """Token ids of the whole text, shape (1, n), without a length warning."""
+    if tokenizer is None:
+        raise DataError("this model has no tokenizer, so text data cannot be used with it")
+    ids = tokenizer(text, return_tensors="pt", verbose=False).input_ids
+    return ids
+
+
+def calibration_windows(
+    ids: torch.Tensor, samples: int, seq_len: int, *, sampling: str = "sequential", seed: int = 0
+) -> list[torch.Tensor]:
+    """`samples` windows of `seq_len` tokens, each shaped (1, seq_len)."""
+    n = ids.shape[1]
+    if sampling == "sequential":
+        need = samples * seq_len
+        if n < need:
+            raise DataError(
+                f"too little calibration text: {n} tokens, but {samples} windows of {seq_len} "
+                f"need {need}; use fewer samples, a shorter seq_len or a larger corpus"
+            )
+        return [ids[:, i * seq_len : (i + 1) * seq_len] for i in range(samples)]
+    if n <= seq_len:
+        raise DataError(f"too little calibration text: {n} tokens, need more than seq_len={seq_len}")
+    gen = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, n - seq_len, (samples,), generator=gen).tolist()
+    return [ids[:, s : s + seq_len] for s in starts]
+
+
+def evaluation_windows(ids: torch.Tensor, seq_len: int, max_windows: int | None = None) -> list[torch.Tensor]:
+    """Non-overlapping windows of `seq_len` tokens (the tail shorter than a window is dropped)."""
+    count = ids.shape[1] // seq_len
+    if max_windows is not None:
+        count = min(count, max_windows)
+    if count == 0:
+        raise DataError(f"too little evaluation text: {ids.shape[1]} tokens, less than one window of {seq_len}")
+    return [ids[:, i * seq_len : (i + 1) * seq_len] for i in range(count)]

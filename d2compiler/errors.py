@@ -1,0 +1,43 @@
+"""Typed errors. Every user-facing failure is a `D2Error`; the CLI prints its message without a
+traceback and exits with status 2."""
+
+from __future__ import annotations
+
+
+class D2Error(Exception):
+    """Base class: a message a user can act on."""
+
+
+class RecipeError(D2Error):
+    """A recipe is malformed. The message names the file, the dotted field path and what was
+    expected, one problem per line."""
+
+    def __init__(self, source: str, problems: list[tuple[str, str]]):
+        self.source = source
+        self.problems = problems
+        lines = [f"{source}: {loc or '<root>'}: {msg}" for loc, msg in problems]
+        super().__init__("invalid recipe\n" + "\n".join("  " + line for line in lines))
+
+
+class ModelLoadError(D2Error):
+    """A model source could not be resolved or loaded."""
+
+
+class DataError(D2Error):
+    """A data source could not be read, or holds too little text."""
+
+
+class TraceError(D2Error):
+    """A block could not be traced or analysed."""
+
+
+class PassOrderError(D2Error):
+    """The recipe's passes cannot be scheduled: a pass lacks an artifact no earlier pass provides."""
+
+
+class PassError(D2Error):
+    """A pass failed or broke an invariant. The message names the pass, the block and the layer."""
+
+
+class OutputError(D2Error):
+    """The output path cannot be written."""

@@ -1,0 +1,322 @@
+"""The block-by-block executor.
+
+It captures the inputs of the first block for every calibration window, then for each block:
+moves it to the compute device, runs it once dense while the passes observe (statistics), applies
+the passes in schedule order (checking after each that no recorded mask was revived and that
+weights stay finite), and re-runs the modified block to produce the next block's inputs, so errors
+propagate as in SparseGPT. Only the current block lives on the compute device. Blocks after the
+last targeted one are not run at all.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import D2Error, PassError
+from .graph import (
+    BlockStructure,
+    LinearLayer,
+    bind_linears,
+    block_signature,
+    find_blocks,
+    matches,
+    structure_from_roles,
+    trace_block,
+)
+from .passmanager import Pass, PassResult, TargetedParams
+from .progress import progress
+
+log = logging.getLogger(__name__)
+
+
+class _StopForward(Exception):
+    pass
+
+
+@dataclass
+class BlockInput:
+    """One calibration sample's call of a block: positional args (hidden states first) and kwargs."""
+
+    args: tuple
+    kwargs: dict[str, Any]
+
+    def with_hidden(self, hidden: torch.Tensor) -> BlockInput:
+        return BlockInput((hidden, *self.args[1:]), self.kwargs)
+
+
+def _to(value: Any, device: torch.device) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, tuple):
+        return tuple(_to(v, device) for v in value)
+    if isinstance(value, list):
+        return [_to(v, device) for v in value]
+    if isinstance(value, dict):
+        return {k: _to(v, device) for k, v in value.items()}
+    return value
+
+
+def _move_outside_blocks(model: nn.Module, blocks: nn.ModuleList, device: torch.device) -> None:
+    """Move every parameter and buffer that is not inside `blocks` to `device`."""
+    inside = {id(m) for m in blocks.modules()}
+    for module in model.modules():
+        if id(module) in inside:
+            continue
+        for param in module._parameters.values():
+            if param is not None and param.device != device:
+                param.data = param.data.to(device)
+        for key, buf in module._buffers.items():
+            if buf is not None and buf.device != device:
+                module._buffers[key] = buf.to(device)
+
+
+def model_call_kwargs(model: nn.Module) -> dict[str, Any]:
+    """Extra kwargs for a full-model forward: no KV cache for generative models."""
+    return {"use_cache": False} if getattr(model.config, "use_cache", None) is not None else {}
+
+
+@torch.no_grad()
+def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, windows: list[torch.Tensor], device: torch.device) -> list[BlockInput]:
+    """Run the model up to the first block for each window and record that block's call."""
+    _move_outside_blocks(model, blocks, device)
+    captured: list[BlockInput] = []
+
+    def hook(_module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        if not args and "hidden_states" in kwargs:
+            kwargs = dict(kwargs)
+            args = (kwargs.pop("hidden_states"),)
+        captured.append(BlockInput(_to(args, device), _to(kwargs, device)))
+        raise _StopForward
+
+    handle = blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
+    extra = model_call_kwargs(model)
+    try:
+        for ids in windows:
+            try:
+                model(ids.to(device), **extra)
+            except _StopForward:
+                pass
+    finally:
+        handle.remove()
+    if len(captured) != len(windows):
+        raise D2Error(f"captured {len(captured)} block inputs for {len(windows)} windows")
+    return captured
+
+
+def _hidden(output: Any) -> torch.Tensor:
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+@torch.no_grad()
+def forward_block(block: nn.Module, inputs: list[BlockInput]) -> list[torch.Tensor]:
+    return [_hidden(block(*inp.args, **inp.kwargs)) for inp in inputs]
+
+
+@dataclass
+class BlockContext:
+    """What a pass sees of the current block (see the pass contract in `passmanager`)."""
+
+    index: int
+    name: str
+    module: nn.Module
+    layers: list[LinearLayer]
+    structure: BlockStructure
+    device: torch.device
+    inputs: list[BlockInput]
+    needed: set[str]
+    targeted: set[str]
+    artifacts: dict[str, dict[str, Any]] = field(default_factory=dict)
+    masks: dict[str, torch.Tensor] = field(default_factory=dict)
+    dense_outputs: list[torch.Tensor] | None = None
+
+    def select(self, params: TargetedParams) -> list[LinearLayer]:
+        """The layers of this block that `params.targets` / `params.ignore` pick."""
+        return select_layers(self.layers, params.targets, params.ignore)
+
+    def observed_groups(self) -> list[list[LinearLayer]]:
+        """Targeted layers grouped by shared input tensor (one accumulator per group)."""
+        by_local = {layer.local_name: layer for layer in self.layers if layer.name in self.targeted}
+        groups, seen = [], set()
+        for local in by_local:
+            if local in seen:
+                continue
+            group = [by_local[n] for n in self.structure.group_of(local) if n in by_local]
+            seen.update(g.local_name for g in group)
+            groups.append(group)
+        return groups
+
+    def publish(self, artifact: str, layer: str, value: Any) -> None:
+        self.artifacts.setdefault(artifact, {})[layer] = value
+
+    def artifact(self, artifact: str, layer: str) -> Any:
+        return self.artifacts.get(artifact, {}).get(layer)
+
+    def record_mask(self, layer: str, keep: torch.Tensor) -> None:
+        """Record a keep-mask; a weight already masked stays masked (masks compose by AND)."""
+        keep = keep.to(torch.bool)
+        old = self.masks.get(layer)
+        self.masks[layer] = keep if old is None else (old & keep.to(old.device))
+        self.publish("mask", layer, self.masks[layer])
+
+
+def select_layers(layers: list[LinearLayer], targets: list[str], ignore: list[str]) -> list[LinearLayer]:
+    return [layer for layer in layers if matches(layer, targets) and not matches(layer, ignore)]
+
+
+def check_invariants(ctx: BlockContext, pass_: Pass) -> None:
+    """No recorded mask was revived, and every weight in the block is finite."""
+    by_name = {layer.name: layer for layer in ctx.layers}
+    for name, keep in ctx.masks.items():
+        weight = by_name[name].weight_matrix()
+        revived = int(((weight != 0) & ~keep.to(weight.device)).sum())
+        if revived:
+            raise PassError(
+                f"pass '{pass_.name}' revived {revived} pruned weights of {name} (block {ctx.index})"
+            )
+    for layer in ctx.layers:
+        if not torch.isfinite(layer.module.weight).all():
+            raise PassError(f"pass '{pass_.name}' left NaN or Inf in {layer.name} (block {ctx.index})")
+
+
+@dataclass
+class BlockReport:
+    index: int
+    name: str
+    times: dict[str, float]
+    results: list[tuple[str, PassResult]]
+
+
+@dataclass
+class ExecutionReport:
+    blocks_path: str
+    num_blocks: int
+    blocks: list[BlockReport]
+    roles: dict[str, str]
+
+    def layer_metrics(self) -> dict[str, dict[str, Any]]:
+        """Per layer: the metrics of every pass that touched it (later passes win on conflicts)."""
+        out: dict[str, dict[str, Any]] = {}
+        for block in self.blocks:
+            for pass_name, result in block.results:
+                for layer, metrics in result.layers.items():
+                    entry = out.setdefault(layer, {"block": block.index})
+                    entry.update(metrics)
+                    entry.setdefault("passes", []).append(pass_name)
+        return out
+
+
+class BlockExecutor:
+    """Runs a pass schedule over a model's repeated blocks (see the module docstring)."""
+
+    def __init__(self, model: nn.Module, schedule: list[Pass], *, device: torch.device,
+                 role_overrides: dict[str, str] | None = None, quiet: bool = False):
+        self.model = model
+        self.schedule = schedule
+        self.device = device
+        self.role_overrides = role_overrides or {}
+        self.quiet = quiet
+        self.blocks_path, self.blocks = find_blocks(model)
+        self._structures: dict[tuple, BlockStructure] = {}
+
+    def structure(self, index: int, sample: BlockInput | None) -> BlockStructure:
+        """The traced structure of block `index` (traced once per distinct block signature)."""
+        block = self.blocks[index]
+        key = block_signature(block)
+        if key not in self._structures:
+            label = f"{self.blocks_path}.{index} ({type(block).__name__})"
+            if sample is None or (self.role_overrides and self._overrides_cover(block)):
+                self._structures[key] = structure_from_roles(block, self.role_overrides)
+            else:
+                self._structures[key] = trace_block(block, sample.args, sample.kwargs, label=label)
+        return self._structures[key]
+
+    def _overrides_cover(self, block: nn.Module) -> bool:
+        probe = structure_from_roles(block, {})
+        return set(probe.roles) <= set(self.role_overrides)
+
+    def layers_of(self, index: int, structure: BlockStructure) -> list[LinearLayer]:
+        return bind_linears(self.blocks[index], f"{self.blocks_path}.{index}", structure, self.role_overrides)
+
+    def targeted_names(self, layers: list[LinearLayer]) -> dict[int, set[str]]:
+        """Per scheduled pass (by position): names of the layers it targets."""
+        out: dict[int, set[str]] = {}
+        for i, p in enumerate(self.schedule):
+            patterns = p.target_patterns()
+            if patterns is not None:
+                out[i] = {layer.name for layer in select_layers(layers, *patterns)}
+        return out
+
+    def run(self, windows: list[torch.Tensor]) -> ExecutionReport:
+        needed = {a for p in self.schedule for a in p.requires}
+        inputs = capture_block_inputs(self.model, self.blocks, windows, self.device)
+        all_layers = []
+        for i in range(len(self.blocks)):
+            all_layers.extend(self.layers_of(i, self.structure(i, inputs[0])))
+        targets = self.targeted_names(all_layers)
+        self._check_targets_match(targets, all_layers)
+        hit = {int(n[len(self.blocks_path) + 1 :].split(".")[0]) for names in targets.values() for n in names}
+        last = max(hit) if hit else -1
+        reports: list[BlockReport] = []
+        bar = progress(range(last + 1), desc="blocks", disable=self.quiet)
+        for index in bar:
+            report, outputs = self._run_block(index, inputs, needed, targets, last)
+            reports.append(report)
+            inputs = [inp.with_hidden(h) for inp, h in zip(inputs, outputs)]
+        roles = {layer.name: layer.role for layer in all_layers}
+        return ExecutionReport(self.blocks_path, len(self.blocks), reports, roles)
+
+    def _check_targets_match(self, targets: dict[int, set[str]], layers: list[LinearLayer]) -> None:
+        for i, names in targets.items():
+            if not names:
+                p = self.schedule[i]
+                sample = ", ".join(sorted({f"{layer.local_name} ({type(layer.module).__name__}, role {layer.role})" for layer in layers}))
+                raise D2Error(
+                    f"pass '{p.name}': targets {p.target_patterns()[0]} (ignore {p.target_patterns()[1]}) "
+                    f"match no linear in {self.blocks_path}.*; the blocks hold: {sample}"
+                )
+
+    def _run_block(self, index: int, inputs: list[BlockInput], needed: set[str], targets: dict[int, set[str]],
+                   last: int) -> tuple[BlockReport, list[torch.Tensor]]:
+        """Observe, apply the passes, and return the block's outputs (empty for the last block)."""
+        block = self.blocks[index]
+        structure = self._structures[block_signature(block)]
+        layers = self.layers_of(index, structure)
+        names = {layer.name for layer in layers}
+        targeted = set().union(*(t & names for t in targets.values())) if targets else set()
+        block.to(self.device)
+        ctx = BlockContext(index, f"{self.blocks_path}.{index}", block, layers, structure, self.device,
+                           inputs, needed, targeted)
+        times: dict[str, float] = {}
+        results: list[tuple[str, PassResult]] = []
+        start = time.perf_counter()
+        if targeted and any(p.observes for p in self.schedule):
+            for p in self.schedule:
+                p.begin_observe(ctx)
+            ctx.dense_outputs = forward_block(block, inputs)
+            for p in self.schedule:
+                p.end_observe(ctx)
+            times["observe"] = time.perf_counter() - start
+        modified = False
+        for p in self.schedule:
+            t0 = time.perf_counter()
+            if targeted:
+                result = p.apply(ctx)
+                check_invariants(ctx, p)
+                results.append((p.name, result))
+                modified |= result.modified
+            times[p.name] = times.get(p.name, 0.0) + time.perf_counter() - t0
+        t0 = time.perf_counter()
+        if index < last:
+            outputs = ctx.dense_outputs if (not modified and ctx.dense_outputs is not None) else forward_block(block, inputs)
+        else:
+            outputs = []
+        times["propagate"] = time.perf_counter() - t0
+        times["total"] = time.perf_counter() - start
+        block.to("cpu")
+        return BlockReport(index, ctx.name, {k: round(v, 4) for k, v in times.items()}, results), outputs

@@ -1,0 +1,1 @@
+"""Writers for what the executor produced."""

@@ -1,0 +1,57 @@
+"""`sparsity.json`: per-layer sparsity and metrics, the pattern, the resolved recipe, package
+versions and the weight hash."""
+
+from __future__ import annotations
+
+import hashlib
+import platform
+from importlib import metadata as importlib_metadata
+from typing import Any
+
+import torch
+from torch import nn
+
+FORMAT_VERSION = 1
+_PACKAGES = ("d2compiler", "torch", "transformers", "pydantic", "networkx", "safetensors")
+
+
+def weights_sha256(model: nn.Module) -> str:
+    """sha256 over the state dict in name order: each entry's name, dtype, shape and raw bytes."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().to("cpu").contiguous()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
+
+
+def package_versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for name in _PACKAGES:
+        try:
+            out[name] = importlib_metadata.version(name)
+        except importlib_metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+def overall_sparsity(layers: dict[str, dict[str, Any]]) -> float:
+    """Zero fraction over all pruned layers together."""
+    total = sum(m["shape"][0] * m["shape"][1] for m in layers.values() if "shape" in m)
+    zeros = sum(m["sparsity"] * m["shape"][0] * m["shape"][1] for m in layers.values() if "shape" in m)
+    return zeros / total if total else 0.0
+
+
+def sparsity_record(*, model: nn.Module, recipe: dict[str, Any], layers: dict[str, dict[str, Any]],
+                    patterns: list[str], blocks: list[dict[str, Any]], results: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "format_version": FORMAT_VERSION,
+        "patterns": patterns,
+        "overall_sparsity": overall_sparsity(layers),
+        "weights_sha256": weights_sha256(model),
+        "results": results,
+        "layers": layers,
+        "blocks": blocks,
+        "recipe": recipe,
+        "versions": package_versions(),
+    }

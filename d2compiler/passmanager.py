@@ -1,0 +1,178 @@
+"""The pass contract, the pass registry and the requires/provides scheduler.
+
+A pass is a class with a `name` (the recipe's `type`), a pydantic `Params` model whose Field
+descriptions are the user documentation, and the sets of artifact names it `requires` and
+`provides`. The executor drives it block by block:
+
+1. `begin_observe(ctx)` / `end_observe(ctx)` bracket one forward pass of the still-dense block over
+   the calibration inputs; a pass registers hooks in the first and publishes artifacts in the second.
+2. `apply(ctx) -> PassResult` rewrites the block (weights, masks) and reports what it changed.
+
+The `PassManager` orders the recipe's passes with networkx so that every requirement is provided
+earlier, keeping the recipe order wherever dependencies allow, and rejects an impossible recipe
+before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import re
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
+
+import networkx as nx
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
+
+from .errors import PassOrderError
+
+if TYPE_CHECKING:
+    from .executor import BlockContext
+
+
+class PassParams(BaseModel):
+    """Parameters common to every pass. Unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: str = Field(description="The pass to run (its registered name).")
+
+
+class TargetedParams(PassParams):
+    """Parameters of a pass that acts on chosen linear layers."""
+
+    targets: list[str] = Field(
+        default_factory=lambda: ["Linear"],
+        description=(
+            "Which linear layers inside the repeated blocks the pass acts on. Each entry is a class "
+            "name (`Linear`, `Conv1D`), an exact module name, a role (`role:q`, `role:k`, `role:v`, "
+            "`role:o`, `role:gate`, `role:up`, `role:down`), or a regular expression on the full "
+            "module name with the prefix `re:` (matched from the start, as in llm-compressor)."
+        ),
+        min_length=1,
+    )
+    ignore: list[str] = Field(
+        default_factory=list,
+        description="Layers to leave alone, written like `targets`. Ignore wins over targets.",
+    )
+
+    @field_validator("targets", "ignore")
+    @classmethod
+    def _check_patterns(cls, patterns: list[str]) -> list[str]:
+        for pattern in patterns:
+            if pattern.startswith("re:"):
+                try:
+                    re.compile(pattern[3:])
+                except re.error as exc:
+                    raise ValueError(f"bad regular expression {pattern!r}: {exc}") from exc
+            elif not pattern.strip():
+                raise ValueError("empty pattern")
+        return patterns
+
+
+@dataclass
+class PassResult:
+    """What a pass did to one block: `modified` says whether any weight changed; `layers` maps a
+    full module name to its metrics (sparsity, reconstruction error, time, ...)."""
+
+    modified: bool
+    layers: dict[str, dict[str, Any]] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+class Pass(ABC):
+    """Base class of every pass. Subclasses set the class attributes and implement `apply`."""
+
+    name: ClassVar[str]
+    Params: ClassVar[type[PassParams]]
+    requires: ClassVar[frozenset[str]] = frozenset()
+    provides: ClassVar[frozenset[str]] = frozenset()
+    summary: ClassVar[str] = ""
+    observes: ClassVar[bool] = False  # True when begin/end_observe record something
+
+    def __init__(self, params: PassParams):
+        self.params = params
+
+    def target_patterns(self) -> tuple[list[str], list[str]] | None:
+        """(targets, ignore) when the pass acts on chosen layers; None when it serves others."""
+        if isinstance(self.params, TargetedParams):
+            return self.params.targets, self.params.ignore
+        return None
+
+    def begin_observe(self, ctx: BlockContext) -> None:
+        """Register what should be recorded while the dense block runs. Default: nothing."""
+
+    def end_observe(self, ctx: BlockContext) -> None:
+        """Publish the artifacts recorded since `begin_observe`. Default: nothing."""
+
+    @abstractmethod
+    def apply(self, ctx: BlockContext) -> PassResult:
+        """Transform the block and report what changed."""
+
+
+PASS_REGISTRY: dict[str, type[Pass]] = {}
+
+
+def register_pass(cls: type[Pass]) -> type[Pass]:
+    """Class decorator: make `cls` available to recipes under `cls.name`."""
+    if cls.name in PASS_REGISTRY and PASS_REGISTRY[cls.name] is not cls:
+        raise ValueError(f"pass name {cls.name!r} registered twice")
+    # Each pass gets its own params model whose `type` is the literal pass name, so recipes
+    # validate as a discriminated union and `d2c schema` documents each pass separately.
+    title = "".join(part.capitalize() for part in cls.name.split("_")) + "Pass"
+    cls.Params = create_model(
+        title,
+        __base__=cls.Params,
+        __doc__=f"`{cls.name}`: {cls.summary or cls.__doc__ or ''}".strip(),
+        type=(Literal[cls.name], Field(description=f"Always '{cls.name}'.")),  # type: ignore[valid-type]
+    )
+    PASS_REGISTRY[cls.name] = cls
+    return cls
+
+
+def registered_passes() -> dict[str, type[Pass]]:
+    """All registered passes, importing the shipped `passes` package first."""
+    import passes  # noqa: F401  (registers the shipped passes on import)
+
+    return dict(sorted(PASS_REGISTRY.items()))
+
+
+class PassManager:
+    """Builds the pass instances of a recipe and orders them by their requires/provides edges."""
+
+    def __init__(self, params_list: list[PassParams]):
+        registry = registered_passes()
+        self.passes: list[Pass] = [registry[p.type](p) for p in params_list]
+        self.schedule: list[Pass] = self._order()
+
+    def _order(self) -> list[Pass]:
+        graph = nx.DiGraph()
+        graph.add_nodes_from(range(len(self.passes)))
+        for i, consumer in enumerate(self.passes):
+            for artifact in sorted(consumer.requires):
+                providers = [j for j, p in enumerate(self.passes) if artifact in p.provides and j != i]
+                if not providers:
+                    offered = sorted({a for p in self.passes for a in p.provides}) or ["nothing"]
+                    hint = _provider_hint(artifact)
+                    raise PassOrderError(
+                        f"passes[{i}] ({consumer.name}) requires '{artifact}', which no pass in "
+                        f"the recipe provides (provided: {', '.join(offered)}).{hint}"
+                    )
+                # Prefer the nearest earlier provider; otherwise the first later one.
+                earlier = [j for j in providers if j < i]
+                graph.add_edge(max(earlier) if earlier else min(providers), i)
+        try:
+            order = list(nx.lexicographical_topological_sort(graph))
+        except nx.NetworkXUnfeasible as exc:
+            raise PassOrderError(f"the passes' requirements form a cycle: {exc}") from exc
+        return [self.passes[i] for i in order]
+
+    def needed_artifacts(self) -> set[str]:
+        """Artifact names some scheduled pass requires."""
+        return {a for p in self.schedule for a in p.requires}
+
+
+def _provider_hint(artifact: str) -> str:
+    names = [n for n, cls in registered_passes().items() if artifact in cls.provides]
+    if not names:
+        return ""
+    return f" Add a pass of type {' or '.join(repr(n) for n in names)} before it."

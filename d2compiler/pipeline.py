@@ -1,0 +1,137 @@
+"""`compress`: run a validated recipe end to end (load, calibrate, prune block by block, evaluate,
+write the output) and return a summary."""
+
+from __future__ import annotations
+
+import logging
+import resource
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import BaseModel
+
+from .data import calibration_windows, evaluation_windows, load_text, tokenize
+from .evaluate import perplexity
+from .executor import BlockExecutor, ExecutionReport
+from .export.hf import write_hf_folder
+from .export.metadata import overall_sparsity, sparsity_record
+from .export.output_dir import check_output_path
+from .models import LoadedModel, load_model, resolve_device
+from .passmanager import PassManager
+
+log = logging.getLogger(__name__)
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far, in MiB."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+@dataclass
+class RunSummary:
+    """What a run produced and measured."""
+
+    output: Path | None
+    dense_ppl: float | None
+    pruned_ppl: float | None
+    sparsity: float
+    wall_s: float
+    prune_s: float
+    peak_rss_mb: float
+    peak_cuda_mb: float | None
+    layers: dict[str, dict[str, Any]]
+    execution: ExecutionReport
+    record: dict[str, Any] = field(default_factory=dict)
+
+    def table(self) -> str:
+        """A small text table for the terminal."""
+        rows = [
+            ("dense perplexity", _fmt(self.dense_ppl)),
+            ("pruned perplexity", _fmt(self.pruned_ppl)),
+            ("sparsity (pruned layers)", f"{self.sparsity:.4f}"),
+            ("pruned layers", str(len(self.layers))),
+            ("pruning time (s)", f"{self.prune_s:.1f}"),
+            ("wall time (s)", f"{self.wall_s:.1f}"),
+            ("peak RSS (MiB)", f"{self.peak_rss_mb:.0f}"),
+        ]
+        if self.peak_cuda_mb is not None:
+            rows.append(("peak CUDA memory (MiB)", f"{self.peak_cuda_mb:.0f}"))
+        if self.output is not None:
+            rows.append(("output", str(self.output)))
+        width = max(len(k) for k, _ in rows)
+        line = "-" * (width + 2 + max(len(v) for _, v in rows))
+        return "\n".join([line, *(f"{k:<{width}}  {v}" for k, v in rows), line])
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def compress(recipe: BaseModel, *, loaded: LoadedModel | None = None, quiet: bool = False) -> RunSummary:
+    """Run `recipe`. A caller may pass an already loaded model (any transformers-style module with
+    a tokenizer) instead of `recipe.model.source`."""
+    start = time.perf_counter()
+    device = resolve_device(recipe.model.device)
+    manager = PassManager(list(recipe.passes))
+    out_path = Path(recipe.output.path) if recipe.output.path else None
+    if out_path is not None:
+        check_output_path(out_path, recipe.output.overwrite)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+    if loaded is None:
+        log.info("loading %s", recipe.model.source)
+        m = recipe.model
+        loaded = load_model(m.source, m.dtype, m.device, m.revision, m.attn_implementation)
+    model, tokenizer = loaded.model, loaded.tokenizer
+
+    cal = recipe.data.calibration
+    cal_ids = tokenize(tokenizer, load_text(cal.source, "calibration", config=cal.config, split=cal.split, field=cal.field))
+    windows = calibration_windows(cal_ids, cal.samples, cal.seq_len, sampling=cal.sampling, seed=cal.seed)
+
+    ev = recipe.data.evaluation
+    eval_windows = None
+    dense_ppl = None
+    if ev is not None:
+        ev_ids = tokenize(tokenizer, load_text(ev.source, "evaluation", config=ev.config, split=ev.split, field=ev.field))
+        eval_windows = evaluation_windows(ev_ids, ev.seq_len, ev.max_windows)
+        if ev.compare_dense:
+            dense_ppl = perplexity(model, eval_windows, device, quiet=quiet, desc="dense perplexity")
+            model.to("cpu")
+
+    prune_start = time.perf_counter()
+    executor = BlockExecutor(model, manager.schedule, device=device, role_overrides=recipe.model.roles, quiet=quiet)
+    execution = executor.run(windows)
+    prune_s = time.perf_counter() - prune_start
+
+    pruned_ppl = None
+    if eval_windows is not None:
+        pruned_ppl = perplexity(model, eval_windows, device, quiet=quiet, desc="pruned perplexity")
+    model.to("cpu")
+
+    layers = execution.layer_metrics()
+    patterns = sorted({p.params.mask_structure for p in manager.schedule if hasattr(p.params, "mask_structure")})
+    results = {
+        "dense_ppl": dense_ppl,
+        "pruned_ppl": pruned_ppl,
+        "calibration": {"source": cal.source, "samples": cal.samples, "seq_len": cal.seq_len, "sampling": cal.sampling},
+        "evaluation": None if ev is None else {"source": ev.source, "seq_len": ev.seq_len, "windows": len(eval_windows or [])},
+        "prune_s": round(prune_s, 3),
+        "device": str(device),
+    }
+    blocks = [{"index": b.index, "name": b.name, "times_s": b.times} for b in execution.blocks]
+    record = sparsity_record(model=model, recipe=recipe.model_dump(mode="json"), layers=layers, patterns=patterns,
+                             blocks=blocks, results=results)
+    peak_cuda = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None
+    if out_path is not None:
+        record["results"]["wall_s"] = round(time.perf_counter() - start, 3)
+        record["results"]["peak_rss_mb"] = round(peak_rss_mb(), 1)
+        write_hf_folder(out_path, model, tokenizer, record, overwrite=recipe.output.overwrite)
+    return RunSummary(
+        output=out_path, dense_ppl=dense_ppl, pruned_ppl=pruned_ppl, sparsity=overall_sparsity(layers),
+        wall_s=time.perf_counter() - start, prune_s=prune_s, peak_rss_mb=peak_rss_mb(), peak_cuda_mb=peak_cuda,
+        layers=layers, execution=execution, record=record,
+    )

@@ -1,0 +1,15 @@
+"""Progress bars (tqdm on stderr), silenced by `--quiet`."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import TypeVar
+
+from tqdm.auto import tqdm
+
+T = TypeVar("T")
+
+
+def progress(items: Iterable[T], *, desc: str, disable: bool = False, total: int | None = None) -> Iterable[T]:
+    """Wrap an iterable in a progress bar unless `disable`."""
+    return tqdm(items, desc=desc, disable=disable, total=total, leave=False, dynamic_ncols=True)

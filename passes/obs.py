@@ -1,0 +1,113 @@
+"""Blocked Optimal Brain Surgeon pruning with lazy column updates (SparseGPT's algorithm), shared
+by `sparsegpt` and `dual_taylor_mask`. A caller may add its own term to the OBS saliency."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from d2compiler.errors import PassError
+
+from .masks import lowest_k, lowest_n_of_m, prune_count, split_count
+
+log = logging.getLogger(__name__)
+
+# extra_score(W_block, cols) -> tensor added to the OBS saliency W²/[U_jj]² of those columns.
+ExtraScore = Callable[[torch.Tensor, slice], torch.Tensor]
+
+
+@dataclass
+class ObsResult:
+    weight: torch.Tensor
+    keep: torch.Tensor
+    damping: float
+
+
+def inverse_hessian_factor(hessian: torch.Tensor, weight: torch.Tensor, damping: float, layer: str) -> tuple[torch.Tensor, float]:
+    """Upper Cholesky factor U of the damped inverse Hessian (H⁻¹ = UᵀU). Dead inputs (zero
+    diagonal) get H_jj = 1 and their weight column zeroed, in place. If H is not positive definite
+    the damping is multiplied by 10 (up to 5 times) with a warning naming the layer."""
+    h = hessian.clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1.0
+    weight[:, dead] = 0.0
+    mean_diag = torch.mean(torch.diag(h)).item()
+    eye = torch.eye(h.shape[0], device=h.device, dtype=h.dtype)
+    current = damping
+    for attempt in range(6):
+        chol, info = torch.linalg.cholesky_ex(h + current * mean_diag * eye)
+        if info.item() == 0:
+            inv = torch.cholesky_inverse(chol)
+            upper, info = torch.linalg.cholesky_ex(inv, upper=True)
+            if info.item() == 0:
+                if attempt:
+                    log.warning("%s: Hessian not positive definite; damping raised to %g", layer, current)
+                return upper, current
+        current *= 10.0
+    raise PassError(f"{layer}: Hessian is not positive definite even with damping {current / 10:g}")
+
+
+def obs_prune(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    *,
+    sparsity: float,
+    n_of_m: tuple[int, int] | None,
+    block_size: int,
+    damping: float,
+    layer: str,
+    extra_score: ExtraScore | None = None,
+) -> ObsResult:
+    """Prune an (out, in) fp32 weight with blocked OBS. Returns the updated weight and keep mask.
+
+    Unstructured: in each block of `block_size` columns, the lowest-saliency entries over the whole
+    block are pruned; block counts are split so the layer prunes exactly round(p * numel). N:M: at
+    every group start, the n lowest of each row's m columns are pruned. Pruning a column spreads its
+    error over the later columns through U (in-block at once, later blocks lazily)."""
+    w = weight.clone()
+    rows, cols = w.shape
+    upper, used_damping = inverse_hessian_factor(hessian, w, damping, layer)
+    prune = torch.zeros_like(w, dtype=torch.bool)
+    starts = list(range(0, cols, block_size))
+    if n_of_m is None:
+        widths = [min(block_size, cols - s) for s in starts]
+        counts = split_count(prune_count(rows * cols, sparsity), widths)
+    else:
+        n, m = n_of_m
+        if block_size % m or cols % m:
+            raise PassError(f"{layer}: in_features={cols} and block_size={block_size} must be multiples of M={m}")
+    for bi, i1 in enumerate(starts):
+        i2 = min(i1 + block_size, cols)
+        w1 = w[:, i1:i2].clone()
+        u1 = upper[i1:i2, i1:i2]
+        err1 = torch.zeros_like(w1)
+        d = torch.diag(u1)
+        if n_of_m is None:
+            score = w1.pow(2) / d.pow(2).unsqueeze(0)
+            if extra_score is not None:
+                score = score + extra_score(w1, slice(i1, i2))
+            prune1 = lowest_k(score, counts[bi])
+        else:
+            prune1 = torch.zeros_like(w1, dtype=torch.bool)
+        for j in range(i2 - i1):
+            if n_of_m is not None and j % n_of_m[1] == 0:
+                m = n_of_m[1]
+                sub = w1[:, j : j + m]
+                score = sub.pow(2) / d[j : j + m].pow(2).unsqueeze(0)
+                if extra_score is not None:
+                    score = score + extra_score(sub, slice(i1 + j, i1 + j + m))
+                prune1[:, j : j + m] = lowest_n_of_m(score, n_of_m[0], m)
+            col = w1[:, j]
+            q = torch.where(prune1[:, j], torch.zeros_like(col), col)
+            e = (col - q) / d[j]
+            w1[:, j:] -= e.unsqueeze(1) * u1[j, j:].unsqueeze(0)
+            w1[:, j] = q
+            err1[:, j] = e
+        w[:, i1:i2] = w1
+        w[:, i2:] -= err1 @ upper[i1:i2, i2:]
+        prune[:, i1:i2] = prune1
+    w[prune] = 0.0
+    return ObsResult(weight=w, keep=~prune, damping=used_damping)

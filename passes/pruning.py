@@ -1,0 +1,133 @@
+"""Shared parameters and driver of the pruning passes: per-layer mask selection, the mask
+artifact, and the per-layer metrics every pruning pass records."""
+
+from __future__ import annotations
+
+import re
+import time
+from abc import abstractmethod
+from typing import TYPE_CHECKING, Any
+
+import torch
+from pydantic import Field, field_validator, model_validator
+
+from d2compiler.passmanager import Pass, PassResult, TargetedParams
+
+if TYPE_CHECKING:
+    from d2compiler.executor import BlockContext
+    from d2compiler.graph import LinearLayer
+
+_NM = re.compile(r"^(\d+):(\d+)$")
+
+
+class SparsityParams(TargetedParams):
+    """Parameters shared by every pruning pass."""
+
+    sparsity: float | None = Field(
+        default=None,
+        ge=0.0,
+        lt=1.0,
+        description="Fraction of weights pruned in each targeted layer, in [0, 1). Required for "
+        "unstructured masks; for N:M it defaults to N/M and must equal it if given.",
+    )
+    mask_structure: str = Field(
+        default="unstructured",
+        description="`unstructured`, or `N:M`: N of every M consecutive weights of a row (along "
+        "the input dimension) are pruned, e.g. `2:4` (NVIDIA's 2:4 sparsity) or `4:8`.",
+    )
+
+    @field_validator("mask_structure")
+    @classmethod
+    def _check_structure(cls, value: str) -> str:
+        if value == "unstructured":
+            return value
+        match = _NM.match(value)
+        if not match:
+            raise ValueError("expected 'unstructured' or 'N:M' such as '2:4'")
+        n, m = int(match[1]), int(match[2])
+        if not 0 < n < m:
+            raise ValueError(f"N:M needs 0 < N < M, got N={n}, M={m}")
+        return value
+
+    @model_validator(mode="after")
+    def _check_sparsity(self) -> SparsityParams:
+        nm = self.n_of_m
+        if nm is None and self.sparsity is None:
+            raise ValueError("'sparsity' is required when mask_structure = 'unstructured'")
+        if nm is not None and self.sparsity is not None and abs(self.sparsity - nm[0] / nm[1]) > 1e-9:
+            raise ValueError(
+                f"'sparsity' = {self.sparsity} contradicts mask_structure = '{self.mask_structure}' "
+                f"(which prunes {nm[0]}/{nm[1]}); drop 'sparsity'"
+            )
+        return self
+
+    @property
+    def n_of_m(self) -> tuple[int, int] | None:
+        if self.mask_structure == "unstructured":
+            return None
+        n, m = self.mask_structure.split(":")
+        return int(n), int(m)
+
+    @property
+    def target_sparsity(self) -> float:
+        nm = self.n_of_m
+        return nm[0] / nm[1] if nm else float(self.sparsity or 0.0)
+
+
+def relative_error(before: torch.Tensor, after: torch.Tensor, hessian: torch.Tensor | None) -> float | None:
+    """‖(W − W′)X‖² / ‖WX‖² over the calibration tokens, from H = XXᵀ/n (None without H)."""
+    if hessian is None:
+        return None
+    delta = before - after
+    num = torch.sum((delta @ hessian) * delta)
+    den = torch.sum((before @ hessian) * before)
+    return float(num / den) if den > 0 else 0.0
+
+
+class PruningPass(Pass):
+    """Drives one pruning method over the targeted linears of a block."""
+
+    Params = SparsityParams
+    provides = frozenset({"mask"})
+
+    @abstractmethod
+    def prune_layer(self, layer: LinearLayer, weight: torch.Tensor, ctx: BlockContext) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+        """Return (new fp32 weight, keep mask, extra metrics) for one (out, in) fp32 weight."""
+
+    def apply(self, ctx: BlockContext) -> PassResult:
+        params: SparsityParams = self.params  # type: ignore[assignment]
+        result = PassResult(modified=False)
+        for layer in ctx.select(params):
+            start = time.perf_counter()
+            weight = layer.weight_matrix().to(device=ctx.device, dtype=torch.float32, copy=True)
+            new_weight, keep, extra = self.prune_layer(layer, weight, ctx)
+            new_weight = torch.where(keep, new_weight, torch.zeros_like(new_weight))
+            layer.set_weight_matrix(new_weight)
+            ctx.record_mask(layer.name, keep)
+            stored = layer.weight_matrix()
+            result.layers[layer.name] = {
+                "role": layer.role,
+                "shape": list(layer.shape),
+                "sparsity": float((stored == 0).sum()) / stored.numel(),
+                "pruned": int((~keep).sum()),
+                "pattern": params.mask_structure,
+                "recon_error": relative_error(weight, new_weight, ctx.artifact("hessian", layer.name)),
+                "time_s": round(time.perf_counter() - start, 4),
+                **extra,
+            }
+            result.modified = True
+        return result
+
+
+def select_mask(score: torch.Tensor, params: SparsityParams, row_wise: bool) -> torch.Tensor:
+    """Keep mask from a saliency score (higher = more important): N:M groups, per-row counts
+    (`row_wise`) or the whole layer as one comparison group."""
+    from .masks import lowest_k, lowest_n_of_m, lowest_per_row, prune_count, row_counts
+
+    nm = params.n_of_m
+    if nm is not None:
+        return ~lowest_n_of_m(score, *nm)
+    rows, cols = score.shape
+    if row_wise:
+        return ~lowest_per_row(score, row_counts(rows, cols, params.target_sparsity))
+    return ~lowest_k(score, prune_count(rows * cols, params.target_sparsity))

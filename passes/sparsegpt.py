@@ -1,0 +1,39 @@
+"""SparseGPT: blocked OBS pruning with lazy column updates (Frantar & Alistarh 2023)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from pydantic import Field
+
+from d2compiler.passmanager import register_pass
+
+from .obs import obs_prune
+from .pruning import PruningPass, SparsityParams
+
+
+class SparseGPTParams(SparsityParams):
+    block_size: int = Field(default=128, ge=1, le=65536, description="Columns per lazy-update block.")
+    dampening_frac: float = Field(
+        default=0.01, gt=0.0, lt=10.0,
+        description="Damping added to the Hessian diagonal, as a fraction of its mean. It is raised "
+        "10× at a time (with a warning) when the Hessian is not positive definite.",
+    )
+
+
+@register_pass
+class SparseGPTPass(PruningPass):
+    name = "sparsegpt"
+    Params = SparseGPTParams
+    requires = frozenset({"hessian"})
+    summary = "Blocked OBS pruning with weight reconstruction (Frantar & Alistarh 2023)."
+
+    def prune_layer(self, layer: Any, weight: torch.Tensor, ctx: Any) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+        p: SparseGPTParams = self.params  # type: ignore[assignment]
+        res = obs_prune(
+            weight, ctx.artifact("hessian", layer.name).to(weight.device),
+            sparsity=p.target_sparsity, n_of_m=p.n_of_m, block_size=p.block_size,
+            damping=p.dampening_frac, layer=layer.name,
+        )
+        return res.weight, res.keep, {"damping": res.damping}

@@ -1,0 +1,91 @@
+"""Shared fixtures: a small BPE tokenizer trained on the stdlib docs, tiny random models of several
+architectures saved as transformers folders, and the real SmolLM2 (converted once, then cached)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from d2compiler.data import python_docs_rows
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=["<unk>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(python_docs_rows("calibration"), trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+
+
+def tiny_config(arch: str, vocab: int):
+    import transformers as tf
+
+    common = dict(vocab_size=vocab, hidden_size=64, num_hidden_layers=2, num_attention_heads=4)
+    if arch == "llama":
+        return tf.LlamaConfig(intermediate_size=128, num_key_value_heads=2, **common)
+    if arch == "qwen3":
+        return tf.Qwen3Config(intermediate_size=128, num_key_value_heads=2, head_dim=16, **common)
+    if arch == "mistral":
+        return tf.MistralConfig(intermediate_size=128, num_key_value_heads=2, **common)
+    if arch == "opt":
+        return tf.OPTConfig(ffn_dim=128, word_embed_proj_dim=64, max_position_embeddings=512, **common)
+    raise ValueError(arch)
+
+
+def build_tiny(arch: str, tokenizer, folder: Path, attn: str = "sdpa") -> Path:
+    import transformers as tf
+
+    torch.manual_seed(0)
+    config = tiny_config(arch, len(tokenizer))
+    config._attn_implementation = attn
+    model = tf.AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory, tokenizer):
+    """arch -> folder of a tiny random model (llama, opt, qwen3, mistral)."""
+    root = tmp_path_factory.mktemp("tiny")
+    return {arch: build_tiny(arch, tokenizer, root / arch) for arch in ("llama", "opt", "qwen3", "mistral")}
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir():
+    """The real SmolLM2-135M as a safetensors folder (GGUF converted once into the cache)."""
+    from d2compiler.models import builtin_smollm2_folder
+
+    return builtin_smollm2_folder()
+
+
+def write_recipe(path: Path, model: str, passes: str, *, samples: int = 4, seq_len: int = 64,
+                 output: Path | None = None, extra: str = "") -> Path:
+    out = f'[output]\npath = "{output}"\n' if output else ""
+    path.write_text(
+        f"""version = 1
+[model]
+source = "{model}"
+device = "cpu"
+[data.calibration]
+source = "builtin:python-docs"
+samples = {samples}
+seq_len = {seq_len}
+{extra}
+{passes}
+{out}"""
+    )
+    return path

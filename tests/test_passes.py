@@ -1,0 +1,96 @@
+"""Every pruning pass and pattern on tiny random Llama and OPT models, end to end through `d2c run`:
+exact sparsity, N:M structure, finite outputs, and a folder that `from_pretrained` loads."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from d2compiler.cli import main
+from d2compiler.export.metadata import weights_sha256
+from d2compiler.passmanager import PassManager
+from d2compiler.recipe import validate_recipe
+
+from .conftest import write_recipe
+
+PASSES = {
+    "magnitude": '[[passes]]\ntype = "calibrate"\n[[passes]]\ntype = "magnitude"\n',
+    "wanda": '[[passes]]\ntype = "calibrate"\n[[passes]]\ntype = "wanda"\n',
+    "sparsegpt": '[[passes]]\ntype = "calibrate"\n[[passes]]\ntype = "sparsegpt"\nblock_size = 32\n',
+}
+PATTERNS = {"unstructured": 'sparsity = 0.6\n', "2:4": 'mask_structure = "2:4"\n', "4:8": 'mask_structure = "4:8"\n'}
+
+
+def check_nm(weight: torch.Tensor, n: int, m: int) -> None:
+    groups = (weight == 0).reshape(weight.shape[0], -1, m).sum(-1)
+    assert torch.all(groups == n), f"not {n}:{m}"
+
+
+@pytest.mark.parametrize("arch", ["llama", "opt"])
+@pytest.mark.parametrize("method", list(PASSES))
+@pytest.mark.parametrize("pattern", list(PATTERNS))
+def test_pass_pattern(arch, method, pattern, tiny_models, tmp_path, capsys):
+    out = tmp_path / "out"
+    recipe = write_recipe(tmp_path / "r.toml", str(tiny_models[arch]), PASSES[method] + PATTERNS[pattern], output=out)
+    assert main(["--quiet", "run", str(recipe)]) == 0
+    assert "sparsity (pruned layers)" in capsys.readouterr().out
+
+    record = json.loads((out / "sparsity.json").read_text())
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert record["weights_sha256"] == weights_sha256(model)
+    modules = dict(model.named_modules())
+    assert len(record["layers"]) == (14 if arch == "llama" else 12)
+    for name, metrics in record["layers"].items():
+        weight = modules[name].weight.data
+        zeros = int((weight == 0).sum())
+        if pattern == "unstructured":
+            assert zeros == round(0.6 * weight.numel()), name  # exact count, not approximately
+        else:
+            n, m = map(int, pattern.split(":"))
+            check_nm(weight, n, m)
+        assert metrics["sparsity"] == pytest.approx(zeros / weight.numel())
+        assert metrics["recon_error"] is not None and metrics["recon_error"] >= 0
+    logits = model(torch.randint(0, 100, (1, 16))).logits
+    assert torch.isfinite(logits).all()
+    untouched = [n for n, m in modules.items() if isinstance(m, torch.nn.Linear) and n not in record["layers"]]
+    assert untouched == ["lm_head"]
+
+
+def test_targets_and_ignore(tiny_models, tmp_path):
+    out = tmp_path / "out"
+    passes = ('[[passes]]\ntype = "calibrate"\n[[passes]]\ntype = "sparsegpt"\nsparsity = 0.5\n'
+              'targets = ["re:.*layers\\\\.1\\\\."]\nignore = ["role:down"]\n')
+    recipe = write_recipe(tmp_path / "r.toml", str(tiny_models["llama"]), passes, output=out)
+    assert main(["--quiet", "run", str(recipe)]) == 0
+    layers = json.loads((out / "sparsity.json").read_text())["layers"]
+    assert sorted(layers) == sorted(f"model.layers.1.{n}" for n in (
+        "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj"))
+
+
+def test_targets_matching_nothing_lists_layers(tiny_models, tmp_path, capsys):
+    passes = '[[passes]]\ntype = "magnitude"\nsparsity = 0.5\ntargets = ["re:.*attn\\\\.qq_proj"]\n'
+    recipe = write_recipe(tmp_path / "r.toml", str(tiny_models["llama"]), passes, output=tmp_path / "o")
+    assert main(["--quiet", "run", str(recipe)]) == 2
+    err = capsys.readouterr().err
+    assert "match no linear" in err and "self_attn.q_proj (Linear, role q)" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_scheduler_moves_providers_first():
+    recipe = validate_recipe({"version": 1, "passes": [{"type": "sparsegpt", "sparsity": 0.5}, {"type": "calibrate"}]})
+    assert [p.name for p in PassManager(list(recipe.passes)).schedule] == ["calibrate", "sparsegpt"]
+
+
+def test_existing_output_needs_overwrite(tiny_models, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    recipe = write_recipe(tmp_path / "r.toml", str(tiny_models["opt"]), PASSES["magnitude"] + PATTERNS["2:4"], output=out)
+    assert main(["--quiet", "run", str(recipe)]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert main(["--quiet", "run", str(recipe), "--overwrite"]) == 0
+    assert (out / "sparsity.json").exists() and not (out / "keep.txt").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
