@@ -134,6 +134,11 @@ class BlockContext:
     artifacts: dict[str, dict[str, Any]] = field(default_factory=dict)
     masks: dict[str, torch.Tensor] = field(default_factory=dict)
     dense_outputs: list[torch.Tensor] | None = None
+    schedule: list[Pass] = field(default_factory=list)
+
+    def consumers(self, artifact: str) -> list[Pass]:
+        """Scheduled passes that require or optionally use `artifact`."""
+        return [p for p in self.schedule if artifact in p.requires | p.optional]
 
     def select(self, params: TargetedParams) -> list[LinearLayer]:
         """The layers of this block that `params.targets` / `params.ignore` pick."""
@@ -253,7 +258,7 @@ class BlockExecutor:
         return out
 
     def run(self, windows: list[torch.Tensor]) -> ExecutionReport:
-        needed = {a for p in self.schedule for a in p.requires}
+        needed = {a for p in self.schedule for a in p.requires | p.optional}
         inputs = capture_block_inputs(self.model, self.blocks, windows, self.device)
         all_layers = []
         for i in range(len(self.blocks)):
@@ -291,7 +296,7 @@ class BlockExecutor:
         targeted = set().union(*(t & names for t in targets.values())) if targets else set()
         block.to(self.device)
         ctx = BlockContext(index, f"{self.blocks_path}.{index}", block, layers, structure, self.device,
-                           inputs, needed, targeted)
+                           inputs, needed, targeted, schedule=self.schedule)
         times: dict[str, float] = {}
         results: list[tuple[str, PassResult]] = []
         start = time.perf_counter()

@@ -85,6 +85,7 @@ class Pass(ABC):
     name: ClassVar[str]
     Params: ClassVar[type[PassParams]]
     requires: ClassVar[frozenset[str]] = frozenset()
+    optional: ClassVar[frozenset[str]] = frozenset()  # used when some pass provides it
     provides: ClassVar[frozenset[str]] = frozenset()
     summary: ClassVar[str] = ""
     observes: ClassVar[bool] = False  # True when begin/end_observe record something
@@ -160,6 +161,11 @@ class PassManager:
                 # Prefer the nearest earlier provider; otherwise the first later one.
                 earlier = [j for j in providers if j < i]
                 graph.add_edge(max(earlier) if earlier else min(providers), i)
+        for i, consumer in enumerate(self.passes):
+            for artifact in sorted(consumer.optional):
+                for j, p in enumerate(self.passes):
+                    if artifact in p.provides and j != i:
+                        graph.add_edge(j, i)
         try:
             order = list(nx.lexicographical_topological_sort(graph))
         except nx.NetworkXUnfeasible as exc:
@@ -167,8 +173,8 @@ class PassManager:
         return [self.passes[i] for i in order]
 
     def needed_artifacts(self) -> set[str]:
-        """Artifact names some scheduled pass requires."""
-        return {a for p in self.schedule for a in p.requires}
+        """Artifact names some scheduled pass requires or optionally uses."""
+        return {a for p in self.schedule for a in p.requires | p.optional}
 
 
 def _provider_hint(artifact: str) -> str:

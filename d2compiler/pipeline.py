@@ -122,9 +122,13 @@ def compress(recipe: BaseModel, *, loaded: LoadedModel | None = None, quiet: boo
         "prune_s": round(prune_s, 3),
         "device": str(device),
     }
-    blocks = [{"index": b.index, "name": b.name, "times_s": b.times} for b in execution.blocks]
+    blocks = [{"index": b.index, "name": b.name, "times_s": b.times,
+               "passes": {name: r.info for name, r in b.results if r.info}} for b in execution.blocks]
     record = sparsity_record(model=model, recipe=recipe.model_dump(mode="json"), layers=layers, patterns=patterns,
                              blocks=blocks, results=results)
+    choices = {b["index"]: b["passes"]["attention_kl_update"]["choice"] for b in blocks if "attention_kl_update" in b["passes"]}
+    if choices:
+        record["attention_choices"] = choices
     peak_cuda = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None
     if out_path is not None:
         record["results"]["wall_s"] = round(time.perf_counter() - start, 3)

@@ -1,0 +1,128 @@
+"""Attention distributions of a block, recomputed from the captured query and key tensors.
+
+A `TorchFunctionMode` intercepts the attention op that tracing found in the block: for a fused
+`scaled_dot_product_attention` it records the query, key (after rotary embedding), the mask, the
+scale and the causal / GQA flags; for eager attention it records the softmax output. With
+`stop=True` the block's forward is abandoned right after the capture, so evaluating a candidate
+costs only the block's prefix up to attention (norm, projections, rotary), never o_proj or the MLP.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+_SOFTMAX = (F.softmax, torch.softmax, torch.Tensor.softmax)
+
+
+class _StopAtAttention(Exception):
+    pass
+
+
+@dataclass
+class AttentionCall:
+    """One attention op call: either q/k (+ mask, scale, flags) or already-computed probabilities."""
+
+    q: torch.Tensor | None = None
+    k: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
+    scale: float | None = None
+    causal: bool = False
+    probs: torch.Tensor | None = None
+
+    def log_probs(self) -> torch.Tensor:
+        """Log attention probabilities, shape (batch, heads, queries, keys); -inf where masked."""
+        if self.probs is not None:
+            return torch.log(self.probs.float())
+        q, k = self.q.float(), self.k.float()
+        if k.shape[-3] != q.shape[-3]:  # grouped-query attention: each key head serves a group
+            k = k.repeat_interleave(q.shape[-3] // k.shape[-3], dim=-3)
+        scale = self.scale if self.scale is not None else 1.0 / math.sqrt(q.shape[-1])
+        scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+        if self.causal:
+            t, s = scores.shape[-2:]
+            keep = torch.ones(t, s, dtype=torch.bool, device=scores.device).tril(diagonal=s - t)
+            scores = scores.masked_fill(~keep, float("-inf"))
+        if self.mask is not None:
+            mask = self.mask
+            scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask.float()
+        return torch.log_softmax(scores, dim=-1)
+
+
+class _Capture(TorchFunctionMode):
+    def __init__(self, kind: str, stop: bool, sink: list[AttentionCall]):
+        super().__init__()
+        self.kind, self.stop, self.sink = kind, stop, sink
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        if self.kind == "sdpa" and func is F.scaled_dot_product_attention:
+            names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+            bound = dict(zip(names, args)) | kwargs
+            self.sink.append(AttentionCall(q=bound["query"].detach(), k=bound["key"].detach(),
+                                           mask=bound.get("attn_mask"), scale=bound.get("scale"),
+                                           causal=bool(bound.get("is_causal", False))))
+            if self.stop:
+                raise _StopAtAttention
+        result = func(*args, **kwargs)
+        if self.kind == "eager" and func in _SOFTMAX and isinstance(result, torch.Tensor) and result.dim() == 4:
+            self.sink.append(AttentionCall(probs=result.detach()))
+            if self.stop:
+                raise _StopAtAttention
+        return result
+
+
+class AttentionRecorder:
+    """Records attention calls while a block runs: install with `attach(block)` (forward hooks, so
+    it rides along an existing forward), or call `run_prefix` to capture without finishing it."""
+
+    def __init__(self, kind: str):
+        self.kind = kind
+        self.calls: list[AttentionCall] = []
+        self._mode: _Capture | None = None
+        self._handles: list[Any] = []
+
+    def attach(self, block: nn.Module) -> None:
+        def enter(_module: nn.Module, _args: Any, _kwargs: Any = None) -> None:
+            self._mode = _Capture(self.kind, False, self.calls)
+            self._mode.__enter__()
+
+        def leave(_module: nn.Module, _args: Any, _output: Any) -> None:
+            if self._mode is not None:
+                self._mode.__exit__(None, None, None)
+                self._mode = None
+
+        self._handles = [block.register_forward_pre_hook(enter), block.register_forward_hook(leave)]
+
+    def detach(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    @torch.no_grad()
+    def run_prefix(self, block: nn.Module, args: tuple, kwargs: dict[str, Any]) -> AttentionCall:
+        """Run `block` only as far as its first attention op and return that call."""
+        sink: list[AttentionCall] = []
+        try:
+            with _Capture(self.kind, True, sink):
+                block(*args, **kwargs)
+        except _StopAtAttention:
+            pass
+        if not sink:
+            raise RuntimeError("the block ran without reaching its attention op")
+        return sink[0]
+
+
+def attention_kl(dense: AttentionCall, pruned: AttentionCall) -> float:
+    """Mean KL(dense attention ‖ pruned attention) per query row (nats), over batch and heads."""
+    lp_dense, lp_pruned = dense.log_probs(), pruned.log_probs()
+    p = lp_dense.exp()
+    terms = torch.where(p > 0, p * (lp_dense - lp_pruned), torch.zeros_like(p))
+    rows = lp_dense.shape[:-1].numel()
+    return float(terms.sum() / rows)

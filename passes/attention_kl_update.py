@@ -1,0 +1,166 @@
+"""`attention_kl_update`: choose, per block, which of q/k/v receive the OBS update (method.md §7,
+Eq. 12, and §14.1). With `strategy = "kl"` every candidate is scored on the block's cached
+calibration inputs by
+
+    Σ_{q,k,v} ‖(W − W′)X‖²/‖WX‖²  +  ρ · KL(dense attention ‖ pruned attention),
+
+where the attention distributions are recomputed from the query and key tensors captured at the
+attention op (after rotary embedding, with the mask, grouped-query heads expanded). Only the
+block's prefix up to attention is re-run per candidate. The plan is consumed by the pruning pass
+that follows (`dual_taylor_mask`), which reuses the pruned weights computed here."""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any, Literal
+
+import torch
+from pydantic import Field, field_validator
+
+from d2compiler.attention import AttentionCall, AttentionRecorder, attention_kl
+from d2compiler.errors import PassError
+from d2compiler.passmanager import Pass, PassParams, PassResult, register_pass
+
+from .pruning import relative_error
+
+QKV = ("q", "k", "v")
+
+
+class AttentionKLParams(PassParams):
+    strategy: Literal["kl", "fixed", "outlier"] = Field(
+        default="kl",
+        description="`kl`: minimise reconstruction + ρ·KL per block (Eq. 12). `fixed`: leave the `no_update` "
+        "projections un-updated in every block (the reference setting: k for OPT, v for LLaMA-2-7B). "
+        "`outlier`: leave the projection with the highest outlier ratio (|w| > mean|w|) un-updated (App. D).",
+    )
+    candidates: Literal["one-off", "all"] = Field(
+        default="one-off",
+        description="`one-off`: the paper's 3 configurations (exactly one of q/k/v un-updated). `all`: all 8 subsets.",
+    )
+    rho: float = Field(default=1.0, ge=0.0, le=1e6, description="Weight ρ of the attention KL term.")
+    no_update: list[Literal["q", "k", "v"]] = Field(
+        default_factory=lambda: ["k"], description="For `fixed`: the projections left without the OBS update."
+    )
+    kl_samples: int = Field(
+        default=8, ge=0, le=100000,
+        description="Calibration samples used for the KL term (the first ones; 0 = all). Reconstruction "
+        "errors always use all samples (through the Hessian).",
+    )
+
+    @field_validator("no_update")
+    @classmethod
+    def _unique(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError("duplicate projection")
+        return value
+
+
+def _label(no_update: tuple[str, ...]) -> str:
+    return ",".join(no_update) or "none"
+
+
+@register_pass
+class AttentionKLUpdatePass(Pass):
+    name = "attention_kl_update"
+    Params = AttentionKLParams
+    requires = frozenset({"hessian"})
+    provides = frozenset({"update_plan"})
+    observes = True
+    summary = "Choose per block which of q/k/v get the OBS update: reconstruction + ρ·KL(dense‖pruned attention)."
+
+    def __init__(self, params: Any):
+        super().__init__(params)
+        self._recorder: AttentionRecorder | None = None
+
+    def begin_observe(self, ctx: Any) -> None:
+        if self.params.strategy == "kl" and ctx.structure.attention:
+            self._recorder = AttentionRecorder(ctx.structure.attention[0].kind)
+            self._recorder.attach(ctx.module)
+
+    def end_observe(self, ctx: Any) -> None:
+        if self._recorder is not None:
+            self._recorder.detach()
+            ctx.publish("dense_attention", ctx.name, self._recorder.calls)
+            self._recorder = None
+
+    def _projections(self, ctx: Any, consumer: Pass | None) -> dict[str, Any]:
+        targeted = {layer.name for layer in ctx.select(consumer.params)} if consumer is not None else None
+        found = {}
+        for layer in ctx.layers:
+            if layer.role in QKV and (targeted is None or layer.name in targeted):
+                found[layer.role] = layer
+        return found
+
+    def apply(self, ctx: Any) -> PassResult:
+        p: AttentionKLParams = self.params  # type: ignore[assignment]
+        consumers = [c for c in ctx.consumers("update_plan") if hasattr(c, "variant")]
+        consumer = consumers[0] if consumers else None
+        proj = self._projections(ctx, consumer)
+        if not proj:
+            return PassResult(modified=False, info={"choice": None})
+        if p.strategy == "fixed":
+            choice, info = tuple(r for r in p.no_update if r in proj), {}
+        elif p.strategy == "outlier":
+            ratios = {}
+            for role, layer in proj.items():
+                magnitude = layer.weight_matrix().abs()
+                ratios[role] = float((magnitude > magnitude.mean()).float().mean())
+            choice, info = (max(ratios, key=ratios.get),), {"outlier_ratio": ratios}
+        else:
+            if consumer is None:
+                raise PassError("attention_kl_update: strategy 'kl' needs a following dual_taylor_mask pass to score candidates")
+            choice, info = self._choose_by_kl(ctx, consumer, proj)
+        for role, layer in proj.items():
+            ctx.publish("update_plan", layer.name, role not in choice)
+        return PassResult(modified=False, info={"choice": list(choice), **info})
+
+    def _candidates(self, roles: list[str]) -> list[tuple[str, ...]]:
+        if self.params.candidates == "one-off":
+            return [(r,) for r in roles]
+        return [c for n in range(len(roles) + 1) for c in itertools.combinations(roles, n)]
+
+    def _choose_by_kl(self, ctx: Any, consumer: Any, proj: dict[str, Any]) -> tuple[tuple[str, ...], dict[str, Any]]:
+        p: AttentionKLParams = self.params  # type: ignore[assignment]
+        recon: dict[tuple[str, bool], float] = {}
+        for role, layer in proj.items():
+            dense = layer.weight_matrix().to(ctx.device, torch.float32)
+            for update in (True, False):
+                weight, _ = consumer.variant(ctx, layer, update)
+                recon[(role, update)] = relative_error(dense, weight, ctx.artifact("hessian", layer.name).to(ctx.device)) or 0.0
+        dense_calls: list[AttentionCall] = ctx.artifact("dense_attention", ctx.name) or []
+        n = len(dense_calls) if p.kl_samples == 0 else min(p.kl_samples, len(dense_calls))
+        kl_cache: dict[tuple[bool, bool], float] = {}
+
+        def kl_for(no_update: tuple[str, ...]) -> float:
+            key = ("q" not in no_update, "k" not in no_update)
+            if key not in kl_cache:
+                kl_cache[key] = self._attention_kl(ctx, consumer, proj, key, dense_calls[:n]) if n else 0.0
+            return kl_cache[key]
+
+        table = {}
+        for cand in self._candidates(list(proj)):
+            r = sum(recon[(role, role not in cand)] for role in proj)
+            kl = kl_for(cand) if p.rho > 0 else 0.0
+            table[_label(cand)] = {"recon": r, "kl": kl, "objective": r + p.rho * kl}
+        best = min(table, key=lambda c: table[c]["objective"])
+        return (tuple() if best == "none" else tuple(best.split(","))), {"candidates": table, "kl_samples": n}
+
+    @torch.no_grad()
+    def _attention_kl(self, ctx: Any, consumer: Any, proj: dict[str, Any], updates: tuple[bool, bool],
+                      dense_calls: list[AttentionCall]) -> float:
+        """Mean attention KL with q and k replaced by their pruned variants (update flags given)."""
+        saved = {}
+        for role, update in zip(("q", "k"), updates):
+            if role in proj:
+                layer = proj[role]
+                saved[role] = layer.weight_matrix().clone()
+                layer.set_weight_matrix(consumer.variant(ctx, layer, update)[0])
+        try:
+            recorder = AttentionRecorder(ctx.structure.attention[0].kind)
+            total = 0.0
+            for inp, dense in zip(ctx.inputs, dense_calls):
+                total += attention_kl(dense, recorder.run_prefix(ctx.module, inp.args, inp.kwargs))
+            return total / len(dense_calls)
+        finally:
+            for role, weight in saved.items():
+                proj[role].set_weight_matrix(weight)

@@ -1,0 +1,80 @@
+"""`dual_taylor_mask`: D²Prune's dual-Taylor saliency (method.md §4-6). Layers that receive the OBS
+update are pruned with the D²-SparseGPT score and SparseGPT's blocked OBS; layers an
+`attention_kl_update` plan leaves un-updated get the D²-Wanda score and a mask only. Its activation
+statistics are recorded in the same dense forward as `calibrate` (no extra forward pass)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+from pydantic import Field
+
+from d2compiler.passmanager import register_pass
+
+from .dual_taylor import DualTaylorSettings, LayerStats, prune_layer
+from .pruning import PruningPass
+from .sparsegpt import SparseGPTParams
+
+
+class DualTaylorParams(SparseGPTParams):
+    lambda1: float = Field(default=1.0, ge=0.0, le=1000.0, description="Weight λ1 of the first-order activation term ȳ_i·|W_ij|·x̄_j (paper default 1).")
+    lambda2: float = Field(default=0.0, ge=0.0, le=1000.0, description="Weight λ2 of the second-order term W_ij²·x̄_j², subtracted as in the reference code (paper default 0).")
+    s: float = Field(default=1500.0, gt=0.0, le=1e9, description="Activation scale factor s (paper default 1500); the activation terms scale as 1/s².")
+    stats: Literal["mean", "reference"] = Field(
+        default="mean",
+        description="`mean`: per-token RMS statistics with the reference constants at N=128 divided out, so λ1, λ2 "
+        "and s mean the same for any sample count and sequence length. `reference`: the reference code's "
+        "running-sum accumulation, reproduced exactly (its effective scale grows with N).",
+    )
+
+
+@register_pass
+class DualTaylorMaskPass(PruningPass):
+    name = "dual_taylor_mask"
+    Params = DualTaylorParams
+    requires = frozenset({"hessian", "act_norms"})
+    optional = frozenset({"update_plan"})
+    provides = frozenset({"mask", "d2_stats"})
+    observes = True
+    summary = "D²Prune dual-Taylor mask: D²-SparseGPT (OBS update) or D²-Wanda (mask only) per layer."
+
+    def __init__(self, params: Any):
+        super().__init__(params)
+        self._handles: list[Any] = []
+        self._stats: dict[str, LayerStats] = {}
+
+    @property
+    def settings(self) -> DualTaylorSettings:
+        p: DualTaylorParams = self.params  # type: ignore[assignment]
+        return DualTaylorSettings(p.lambda1, p.lambda2, p.s, p.stats, p.target_sparsity, p.n_of_m, p.block_size, p.dampening_frac)
+
+    def begin_observe(self, ctx: Any) -> None:
+        for layer in ctx.select(self.params):
+            out_f, in_f = layer.shape
+            stats = self._stats[layer.name] = LayerStats(out_f, in_f, self.params.s)
+            self._handles.append(layer.module.register_forward_hook(lambda _m, inp, out, st=stats: st.add(inp[0], out)))
+
+    def end_observe(self, ctx: Any) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        for name, stats in self._stats.items():
+            ctx.publish("d2_stats", name, stats)
+        self._stats = {}
+
+    def variant(self, ctx: Any, layer: Any, update: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """The pruned (weight, keep) of `layer` with or without the OBS update (cached per block)."""
+        cache = ctx.artifacts.setdefault("d2_variants", {})
+        key = (layer.name, update)
+        if key not in cache:
+            weight = layer.weight_matrix().to(device=ctx.device, dtype=torch.float32, copy=True)
+            cache[key] = prune_layer(weight, ctx.artifact("hessian", layer.name), ctx.artifact("d2_stats", layer.name),
+                                     ctx.artifact("act_norms", layer.name), self.settings, update=update, layer=layer.name)
+        return cache[key]
+
+    def prune_layer(self, layer: Any, weight: torch.Tensor, ctx: Any) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+        plan = ctx.artifact("update_plan", layer.name)
+        update = True if plan is None else bool(plan)
+        new_weight, keep = self.variant(ctx, layer, update)
+        return new_weight, keep, {"update": update, "score": "d2-sparsegpt" if update else "d2-wanda"}
