@@ -35,6 +35,7 @@ class AttentionCall:
     scale: float | None = None
     causal: bool = False
     probs: torch.Tensor | None = None
+    output: torch.Tensor | None = None  # the attention op's output, when recorded
 
     def log_probs(self) -> torch.Tensor:
         """Log attention probabilities, shape (batch, heads, queries, keys); -inf where masked."""
@@ -56,20 +57,25 @@ class AttentionCall:
 
 
 class _Capture(TorchFunctionMode):
-    def __init__(self, kind: str, stop: bool, sink: list[AttentionCall]):
+    def __init__(self, kind: str, stop: bool, sink: list[AttentionCall], keep_output: bool = False):
         super().__init__()
-        self.kind, self.stop, self.sink = kind, stop, sink
+        self.kind, self.stop, self.sink, self.keep_output = kind, stop, sink, keep_output
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
         if self.kind == "sdpa" and func is F.scaled_dot_product_attention:
             names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
             bound = dict(zip(names, args)) | kwargs
-            self.sink.append(AttentionCall(q=bound["query"].detach(), k=bound["key"].detach(),
-                                           mask=bound.get("attn_mask"), scale=bound.get("scale"),
-                                           causal=bool(bound.get("is_causal", False))))
+            call = AttentionCall(q=bound["query"].detach(), k=bound["key"].detach(),
+                                 mask=bound.get("attn_mask"), scale=bound.get("scale"),
+                                 causal=bool(bound.get("is_causal", False)))
+            self.sink.append(call)
             if self.stop:
                 raise _StopAtAttention
+            result = func(*args, **kwargs)
+            if self.keep_output:
+                call.output = result.detach()
+            return result
         result = func(*args, **kwargs)
         if self.kind == "eager" and func in _SOFTMAX and isinstance(result, torch.Tensor) and result.dim() == 4:
             self.sink.append(AttentionCall(probs=result.detach()))
@@ -82,15 +88,16 @@ class AttentionRecorder:
     """Records attention calls while a block runs: install with `attach(block)` (forward hooks, so
     it rides along an existing forward), or call `run_prefix` to capture without finishing it."""
 
-    def __init__(self, kind: str):
+    def __init__(self, kind: str, keep_output: bool = False):
         self.kind = kind
+        self.keep_output = keep_output
         self.calls: list[AttentionCall] = []
         self._mode: _Capture | None = None
         self._handles: list[Any] = []
 
     def attach(self, block: nn.Module) -> None:
         def enter(_module: nn.Module, _args: Any, _kwargs: Any = None) -> None:
-            self._mode = _Capture(self.kind, False, self.calls)
+            self._mode = _Capture(self.kind, False, self.calls, self.keep_output)
             self._mode.__enter__()
 
         def leave(_module: nn.Module, _args: Any, _output: Any) -> None:

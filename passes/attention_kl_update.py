@@ -41,6 +41,12 @@ class AttentionKLParams(PassParams):
     no_update: list[Literal["q", "k", "v"]] = Field(
         default_factory=lambda: ["k"], description="For `fixed`: the projections left without the OBS update."
     )
+    selection: Literal["calibration", "holdout"] = Field(
+        default="calibration",
+        description="`calibration`: score candidates on the calibration samples they were fitted on. `holdout`: "
+        "fit the candidates' updates without the last `kl_samples` samples and score reconstruction and KL on those "
+        "held-out samples, which measures how each update generalises; the chosen plan is then applied with all samples.",
+    )
     kl_samples: int = Field(
         default=8, ge=0, le=100000,
         description="Calibration samples used for the KL term (the first ones; 0 = all). Reconstruction "
@@ -71,17 +77,55 @@ class AttentionKLUpdatePass(Pass):
     def __init__(self, params: Any):
         super().__init__(params)
         self._recorder: AttentionRecorder | None = None
+        self._handles: list[Any] = []
+        self._held: dict[tuple[str, ...], dict[str, Any]] = {}
+
+    def _holdout_size(self, ctx: Any) -> int:
+        n = len(ctx.inputs)
+        m = n if self.params.kl_samples == 0 else min(self.params.kl_samples, n)
+        if self.params.selection == "holdout":
+            m = min(m, n - 1)  # keep at least one sample to fit on
+        return max(m, 0)
 
     def begin_observe(self, ctx: Any) -> None:
-        if self.params.strategy == "kl" and ctx.structure.attention:
-            self._recorder = AttentionRecorder(ctx.structure.attention[0].kind)
-            self._recorder.attach(ctx.module)
+        if self.params.strategy != "kl" or not ctx.structure.attention:
+            return
+        self._recorder = AttentionRecorder(ctx.structure.attention[0].kind)
+        self._recorder.attach(ctx.module)
+        if self.params.selection == "holdout":
+            first_held = len(ctx.inputs) - self._holdout_size(ctx)
+            self._held = {}
+            for layer in ctx.layers:
+                if layer.role in QKV:
+                    acc = self._held.setdefault(tuple(ctx.structure.group_of(layer.local_name)), {"seen": 0, "tokens": 0, "h": None, "names": []})
+                    acc["names"].append(layer.name)
+                    if len(acc["names"]) == 1:
+                        self._handles.append(layer.module.register_forward_hook(
+                            lambda _m, inp, _o, acc=acc, first=first_held: self._add_held(acc, inp[0], first)))
+
+    @staticmethod
+    def _add_held(acc: dict[str, Any], x: torch.Tensor, first_held: int) -> None:
+        acc["seen"] += 1
+        if acc["seen"] - 1 < first_held:
+            return
+        x = x.reshape(-1, x.shape[-1]).float()
+        acc["tokens"] += x.shape[0]
+        outer = x.t() @ x
+        acc["h"] = outer if acc["h"] is None else acc["h"] + outer
 
     def end_observe(self, ctx: Any) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
         if self._recorder is not None:
             self._recorder.detach()
             ctx.publish("dense_attention", ctx.name, self._recorder.calls)
             self._recorder = None
+        for acc in self._held.values():
+            if acc["h"] is not None:
+                for name in acc["names"]:
+                    ctx.publish("holdout_hessian", name, (acc["h"] / acc["tokens"], acc["tokens"]))
+        self._held = {}
 
     def _projections(self, ctx: Any, consumer: Pass | None) -> dict[str, Any]:
         targeted = {layer.name for layer in ctx.select(consumer.params)} if consumer is not None else None
@@ -119,22 +163,45 @@ class AttentionKLUpdatePass(Pass):
             return [(r,) for r in roles]
         return [c for n in range(len(roles) + 1) for c in itertools.combinations(roles, n)]
 
+    def _fitted_variants(self, ctx: Any, consumer: Any, proj: dict[str, Any], holdout: bool):
+        """(variant(role, update) -> weight, the Hessian per role that scores reconstruction)."""
+        total_tokens = sum(inp.args[0].shape[:-1].numel() for inp in ctx.inputs)
+        scoring, fit = {}, {}
+        for role, layer in proj.items():
+            full = ctx.artifact("hessian", layer.name).to(ctx.device)
+            held = ctx.artifact("holdout_hessian", layer.name) if holdout else None
+            if held is None:
+                scoring[role], fit[role] = full, None
+            else:
+                h_b, n_b = held
+                h_b = h_b.to(ctx.device)
+                scoring[role], fit[role] = h_b, (full * total_tokens - h_b * n_b) / (total_tokens - n_b)
+
+        def variant(role: str, update: bool) -> torch.Tensor:
+            tag = "all" if fit[role] is None else "fit"
+            return consumer.variant(ctx, proj[role], update, hessian=fit[role], tag=tag)[0]
+
+        return variant, scoring
+
     def _choose_by_kl(self, ctx: Any, consumer: Any, proj: dict[str, Any]) -> tuple[tuple[str, ...], dict[str, Any]]:
         p: AttentionKLParams = self.params  # type: ignore[assignment]
+        m = self._holdout_size(ctx)
+        holdout = p.selection == "holdout" and m > 0
+        variant, scoring = self._fitted_variants(ctx, consumer, proj, holdout)
         recon: dict[tuple[str, bool], float] = {}
         for role, layer in proj.items():
             dense = layer.weight_matrix().to(ctx.device, torch.float32)
             for update in (True, False):
-                weight, _ = consumer.variant(ctx, layer, update)
-                recon[(role, update)] = relative_error(dense, weight, ctx.artifact("hessian", layer.name).to(ctx.device)) or 0.0
+                recon[(role, update)] = relative_error(dense, variant(role, update), scoring[role]) or 0.0
         dense_calls: list[AttentionCall] = ctx.artifact("dense_attention", ctx.name) or []
-        n = len(dense_calls) if p.kl_samples == 0 else min(p.kl_samples, len(dense_calls))
+        first = len(ctx.inputs) - m if holdout else 0
+        samples = list(zip(ctx.inputs[first:first + m], dense_calls[first:first + m]))
         kl_cache: dict[tuple[bool, bool], float] = {}
 
         def kl_for(no_update: tuple[str, ...]) -> float:
             key = ("q" not in no_update, "k" not in no_update)
             if key not in kl_cache:
-                kl_cache[key] = self._attention_kl(ctx, consumer, proj, key, dense_calls[:n]) if n else 0.0
+                kl_cache[key] = self._attention_kl(ctx, proj, variant, key, samples) if samples else 0.0
             return kl_cache[key]
 
         table = {}
@@ -143,24 +210,24 @@ class AttentionKLUpdatePass(Pass):
             kl = kl_for(cand) if p.rho > 0 else 0.0
             table[_label(cand)] = {"recon": r, "kl": kl, "objective": r + p.rho * kl}
         best = min(table, key=lambda c: table[c]["objective"])
-        return (tuple() if best == "none" else tuple(best.split(","))), {"candidates": table, "kl_samples": n}
+        info = {"candidates": table, "kl_samples": len(samples), "selection": "holdout" if holdout else "calibration"}
+        return (tuple() if best == "none" else tuple(best.split(","))), info
 
     @torch.no_grad()
-    def _attention_kl(self, ctx: Any, consumer: Any, proj: dict[str, Any], updates: tuple[bool, bool],
-                      dense_calls: list[AttentionCall]) -> float:
-        """Mean attention KL with q and k replaced by their pruned variants (update flags given)."""
+    def _attention_kl(self, ctx: Any, proj: dict[str, Any], variant: Any, updates: tuple[bool, bool],
+                      samples: list[tuple[Any, AttentionCall]]) -> float:
+        """Mean attention KL over `samples` with q and k replaced by their pruned variants."""
         saved = {}
         for role, update in zip(("q", "k"), updates):
             if role in proj:
-                layer = proj[role]
-                saved[role] = layer.weight_matrix().clone()
-                layer.set_weight_matrix(consumer.variant(ctx, layer, update)[0])
+                saved[role] = proj[role].weight_matrix().clone()
+                proj[role].set_weight_matrix(variant(role, update))
         try:
             recorder = AttentionRecorder(ctx.structure.attention[0].kind)
             total = 0.0
-            for inp, dense in zip(ctx.inputs, dense_calls):
+            for inp, dense in samples:
                 total += attention_kl(dense, recorder.run_prefix(ctx.module, inp.args, inp.kwargs))
-            return total / len(dense_calls)
+            return total / len(samples)
         finally:
             for role, weight in saved.items():
                 proj[role].set_weight_matrix(weight)

@@ -18,8 +18,8 @@ from .sparsegpt import SparseGPTParams
 
 
 class DualTaylorParams(SparseGPTParams):
-    lambda1: float = Field(default=1.0, ge=0.0, le=1000.0, description="Weight λ1 of the first-order activation term ȳ_i·|W_ij|·x̄_j (paper default 1).")
-    lambda2: float = Field(default=0.0, ge=0.0, le=1000.0, description="Weight λ2 of the second-order term W_ij²·x̄_j², subtracted as in the reference code (paper default 0).")
+    lambda1: float = Field(default=1.0, ge=0.0, le=1e6, description="Weight λ1 of the first-order activation term ȳ_i·|W_ij|·x̄_j (paper default 1).")
+    lambda2: float = Field(default=0.0, ge=0.0, le=1e6, description="Weight λ2 of the second-order term W_ij²·x̄_j², subtracted as in the reference code (paper default 0).")
     s: float = Field(default=1500.0, gt=0.0, le=1e9, description="Activation scale factor s (paper default 1500); the activation terms scale as 1/s².")
     stats: Literal["mean", "reference"] = Field(
         default="mean",
@@ -63,14 +63,17 @@ class DualTaylorMaskPass(PruningPass):
             ctx.publish("d2_stats", name, stats)
         self._stats = {}
 
-    def variant(self, ctx: Any, layer: Any, update: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """The pruned (weight, keep) of `layer` with or without the OBS update (cached per block)."""
+    def variant(self, ctx: Any, layer: Any, update: bool, hessian: torch.Tensor | None = None,
+                tag: str = "all") -> tuple[torch.Tensor, torch.Tensor]:
+        """The pruned (weight, keep) of `layer` with or without the OBS update, cached per block under
+        `tag`. `hessian` replaces the calibration Hessian (e.g. one fitted on a subset of samples)."""
         cache = ctx.artifacts.setdefault("d2_variants", {})
-        key = (layer.name, update)
+        key = (layer.name, update, tag)
         if key not in cache:
             weight = layer.weight_matrix().to(device=ctx.device, dtype=torch.float32, copy=True)
-            cache[key] = prune_layer(weight, ctx.artifact("hessian", layer.name), ctx.artifact("d2_stats", layer.name),
-                                     ctx.artifact("act_norms", layer.name), self.settings, update=update, layer=layer.name)
+            h = ctx.artifact("hessian", layer.name) if hessian is None else hessian
+            cache[key] = prune_layer(weight, h, ctx.artifact("d2_stats", layer.name), ctx.artifact("act_norms", layer.name),
+                                     self.settings, update=update, layer=layer.name)
         return cache[key]
 
     def prune_layer(self, layer: Any, weight: torch.Tensor, ctx: Any) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:

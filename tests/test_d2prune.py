@@ -177,3 +177,19 @@ def test_outlier_strategy(tiny_models, tmp_path):
         info = block["passes"]["attention_kl_update"]
         ratios = info["outlier_ratio"]
         assert info["choice"] == [max(ratios, key=ratios.get)]
+
+
+def test_holdout_selection(tiny_models, tmp_path):
+    out = tmp_path / "out"
+    passes = D2.format(update='strategy = "kl"\ncandidates = "all"\nselection = "holdout"\nkl_samples = 2', mask="sparsity = 0.6")
+    assert main(["--quiet", "run", str(write_recipe(tmp_path / "r.toml", str(tiny_models["llama"]), passes, output=out))]) == 0
+    record = json.loads((out / "sparsity.json").read_text())
+    for block in record["blocks"]:
+        info = block["passes"]["attention_kl_update"]
+        assert info["selection"] == "holdout" and info["kl_samples"] == 2
+        table = info["candidates"]
+        # Scored on held-out samples, leaving a layer un-updated can beat updating it; the
+        # choice is still the argmin of the objective.
+        best = min(table, key=lambda c: table[c]["objective"])
+        assert info["choice"] == ([] if best == "none" else best.split(","))
+    assert all(m["sparsity"] == pytest.approx(0.6, abs=1e-3) for m in record["layers"].values())

@@ -1,0 +1,129 @@
+"""Attention fidelity of pruned SmolLM2-135M against the dense model (not run in CI).
+
+Each method prunes with the quality.py protocol (C4, first 32 x 512 tokens, 60% unstructured by
+default); then dense and pruned models run on held-out text (the first `--windows` windows of 512
+tokens of WikiText-2 test) and, for every block, we record:
+- the attention KL(dense ‖ pruned), recomputed from the query/key tensors captured at SDPA;
+- the RMSE of the attention op's output (before o_proj) against the dense model's.
+
+Writes bench/results/attention_fidelity.{json,md,png}.
+
+    python bench/attention_fidelity.py --methods sparsegpt,d2-sparsegpt,d2prune-kl --options '{"lambda1": 10}'
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from quality import C4, MODEL, RESULTS, SEQ_LEN, WIKI, method_passes  # noqa: E402
+
+from d2compiler.attention import AttentionCall, AttentionRecorder, attention_kl  # noqa: E402
+from d2compiler.data import evaluation_windows, load_text, tokenize  # noqa: E402
+from d2compiler.graph import find_blocks  # noqa: E402
+from d2compiler.models import load_model  # noqa: E402
+from d2compiler.pipeline import compress  # noqa: E402
+from d2compiler.recipe import validate_recipe  # noqa: E402
+
+
+@torch.no_grad()
+def attention_calls(model: torch.nn.Module, windows: list[torch.Tensor]) -> list[list[AttentionCall]]:
+    """Per block, the attention calls of every window (query, key and output recorded)."""
+    _, blocks = find_blocks(model)
+    recorders = [AttentionRecorder("sdpa", keep_output=True) for _ in blocks]
+    for rec, block in zip(recorders, blocks):
+        rec.attach(block)
+    try:
+        for ids in windows:
+            model(ids, use_cache=False)
+    finally:
+        for rec in recorders:
+            rec.detach()
+    return [rec.calls for rec in recorders]
+
+
+def fidelity(dense: list[list[AttentionCall]], pruned: list[list[AttentionCall]]) -> dict[str, list[float]]:
+    kl, rmse = [], []
+    for d_calls, p_calls in zip(dense, pruned):
+        kl.append(sum(attention_kl(d, p) for d, p in zip(d_calls, p_calls)) / len(d_calls))
+        sq = sum(float((d.output - p.output).pow(2).mean()) for d, p in zip(d_calls, p_calls)) / len(d_calls)
+        rmse.append(sq**0.5)
+    return {"kl": kl, "rmse": rmse}
+
+
+def plot(results: dict[str, dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for method, res in results.items():
+        axes[0].plot(res["kl"], marker="o", ms=3, label=method)
+        axes[1].plot(res["rmse"], marker="o", ms=3, label=method)
+    axes[0].set(title="attention KL(dense || pruned) per block", xlabel="block", ylabel="nats / query")
+    axes[1].set(title="attention-output RMSE vs dense per block", xlabel="block", ylabel="RMSE")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--methods", default="sparsegpt,d2prune-kl")
+    parser.add_argument("--pattern", default="0.6")
+    parser.add_argument("--samples", type=int, default=32)
+    parser.add_argument("--windows", type=int, default=4)
+    parser.add_argument("--options", default="{}", help="JSON options of the D² methods (as in quality.py)")
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    options = json.loads(args.options)
+
+    dense_model = load_model(MODEL, "float32", "cpu")
+    ids = tokenize(dense_model.tokenizer, load_text(str(WIKI["test"]), "evaluation"))
+    windows = evaluation_windows(ids, SEQ_LEN, args.windows)
+    dense_calls = attention_calls(dense_model.model, windows)
+    del dense_model
+
+    results: dict[str, dict[str, Any]] = {}
+    for method in args.methods.split(","):
+        loaded = load_model(MODEL, "float32", "cpu")
+        recipe = validate_recipe({
+            "version": 1,
+            "data": {"calibration": {"source": str(C4), "samples": args.samples, "seq_len": SEQ_LEN}},
+            "passes": method_passes(method, args.pattern, options if method.startswith("d2") else {}),
+        })
+        summary = compress(recipe, loaded=loaded, quiet=True)
+        res = fidelity(dense_calls, attention_calls(loaded.model, windows))
+        res["mean_kl"] = sum(res["kl"]) / len(res["kl"])
+        res["mean_rmse"] = sum(res["rmse"]) / len(res["rmse"])
+        res["attention_choices"] = summary.record.get("attention_choices")
+        results[method] = res
+        print(f"{method:>14}: mean KL {res['mean_kl']:.5f}  mean attention RMSE {res['mean_rmse']:.5f}", flush=True)
+
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    protocol = {"model": "SmolLM2-135M-Instruct", "pattern": args.pattern, "calibration": f"c4 first {args.samples} x {SEQ_LEN}",
+                "held_out": f"wikitext-2 test first {args.windows} x {SEQ_LEN}", "options": options}
+    (RESULTS / "attention_fidelity.json").write_text(json.dumps({"protocol": protocol, "results": results}, indent=1) + "\n")
+    plot(results, RESULTS / "attention_fidelity.png")
+    base = results.get("sparsegpt")
+    lines = ["# Attention fidelity vs dense (SmolLM2-135M)", "", f"Protocol: {json.dumps(protocol)}", "",
+             "| method | mean KL | mean attention RMSE | RMSE vs sparsegpt |", "|---|---|---|---|"]
+    for method, res in results.items():
+        rel = f"{100 * (res['mean_rmse'] / base['mean_rmse'] - 1):+.1f}%" if base else "-"
+        lines.append(f"| {method} | {res['mean_kl']:.5f} | {res['mean_rmse']:.5f} | {rel} |")
+    (RESULTS / "attention_fidelity.md").write_text("\n".join(lines) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
