@@ -124,6 +124,21 @@ def test_recorder_stops_at_attention(tiny_models):
     torch.testing.assert_close(prefix.q, rec.calls[0].q)
 
 
+def assert_choice_is_argmin(info: dict) -> dict:
+    table = info["candidates"]
+    best = min(table, key=lambda c: table[c]["objective"])
+    assert info["choice"] == ([] if best == "none" else best.split(","))
+    return table
+
+
+def run_d2(folder, tmp_path, update: str, mask: str) -> dict:
+    """Run calibrate -> attention_kl_update -> dual_taylor_mask on a tiny model; return sparsity.json."""
+    out = tmp_path / "out"
+    passes = D2.format(update=update, mask=mask)
+    assert main(["--quiet", "run", str(write_recipe(tmp_path / "r.toml", str(folder), passes, output=out))]) == 0
+    return json.loads((out / "sparsity.json").read_text())
+
+
 D2 = ('[[passes]]\ntype = "calibrate"\n[[passes]]\ntype = "attention_kl_update"\n{update}\n'
       '[[passes]]\ntype = "dual_taylor_mask"\n{mask}\nblock_size = 32\n')
 
@@ -131,17 +146,11 @@ D2 = ('[[passes]]\ntype = "calibrate"\n[[passes]]\ntype = "attention_kl_update"\
 @pytest.mark.parametrize("arch", ["llama", "opt"])
 @pytest.mark.parametrize("candidates", ["one-off", "all"])
 def test_kl_plan_end_to_end(arch, candidates, tiny_models, tmp_path):
-    out = tmp_path / "out"
-    passes = D2.format(update=f'strategy = "kl"\ncandidates = "{candidates}"\nrho = 5.0', mask="sparsity = 0.6")
-    assert main(["--quiet", "run", str(write_recipe(tmp_path / "r.toml", str(tiny_models[arch]), passes, output=out))]) == 0
-    record = json.loads((out / "sparsity.json").read_text())
+    record = run_d2(tiny_models[arch], tmp_path, f'strategy = "kl"\ncandidates = "{candidates}"\nrho = 5.0', "sparsity = 0.6")
     assert set(record["attention_choices"]) == {"0", "1"}
     for block in record["blocks"]:
-        info = block["passes"]["attention_kl_update"]
-        table = info["candidates"]
+        table = assert_choice_is_argmin(block["passes"]["attention_kl_update"])
         assert len(table) == (3 if candidates == "one-off" else 8)
-        best = min(table, key=lambda c: table[c]["objective"])
-        assert info["choice"] == ([] if best == "none" else best.split(","))
         for row in table.values():
             assert row["objective"] == pytest.approx(row["recon"] + 5.0 * row["kl"])
             assert row["kl"] >= 0
@@ -152,10 +161,8 @@ def test_kl_plan_end_to_end(arch, candidates, tiny_models, tmp_path):
 
 @pytest.mark.parametrize("pattern", ['mask_structure = "2:4"', "sparsity = 0.5"])
 def test_fixed_k_reproduces_reference_setting(pattern, tiny_models, tmp_path):
+    record = run_d2(tiny_models["opt"], tmp_path, 'strategy = "fixed"\nno_update = ["k"]', pattern + '\nstats = "reference"')
     out = tmp_path / "out"
-    passes = D2.format(update='strategy = "fixed"\nno_update = ["k"]', mask=pattern + '\nstats = "reference"')
-    assert main(["--quiet", "run", str(write_recipe(tmp_path / "r.toml", str(tiny_models["opt"]), passes, output=out))]) == 0
-    record = json.loads((out / "sparsity.json").read_text())
     from transformers import AutoModelForCausalLM
 
     dense = dict(AutoModelForCausalLM.from_pretrained(tiny_models["opt"]).named_parameters())
@@ -169,10 +176,7 @@ def test_fixed_k_reproduces_reference_setting(pattern, tiny_models, tmp_path):
 
 
 def test_outlier_strategy(tiny_models, tmp_path):
-    out = tmp_path / "out"
-    passes = D2.format(update='strategy = "outlier"', mask="sparsity = 0.5")
-    assert main(["--quiet", "run", str(write_recipe(tmp_path / "r.toml", str(tiny_models["llama"]), passes, output=out))]) == 0
-    record = json.loads((out / "sparsity.json").read_text())
+    record = run_d2(tiny_models["llama"], tmp_path, 'strategy = "outlier"', "sparsity = 0.5")
     for block in record["blocks"]:
         info = block["passes"]["attention_kl_update"]
         ratios = info["outlier_ratio"]
@@ -180,16 +184,10 @@ def test_outlier_strategy(tiny_models, tmp_path):
 
 
 def test_holdout_selection(tiny_models, tmp_path):
-    out = tmp_path / "out"
-    passes = D2.format(update='strategy = "kl"\ncandidates = "all"\nselection = "holdout"\nkl_samples = 2', mask="sparsity = 0.6")
-    assert main(["--quiet", "run", str(write_recipe(tmp_path / "r.toml", str(tiny_models["llama"]), passes, output=out))]) == 0
-    record = json.loads((out / "sparsity.json").read_text())
+    update = 'strategy = "kl"\ncandidates = "all"\nselection = "holdout"\nkl_samples = 2'
+    record = run_d2(tiny_models["llama"], tmp_path, update, "sparsity = 0.6")
     for block in record["blocks"]:
         info = block["passes"]["attention_kl_update"]
         assert info["selection"] == "holdout" and info["kl_samples"] == 2
-        table = info["candidates"]
-        # Scored on held-out samples, leaving a layer un-updated can beat updating it; the
-        # choice is still the argmin of the objective.
-        best = min(table, key=lambda c: table[c]["objective"])
-        assert info["choice"] == ([] if best == "none" else best.split(","))
+        assert len(assert_choice_is_argmin(info)) == 8
     assert all(m["sparsity"] == pytest.approx(0.6, abs=1e-3) for m in record["layers"].values())
