@@ -94,3 +94,14 @@ def test_existing_output_needs_overwrite(tiny_models, tmp_path, capsys):
     assert main(["--quiet", "run", str(recipe), "--overwrite"]) == 0
     assert (out / "sparsity.json").exists() and not (out / "keep.txt").exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_eval_cli_on_output(tiny_models, tmp_path, capsys):
+    """`d2c eval` reads a d2c output folder and reports perplexity with the windows protocol."""
+    text = tmp_path / "text.txt"
+    text.write_text(" = Title = \n \n" + "Some words in a line of text.\n" * 400)
+    assert main(["--quiet", "eval", str(tiny_models["opt"]), "--data", str(text), "--seq-len", "32", "--max-windows", "3"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["windows"] == 3 and result["ppl"] > 1
+    assert main(["--quiet", "eval", str(tiny_models["opt"]), "--data", str(tmp_path / "none.txt")]) == 2
+    assert "no such file" in capsys.readouterr().err

@@ -1,0 +1,44 @@
+"""Model sources: folders, bare safetensors, GGUF, and clear errors for bad ones."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from d2compiler.errors import ModelLoadError
+from d2compiler.models import load_model, smollm2_gguf_path
+
+
+def test_safetensors_file_source(tiny_models):
+    loaded = load_model(str(tiny_models["llama"] / "model.safetensors"), "float32", "cpu")
+    assert type(loaded.model).__name__ == "LlamaForCausalLM" and loaded.tokenizer is not None
+
+
+def test_bad_sources(tmp_path, tiny_models):
+    with pytest.raises(ModelLoadError, match="no such file or folder"):
+        load_model(str(tmp_path / "missing"), "float32", "cpu")
+    with pytest.raises(ModelLoadError, match="not a transformers folder"):
+        load_model(str(tmp_path), "float32", "cpu")
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    shutil.copy(tiny_models["llama"] / "model.safetensors", bare / "model.safetensors")
+    with pytest.raises(ModelLoadError, match="needs a config.json beside it"):
+        load_model(str(bare / "model.safetensors"), "float32", "cpu")
+    with pytest.raises(ModelLoadError, match="GGUF file not found"):
+        load_model(str(tmp_path / "x.gguf"), "float32", "cpu")
+    with pytest.raises(ModelLoadError, match="unknown builtin"):
+        load_model("builtin:gpt5", "float32", "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ModelLoadError, match="no CUDA device"):
+            load_model(str(tiny_models["llama"]), "float32", "cuda")
+
+
+@pytest.mark.slow
+def test_gguf_source_dequantizes_real_smollm2():
+    loaded = load_model(str(smollm2_gguf_path()), "float32", "cpu")
+    model = loaded.model
+    assert sum(p.numel() for p in model.parameters()) == pytest.approx(134.5e6, rel=0.01)
+    assert model.config.num_hidden_layers == 30 and model.config.num_key_value_heads == 3
+    assert getattr(model, "hf_quantizer", None) is None
