@@ -172,10 +172,6 @@ class PassManager:
             raise PassOrderError(f"the passes' requirements form a cycle: {exc}") from exc
         return [self.passes[i] for i in order]
 
-    def needed_artifacts(self) -> set[str]:
-        """Artifact names some scheduled pass requires or optionally uses."""
-        return {a for p in self.schedule for a in p.requires | p.optional}
-
 
 def _provider_hint(artifact: str) -> str:
     names = [n for n, cls in registered_passes().items() if artifact in cls.provides]
