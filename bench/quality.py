@@ -47,7 +47,7 @@ def method_passes(method: str, pattern: str, options: dict[str, Any]) -> list[di
         if method == "d2prune-fixed":
             update["no_update"] = options.get("no_update", ["v"])
         else:
-            update.update({k: v for k, v in options.items() if k in ("rho", "candidates")})
+            update.update({k: v for k, v in options.items() if k in ("rho", "candidates", "selection", "kl_samples")})
         return [{"type": "calibrate"}, update, {"type": "dual_taylor_mask", **mask, **d2}]
     raise SystemExit(f"unknown method {method!r}")
 

@@ -9,7 +9,9 @@ costs only the block's prefix up to attention (norm, projections, rotary), never
 
 from __future__ import annotations
 
+import itertools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +31,8 @@ class _StopAtAttention(Exception):
 class AttentionCall:
     """One attention op call: either q/k (+ mask, scale, flags) or already-computed probabilities."""
 
+    may_hold_inf = True  # additive masks hold -inf; not a statistic to check for finiteness
+
     q: torch.Tensor | None = None
     k: torch.Tensor | None = None
     mask: torch.Tensor | None = None
@@ -36,6 +40,13 @@ class AttentionCall:
     causal: bool = False
     probs: torch.Tensor | None = None
     output: torch.Tensor | None = None  # the attention op's output, when recorded
+
+    def with_key_of(self, other: AttentionCall) -> AttentionCall:
+        """This call's query (and mask, scale, flags) with `other`'s key: q and k come from separate
+        projections, so a candidate's attention can be assembled from two prefix runs."""
+        if self.q is None or other.k is None:
+            raise ValueError("with_key_of needs q/k captures (fused attention), not probabilities")
+        return AttentionCall(q=self.q, k=other.k, mask=self.mask, scale=self.scale, causal=self.causal)
 
     def log_probs(self) -> torch.Tensor:
         """Log attention probabilities, shape (batch, heads, queries, keys); -inf where masked."""
@@ -95,8 +106,14 @@ class AttentionRecorder:
         self._mode: _Capture | None = None
         self._handles: list[Any] = []
 
-    def attach(self, block: nn.Module) -> None:
+    def attach(self, block: nn.Module, record: Callable[[int], bool] | None = None) -> None:
+        """Record during `block`'s forwards; `record(i)` chooses which forward calls (0-based) are
+        recorded, so the others run at full speed and keep nothing."""
+        seen = itertools.count()
+
         def enter(_module: nn.Module, _args: Any, _kwargs: Any = None) -> None:
+            if record is not None and not record(next(seen)):
+                return
             self._mode = _Capture(self.kind, False, self.calls, self.keep_output)
             self._mode.__enter__()
 
@@ -126,9 +143,11 @@ class AttentionRecorder:
         return sink[0]
 
 
-def attention_kl(dense: AttentionCall, pruned: AttentionCall) -> float:
-    """Mean KL(dense attention ‖ pruned attention) per query row (nats), over batch and heads."""
-    lp_dense, lp_pruned = dense.log_probs(), pruned.log_probs()
+def attention_kl(dense: AttentionCall | torch.Tensor, pruned: AttentionCall) -> float:
+    """Mean KL(dense attention ‖ pruned attention) per query row (nats), over batch and heads.
+    `dense` may be given as its log-probabilities, when several candidates share it."""
+    lp_dense = dense if isinstance(dense, torch.Tensor) else dense.log_probs()
+    lp_pruned = pruned.log_probs()
     p = lp_dense.exp()
     terms = torch.where(p > 0, p * (lp_dense - lp_pruned), torch.zeros_like(p))
     rows = lp_dense.shape[:-1].numel()

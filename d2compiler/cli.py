@@ -33,6 +33,8 @@ def _load(args: argparse.Namespace):
         overrides.append(f"output.path={json.dumps(args.output)}")
     if getattr(args, "overwrite", False):
         overrides.append("output.overwrite=true")
+    if getattr(args, "restart", False):
+        overrides.append("output.resume=false")
     return validate_recipe(apply_overrides(data, overrides, args.recipe), args.recipe)
 
 
@@ -112,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     run = recipe_cmd("run", "compress a model as a recipe says", _cmd_run)
     run.add_argument("--output", help="override output.path")
     run.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    run.add_argument("--restart", action="store_true", help="ignore checkpoints of an earlier killed run (output.resume=false)")
 
     insp = sub.add_parser("inspect", help="show blocks, linears, roles and shapes of a model")
     insp.add_argument("model", help="HF id or folder, .gguf, .safetensors, or builtin:smollm2-135m")

@@ -10,14 +10,17 @@ last targeted one are not run at all.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
+from .checkpoint import CheckpointStore
 from .errors import D2Error, PassError
 from .graph import (
     BlockStructure,
@@ -29,6 +32,7 @@ from .graph import (
     structure_from_roles,
     trace_block,
 )
+from .memory import peak_rss_mb
 from .passmanager import Pass, PassResult, TargetedParams
 from .progress import progress
 
@@ -189,12 +193,49 @@ def check_invariants(ctx: BlockContext, pass_: Pass) -> None:
             raise PassError(f"pass '{pass_.name}' left NaN or Inf in {layer.name} (block {ctx.index})")
 
 
+def _tensors(value: Any) -> Iterator[torch.Tensor]:
+    """Tensors inside an artifact value (tensors, containers, dataclasses), except values that
+    legitimately hold infinities (`may_hold_inf`, e.g. additive attention masks)."""
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _tensors(item)
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _tensors(item)
+    elif dataclasses.is_dataclass(value) and not getattr(value, "may_hold_inf", False):
+        for f in dataclasses.fields(value):
+            yield from _tensors(getattr(value, f.name))
+
+
+def check_statistics(ctx: BlockContext) -> None:
+    """Every statistic the passes recorded in the dense forward is finite; stops naming the layer."""
+    for artifact, per_layer in ctx.artifacts.items():
+        for layer, value in per_layer.items():
+            for tensor in _tensors(value):
+                if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                    raise PassError(f"{layer}: the '{artifact}' statistic has NaN or Inf (block {ctx.index}); "
+                                    "check the model's weights and the calibration data")
+
+
 @dataclass
 class BlockReport:
     index: int
     name: str
     times: dict[str, float]
     results: list[tuple[str, PassResult]]
+    memory: dict[str, float] = field(default_factory=dict)
+    resumed: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return {"index": self.index, "name": self.name, "times": self.times, "memory": self.memory,
+                "results": [[name, {"modified": r.modified, "layers": r.layers, "info": r.info}] for name, r in self.results]}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> BlockReport:
+        results = [(name, PassResult(r["modified"], r["layers"], r["info"])) for name, r in data["results"]]
+        return cls(data["index"], data["name"], data["times"], results, data.get("memory", {}), resumed=True)
 
 
 @dataclass
@@ -257,7 +298,9 @@ class BlockExecutor:
                 out[i] = {layer.name for layer in select_layers(layers, *patterns)}
         return out
 
-    def run(self, windows: list[torch.Tensor]) -> ExecutionReport:
+    def run(self, windows: list[torch.Tensor], checkpoints: CheckpointStore | None = None) -> ExecutionReport:
+        """Prune block by block. With `checkpoints`, every finished block is saved, and the blocks a
+        previous (killed) run of the same job finished are restored instead of recomputed."""
         needed = {a for p in self.schedule for a in p.requires | p.optional}
         inputs = capture_block_inputs(self.model, self.blocks, windows, self.device)
         all_layers = []
@@ -268,11 +311,22 @@ class BlockExecutor:
         hit = {int(n[len(self.blocks_path) + 1 :].split(".")[0]) for names in targets.values() for n in names}
         last = max(hit) if hit else -1
         reports: list[BlockReport] = []
-        bar = progress(range(last + 1), desc="blocks", disable=self.quiet)
+        first = 0
+        resumed = checkpoints.start() if checkpoints is not None else None
+        if resumed is not None and 0 < resumed.blocks_done <= last:
+            first = resumed.blocks_done
+            log.info("resuming at block %d of %d from %s", first, last + 1, checkpoints.folder)
+            for index in range(first):
+                checkpoints.restore_block(index, self.blocks[index])
+            reports = [BlockReport.from_json(r) for r in resumed.reports]
+            inputs = [inp.with_hidden(h.to(inp.args[0].device)) for inp, h in zip(inputs, resumed.hidden)]
+        bar = progress(range(first, last + 1), desc="blocks", disable=self.quiet, initial=first, total=last + 1)
         for index in bar:
             report, outputs = self._run_block(index, inputs, needed, targets, last)
             reports.append(report)
             inputs = [inp.with_hidden(h) for inp, h in zip(inputs, outputs)]
+            if checkpoints is not None and index < last:
+                checkpoints.save_block(index, self.blocks[index], outputs, [r.to_json() for r in reports])
         roles = {layer.name: layer.role for layer in all_layers}
         return ExecutionReport(self.blocks_path, len(self.blocks), reports, roles)
 
@@ -294,6 +348,9 @@ class BlockExecutor:
         layers = self.layers_of(index, structure)
         names = {layer.name for layer in layers}
         targeted = set().union(*(t & names for t in targets.values())) if targets else set()
+        for pname, param in block.named_parameters():
+            if not torch.isfinite(param).all():
+                raise PassError(f"{self.blocks_path}.{index}.{pname}: the model's weights hold NaN or Inf before pruning")
         block.to(self.device)
         ctx = BlockContext(index, f"{self.blocks_path}.{index}", block, layers, structure, self.device,
                            inputs, needed, targeted, schedule=self.schedule)
@@ -306,6 +363,7 @@ class BlockExecutor:
             ctx.dense_outputs = forward_block(block, inputs)
             for p in self.schedule:
                 p.end_observe(ctx)
+            check_statistics(ctx)
             times["observe"] = time.perf_counter() - start
         modified = False
         for p in self.schedule:
@@ -323,5 +381,8 @@ class BlockExecutor:
             outputs = []
         times["propagate"] = time.perf_counter() - t0
         times["total"] = time.perf_counter() - start
+        memory = {"peak_rss_mb": round(peak_rss_mb(), 1)}
+        if self.device.type == "cuda":
+            memory["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
         block.to("cpu")
-        return BlockReport(index, ctx.name, {k: round(v, 4) for k, v in times.items()}, results), outputs
+        return BlockReport(index, ctx.name, {k: round(v, 4) for k, v in times.items()}, results, memory), outputs

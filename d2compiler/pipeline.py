@@ -3,8 +3,8 @@ write the output) and return a summary."""
 
 from __future__ import annotations
 
+import hashlib
 import logging
-import resource
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,21 +13,19 @@ from typing import Any
 import torch
 from pydantic import BaseModel
 
+from .checkpoint import CheckpointStore, fingerprint, work_dir_for
 from .data import calibration_windows, evaluation_windows, load_text, tokenize
+from .errors import D2Error, PassError
 from .evaluate import perplexity
 from .executor import BlockExecutor, ExecutionReport
 from .export.hf import write_hf_folder
 from .export.metadata import overall_sparsity, sparsity_record
 from .export.output_dir import check_output_path
+from .memory import peak_rss_mb
 from .models import LoadedModel, load_model, resolve_device
 from .passmanager import PassManager
 
 log = logging.getLogger(__name__)
-
-
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far, in MiB."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 @dataclass
@@ -70,6 +68,25 @@ def _fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f}"
 
 
+def job_fingerprint(recipe: BaseModel, first_block: torch.nn.Module, windows: list[torch.Tensor]) -> str:
+    """What the pruned weights depend on: model, calibration tokens, passes (not evaluation or output)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(first_block.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+    for window in windows:
+        digest.update(window.to("cpu").contiguous().numpy().tobytes())
+    return fingerprint({"model": recipe.model.model_dump(mode="json"), "passes": [p.model_dump(mode="json") for p in recipe.passes],
+                        "first_block": digest.hexdigest(), "torch": torch.__version__})
+
+
+def check_finite(model: torch.nn.Module) -> None:
+    """Refuse to go on with NaN or Inf anywhere in the model (a NaN model is never written)."""
+    for name, param in model.named_parameters():
+        if not torch.isfinite(param).all():
+            raise PassError(f"{name}: contains NaN or Inf after pruning; nothing was written")
+
+
 def compress(recipe: BaseModel, *, loaded: LoadedModel | None = None, quiet: bool = False) -> RunSummary:
     """Run `recipe`. A caller may pass an already loaded model (any transformers-style module with
     a tokenizer) instead of `recipe.model.source`."""
@@ -104,7 +121,18 @@ def compress(recipe: BaseModel, *, loaded: LoadedModel | None = None, quiet: boo
 
     prune_start = time.perf_counter()
     executor = BlockExecutor(model, manager.schedule, device=device, role_overrides=recipe.model.roles, quiet=quiet)
-    execution = executor.run(windows)
+    checkpoints = None
+    if out_path is not None:
+        checkpoints = CheckpointStore(work_dir_for(out_path), job_fingerprint(recipe, executor.blocks[0], windows))
+        if not recipe.output.resume:
+            checkpoints.discard()
+    try:
+        execution = executor.run(windows, checkpoints)
+        check_finite(model)
+    except D2Error:
+        if checkpoints is not None:  # a deterministic failure: a rerun would fail the same way
+            checkpoints.discard()
+        raise
     prune_s = time.perf_counter() - prune_start
 
     pruned_ppl = None
@@ -122,7 +150,7 @@ def compress(recipe: BaseModel, *, loaded: LoadedModel | None = None, quiet: boo
         "prune_s": round(prune_s, 3),
         "device": str(device),
     }
-    blocks = [{"index": b.index, "name": b.name, "times_s": b.times,
+    blocks = [{"index": b.index, "name": b.name, "times_s": b.times, "memory": b.memory, "resumed": b.resumed,
                "passes": {name: r.info for name, r in b.results if r.info}} for b in execution.blocks]
     record = sparsity_record(model=model, recipe=recipe.model_dump(mode="json"), layers=layers, patterns=patterns,
                              blocks=blocks, results=results)
@@ -134,6 +162,8 @@ def compress(recipe: BaseModel, *, loaded: LoadedModel | None = None, quiet: boo
         record["results"]["wall_s"] = round(time.perf_counter() - start, 3)
         record["results"]["peak_rss_mb"] = round(peak_rss_mb(), 1)
         write_hf_folder(out_path, model, tokenizer, record, overwrite=recipe.output.overwrite)
+        if checkpoints is not None:
+            checkpoints.discard()
     return RunSummary(
         output=out_path, dense_ppl=dense_ppl, pruned_ppl=pruned_ppl, sparsity=overall_sparsity(layers),
         wall_s=time.perf_counter() - start, prune_s=prune_s, peak_rss_mb=peak_rss_mb(), peak_cuda_mb=peak_cuda,

@@ -10,6 +10,7 @@ from tqdm.auto import tqdm
 T = TypeVar("T")
 
 
-def progress(items: Iterable[T], *, desc: str, disable: bool = False, total: int | None = None) -> Iterable[T]:
+def progress(items: Iterable[T], *, desc: str, disable: bool = False, total: int | None = None,
+             initial: int = 0) -> Iterable[T]:
     """Wrap an iterable in a progress bar unless `disable`."""
-    return tqdm(items, desc=desc, disable=disable, total=total, leave=False, dynamic_ncols=True)
+    return tqdm(items, desc=desc, disable=disable, total=total, initial=initial, leave=False, dynamic_ncols=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from functools import cache
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
@@ -114,6 +115,11 @@ class OutputSpec(_Strict):
         default="hf", description="`hf`: a transformers folder (config, tokenizer, safetensors)."
     )
     overwrite: bool = Field(default=False, description="Replace an existing output folder.")
+    resume: bool = Field(
+        default=True, description="Checkpoint every finished block in a work folder beside the output "
+        "(`.<name>.d2c-work`) and, when the same job was killed before, resume from its last finished block "
+        "(the result is byte-identical). `false` (or `d2c run --restart`) discards earlier checkpoints.",
+    )
 
 
 def _recipe_base() -> type[BaseModel]:
@@ -147,6 +153,9 @@ def recipe_json_schema() -> dict[str, Any]:
     return recipe_model().model_json_schema()
 
 
+_PLAIN_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
+
+
 def _format_loc(loc: tuple[Any, ...], data: Any) -> str:
     """Turn a pydantic location into `passes[1].sparsity`, dropping union tags."""
     parts: list[str] = []
@@ -160,7 +169,8 @@ def _format_loc(loc: tuple[Any, ...], data: Any) -> str:
             # A discriminated-union tag (the pass type), not a key of the data.
             if node.get("type") == item:
                 continue
-        parts.append(("." if parts else "") + str(item))
+        key = str(item)
+        parts.append((("." if parts else "") + key) if _PLAIN_KEY.match(key) else f"[{json.dumps(key)}]")
         node = node.get(item) if isinstance(node, dict) else None
     return "".join(parts)
 
@@ -211,6 +221,11 @@ def read_recipe_file(path: str | Path) -> dict[str, Any]:
     return parse_text(text, str(path))
 
 
+def _override_loc(key: str) -> str:
+    """How an override's key is named in errors: `--set passes.1.sparsity` (quoted if unusual)."""
+    return f"--set {key}" if re.fullmatch(r"[\w.-]+", key) else f"--set {json.dumps(key)}"
+
+
 def apply_overrides(data: dict[str, Any], overrides: list[str], source: str) -> dict[str, Any]:
     """Apply `dotted.key=value` overrides (list indices as numbers: `passes.1.sparsity=0.6`).
     Values are parsed as TOML values when possible (`0.6`, `true`, `"x"`, `[1, 2]`), else taken
@@ -218,11 +233,11 @@ def apply_overrides(data: dict[str, Any], overrides: list[str], source: str) -> 
     data = copy.deepcopy(data)
     for item in overrides:
         if "=" not in item:
-            raise RecipeError(source, [(item, "an override must look like dotted.key=value")])
+            raise RecipeError(source, [(_override_loc(item), "an override must look like dotted.key=value")])
         key, raw = item.split("=", 1)
         keys = [k for k in key.strip().split(".")]
         if not all(keys):
-            raise RecipeError(source, [(key, "empty key segment in override")])
+            raise RecipeError(source, [(_override_loc(key), "empty key segment in override")])
         try:
             value = tomllib.loads(f"v = {raw}")["v"]
         except tomllib.TOMLDecodeError:
@@ -233,7 +248,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str], source: str) -> 
             where = ".".join(keys[: depth + 1])
             if isinstance(node, list):
                 if not k.isdigit() or int(k) >= len(node):
-                    raise RecipeError(source, [(where, f"no list item {k} (the list has {len(node)})")])
+                    raise RecipeError(source, [(_override_loc(where), f"no list item {k} (the list has {len(node)})")])
                 if last:
                     node[int(k)] = value
                 else:
@@ -244,7 +259,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str], source: str) -> 
                 else:
                     node = node.setdefault(k, {})
             else:
-                raise RecipeError(source, [(where, "cannot set a key inside a non-table value")])
+                raise RecipeError(source, [(_override_loc(where), "cannot set a key inside a non-table value")])
     return data
 
 

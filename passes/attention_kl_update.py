@@ -65,6 +65,11 @@ def _label(no_update: tuple[str, ...]) -> str:
     return ",".join(no_update) or "none"
 
 
+def _qk_updates(no_update: tuple[str, ...]) -> tuple[bool, bool]:
+    """Whether q and k receive the OBS update under a candidate: all the attention pattern depends on."""
+    return "q" not in no_update, "k" not in no_update
+
+
 @register_pass
 class AttentionKLUpdatePass(Pass):
     name = "attention_kl_update"
@@ -88,12 +93,14 @@ class AttentionKLUpdatePass(Pass):
         return max(m, 0)
 
     def begin_observe(self, ctx: Any) -> None:
-        if self.params.strategy != "kl" or not ctx.structure.attention:
+        if self.params.strategy != "kl" or not ctx.structure.attention or self.params.rho == 0:
             return
         self._recorder = AttentionRecorder(ctx.structure.attention[0].kind)
-        self._recorder.attach(ctx.module)
+        m = self._holdout_size(ctx)
+        first_scored = len(ctx.inputs) - m if self.params.selection == "holdout" else 0
+        self._recorder.attach(ctx.module, record=lambda i: first_scored <= i < first_scored + m)
         if self.params.selection == "holdout":
-            first_held = len(ctx.inputs) - self._holdout_size(ctx)
+            first_held = first_scored
             self._held = {}
             for layer in ctx.layers:
                 if layer.role in QKV:
@@ -195,28 +202,42 @@ class AttentionKLUpdatePass(Pass):
                 recon[(role, update)] = relative_error(dense, variant(role, update), scoring[role]) or 0.0
         dense_calls: list[AttentionCall] = ctx.artifact("dense_attention", ctx.name) or []
         first = len(ctx.inputs) - m if holdout else 0
-        samples = list(zip(ctx.inputs[first:first + m], dense_calls[first:first + m]))
-        kl_cache: dict[tuple[bool, bool], float] = {}
-
-        def kl_for(no_update: tuple[str, ...]) -> float:
-            key = ("q" not in no_update, "k" not in no_update)
-            if key not in kl_cache:
-                kl_cache[key] = self._attention_kl(ctx, proj, variant, key, samples) if samples else 0.0
-            return kl_cache[key]
-
+        samples = list(zip(ctx.inputs[first:first + m], dense_calls))
+        candidates = self._candidates(list(proj))
+        keys = sorted({_qk_updates(cand) for cand in candidates}, reverse=True)
+        kls = self._attention_kls(ctx, proj, variant, keys, samples) if samples and p.rho > 0 else {}
         table = {}
-        for cand in self._candidates(list(proj)):
+        for cand in candidates:
             r = sum(recon[(role, role not in cand)] for role in proj)
-            kl = kl_for(cand) if p.rho > 0 else 0.0
+            kl = kls.get(_qk_updates(cand), 0.0)
             table[_label(cand)] = {"recon": r, "kl": kl, "objective": r + p.rho * kl}
         best = min(table, key=lambda c: table[c]["objective"])
         info = {"candidates": table, "kl_samples": len(samples), "selection": "holdout" if holdout else "calibration"}
         return (tuple() if best == "none" else tuple(best.split(","))), info
 
     @torch.no_grad()
-    def _attention_kl(self, ctx: Any, proj: dict[str, Any], variant: Any, updates: tuple[bool, bool],
-                      samples: list[tuple[Any, AttentionCall]]) -> float:
-        """Mean attention KL over `samples` with q and k replaced by their pruned variants."""
+    def _attention_kls(self, ctx: Any, proj: dict[str, Any], variant: Any, keys: list[tuple[bool, bool]],
+                       samples: list[tuple[Any, AttentionCall]]) -> dict[tuple[bool, bool], float]:
+        """Mean attention KL over `samples` for each (q updated, k updated) key. With fused attention
+        the query and key of a candidate come from separate projections, so two prefix runs (all
+        updated, none updated) serve every candidate; eager attention runs one prefix per key."""
+        fused = ctx.structure.attention[0].kind == "sdpa"
+        runs = {(q, q) for q, _ in keys} | {(k, k) for _, k in keys} if fused else set(keys)
+        captured = {run: self._prefix_calls(ctx, proj, variant, run, samples) for run in runs}
+        totals = dict.fromkeys(keys, 0.0)
+        for i, (_inp, dense) in enumerate(samples):
+            dense_lp = dense.log_probs()
+            for q_upd, k_upd in keys:
+                if fused:
+                    call = captured[(q_upd, q_upd)][i].with_key_of(captured[(k_upd, k_upd)][i])
+                else:
+                    call = captured[(q_upd, k_upd)][i]
+                totals[(q_upd, k_upd)] += attention_kl(dense_lp, call)
+        return {key: total / len(samples) for key, total in totals.items()}
+
+    def _prefix_calls(self, ctx: Any, proj: dict[str, Any], variant: Any, updates: tuple[bool, bool],
+                      samples: list[tuple[Any, AttentionCall]]) -> list[AttentionCall]:
+        """The attention captures of `samples` with q and k replaced by their pruned variants."""
         saved = {}
         for role, update in zip(("q", "k"), updates):
             if role in proj:
@@ -224,10 +245,7 @@ class AttentionKLUpdatePass(Pass):
                 proj[role].set_weight_matrix(variant(role, update))
         try:
             recorder = AttentionRecorder(ctx.structure.attention[0].kind)
-            total = 0.0
-            for inp, dense in samples:
-                total += attention_kl(dense, recorder.run_prefix(ctx.module, inp.args, inp.kwargs))
-            return total / len(samples)
+            return [recorder.run_prefix(ctx.module, inp.args, inp.kwargs) for inp, _dense in samples]
         finally:
             for role, weight in saved.items():
                 proj[role].set_weight_matrix(weight)

@@ -57,6 +57,7 @@ class LayerStats:
     out_features: int
     in_features: int
     s: float
+    reference: bool = True  # also keep the reference accumulators (needed only for stats = "reference")
     samples: int = 0
     tokens: int = 0
     y_sq: torch.Tensor | None = None  # Σ y_i² over tokens (mean mode)
@@ -71,6 +72,8 @@ class LayerStats:
         k = self.samples
         y2 = y.pow(2).sum(0)
         self.y_sq = y2 if self.y_sq is None else self.y_sq + y2
+        if not self.reference:
+            return
         a, b = y2.sqrt(), x.pow(2).sum(0).sqrt()  # per-sample L2 norms over tokens
         steps = {
             "y": a / self.s,
@@ -103,9 +106,13 @@ def obs_extra_score(stats: LayerStats, x_rms: torch.Tensor, cfg: DualTaylorSetti
         k1 = cfg.lambda1 * c_y * c_xhat / (2 * cfg.s**2)
         k2 = cfg.lambda2 * c_xhat**2 / (2 * cfg.s**2)
 
+    first = (k1 * y.float()).unsqueeze(1)  # (out, 1)
+    x_row = x.float().unsqueeze(0)  # (1, in)
+    second = k2 * x_row.pow(2)
+
     def extra(w: torch.Tensor, cols: slice) -> torch.Tensor:
-        xs = x[cols].to(w.device).unsqueeze(0)
-        return k1 * y.to(w.device).unsqueeze(1) * w.abs() * xs - k2 * w.pow(2) * xs.pow(2)
+        score = first.to(w.device) * w.abs() * x_row[:, cols].to(w.device)
+        return score - w.pow(2) * second[:, cols].to(w.device) if k2 else score
 
     return extra
 

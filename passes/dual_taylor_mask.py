@@ -52,7 +52,7 @@ class DualTaylorMaskPass(PruningPass):
     def begin_observe(self, ctx: Any) -> None:
         for layer in ctx.select(self.params):
             out_f, in_f = layer.shape
-            stats = self._stats[layer.name] = LayerStats(out_f, in_f, self.params.s)
+            stats = self._stats[layer.name] = LayerStats(out_f, in_f, self.params.s, reference=self.params.stats == "reference")
             self._handles.append(layer.module.register_forward_hook(lambda _m, inp, out, st=stats: st.add(inp[0], out)))
 
     def end_observe(self, ctx: Any) -> None:

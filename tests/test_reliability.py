@@ -1,0 +1,99 @@
+"""Reliability: kill-and-resume with a real SIGKILL, determinism, NaN handling, clear errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from d2compiler.checkpoint import work_dir_for
+from d2compiler.cli import main
+
+from .conftest import write_recipe
+
+SPARSEGPT = '[[passes]]\ntype = "calibrate"\n[[passes]]\ntype = "sparsegpt"\nsparsity = 0.5\n'
+
+
+@pytest.fixture(scope="module")
+def deep_llama(tmp_path_factory, tokenizer) -> Path:
+    """A tiny Llama with enough blocks (and work per block) to kill a run in the middle."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    config = tf.LlamaConfig(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=512, num_hidden_layers=8,
+                            num_attention_heads=4, num_key_value_heads=2)
+    folder = tmp_path_factory.mktemp("deep") / "llama"
+    tf.AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def _record(output: Path) -> dict:
+    return json.loads((output / "sparsity.json").read_text())
+
+
+def test_kill_and_resume_is_byte_identical(tmp_path, deep_llama):
+    recipe = write_recipe(tmp_path / "r.toml", str(deep_llama), SPARSEGPT, samples=8, seq_len=64)
+    reference = tmp_path / "reference"
+    assert main(["--quiet", "run", str(recipe), "--output", str(reference)]) == 0
+
+    output = tmp_path / "resumed"
+    state_file = work_dir_for(output) / "state.json"
+    cmd = [sys.executable, "-m", "d2compiler.cli", "run", str(recipe), "--output", str(output)]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    deadline = time.monotonic() + 300
+    done = 0
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            done = json.loads(state_file.read_text())["blocks_done"]
+        except (OSError, ValueError, KeyError):
+            done = 0
+        if done >= 3:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.005)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    assert not output.exists(), "a killed run left something at the output path"
+    killed_at = json.loads(state_file.read_text())["blocks_done"]
+    assert 3 <= killed_at < 8
+
+    rerun = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert f"resuming at block {killed_at} of 8" in rerun.stderr
+    resumed = _record(output)
+    assert resumed["weights_sha256"] == _record(reference)["weights_sha256"]
+    assert [b["resumed"] for b in resumed["blocks"]] == [i < killed_at for i in range(8)]
+    assert not work_dir_for(output).exists(), "the work folder outlived a finished run"
+
+
+def test_checkpoints_of_another_recipe_are_discarded(tmp_path, tiny_models, caplog):
+    from d2compiler.checkpoint import CheckpointStore
+
+    output = tmp_path / "out"
+    stale = CheckpointStore(work_dir_for(output), key="another recipe")
+    stale.start()
+    stale.save_block(0, torch.nn.Linear(2, 2), [torch.zeros(1)], [])
+    recipe = write_recipe(tmp_path / "r.toml", str(tiny_models["llama"]), SPARSEGPT, output=output)
+    assert main(["run", str(recipe)]) == 0
+    assert "checkpoints of a different recipe" in caplog.text
+    assert not any(b["resumed"] for b in _record(output)["blocks"])
+
+
+def test_same_recipe_same_hash(tmp_path, tiny_models):
+    passes = '[[passes]]\ntype = "calibrate"\n[[passes]]\ntype = "attention_kl_update"\n[[passes]]\ntype = "dual_taylor_mask"\nsparsity = 0.6\n'
+    hashes = []
+    for run in ("a", "b"):
+        recipe = write_recipe(tmp_path / f"{run}.toml", str(tiny_models["qwen3"]), passes, output=tmp_path / run,
+                              extra='sampling = "random"\nseed = 7\n')
+        assert main(["--quiet", "run", str(recipe)]) == 0
+        hashes.append(_record(tmp_path / run)["weights_sha256"])
+    assert hashes[0] == hashes[1]
