@@ -1,4 +1,4 @@
-"""The `d2c` command line: schema, validate, run, inspect, eval."""
+"""The `d2c` command line: schema, validate, plan, run, inspect, eval."""
 
 from __future__ import annotations
 
@@ -53,6 +53,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
     recipe = _load(args)
     summary = compress(recipe, quiet=args.quiet)
     print(summary.table())
+    return 0
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from .plan import make_plan
+
+    print(make_plan(_load(args)).render())
     return 0
 
 
@@ -115,6 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--output", help="override output.path")
     run.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     run.add_argument("--restart", action="store_true", help="ignore checkpoints of an earlier killed run (output.resume=false)")
+
+    recipe_cmd("plan", "without running: the pass schedule per block, the linears each pass touches, "
+               "and an estimate of peak memory and time", _cmd_plan)
 
     insp = sub.add_parser("inspect", help="show blocks, linears, roles and shapes of a model")
     insp.add_argument("model", help="HF id or folder, .gguf, .safetensors, or builtin:smollm2-135m")

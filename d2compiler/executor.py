@@ -307,7 +307,7 @@ class BlockExecutor:
         for i in range(len(self.blocks)):
             all_layers.extend(self.layers_of(i, self.structure(i, inputs[0])))
         targets = self.targeted_names(all_layers)
-        self._check_targets_match(targets, all_layers)
+        self.check_targets_match(targets, all_layers)
         hit = {int(n[len(self.blocks_path) + 1 :].split(".")[0]) for names in targets.values() for n in names}
         last = max(hit) if hit else -1
         reports: list[BlockReport] = []
@@ -330,7 +330,7 @@ class BlockExecutor:
         roles = {layer.name: layer.role for layer in all_layers}
         return ExecutionReport(self.blocks_path, len(self.blocks), reports, roles)
 
-    def _check_targets_match(self, targets: dict[int, set[str]], layers: list[LinearLayer]) -> None:
+    def check_targets_match(self, targets: dict[int, set[str]], layers: list[LinearLayer]) -> None:
         for i, names in targets.items():
             if not names:
                 p = self.schedule[i]

@@ -1,5 +1,5 @@
-"""The transformers output folder: config, tokenizer, safetensors weights and `sparsity.json`,
-written atomically."""
+"""The transformers output folder: config, tokenizer, safetensors weights, `sparsity.json` and
+`report.html`, written atomically."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from typing import Any
 from torch import nn
 
 from .output_dir import atomic_output_dir
+from .report import write_report
 
 
 def write_hf_folder(path: Path, model: nn.Module, tokenizer: Any, record: dict[str, Any], *, overwrite: bool) -> Path:
@@ -20,4 +21,5 @@ def write_hf_folder(path: Path, model: nn.Module, tokenizer: Any, record: dict[s
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         (tmp / "sparsity.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
+        write_report(tmp, json.loads(json.dumps(record, default=str)))
     return path

@@ -1,0 +1,189 @@
+"""`d2c plan`: what a recipe will do, without pruning anything.
+
+It validates the recipe, loads the model, traces each distinct block once on a dummy input, and
+reports the pass schedule, which linears each pass touches in every block (identical consecutive
+blocks are merged into ranges) and an estimate of peak memory and time.
+
+The estimates are a cost model, not a measurement of the run: time = FLOPs / the matmul rate
+measured here on the compute device (a fraction of a second) + a per-column overhead of the OBS
+loop (also measured), for two block forwards (dense observe, pruned re-forward), the statistics,
+the masks/updates and the attention-KL candidates. Memory = the process before loading + the
+model's parameters + the calibration hidden states (block inputs, outputs, dense outputs) + the
+largest block's working set (Hessians, OBS buffers, attention captures). `bench/cost.py` compares
+the estimate with a measured run.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from pydantic import BaseModel
+
+from .executor import BlockExecutor, capture_block_inputs
+from .graph import LinearLayer
+from .memory import peak_rss_mb
+from .models import load_model, resolve_device
+from .passmanager import Pass, PassManager
+
+OBS_PASSES = {"sparsegpt", "dual_taylor_mask"}
+
+
+@dataclass
+class BlockPlan:
+    first: int
+    last: int
+    touches: list[tuple[str, list[str]]]  # (pass name, ["self_attn.q_proj (q)", ...])
+
+
+@dataclass
+class Plan:
+    model: str
+    blocks_path: str
+    num_blocks: int
+    schedule: list[Pass]
+    blocks: list[BlockPlan]
+    tokens: int
+    estimate_s: dict[str, float] = field(default_factory=dict)
+    estimate_mb: dict[str, float] = field(default_factory=dict)
+    rates: dict[str, float] = field(default_factory=dict)
+
+    def render(self) -> str:
+        lines = [f"model: {self.model} ({self.blocks_path} x {self.num_blocks})",
+                 f"calibration: {self.tokens} tokens", "", "pass schedule:"]
+        for i, p in enumerate(self.schedule, 1):
+            req = ", ".join(sorted(p.requires)) or "-"
+            prov = ", ".join(sorted(p.provides)) or "-"
+            lines.append(f"  {i}. {p.name:<22} requires {req}; provides {prov}")
+        lines += ["", "per block (which linears each pass touches):"]
+        for b in self.blocks:
+            span = f"block {b.first}" if b.first == b.last else f"blocks {b.first}-{b.last}"
+            lines.append(f"  {span}:")
+            if not b.touches:
+                lines.append("    (not run: after the last targeted block)")
+            for name, layers in b.touches:
+                lines.append(f"    {name:<22} {', '.join(layers) if layers else '(statistics or plan for the layers the others target)'}")
+        lines += ["", "estimate (a cost model: FLOPs at the matmul rate measured here, not a measured run):"]
+        for k, v in self.estimate_s.items():
+            lines.append(f"  time   {k:<40} {v:9.1f} s")
+        for k, v in self.estimate_mb.items():
+            lines.append(f"  memory {k:<40} {v:9.0f} MiB")
+        lines.append(f"  measured here: matmul {self.rates['gflops']:.1f} GFLOP/s, OBS loop {self.rates['column_us']:.0f} µs/column")
+        return "\n".join(lines)
+
+
+def _measure_rates(device: torch.device, hidden: int) -> dict[str, float]:
+    """Matmul throughput and the per-column overhead of the OBS loop on `device`."""
+    from passes.obs import obs_prune
+
+    a = torch.randn(512, hidden, device=device)
+    b = torch.randn(hidden, hidden, device=device)
+    a @ b
+    reps, start = 0, time.perf_counter()
+    while time.perf_counter() - start < 0.2:
+        a @ b
+        reps += 1
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    gflops = 2 * 512 * hidden * hidden * reps / (time.perf_counter() - start) / 1e9
+    w, x = torch.randn(64, 256, device=device), torch.randn(512, 256, device=device)
+    h = x.t() @ x / 512
+    start = time.perf_counter()
+    obs_prune(w, h, sparsity=0.5, n_of_m=None, block_size=128, damping=0.01, layer="probe")
+    column_us = (time.perf_counter() - start) / 256 * 1e6
+    return {"gflops": gflops, "column_us": column_us}
+
+
+def _label(layer: LinearLayer) -> str:
+    return f"{layer.local_name} ({layer.role})"
+
+
+def make_plan(recipe: BaseModel) -> Plan:
+    """Plan `recipe` (see the module docstring). Loads the model; prunes nothing."""
+    baseline_mb = peak_rss_mb()
+    device = resolve_device(recipe.model.device)
+    manager = PassManager(list(recipe.passes))
+    m = recipe.model
+    loaded = load_model(m.source, m.dtype, "cpu", m.revision, m.attn_implementation)
+    model = loaded.model
+    executor = BlockExecutor(model, manager.schedule, device=torch.device("cpu"), role_overrides=m.roles, quiet=True)
+    vocab = getattr(model.config, "vocab_size", 100) or 100
+    sample = capture_block_inputs(model, executor.blocks, [torch.randint(0, vocab, (1, 16))], torch.device("cpu"))[0]
+    per_block = [executor.layers_of(i, executor.structure(i, sample)) for i in range(len(executor.blocks))]
+    all_layers = [layer for layers in per_block for layer in layers]
+    targets = executor.targeted_names(all_layers)
+    executor.check_targets_match(targets, all_layers)
+    targeted = set().union(*targets.values()) if targets else set()
+    last = max((i for i, layers in enumerate(per_block) if any(la.name in targeted for la in layers)), default=-1)
+
+    blocks: list[BlockPlan] = []
+    for i, layers in enumerate(per_block):
+        touches = []
+        if i <= last:
+            for pos, p in enumerate(manager.schedule):
+                names = targets.get(pos)
+                chosen = [la for la in layers if (names is None and la.name in targeted) or (names is not None and la.name in names)]
+                touches.append((p.name, [_label(la) for la in chosen] if names is not None else []))
+        if blocks and blocks[-1].touches == touches and blocks[-1].last == i - 1:
+            blocks[-1].last = i
+        else:
+            blocks.append(BlockPlan(i, i, touches))
+
+    cal = recipe.data.calibration
+    tokens = cal.samples * cal.seq_len
+    hidden = sample.args[0].shape[-1]
+    rates = _measure_rates(device, hidden)
+    plan = Plan(m.source, executor.blocks_path, len(executor.blocks), manager.schedule, blocks, tokens, rates=rates)
+    _estimate(plan, per_block[: last + 1], targeted, recipe, model, hidden, baseline_mb)
+    return plan
+
+
+def _estimate(plan: Plan, blocks: list[list[LinearLayer]], targeted: set[str], recipe: BaseModel, model: torch.nn.Module,
+              hidden: int, baseline_mb: float) -> None:
+    cal = recipe.data.calibration
+    tokens, seq = plan.tokens, cal.seq_len
+    flop_s = plan.rates["gflops"] * 1e9
+    names = {p.name for p in plan.schedule}
+    params = {p.name: p.params for p in plan.schedule}
+    fwd = obs = stats = kl = 0.0
+    working = 0.0
+    for layers in blocks:
+        linear_params = sum(la.shape[0] * la.shape[1] for la in layers)
+        attn = 4 * tokens * seq * hidden  # QKᵀ and AV over all calibration tokens
+        fwd += 2 * (2 * linear_params * tokens + attn) / flop_s
+        chosen = [la for la in layers if la.name in targeted]
+        groups = {la.shape[1] for la in chosen}
+        stats += sum(2 * tokens * i * i for i in groups) / flop_s
+        for la in chosen:
+            out_f, in_f = la.shape
+            if names & OBS_PASSES:
+                obs += (2 * in_f**3 + 3 * out_f * in_f * in_f) / flop_s + in_f * plan.rates["column_us"] / 1e6
+        if "attention_kl_update" in names and params["attention_kl_update"].strategy == "kl":
+            p = params["attention_kl_update"]
+            samples = cal.samples if p.kl_samples == 0 else min(p.kl_samples, cal.samples)
+            qkv = sum(la.shape[0] * la.shape[1] for la in chosen if la.role in ("q", "k", "v"))
+            heads = getattr(model.config, "num_attention_heads", 1) or 1
+            kl += samples * (2 * 2 * qkv * seq + 3 * (2 * seq * seq * hidden + 10 * heads * seq * seq)) / flop_s
+            kl += sum(la.shape[1] * plan.rates["column_us"] / 1e6 for la in chosen if la.role in ("q", "k", "v"))
+        block_mb = (sum(i * i for i in groups) * 4 * (2 if "attention_kl_update" in names else 1)
+                    + max((3 * la.shape[1] ** 2 + 4 * la.shape[0] * la.shape[1]) * 4 for la in chosen or layers)) / 2**20
+        working = max(working, block_mb)
+    plan.estimate_s = {"block forwards (observe + re-forward)": fwd, "statistics": stats}
+    if names & OBS_PASSES:
+        plan.estimate_s["masks and OBS updates"] = obs
+    if kl:
+        plan.estimate_s["attention-KL candidates"] = kl
+    plan.estimate_s["total"] = sum(plan.estimate_s.values())
+    weight_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
+    hidden_mb = 3 * tokens * hidden * 4 / 2**20
+    plan.estimate_mb = {"process before loading": baseline_mb, "model parameters": weight_mb,
+                        "checkpoint pages read while loading": weight_mb,
+                        "calibration hidden states": hidden_mb, "largest block's working set": working}
+    plan.estimate_mb["peak (sum)"] = sum(plan.estimate_mb.values())
+
+
+def plan_summary(plan: Plan) -> dict[str, Any]:
+    """The estimate as a JSON-able dict (for benchmarks)."""
+    return {"estimate_s": plan.estimate_s, "estimate_mb": plan.estimate_mb, "rates": plan.rates}

@@ -1,0 +1,62 @@
+"""`report.html` (rendered in headless Chromium) and `d2c plan`."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+
+import pytest
+
+from d2compiler.cli import main
+
+from .conftest import write_recipe
+
+D2 = ('[[passes]]\ntype = "calibrate"\n[[passes]]\ntype = "attention_kl_update"\n'
+      '[[passes]]\ntype = "dual_taylor_mask"\nsparsity = 0.6\nignore = ["role:down"]\n')
+
+
+@pytest.fixture(scope="module")
+def pruned(tmp_path_factory, tiny_models):
+    root = tmp_path_factory.mktemp("report")
+    recipe = write_recipe(root / "r.toml", str(tiny_models["llama"]), D2, output=root / "out",
+                          extra='[data.evaluation]\nsource = "builtin:python-docs"\nseq_len = 64\nmax_windows = 2\n')
+    assert main(["--quiet", "run", str(recipe)]) == 0
+    return root / "out"
+
+
+def test_report_has_every_section(pruned):
+    page = (pruned / "report.html").read_text()
+    for title in ("Sparsity per layer", "reconstruction error", "Attention KL", "Time per block", "Memory"):
+        assert title in page
+    record = json.loads((pruned / "sparsity.json").read_text())
+    assert f"{record['results']['pruned_ppl']:.4g}" in page and f"{record['results']['dense_ppl']:.4g}" in page
+    for png in re.findall(r'src="(report/[^"]+\.png)"', page):
+        assert (pruned / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian chromium not installed (make browser)")
+def test_report_renders_in_headless_chromium(pruned, tmp_path):
+    cmd = ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=5000",
+           f"--user-data-dir={tmp_path / 'profile'}"]
+    dom = subprocess.run([*cmd, "--dump-dom", (pruned / "report.html").as_uri()], capture_output=True, text=True, timeout=120)
+    loaded = re.search(r'data-images-loaded="(\d+)/(\d+)"', dom.stdout)
+    assert loaded, dom.stderr[-2000:]
+    assert loaded.group(1) == loaded.group(2) and int(loaded.group(2)) >= 5  # every figure decoded
+    shot = tmp_path / "page.png"
+    subprocess.run([*cmd, f"--screenshot={shot}", "--window-size=1200,2000", (pruned / "report.html").as_uri()],
+                   capture_output=True, timeout=120)
+    assert shot.stat().st_size > 20_000  # a page with figures, not a blank screen
+
+
+def test_plan_lists_schedule_layers_and_estimates(tmp_path, tiny_models, capsys):
+    recipe = write_recipe(tmp_path / "r.toml", str(tiny_models["llama"]), D2)
+    assert main(["--quiet", "plan", str(recipe)]) == 0
+    out = capsys.readouterr().out
+    assert "1. calibrate" in out and "2. attention_kl_update" in out and "3. dual_taylor_mask" in out
+    assert "blocks 0-1:" in out
+    touched = re.search(r"dual_taylor_mask\s+(.*)", out.split("per block")[1]).group(1)
+    assert "self_attn.q_proj (q)" in touched and "mlp.gate_proj (gate)" in touched and "down_proj" not in touched
+    assert re.search(r"time\s+total\s+[\d.]+ s", out) and re.search(r"memory peak \(sum\)\s+\d+ MiB", out)
+    assert not (tmp_path / "out").exists()
