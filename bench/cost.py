@@ -1,0 +1,215 @@
+"""Cost benchmark: the same SparseGPT-50% job in d2compiler and in llm-compressor, side by side in
+one run (not run in CI). Writes bench/results/cost.json and cost.md.
+
+Protocol: SmolLM2-135M (the cached safetensors folder of builtin:smollm2-135m, fp32, CPU), the
+first 32 x 512 tokens of ../shared/data/c4 as calibration (the *same token windows* are handed to
+both tools), SparseGPT at 50% unstructured on every linear of the decoder layers (lm_head kept),
+block size 128, dampening 0.01. Each tool runs in its own process (llm-compressor in its own
+virtual environment, `.venv-llmc`, with torch==2.13.0: see --setup-llmc); both outputs are then
+scored on the same first 32 windows of WikiText-2 test.
+
+Reported: wall time of each job (process start to saved model, and the compression step alone),
+the ratio, peak RSS, perplexities, d2compiler's per-block breakdown (dense observe forward,
+statistics, mask + update, re-forward), the `d2c plan` estimate next to the measured numbers, and
+the physical floor: two forward passes of the dense model over the calibration tokens.
+
+    python bench/cost.py [--setup-llmc]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+from quality import C4, RESULTS, SEQ_LEN, WIKI  # noqa: E402
+
+LLMC_VENV = ROOT / ".venv-llmc"
+SAMPLES = WINDOWS = 32
+
+
+def setup_llmc() -> None:
+    """Create .venv-llmc: torch==2.13.0 first (the CPU wheel), then llm-compressor."""
+    subprocess.run([sys.executable, "-m", "venv", str(LLMC_VENV)], check=True)
+    pip = [str(LLMC_VENV / "bin" / "python"), "-m", "pip", "install", "-q"]
+    subprocess.run([*pip, "torch==2.13.0"], check=True)
+    subprocess.run([*pip, "llmcompressor==0.14.0.1"], check=True)
+
+
+def run_job(cmd: list[str], env: dict[str, str] | None = None) -> tuple[dict[str, Any], float]:
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
+    wall = time.perf_counter() - start
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode or not lines:
+        raise SystemExit(f"job failed: {' '.join(cmd)}\n{proc.stderr[-4000:]}")
+    return json.loads(lines[-1][len("RESULT "):]), wall
+
+
+def d2c_job(model_dir: str, ids_file: str, out_dir: str) -> None:
+    """The d2compiler side (run in a subprocess of this script): prints `RESULT {...}`."""
+    start = time.perf_counter()
+    import torch
+    from safetensors.torch import load_file
+
+    from d2compiler.models import load_model
+    from d2compiler.pipeline import compress
+    from d2compiler.plan import make_plan, plan_summary
+    from d2compiler.recipe import validate_recipe
+
+    recipe = validate_recipe({
+        "version": 1, "model": {"source": model_dir, "dtype": "float32", "device": "cpu"},
+        "data": {"calibration": {"source": str(C4), "samples": SAMPLES, "seq_len": SEQ_LEN}},
+        "passes": [{"type": "calibrate", "hessian": True},
+                   {"type": "sparsegpt", "sparsity": 0.5, "block_size": 128, "dampening_frac": 0.01}],
+        "output": {"path": out_dir, "overwrite": True, "resume": False},
+    })
+    ids = load_file(ids_file)["input_ids"]
+    loaded = load_model(model_dir, "float32", "cpu")
+    from d2compiler import pipeline
+
+    windows = [ids[i : i + 1] for i in range(ids.shape[0])]
+    original = pipeline.calibration_windows
+    pipeline.calibration_windows = lambda *a, **k: windows  # the exact windows llm-compressor gets
+    try:
+        t0 = time.perf_counter()
+        summary = compress(recipe, loaded=loaded, quiet=True)
+        compress_s = time.perf_counter() - t0
+    finally:
+        pipeline.calibration_windows = original
+    phases: dict[str, float] = {}
+    for block in summary.record["blocks"]:
+        for phase, seconds in block["times_s"].items():
+            phases[phase] = phases.get(phase, 0.0) + seconds
+    total_s = time.perf_counter() - start
+    t0 = time.perf_counter()
+    plan = plan_summary(make_plan(recipe))  # after the job, so it cannot change the job's numbers
+    plan_s = time.perf_counter() - t0
+    print("RESULT " + json.dumps({"compress_s": compress_s, "prune_s": summary.prune_s, "total_s": total_s, "plan_s": plan_s,
+                                  "threads": torch.get_num_threads(), "peak_rss_mb": summary.peak_rss_mb, "phases_s": phases,
+                                  "plan": plan}), flush=True)
+
+
+def dense_forward_s(model_dir: str, ids_file: str) -> float:
+    """One dense forward pass of the whole model over the calibration windows (the floor's unit)."""
+    import torch
+    from safetensors.torch import load_file
+
+    from d2compiler.models import load_model
+
+    model = load_model(model_dir, "float32", "cpu").model.eval()
+    ids = load_file(ids_file)["input_ids"]
+    with torch.no_grad():
+        model(ids[:1])
+        start = time.perf_counter()
+        for i in range(ids.shape[0]):
+            model.model(ids[i : i + 1])  # the decoder only: pruning never needs the vocabulary projection
+    return time.perf_counter() - start
+
+
+def perplexity_of(folder: str) -> float:
+    import torch
+
+    from d2compiler.data import evaluation_windows, load_text, tokenize
+    from d2compiler.evaluate import perplexity
+    from d2compiler.models import load_model
+
+    loaded = load_model(folder, "float32", "cpu")
+    windows = evaluation_windows(tokenize(loaded.tokenizer, load_text(str(WIKI["test"]), "evaluation")), SEQ_LEN, WINDOWS)
+    return perplexity(loaded.model, windows, torch.device("cpu"), quiet=True)
+
+
+def sparsity_of(folder: str) -> float:
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(Path(folder) / "model.safetensors"))
+    chosen = [t for n, t in tensors.items() if ".layers." in n and n.endswith("proj.weight")]
+    return sum(int((t == 0).sum()) for t in chosen) / sum(t.numel() for t in chosen)
+
+
+def markdown(r: dict[str, Any]) -> str:
+    d, m = r["d2compiler"], r["llm_compressor"]
+    rows = [
+        ("job wall time (process start to saved model), s", d["wall_s"], m["wall_s"]),
+        ("compression step, s", d["compress_s"], m["oneshot_s"]),
+        ("peak RSS, MiB", d["peak_rss_mb"], m["peak_rss_mb"]),
+        ("WikiText-2 test perplexity (32 x 512)", d["ppl"], m["ppl"]),
+        ("sparsity of the decoder linears", d["sparsity"], m["sparsity"]),
+    ]
+    lines = ["# Cost: SparseGPT 50% on SmolLM2-135M, d2compiler vs llm-compressor", "",
+             "Generated by `python bench/cost.py` (CPU, one run, side by side). Same model folder, same 32 x 512 C4 "
+             "calibration token windows, lm_head kept dense, block size 128, dampening 0.01.", "",
+             f"llm-compressor {m['version']} (torch {m['torch']}, own venv); d2compiler {r['d2compiler_version']}.", "",
+             "| quantity | d2compiler | llm-compressor |", "|---|---|---|"]
+    lines += [f"| {name} | {a:.3f} | {b:.3f} |" for name, a, b in rows]
+    lines += ["", f"**Wall-time ratio (d2compiler / llm-compressor): job {r['ratio_wall']:.3f}, compression step "
+              f"{r['ratio_compress']:.3f}.**", "",
+              "## d2compiler per-phase time (sum over blocks)", "", "| phase | seconds |", "|---|---|"]
+    lines += [f"| {k} | {v:.2f} |" for k, v in d["phases_s"].items()]
+    f = r["floor"]
+    lines += ["", "## Physical floor", "",
+              f"One dense forward pass of the decoder over the 32 x 512 calibration tokens: {f['one_forward_s']:.2f} s; "
+              f"the floor (two passes: statistics, then propagation) is {f['floor_s']:.2f} s. d2compiler's pruning "
+              f"time is {d['prune_s']:.2f} s = {f['ours_over_floor']:.2f}x the floor.", "",
+              "## `d2c plan` estimate vs measured", "", "| quantity | estimate | measured |", "|---|---|---|",
+              f"| pruning time, s | {d['plan']['estimate_s']['total']:.1f} | {d['prune_s']:.1f} |",
+              f"| peak RSS, MiB | {d['plan']['estimate_mb']['peak (sum)']:.0f} | {d['peak_rss_mb']:.0f} |", ""]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--setup-llmc", action="store_true", help="create .venv-llmc first")
+    parser.add_argument("--d2c-job", nargs=3, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.d2c_job:
+        d2c_job(*args.d2c_job)
+        return 0
+    if args.setup_llmc or not (LLMC_VENV / "bin" / "python").exists():
+        setup_llmc()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+    from safetensors.torch import save_file
+
+    import d2compiler
+    from d2compiler.data import calibration_windows, load_text, tokenize
+    from d2compiler.models import builtin_smollm2_folder, load_model
+
+    model_dir = str(builtin_smollm2_folder())
+    tokenizer = load_model(model_dir, "float32", "cpu").tokenizer
+    windows = calibration_windows(tokenize(tokenizer, load_text(str(C4), "calibration")), SAMPLES, SEQ_LEN)
+    with tempfile.TemporaryDirectory(prefix="d2c-cost-") as tmp:
+        ids_file = str(Path(tmp) / "ids.safetensors")
+        save_file({"input_ids": torch.cat(windows).contiguous()}, ids_file)
+        one_forward = dense_forward_s(model_dir, ids_file)
+        ours, ours_wall = run_job([sys.executable, __file__, "--d2c-job", model_dir, ids_file, f"{tmp}/d2c"])
+        theirs, theirs_wall = run_job([str(LLMC_VENV / "bin" / "python"), str(ROOT / "bench" / "llmc_job.py"), model_dir, ids_file, f"{tmp}/llmc"])
+        # the d2compiler process also ran `d2c plan` after its job: not part of the job's wall time
+        ours.update({"wall_s": ours_wall - ours["plan_s"], "ppl": perplexity_of(f"{tmp}/d2c"), "sparsity": sparsity_of(f"{tmp}/d2c")})
+        theirs.update({"wall_s": theirs_wall, "ppl": perplexity_of(f"{tmp}/llmc"), "sparsity": sparsity_of(f"{tmp}/llmc")})
+    record = {
+        "protocol": {"model": "SmolLM2-135M-Instruct (fp32, CPU)", "calibration": f"c4 first {SAMPLES} x {SEQ_LEN}",
+                     "evaluation": f"wikitext-2 test first {WINDOWS} x {SEQ_LEN}", "method": "SparseGPT 50%, bs 128, damp 0.01",
+                     "threads": torch.get_num_threads()},
+        "d2compiler_version": d2compiler.__version__,
+        "d2compiler": ours, "llm_compressor": theirs,
+        "ratio_wall": ours["wall_s"] / theirs["wall_s"], "ratio_compress": ours["compress_s"] / theirs["oneshot_s"],
+        "floor": {"one_forward_s": one_forward, "floor_s": 2 * one_forward, "ours_over_floor": ours["prune_s"] / (2 * one_forward)},
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "cost.json").write_text(json.dumps(record, indent=1) + "\n")
+    (RESULTS / "cost.md").write_text(markdown(record))
+    print(markdown(record))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
