@@ -1,17 +1,32 @@
-"""Print the D²Prune options with the lowest WikiText-2 *valid* perplexity in bench/results/tuning.json
-(lambda1 from d2-sparsegpt, no_update from d2prune-fixed, rho from d2prune-kl) as JSON."""
+"""Print the D²Prune options with the lowest WikiText-2 *valid* perplexity in bench/results/tuning.json,
+as JSON. Unstructured (default): lambda1 from d2-sparsegpt, no_update from d2prune-fixed and rho
+from d2prune-kl, all searched at 60%. `--pattern 2:4`: the options of the best d2prune-kl record
+searched at 2:4 (rho, candidates, selection), with no_update from the unstructured search."""
 
+import argparse
 import json
 import sys
 from pathlib import Path
 
 records = json.loads((Path(__file__).resolve().parent / "results" / "tuning.json").read_text())
+parser = argparse.ArgumentParser(description=__doc__)
+parser.add_argument("--pattern", default="unstructured", choices=["unstructured", "2:4"])
+args = parser.parse_args()
+
+
+def best_record(method: str, pattern: str, key: str | None = None):
+    rows = [r for r in records if r["method"] == method and r["pattern"] == pattern and (key is None or key in r["options"])]
+    return min(rows, key=lambda r: r["ppl"]) if rows else None
 
 
 def best(method: str, key: str):
-    rows = [r for r in records if r["method"] == method and key in r["options"]]
-    return min(rows, key=lambda r: r["ppl"])["options"][key] if rows else None
+    row = best_record(method, "unstructured", key)
+    return row["options"][key] if row else None
 
 
 options = {"lambda1": best("d2-sparsegpt", "lambda1"), "no_update": best("d2prune-fixed", "no_update"), "rho": best("d2prune-kl", "rho")}
+if args.pattern == "2:4":
+    row = best_record("d2prune-kl", "2:4")
+    if row is not None:
+        options.update(row["options"])
 json.dump({k: v for k, v in options.items() if v is not None}, sys.stdout)

@@ -115,16 +115,13 @@ def dense_forward_s(model_dir: str, ids_file: str) -> float:
     return time.perf_counter() - start
 
 
-def perplexity_of(folder: str) -> float:
+def perplexity_of(folder: str, windows: list[Any]) -> float:
     import torch
 
-    from d2compiler.data import evaluation_windows, load_text, tokenize
     from d2compiler.evaluate import perplexity
     from d2compiler.models import load_model
 
-    loaded = load_model(folder, "float32", "cpu")
-    windows = evaluation_windows(tokenize(loaded.tokenizer, load_text(str(WIKI["test"]), "evaluation")), SEQ_LEN, WINDOWS)
-    return perplexity(loaded.model, windows, torch.device("cpu"), quiet=True)
+    return perplexity(load_model(folder, "float32", "cpu").model, windows, torch.device("cpu"), quiet=True)
 
 
 def sparsity_of(folder: str) -> float:
@@ -180,12 +177,13 @@ def main() -> int:
     from safetensors.torch import save_file
 
     import d2compiler
-    from d2compiler.data import calibration_windows, load_text, tokenize
+    from d2compiler.data import calibration_windows, evaluation_windows, load_text, tokenize
     from d2compiler.models import builtin_smollm2_folder, load_model
 
     model_dir = str(builtin_smollm2_folder())
     tokenizer = load_model(model_dir, "float32", "cpu").tokenizer
     windows = calibration_windows(tokenize(tokenizer, load_text(str(C4), "calibration")), SAMPLES, SEQ_LEN)
+    eval_windows = evaluation_windows(tokenize(tokenizer, load_text(str(WIKI["test"]), "evaluation")), SEQ_LEN, WINDOWS)
     with tempfile.TemporaryDirectory(prefix="d2c-cost-") as tmp:
         ids_file = str(Path(tmp) / "ids.safetensors")
         save_file({"input_ids": torch.cat(windows).contiguous()}, ids_file)
@@ -193,8 +191,8 @@ def main() -> int:
         ours, ours_wall = run_job([sys.executable, __file__, "--d2c-job", model_dir, ids_file, f"{tmp}/d2c"])
         theirs, theirs_wall = run_job([str(LLMC_VENV / "bin" / "python"), str(ROOT / "bench" / "llmc_job.py"), model_dir, ids_file, f"{tmp}/llmc"])
         # the d2compiler process also ran `d2c plan` after its job: not part of the job's wall time
-        ours.update({"wall_s": ours_wall - ours["plan_s"], "ppl": perplexity_of(f"{tmp}/d2c"), "sparsity": sparsity_of(f"{tmp}/d2c")})
-        theirs.update({"wall_s": theirs_wall, "ppl": perplexity_of(f"{tmp}/llmc"), "sparsity": sparsity_of(f"{tmp}/llmc")})
+        ours.update({"wall_s": ours_wall - ours["plan_s"], "ppl": perplexity_of(f"{tmp}/d2c", eval_windows), "sparsity": sparsity_of(f"{tmp}/d2c")})
+        theirs.update({"wall_s": theirs_wall, "ppl": perplexity_of(f"{tmp}/llmc", eval_windows), "sparsity": sparsity_of(f"{tmp}/llmc")})
     record = {
         "protocol": {"model": "SmolLM2-135M-Instruct (fp32, CPU)", "calibration": f"c4 first {SAMPLES} x {SEQ_LEN}",
                      "evaluation": f"wikitext-2 test first {WINDOWS} x {SEQ_LEN}", "method": "SparseGPT 50%, bs 128, damp 0.01",

@@ -1,10 +1,10 @@
 """d2compiler: a declarative, pass-based compression compiler for transformer models.
 
-Public API: `load_recipe`, `validate_recipe`, `compress`, `load_model`."""
+Public API: `load_recipe`, `validate_recipe`, `compress`, `load_model`, `load` (a d2c output folder)."""
 
-from .models import load_model
+from .models import load, load_model
 from .pipeline import RunSummary, compress
 from .recipe import load_recipe, validate_recipe
 
-__all__ = ["compress", "load_model", "load_recipe", "validate_recipe", "RunSummary"]
+__all__ = ["compress", "load", "load_model", "load_recipe", "validate_recipe", "RunSummary"]
 __version__ = "0.1.0"

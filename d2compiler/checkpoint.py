@@ -100,12 +100,17 @@ class CheckpointStore:
         return Resumed(int(state["blocks_done"]), list(state["reports"]), hidden)
 
     def restore_block(self, index: int, block: nn.Module) -> None:
-        """Load finished block `index`'s parameters into `block` (exactly)."""
+        """Load finished block `index`'s parameters and buffers into `block` (exactly)."""
         tensors = load_file(self.folder / f"block-{index:04d}.safetensors")
+        current = block.state_dict(keep_vars=True)
         with torch.no_grad():
-            for name, param in block.state_dict(keep_vars=True).items():
-                if name in tensors:
-                    param.copy_(tensors[name].to(param.dtype))
+            for name, tensor in tensors.items():
+                if name in current:
+                    current[name].copy_(tensor.to(current[name].dtype))
+                else:  # a buffer a pass added (e.g. quantization scales)
+                    owner, _, buffer = name.rpartition(".")
+                    module = block.get_submodule(owner) if owner else block
+                    module.register_buffer(buffer, tensor.to(next(block.parameters()).device))
 
     def save_block(self, index: int, block: nn.Module, hidden: list[torch.Tensor], reports: list[dict[str, Any]]) -> None:
         """Record that block `index` is finished, with the hidden states entering the next block."""

@@ -1,4 +1,4 @@
-"""The `d2c` command line: schema, validate, plan, run, inspect, eval."""
+"""The `d2c` command line: schema, validate, plan, run, export, inspect, eval."""
 
 from __future__ import annotations
 
@@ -60,6 +60,15 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     from .plan import make_plan
 
     print(make_plan(_load(args)).render())
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from .export.convert import export_output
+
+    summary = export_output(args.output_dir, args.format, args.to, dtype=args.dtype, overwrite=args.overwrite,
+                            sparse_initializers=args.sparse_initializers)
+    print(json.dumps(summary))
     return 0
 
 
@@ -125,6 +134,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     recipe_cmd("plan", "without running: the pass schedule per block, the linears each pass touches, "
                "and an estimate of peak memory and time", _cmd_plan)
+
+    exp = sub.add_parser("export", help="convert a d2c output folder: ONNX, the packed 2:4 checkpoint, or a dense folder")
+    exp.add_argument("output_dir", help="a folder written by `d2c run`")
+    exp.add_argument("--format", required=True, choices=["onnx", "d2c-packed", "hf"])
+    exp.add_argument("--to", required=True, help="destination folder (written atomically)")
+    exp.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"], help="cast floating weights (not for onnx)")
+    exp.add_argument("--sparse-initializers", action="store_true", help="onnx: store pruned weights as sparse_initializer")
+    exp.add_argument("--overwrite", action="store_true", help="replace an existing destination")
+    exp.set_defaults(func=_cmd_export)
 
     insp = sub.add_parser("inspect", help="show blocks, linears, roles and shapes of a model")
     insp.add_argument("model", help="HF id or folder, .gguf, .safetensors, or builtin:smollm2-135m")

@@ -17,6 +17,8 @@ import torch
 from torch import nn
 
 from .errors import ModelLoadError
+from .export.hf import QUANT_FILE
+from .export.packed import is_packed_folder, load_packed
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +127,24 @@ def _load_tokenizer(folder_or_id: str, **kwargs: Any) -> Any:
         return None
 
 
+def _attach_quantization(model: nn.Module, path: Path) -> None:
+    """Register the scales and zero points a d2c output keeps beside its weights (if any)."""
+    if not path.is_file():
+        return
+    from safetensors.torch import load_file
+
+    for key, tensor in load_file(str(path)).items():
+        owner, _, buffer = key.rpartition(".")
+        model.get_submodule(owner).register_buffer(buffer, tensor)
+
+
+def load(path: str | Path, device: str = "cpu") -> nn.Module:
+    """Load a d2compiler output folder (`hf` or `d2c-packed`) as a model on `device`, in eval mode.
+    A packed folder comes back with `Packed24Linear` layers whose outputs match the unpacked model
+    bit for bit."""
+    return load_model(str(path), "float32" if device == "cpu" else "auto", device).model.to(resolve_device(device))
+
+
 def load_model(source: str, dtype: str = "float32", device: str = "auto", revision: str | None = None,
                attn_implementation: str | None = None) -> LoadedModel:
     """Load a model and its tokenizer from any supported source (see `ModelSpec.source`).
@@ -158,6 +178,11 @@ def load_model(source: str, dtype: str = "float32", device: str = "auto", revisi
     else:
         folder = source  # a hub id: the same code users run against the hub
 
+    if path.is_dir() and is_packed_folder(path):
+        model = load_packed(path)
+        if isinstance(torch_dtype, torch.dtype) and torch_dtype != torch.float32:
+            model.to(torch_dtype)
+        return LoadedModel(model=model, tokenizer=_load_tokenizer(str(path)), source=source)
     extra: dict[str, Any] = {"revision": revision} if revision else {}
     if gguf_file:
         extra["gguf_file"] = gguf_file
@@ -172,6 +197,7 @@ def load_model(source: str, dtype: str = "float32", device: str = "auto", revisi
         raise ModelLoadError(f"{source}: unsupported model: {exc}") from None
     if gguf_file:
         _strip_gguf_quantizer(model)
+    _attach_quantization(model, Path(folder) / QUANT_FILE)
     model.eval()
     tokenizer = _load_tokenizer(folder, **extra)
     return LoadedModel(model=model, tokenizer=tokenizer, source=source)

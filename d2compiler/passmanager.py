@@ -89,6 +89,9 @@ class Pass(ABC):
     provides: ClassVar[frozenset[str]] = frozenset()
     summary: ClassVar[str] = ""
     observes: ClassVar[bool] = False  # True when begin/end_observe record something
+    updates_weights: ClassVar[bool] = False  # moves kept weights (an OBS update), not only zeroes them
+    quantizes: ClassVar[bool] = False  # leaves weights on an integer grid (weight_scale / weight_zero_point)
+    final: ClassVar[bool] = False  # must be the last pass (e.g. it changes how weights are stored)
 
     def __init__(self, params: PassParams):
         self.params = params
@@ -170,7 +173,25 @@ class PassManager:
             order = list(nx.lexicographical_topological_sort(graph))
         except nx.NetworkXUnfeasible as exc:
             raise PassOrderError(f"the passes' requirements form a cycle: {exc}") from exc
-        return [self.passes[i] for i in order]
+        schedule = [self.passes[i] for i in order]
+        _check_quantization_last(schedule)
+        return schedule
+
+
+def _check_quantization_last(schedule: list[Pass]) -> None:
+    """A pass that moves weights after a quantization pass would take them off their grid, and a
+    `final` pass (packing) must come last."""
+    for p in schedule[:-1]:
+        if p.final:
+            raise PassOrderError(f"pass '{p.name}' must be the last pass (it changes how weights are stored); "
+                                 f"the schedule is {' -> '.join(q.name for q in schedule)}")
+    for i, first in enumerate(schedule):
+        for later in schedule[i + 1 :]:
+            if first.quantizes and later.updates_weights and not later.quantizes:
+                raise PassOrderError(
+                    f"pass '{later.name}' comes after '{first.name}': its weight update would move the quantized "
+                    "weights off their integer grid; put pruning passes before quantization passes"
+                )
 
 
 def _provider_hint(artifact: str) -> str:

@@ -18,7 +18,7 @@ from .data import calibration_windows, evaluation_windows, load_text, tokenize
 from .errors import D2Error, PassError
 from .evaluate import perplexity
 from .executor import BlockExecutor, ExecutionReport
-from .export.hf import write_hf_folder
+from .export.hf import write_output
 from .export.metadata import overall_sparsity, sparsity_record
 from .export.output_dir import check_output_path
 from .memory import peak_rss_mb
@@ -82,8 +82,9 @@ def job_fingerprint(recipe: BaseModel, first_block: torch.nn.Module, windows: li
 
 def check_finite(model: torch.nn.Module) -> None:
     """Refuse to go on with NaN or Inf anywhere in the model (a NaN model is never written)."""
-    for name, param in model.named_parameters():
-        if not torch.isfinite(param).all():
+    weights = [(n, b) for n, b in model.named_buffers() if n.endswith((".values", ".weight_scale", ".weight_zero_point"))]
+    for name, param in [*model.named_parameters(), *weights]:
+        if param.is_floating_point() and not torch.isfinite(param).all():
             raise PassError(f"{name}: contains NaN or Inf after pruning; nothing was written")
 
 
@@ -161,7 +162,7 @@ def compress(recipe: BaseModel, *, loaded: LoadedModel | None = None, quiet: boo
     if out_path is not None:
         record["results"]["wall_s"] = round(time.perf_counter() - start, 3)
         record["results"]["peak_rss_mb"] = round(peak_rss_mb(), 1)
-        write_hf_folder(out_path, model, tokenizer, record, overwrite=recipe.output.overwrite)
+        write_output(out_path, model, tokenizer, record, overwrite=recipe.output.overwrite, fmt=recipe.output.format)
         if checkpoints is not None:
             checkpoints.discard()
     return RunSummary(

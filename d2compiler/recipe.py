@@ -111,8 +111,10 @@ class OutputSpec(_Strict):
         default=None, description="Output folder. Written atomically: nothing appears there "
         "until the run has finished. Omit to write nothing."
     )
-    format: Literal["hf"] = Field(
-        default="hf", description="`hf`: a transformers folder (config, tokenizer, safetensors)."
+    format: Literal["hf", "d2c-packed"] = Field(
+        default="hf", description="`hf`: a plain transformers folder (config, tokenizer, dense safetensors; "
+        "quantization scales in `quantization.safetensors`). `d2c-packed`: packed 2:4 layers (kept values, or "
+        "int4/int8 levels, + 2-bit positions; docs/format.md), loaded with `d2compiler.load`; needs a `pack_2_4` pass."
     )
     overwrite: bool = Field(default=False, description="Replace an existing output folder.")
     resume: bool = Field(
@@ -273,6 +275,8 @@ def validate_recipe(data: dict[str, Any], source: str = "<recipe>") -> BaseModel
         PassManager(list(recipe.passes))
     except PassOrderError as exc:
         raise RecipeError(source, [("passes", str(exc))]) from None
+    if recipe.output.format == "d2c-packed" and not any(p.type == "pack_2_4" for p in recipe.passes):
+        raise RecipeError(source, [("output.format", "'d2c-packed' stores packed 2:4 layers: add a pass of type 'pack_2_4' last")])
     return recipe
 
 

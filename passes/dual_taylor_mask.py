@@ -35,6 +35,7 @@ class DualTaylorMaskPass(PruningPass):
     Params = DualTaylorParams
     requires = frozenset({"hessian", "act_norms"})
     optional = frozenset({"update_plan"})
+    updates_weights = True
     provides = frozenset({"mask", "d2_stats"})
     observes = True
     summary = "D²Prune dual-Taylor mask: D²-SparseGPT (OBS update) or D²-Wanda (mask only) per layer."

@@ -50,6 +50,32 @@ def inverse_hessian_factor(hessian: torch.Tensor, weight: torch.Tensor, damping:
     raise PassError(f"{layer}: Hessian is not positive definite even with damping {current / 10:g}")
 
 
+# project(block_start, j, current block columns, diag of U's block) -> the new column j (fp32).
+Project = Callable[[int, int, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def obs_sweep(w: torch.Tensor, upper: torch.Tensor, block_size: int, project: Project) -> None:
+    """The OBS column sweep, in place: column by column, `project` replaces the column (pruned,
+    quantized, ...) and the error is spread over the later columns through the upper Cholesky
+    factor U of H⁻¹ (in-block at once, later blocks lazily, as in SparseGPT and GPTQ)."""
+    cols = w.shape[1]
+    for i1 in range(0, cols, block_size):
+        i2 = min(i1 + block_size, cols)
+        w1 = w[:, i1:i2].clone()
+        u1 = upper[i1:i2, i1:i2]
+        err1 = torch.zeros_like(w1)
+        d = torch.diag(u1)
+        for j in range(i2 - i1):
+            col = w1[:, j]
+            q = project(i1, j, w1, d)
+            e = (col - q) / d[j]
+            w1[:, j:] -= e.unsqueeze(1) * u1[j, j:].unsqueeze(0)
+            w1[:, j] = q
+            err1[:, j] = e
+        w[:, i1:i2] = w1
+        w[:, i2:] -= err1 @ upper[i1:i2, i2:]
+
+
 def obs_prune(
     weight: torch.Tensor,
     hessian: torch.Tensor,
@@ -79,35 +105,25 @@ def obs_prune(
         n, m = n_of_m
         if block_size % m or cols % m:
             raise PassError(f"{layer}: in_features={cols} and block_size={block_size} must be multiples of M={m}")
-    for bi, i1 in enumerate(starts):
-        i2 = min(i1 + block_size, cols)
-        w1 = w[:, i1:i2].clone()
-        u1 = upper[i1:i2, i1:i2]
-        err1 = torch.zeros_like(w1)
-        d = torch.diag(u1)
-        if n_of_m is None:
+
+    def project(i1: int, j: int, w1: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+        """Choose the block's (or the N:M group's) mask when first reached; prune column j."""
+        i2 = i1 + w1.shape[1]
+        if j == 0 and n_of_m is None:
             score = w1.pow(2) / d.pow(2).unsqueeze(0)
             if extra_score is not None:
                 score = score + extra_score(w1, slice(i1, i2))
-            prune1 = lowest_k(score, counts[bi])
-        else:
-            prune1 = torch.zeros_like(w1, dtype=torch.bool)
-        for j in range(i2 - i1):
-            if n_of_m is not None and j % n_of_m[1] == 0:
-                m = n_of_m[1]
-                sub = w1[:, j : j + m]
-                score = sub.pow(2) / d[j : j + m].pow(2).unsqueeze(0)
-                if extra_score is not None:
-                    score = score + extra_score(sub, slice(i1 + j, i1 + j + m))
-                prune1[:, j : j + m] = lowest_n_of_m(score, n_of_m[0], m)
-            col = w1[:, j]
-            q = torch.where(prune1[:, j], torch.zeros_like(col), col)
-            e = (col - q) / d[j]
-            w1[:, j:] -= e.unsqueeze(1) * u1[j, j:].unsqueeze(0)
-            w1[:, j] = q
-            err1[:, j] = e
-        w[:, i1:i2] = w1
-        w[:, i2:] -= err1 @ upper[i1:i2, i2:]
-        prune[:, i1:i2] = prune1
+            prune[:, i1:i2] = lowest_k(score, counts[i1 // block_size])
+        elif n_of_m is not None and j % n_of_m[1] == 0:
+            m = n_of_m[1]
+            sub = w1[:, j : j + m]
+            score = sub.pow(2) / d[j : j + m].pow(2).unsqueeze(0)
+            if extra_score is not None:
+                score = score + extra_score(sub, slice(i1 + j, i1 + j + m))
+            prune[:, i1 + j : i1 + j + m] = lowest_n_of_m(score, n_of_m[0], m)
+        col = w1[:, j]
+        return torch.where(prune[:, i1 + j], torch.zeros_like(col), col)
+
+    obs_sweep(w, upper, block_size, project)
     w[prune] = 0.0
     return ObsResult(weight=w, keep=~prune, damping=used_damping)

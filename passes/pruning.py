@@ -101,6 +101,9 @@ class PruningPass(Pass):
             start = time.perf_counter()
             weight = layer.weight_matrix().to(device=ctx.device, dtype=torch.float32, copy=True)
             new_weight, keep, extra = self.prune_layer(layer, weight, ctx)
+            earlier = ctx.masks.get(layer.name)
+            if earlier is not None:  # an earlier pass's pruned weights stay pruned
+                keep = keep & earlier.to(keep.device)
             new_weight = torch.where(keep, new_weight, torch.zeros_like(new_weight))
             layer.set_weight_matrix(new_weight)
             ctx.record_mask(layer.name, keep)

@@ -27,6 +27,7 @@ class SparseGPTPass(PruningPass):
     name = "sparsegpt"
     Params = SparseGPTParams
     requires = frozenset({"hessian"})
+    updates_weights = True
     summary = "Blocked OBS pruning with weight reconstruction (Frantar & Alistarh 2023)."
 
     def prune_layer(self, layer: Any, weight: torch.Tensor, ctx: Any) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:

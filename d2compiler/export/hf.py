@@ -1,5 +1,5 @@
-"""The transformers output folder: config, tokenizer, safetensors weights, `sparsity.json` and
-`report.html`, written atomically."""
+"""The output folder: config, tokenizer, weights (a plain transformers folder, or the packed 2:4
+layout), `sparsity.json` and `report.html`, written atomically."""
 
 from __future__ import annotations
 
@@ -7,17 +7,45 @@ import json
 from pathlib import Path
 from typing import Any
 
+import torch
+from safetensors.torch import save_file
 from torch import nn
 
+from ..packing import Packed24Linear
 from .output_dir import atomic_output_dir
+from .packed import write_packed
 from .report import write_report
 
+QUANT_BUFFERS = (".weight_scale", ".weight_zero_point")
+QUANT_FILE = "quantization.safetensors"
 
-def write_hf_folder(path: Path, model: nn.Module, tokenizer: Any, record: dict[str, Any], *, overwrite: bool) -> Path:
-    """Write a folder that `from_pretrained` loads; nothing appears at `path` until it is complete."""
+
+def dense_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state dict with every packed 2:4 layer written back as its dense `weight`."""
+    state = dict(model.state_dict())
+    for name, module in model.named_modules():
+        if isinstance(module, Packed24Linear):
+            state.pop(f"{name}.values")
+            state.pop(f"{name}.meta")
+            state[f"{name}.weight"] = module.original_weight()
+    return state
+
+
+def write_output(path: Path, model: nn.Module, tokenizer: Any, record: dict[str, Any], *, overwrite: bool,
+                 fmt: str = "hf") -> Path:
+    """Write the output folder (`hf`: plain transformers folder; `d2c-packed`: packed 2:4 checkpoint)
+    with the tokenizer, `sparsity.json` and `report.html`; nothing appears at `path` until complete."""
     with atomic_output_dir(path, overwrite) as tmp:
         model.to("cpu")
-        model.save_pretrained(tmp, safe_serialization=True)
+        if fmt == "d2c-packed":
+            write_packed(tmp, model, record.get("layers", {}))
+        else:
+            state = dense_state(model)
+            quant = {k: v.contiguous() for k, v in state.items() if k.endswith(QUANT_BUFFERS)}
+            # the plain folder keeps standard keys; scales and zero points go beside it
+            model.save_pretrained(tmp, safe_serialization=True, state_dict={k: v for k, v in state.items() if k not in quant})
+            if quant:
+                save_file(quant, str(tmp / QUANT_FILE))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         (tmp / "sparsity.json").write_text(json.dumps(record, indent=2, default=str) + "\n")

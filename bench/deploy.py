@@ -1,0 +1,171 @@
+"""Deployment benchmark on SmolLM2-135M (not run in CI). Writes bench/results/deploy.json and .md.
+
+1. Prunes with recipes/d2prune-2of4.toml (D²Prune 2:4, plain folder) and recipes/d2prune-2of4-w4.toml
+   (the same + GPTQ int4 g128 + pack_2_4, packed checkpoint), both with the bench/quality.py protocol
+   (C4 32 x 512 calibration, perplexity on the first 32 x 512 windows of WikiText-2 test).
+2. Disk size of the weight files, all with fp16 floats: the dense original, the pruned model as a
+   plain dense folder, the packed 2:4 checkpoint, and packed + int4. Measured on the files written.
+3. Exactness: the packed checkpoints loaded with d2compiler.load give the same logits as the
+   unpacked models (max abs diff, must be 0).
+4. ONNX: exports the pruned model and the pruned+int4 model (QDQ), runs onnx.checker, and compares
+   ONNX Runtime logits with torch (max abs diff) and CPU latency (median of repeated forwards of one
+   sequence, ORT vs torch, same threads, side by side).
+
+    python bench/deploy.py [--skip-prune] [--tokens 128] [--reps 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+OUT = ROOT / "out" / "deploy"
+D2C = [sys.executable, "-m", "d2compiler.cli", "--quiet"]
+
+
+def d2c(*args: str) -> str:
+    proc = subprocess.run([*D2C, *args], capture_output=True, text=True, cwd=ROOT)
+    if proc.returncode:
+        raise SystemExit(f"d2c {' '.join(args)} failed:\n{proc.stderr[-3000:]}")
+    return proc.stdout
+
+
+def weight_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+
+
+def median_latency(fn: Any, reps: int) -> float:
+    fn()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--skip-prune", action="store_true", help="reuse out/deploy/* from an earlier run")
+    parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--reps", type=int, default=10)
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+
+    import d2compiler
+    from d2compiler.models import builtin_smollm2_folder
+
+    pruned, w4 = OUT / "d2prune-2of4", OUT / "d2prune-2of4-w4"
+    timings: dict[str, float] = {}
+    if not args.skip_prune:
+        for recipe, out in (("recipes/d2prune-2of4.toml", pruned), ("recipes/d2prune-2of4-w4.toml", w4)):
+            start = time.perf_counter()
+            d2c("run", recipe, "--output", str(out), "--overwrite", "--restart")
+            timings[out.name] = time.perf_counter() - start
+    records = {out.name: json.loads((out / "sparsity.json").read_text()) for out in (pruned, w4)}
+
+    # Disk sizes, all with fp16 floats.
+    original = OUT / "original-fp16"
+    model = d2compiler.load(builtin_smollm2_folder()).half()
+    model.save_pretrained(OUT / "original-fp16-tmp", safe_serialization=True)
+    if original.exists():
+        subprocess.run(["rm", "-rf", str(original)], check=True)
+    (OUT / "original-fp16-tmp").rename(original)
+    exports = {"pruned-dense-fp16": ("hf", pruned), "pruned-packed-fp16": ("d2c-packed", pruned),
+               "pruned-int4-packed-fp16": ("d2c-packed", w4)}
+    sizes = {"original-dense-fp16": weight_bytes(original)}
+    for name, (fmt, src) in exports.items():
+        d2c("export", str(src), "--format", fmt, "--to", str(OUT / name), "--dtype", "float16", "--overwrite")
+        sizes[name] = weight_bytes(OUT / name)
+
+    # Exactness of the packed checkpoints against their unpacked models.
+    ids = torch.randint(0, 49152, (1, args.tokens), generator=torch.Generator().manual_seed(0))
+    exact = {}
+    with torch.no_grad():
+        for packed, dense in (("pruned-packed-fp16", "pruned-dense-fp16"),):
+            a = d2compiler.load(OUT / dense).float()(ids).logits
+            b = d2compiler.load(OUT / packed).float()(ids).logits
+            exact[f"{packed} vs {dense}"] = float((a - b).abs().max())
+        a = d2compiler.load(w4)(ids).logits
+        d2c("export", str(w4), "--format", "hf", "--to", str(OUT / "pruned-int4-dense"), "--overwrite")
+        b = d2compiler.load(OUT / "pruned-int4-dense")(ids).logits
+        exact["pruned-int4-packed vs its dense folder (fp32)"] = float((a - b).abs().max())
+
+    # ONNX: export, check, ORT vs torch logits and latency.
+    onnx_rows = {}
+    threads = torch.get_num_threads()
+    for name, src in (("pruned", pruned), ("pruned-int4", w4)):
+        summary = json.loads(d2c("export", str(src), "--format", "onnx", "--to", str(OUT / f"onnx-{name}"), "--overwrite"))
+        torch_model = d2compiler.load(src)
+        feed = {"input_ids": ids.numpy()}
+        with torch.no_grad():
+            reference = torch_model(ids).logits.numpy()
+            torch_s = median_latency(lambda m=torch_model: m(ids), args.reps)
+        # ORT's default fuses DequantizeLinear+MatMul into MatMulNBits with int8 activations;
+        # accuracy level 0 keeps fp32 activations (exact)
+        for variant, level in (("ORT default", None), ("ORT fp32 activations", "0")):
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = threads
+            if level is not None:
+                options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", level)
+            session = ort.InferenceSession(summary["path"], options, providers=["CPUExecutionProvider"])
+            ort_logits = session.run(None, feed)[0]
+            ort_s = median_latency(lambda s=session, f=feed: s.run(None, f), args.reps)
+            onnx_rows[f"{name}, {variant}"] = {**summary, "max_abs_diff": float(np.abs(reference - ort_logits).max()),
+                                               "torch_ms": 1000 * torch_s, "ort_ms": 1000 * ort_s, "ort_speedup": torch_s / ort_s}
+            if summary["quantized"] == 0:
+                break  # no QDQ: both variants are the same graph
+    sparse = json.loads(d2c("export", str(pruned), "--format", "onnx", "--to", str(OUT / "onnx-pruned-sparse"),
+                            "--sparse-initializers", "--overwrite"))
+    onnx_rows["pruned (sparse_initializer)"] = {**sparse}
+
+    record = {
+        "protocol": {"model": "SmolLM2-135M-Instruct", "calibration": "c4 first 32 x 512",
+                     "evaluation": "wikitext-2 test first 32 x 512", "latency": f"1 x {args.tokens} tokens, median of {args.reps}",
+                     "threads": threads, "onnxruntime": ort.__version__, "torch": torch.__version__},
+        "perplexity": {name: r["results"]["pruned_ppl"] for name, r in records.items()}
+        | {"dense": records[pruned.name]["results"]["dense_ppl"]},
+        "prune_wall_s": timings, "sizes_bytes": sizes,
+        "size_ratio_vs_pruned_dense_fp16": {k: v / sizes["pruned-dense-fp16"] for k, v in sizes.items()},
+        "exactness_max_abs_diff": exact, "onnx": onnx_rows,
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "deploy.json").write_text(json.dumps(record, indent=1) + "\n")
+    (RESULTS / "deploy.md").write_text(markdown(record))
+    print(markdown(record))
+    return 0
+
+
+def markdown(r: dict[str, Any]) -> str:
+    p = r["protocol"]
+    lines = ["# Deployment benchmark: SmolLM2-135M", "",
+             f"Generated by `python bench/deploy.py`. Calibration {p['calibration']}; perplexity on {p['evaluation']}; "
+             f"latency {p['latency']}, {p['threads']} threads, onnxruntime {p['onnxruntime']}, torch {p['torch']}.", "",
+             "## Perplexity", "", "| model | ppl |", "|---|---|"]
+    lines += [f"| {k} | {v:.3f} |" for k, v in r["perplexity"].items() if v is not None]
+    lines += ["", "## Disk size of the weight files (fp16 floats)", "", "| checkpoint | bytes | vs pruned dense fp16 |", "|---|---|---|"]
+    lines += [f"| {k} | {v:,} | {r['size_ratio_vs_pruned_dense_fp16'][k]:.3f} |" for k, v in r["sizes_bytes"].items()]
+    lines += ["", "## Exactness (max abs logit difference)", "", "| comparison | max abs diff |", "|---|---|"]
+    lines += [f"| {k} | {v:g} |" for k, v in r["exactness_max_abs_diff"].items()]
+    lines += ["", "## ONNX", "", "| model | file bytes | quantized initializers | sparse initializers | max abs diff vs torch | torch ms | ORT ms | ORT speedup |",
+              "|---|---|---|---|---|---|---|---|"]
+    for k, v in r["onnx"].items():
+        lines.append(f"| {k} | {v['bytes']:,} | {v['quantized']} | {v['sparse_initializers']} | {v.get('max_abs_diff', float('nan')):.3g} | "
+                     f"{v.get('torch_ms', float('nan')):.1f} | {v.get('ort_ms', float('nan')):.1f} | {v.get('ort_speedup', float('nan')):.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,153 @@
+"""The `d2c-packed` checkpoint (layout: docs/format.md): a transformers-style folder whose
+`model.safetensors` stores each packed 2:4 linear as kept values + 2-bit positions (and, when the
+layer is quantized, its integer levels instead of float values, with per-group scales and zero
+points). `load_packed` rebuilds a model whose outputs match the unpacked model bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..errors import ModelLoadError
+from ..packing import Packed24Linear
+
+FORMAT = "d2c-packed"
+FORMAT_VERSION = "1"
+QUANT_BUFFERS = ("weight_scale", "weight_zero_point")
+
+
+def is_packed_folder(folder: Path) -> bool:
+    path = folder / "model.safetensors"
+    if not path.is_file():
+        return False
+    with safe_open(str(path), "pt") as f:
+        return (f.metadata() or {}).get("format") == FORMAT
+
+
+def _levels(values: torch.Tensor, meta: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: int) -> torch.Tensor:
+    """Integer levels of the kept values, each with its group's scale/zero (by original column)."""
+    g = _kept_columns(meta) // group
+    return torch.round(values.float() / torch.gather(scale, 1, g)) + torch.gather(zero, 1, g)
+
+
+def _kept_columns(meta: torch.Tensor) -> torch.Tensor:
+    """The original input column of every stored value, (out, in/2)."""
+    out_f = meta.shape[0]
+    nibble = torch.stack([meta & 0xF, meta >> 4], dim=-1).reshape(out_f, -1).to(torch.int64)
+    positions = torch.stack([nibble & 0x3, nibble >> 2], dim=-1)
+    base = 4 * torch.arange(positions.shape[1]).view(1, -1, 1)
+    return (base + positions).reshape(out_f, -1)
+
+
+def _nibbles(levels: torch.Tensor) -> torch.Tensor:
+    pairs = levels.to(torch.uint8).reshape(levels.shape[0], -1, 2)
+    return pairs[..., 0] | (pairs[..., 1] << 4)
+
+
+def _from_nibbles(packed: torch.Tensor) -> torch.Tensor:
+    return torch.stack([packed & 0xF, packed >> 4], dim=-1).reshape(packed.shape[0], -1)
+
+
+def packed_state(model: nn.Module, layers: dict[str, dict[str, Any]]) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
+    """The tensors and the per-layer entries of a packed checkpoint. `layers` is sparsity.json's
+    per-layer record (it says which layers are quantized, with how many bits and what group size)."""
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    entries = []
+    for name, module in model.named_modules():
+        if not isinstance(module, Packed24Linear):
+            continue
+        for key in ("values", "meta", *QUANT_BUFFERS):
+            tensors.pop(f"{name}.{key}", None)
+        entry: dict[str, Any] = {"name": name, "shape": [module.out_features, module.in_features],
+                                 "transposed": module.transposed, "dtype": str(module.values.dtype).removeprefix("torch.")}
+        tensors[f"{name}.meta"] = module.meta.cpu().contiguous()
+        quant = layers.get(name, {}).get("quant")
+        if quant and hasattr(module, "weight_scale"):
+            scale, zero = module.weight_scale.cpu(), module.weight_zero_point.cpu()
+            group = quant["group_size"] or module.in_features
+            levels = _levels(module.values.cpu(), module.meta.cpu(), scale, zero, group)
+            tensors[f"{name}.qvalues"] = _nibbles(levels) if quant["bits"] == 4 else levels.to(torch.uint8)
+            tensors[f"{name}.weight_scale"], tensors[f"{name}.weight_zero_point"] = scale.contiguous(), zero.to(torch.uint8).contiguous()
+            entry["quant"] = {"bits": quant["bits"], "group_size": group}
+        else:
+            tensors[f"{name}.values"] = module.values.cpu().contiguous()
+        entries.append(entry)
+    return tensors, entries
+
+
+def write_packed(folder: Path, model: nn.Module, layers: dict[str, dict[str, Any]]) -> Path:
+    """Write `folder/model.safetensors` in the packed layout and the model's config."""
+    tensors, entries = packed_state(model, layers)
+    model.config.save_pretrained(folder)
+    metadata = {"format": FORMAT, "format_version": FORMAT_VERSION, "packed": json.dumps(entries)}
+    save_file(_untie(tensors), str(folder / "model.safetensors"), metadata=metadata)
+    return folder
+
+
+def _untie(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """safetensors refuses shared storage: keep one copy of tied tensors (the loader re-ties)."""
+    seen: dict[int, str] = {}
+    out = {}
+    for key, tensor in tensors.items():
+        ptr = tensor.data_ptr()
+        if ptr in seen and tensor.numel():
+            continue
+        seen[ptr] = key
+        out[key] = tensor
+    return out
+
+
+def load_packed(folder: Path) -> nn.Module:
+    """Rebuild the model of a packed checkpoint, with `Packed24Linear` layers."""
+    from transformers import AutoConfig
+
+    from ..models import _model_class
+
+    path = folder / "model.safetensors"
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata() or {}
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ModelLoadError(f"{path}: unsupported d2c-packed version {meta.get('format_version')!r}")
+    entries = json.loads(meta["packed"])
+    tensors = load_file(str(path))
+    config = AutoConfig.from_pretrained(folder)
+    model = _model_class(config)(config)
+    dtype = next((tensors[k].dtype for k in tensors if k.endswith(".weight") and tensors[k].is_floating_point()), torch.float32)
+    model.to(dtype)
+    for entry in entries:
+        name = entry["name"]
+        meta_t = tensors.pop(f"{name}.meta")
+        if "quant" in entry:
+            q = tensors.pop(f"{name}.qvalues")
+            levels = (_from_nibbles(q) if entry["quant"]["bits"] == 4 else q).float()
+            scale = tensors.pop(f"{name}.weight_scale")
+            zero = tensors.pop(f"{name}.weight_zero_point").float()
+            g = _kept_columns(meta_t) // entry["quant"]["group_size"]
+            values = ((levels - torch.gather(zero, 1, g)) * torch.gather(scale, 1, g)).to(getattr(torch, entry["dtype"]))
+        else:
+            values = tensors.pop(f"{name}.values")
+        bias = tensors.pop(f"{name}.bias", None)
+        packed = Packed24Linear(entry["shape"][1], entry["shape"][0], values, meta_t, bias, entry["transposed"])
+        if "quant" in entry:
+            packed.register_buffer("weight_scale", scale)
+            packed.register_buffer("weight_zero_point", zero)
+        parent_name, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, attr, packed)
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    packed_names = {e["name"] for e in entries}
+    missing = {k for k in missing if k.rpartition(".")[0] not in packed_names}  # set from the packed tensors above
+    tied = {k for k in missing if k.endswith("lm_head.weight")} if getattr(config, "tie_word_embeddings", False) else set()
+    if unexpected or missing - tied:
+        raise ModelLoadError(f"{path}: tensors do not match the model (missing {sorted(missing - tied)[:5]}, "
+                             f"unexpected {sorted(unexpected)[:5]})")
+    if tied:
+        model.tie_weights()
+    return model.eval()
+

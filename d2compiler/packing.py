@@ -1,0 +1,102 @@
+"""Compact 2:4 storage: of every 4 consecutive inputs of a row, the 2 kept values (in order) and
+their 2 positions (2 bits each, one nibble per group, two groups per byte). See docs/format.md.
+
+`Packed24Linear` replaces an `nn.Linear` whose weight is exactly 2:4 (at most 2 nonzeros in every
+group of 4 inputs). On CUDA with fp16/bf16 it multiplies with `torch.sparse.to_sparse_semi_structured`
+(the sparse tensor cores); elsewhere it unpacks the compact storage to the dense weight for each
+call, which reproduces the pruned dense layer bit for bit.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def violations_2_4(weight: torch.Tensor) -> int:
+    """How many groups of 4 consecutive inputs hold more than 2 nonzeros (0 = exactly 2:4)."""
+    out_f, in_f = weight.shape
+    if in_f % 4:
+        return out_f * -(-in_f // 4)
+    return int(((weight != 0).reshape(out_f, in_f // 4, 4).sum(-1) > 2).sum())
+
+
+def pack_2_4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values (out, in/2) in the weight's dtype, meta (out, in/8) uint8) of an exactly 2:4 weight.
+    A group with fewer than 2 nonzeros stores zeros at unused positions."""
+    out_f, in_f = weight.shape
+    if in_f % 8:
+        raise ValueError(f"in_features={in_f} must be a multiple of 8 for 2:4 packing")
+    groups = weight.reshape(out_f, in_f // 4, 4)
+    nonzero = groups != 0
+    # Stable order: nonzeros first (by position), then the zero positions; keep the first two.
+    order = torch.argsort((~nonzero).to(torch.int8), dim=-1, stable=True)[..., :2]
+    order, _ = torch.sort(order, dim=-1)
+    values = torch.gather(groups, -1, order).reshape(out_f, in_f // 2)
+    nibble = (order[..., 0] | (order[..., 1] << 2)).to(torch.uint8).reshape(out_f, in_f // 8, 2)
+    meta = nibble[..., 0] | (nibble[..., 1] << 4)
+    return values.contiguous(), meta.contiguous()
+
+
+def unpack_2_4(values: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
+    """The dense (out, in) weight of packed 2:4 storage."""
+    out_f, half = values.shape
+    in_f = half * 2
+    nibble = torch.stack([meta & 0xF, meta >> 4], dim=-1).reshape(out_f, in_f // 4).to(torch.int64)
+    positions = torch.stack([nibble & 0x3, nibble >> 2], dim=-1)  # (out, groups, 2)
+    dense = torch.zeros(out_f, in_f // 4, 4, dtype=values.dtype, device=values.device)
+    dense.scatter_(-1, positions, values.reshape(out_f, in_f // 4, 2))
+    return dense.reshape(out_f, in_f)
+
+
+class Packed24Linear(nn.Module):
+    """A linear layer stored as packed 2:4 (see the module docstring)."""
+
+    def __init__(self, in_features: int, out_features: int, values: torch.Tensor, meta: torch.Tensor,
+                 bias: torch.Tensor | None, transposed: bool = False):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.transposed = transposed  # the layer it replaced stored (in, out) (GPT-2's Conv1D)
+        self.register_buffer("values", values)
+        self.register_buffer("meta", meta)
+        self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
+        self._semi_structured: torch.Tensor | None = None
+
+    @classmethod
+    def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None, transposed: bool = False) -> Packed24Linear:
+        """Pack an (out, in) weight (exactly 2:4)."""
+        values, meta = pack_2_4(weight.detach())
+        return cls(weight.shape[1], weight.shape[0], values, meta, bias, transposed)
+
+    def dense_weight(self) -> torch.Tensor:
+        """The (out, in) weight."""
+        return unpack_2_4(self.values, self.meta)
+
+    def original_weight(self) -> torch.Tensor:
+        """The weight in the layout of the layer it replaced (for dense exports)."""
+        weight = self.dense_weight()
+        return weight.t().contiguous() if self.transposed else weight
+
+    def _apply(self, fn, recurse=True):  # moving or casting invalidates the CUDA sparse weight
+        self._semi_structured = None
+        return super()._apply(fn, recurse)
+
+    def _sparse_weight(self) -> torch.Tensor | None:
+        """The CUDA semi-structured weight (fp16/bf16 only), built once."""
+        if self.values.device.type != "cuda" or self.values.dtype not in (torch.float16, torch.bfloat16):
+            return None
+        if self._semi_structured is None:
+            from torch.sparse import to_sparse_semi_structured
+
+            self._semi_structured = to_sparse_semi_structured(self.dense_weight())
+        return self._semi_structured
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        sparse = self._sparse_weight()
+        if sparse is not None and x.dim() >= 2:
+            return F.linear(x, sparse, self.bias)
+        return F.linear(x, self.dense_weight(), self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, packed=2:4"

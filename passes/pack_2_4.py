@@ -1,0 +1,45 @@
+"""`pack_2_4`: verify that every targeted weight is exactly 2:4 and replace those linears in the
+block with `Packed24Linear` (compact storage; CUDA semi-structured sparse matmul on fp16/bf16).
+It must be the last pass: later passes could not change packed weights."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from d2compiler.errors import PassError
+from d2compiler.packing import Packed24Linear, violations_2_4
+from d2compiler.passmanager import Pass, PassResult, TargetedParams, register_pass
+
+
+class Pack24Params(TargetedParams):
+    """`pack_2_4` has only `targets` / `ignore`."""
+
+
+@register_pass
+class Pack24Pass(Pass):
+    name = "pack_2_4"
+    Params = Pack24Params
+    provides = frozenset({"packed"})
+    final = True
+    summary = "Check exact 2:4 sparsity and store the targeted linears packed (values + 2-bit positions)."
+
+    def apply(self, ctx: Any) -> PassResult:
+        layers = ctx.select(self.params)
+        bad = {layer.name: violations_2_4(layer.weight_matrix()) for layer in layers}
+        bad = {name: count for name, count in bad.items() if count}
+        if bad:
+            listing = "; ".join(f"{name}: {count} groups of 4 with more than 2 nonzeros" for name, count in bad.items())
+            raise PassError(f"pack_2_4: not exactly 2:4 ({listing}); prune them with mask_structure = \"2:4\" first")
+        result = PassResult(modified=False)
+        for layer in layers:
+            module = layer.module
+            packed = Packed24Linear.from_weight(layer.weight_matrix(), getattr(module, "bias", None), layer.transposed)
+            for buffer in ("weight_scale", "weight_zero_point"):  # quantization parameters travel along
+                if hasattr(module, buffer):
+                    packed.register_buffer(buffer, getattr(module, buffer))
+            parent_name, _, attr = layer.local_name.rpartition(".")
+            parent = ctx.module.get_submodule(parent_name) if parent_name else ctx.module
+            setattr(parent, attr, packed.to(module.weight.device))
+            result.layers[layer.name] = {"packed": "2:4"}
+            result.modified = True
+        return result

@@ -1,0 +1,143 @@
+"""Weight-only integer quantization numerics shared by `quantize_rtn` and `gptq`.
+
+A layer's (out, in) weight is quantized per output channel (`group_size = 0`) or in groups of
+`group_size` consecutive inputs of a row, to `bits` (4 or 8) with a scale and an integer zero point
+per group: w ≈ (q − z)·s, q ∈ [0, 2^bits − 1]. The range of every group always includes 0, and z is
+an integer, so a pruned (exactly zero) weight quantizes to q = z and dequantizes to exactly 0:
+quantization never revives a pruned weight. `symmetric` fixes z = 2^(bits−1) (signed levels).
+"""
+
+from __future__ import annotations
+
+import time
+from abc import abstractmethod
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+from pydantic import Field
+
+from d2compiler.errors import PassError
+from d2compiler.passmanager import Pass, PassResult, TargetedParams
+
+if TYPE_CHECKING:
+    from d2compiler.executor import BlockContext
+    from d2compiler.graph import LinearLayer
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    bits: int
+    group_size: int  # 0 = one group per output channel
+    symmetric: bool
+
+    @property
+    def levels(self) -> int:
+        return 2**self.bits - 1
+
+    def groups(self, in_features: int) -> int:
+        return 1 if self.group_size == 0 else in_features // self.group_size
+
+    def width(self, in_features: int) -> int:
+        return in_features if self.group_size == 0 else self.group_size
+
+
+def group_params(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and integer zero point of each row of `w` (one quantization group per row), fp32."""
+    lo = torch.clamp(w.min(dim=1).values, max=0.0)
+    hi = torch.clamp(w.max(dim=1).values, min=0.0)
+    if spec.symmetric:
+        half = 2 ** (spec.bits - 1)
+        amax = torch.maximum(-lo, hi)
+        scale = amax / (half - 1) if spec.bits > 1 else amax
+        zero = torch.full_like(scale, float(half))
+    else:
+        scale = (hi - lo) / spec.levels
+        zero = torch.round(-lo / torch.where(scale > 0, scale, torch.ones_like(scale)))
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # all-zero group: any scale works
+    return scale, zero
+
+
+def layer_params(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, zero), each (out, groups), for a whole weight."""
+    out_f, in_f = w.shape
+    g, width = spec.groups(in_f), spec.width(in_f)
+    scale, zero = group_params(w.reshape(out_f * g, width), spec)
+    return scale.view(out_f, g), zero.view(out_f, g)
+
+
+def fake_quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """(integer levels, dequantized weight) of a whole weight with per-group (out, groups) params."""
+    out_f, in_f = w.shape
+    width = spec.width(in_f)
+    cols = torch.arange(in_f, device=w.device) // width
+    s, z = scale[:, cols], zero[:, cols]
+    q = torch.clamp(torch.round(w / s) + z, 0, spec.levels)
+    return q, (q - z) * s
+
+
+class QuantParams(TargetedParams):
+    """Parameters shared by the weight-only quantization passes."""
+
+    bits: Literal[4, 8] = Field(default=4, description="Bits per weight: 4 or 8 (weight-only; activations stay in float).")
+    group_size: int = Field(
+        default=128, ge=0, le=65536,
+        description="Inputs per quantization group along each row (a scale and zero point per group); 0 = one "
+        "group per output channel. It must divide every targeted layer's in_features.",
+    )
+    symmetric: bool = Field(default=False, description="Symmetric levels (zero point fixed at 2^(bits-1)); "
+                            "default asymmetric with an integer zero point.")
+
+    @property
+    def spec(self) -> QuantSpec:
+        return QuantSpec(self.bits, self.group_size, self.symmetric)
+
+
+class QuantizationPass(Pass):
+    """Drives one quantization method over the targeted linears of a block. The weight is replaced
+    by its dequantized values (so the model stays a plain float model that computes exactly what
+    the integer model computes), and the scales and zero points are attached to the module as
+    `weight_scale` / `weight_zero_point` buffers, shaped (out, groups), for the exporters. Weights
+    that are zero (pruned) stay exactly zero, and the keep mask is recorded."""
+
+    Params = QuantParams
+    quantizes = True
+    provides = frozenset({"quantized"})
+
+    @abstractmethod
+    def quantize_layer(self, layer: LinearLayer, weight: torch.Tensor, keep: torch.Tensor, ctx: BlockContext
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, Any]]:
+        """Return (dequantized weight, scale, zero, extra metrics) for one (out, in) fp32 weight."""
+
+    def apply(self, ctx: BlockContext) -> PassResult:
+        from .pruning import relative_error
+
+        p: QuantParams = self.params  # type: ignore[assignment]
+        result = PassResult(modified=False)
+        for layer in ctx.select(p):
+            start = time.perf_counter()
+            in_f = layer.shape[1]
+            if p.group_size and in_f % p.group_size:
+                raise PassError(f"{self.name}: group_size={p.group_size} does not divide in_features={in_f} of {layer.name}")
+            weight = layer.weight_matrix().to(device=ctx.device, dtype=torch.float32, copy=True)
+            keep = weight != 0
+            earlier = ctx.masks.get(layer.name)
+            if earlier is not None:
+                keep &= earlier.to(keep.device)
+            new_weight, scale, zero, extra = self.quantize_layer(layer, weight, keep, ctx)
+            new_weight = torch.where(keep, new_weight, torch.zeros_like(new_weight))
+            layer.set_weight_matrix(new_weight)
+            module = layer.module
+            device = module.weight.device
+            module.register_buffer("weight_scale", scale.to(device=device, dtype=torch.float32))
+            module.register_buffer("weight_zero_point", zero.to(device=device, dtype=torch.float32))
+            ctx.record_mask(layer.name, keep)
+            result.layers[layer.name] = {
+                "role": layer.role, "shape": list(layer.shape),
+                "quant": {"bits": p.bits, "group_size": p.group_size, "symmetric": p.symmetric, "method": self.name},
+                "quant_error": relative_error(weight, new_weight, ctx.artifact("hessian", layer.name)),
+                "sparsity": float((new_weight == 0).sum()) / new_weight.numel(),
+                "quant_time_s": round(time.perf_counter() - start, 4), **extra,
+            }
+            result.modified = True
+        return result
