@@ -103,10 +103,29 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from .models import load_model, resolve_device
 
     loaded = load_model(args.model, args.dtype, args.device)
+    if args.task:
+        return _zero_shot(args, loaded)
     ids = tokenize(loaded.tokenizer, load_text(args.data, "evaluation", config=args.config, split=args.split, field=args.field))
     windows = evaluation_windows(ids, args.seq_len, args.max_windows)
     ppl = perplexity(loaded.model, windows, resolve_device(args.device), quiet=args.quiet)
     print(json.dumps({"model": args.model, "data": args.data, "seq_len": args.seq_len, "windows": len(windows), "ppl": ppl}))
+    return 0
+
+
+def _zero_shot(args: argparse.Namespace, loaded) -> int:
+    from pathlib import Path
+
+    from .models import resolve_device
+    from .zeroshot import DEFAULT_FILES, evaluate_task, load_task, run_lm_eval
+
+    if args.harness:
+        result = run_lm_eval(loaded.model, loaded.tokenizer, args.task, args.limit)
+    else:
+        path = Path(args.data) if args.data != "builtin:python-docs" else Path("../shared/data") / DEFAULT_FILES[args.task]
+        items = load_task(args.task, path)[: args.limit]
+        result = evaluate_task(loaded.model, loaded.tokenizer, items, resolve_device(args.device), quiet=args.quiet,
+                               desc=args.task) | {"data": str(path)}
+    print(json.dumps({"model": args.model, "task": args.task, **result}))
     return 0
 
 
@@ -149,9 +168,13 @@ def build_parser() -> argparse.ArgumentParser:
     insp.add_argument("--tokens", type=int, default=16, help="length of the dummy input used for tracing")
     insp.set_defaults(func=_cmd_inspect)
 
-    ev = sub.add_parser("eval", help="perplexity of a model or of a d2c output folder")
+    ev = sub.add_parser("eval", help="perplexity (or zero-shot accuracy) of a model or of a d2c output folder")
     ev.add_argument("model")
-    ev.add_argument("--data", default="builtin:python-docs", help="text source (see `d2c schema`, TextSource)")
+    ev.add_argument("--data", default="builtin:python-docs", help="text source (see `d2c schema`, TextSource); with "
+                    "--task, the task's JSONL (default ../shared/data/zeroshot/...)")
+    ev.add_argument("--task", choices=["piqa", "arc_easy"], help="zero-shot multiple choice (acc, acc_norm) instead of perplexity")
+    ev.add_argument("--limit", type=int, default=None, help="--task: score only the first N items")
+    ev.add_argument("--harness", action="store_true", help="--task: run the task through lm-eval-harness (if installed)")
     ev.add_argument("--config", default=None)
     ev.add_argument("--split", default="test")
     ev.add_argument("--field", default="text")

@@ -82,7 +82,7 @@ def _move_outside_blocks(model: nn.Module, blocks: nn.ModuleList, device: torch.
 
 def model_call_kwargs(model: nn.Module) -> dict[str, Any]:
     """Extra kwargs for a full-model forward: no KV cache for generative models."""
-    return {"use_cache": False} if getattr(model.config, "use_cache", None) is not None else {}
+    return {"use_cache": False} if getattr(getattr(model, "config", None), "use_cache", None) is not None else {}
 
 
 @torch.no_grad()
@@ -308,6 +308,8 @@ class BlockExecutor:
             all_layers.extend(self.layers_of(i, self.structure(i, inputs[0])))
         targets = self.targeted_names(all_layers)
         self.check_targets_match(targets, all_layers)
+        for i, names in targets.items():
+            self.schedule[i].check_layers([layer for layer in all_layers if layer.name in names])
         hit = {int(n[len(self.blocks_path) + 1 :].split(".")[0]) for names in targets.values() for n in names}
         last = max(hit) if hit else -1
         reports: list[BlockReport] = []

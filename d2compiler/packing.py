@@ -94,9 +94,10 @@ class Packed24Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         sparse = self._sparse_weight()
-        if sparse is not None and x.dim() >= 2:
+        if sparse is not None and x.dim() >= 2 and x.dtype == sparse.dtype:
             return F.linear(x, sparse, self.bias)
-        return F.linear(x, self.dense_weight(), self.bias)
+        bias = self.bias.to(x.dtype) if self.bias is not None else None
+        return F.linear(x, self.dense_weight().to(x.dtype), bias)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, packed=2:4"

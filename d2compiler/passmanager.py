@@ -27,6 +27,7 @@ from .errors import PassOrderError
 
 if TYPE_CHECKING:
     from .executor import BlockContext
+    from .graph import LinearLayer
 
 
 class PassParams(BaseModel):
@@ -101,6 +102,10 @@ class Pass(ABC):
         if isinstance(self.params, TargetedParams):
             return self.params.targets, self.params.ignore
         return None
+
+    def check_layers(self, layers: list[LinearLayer]) -> None:
+        """Refuse, before any block runs, targeted layers this pass cannot handle (raise PassError
+        naming them). Default: accept all."""
 
     def begin_observe(self, ctx: BlockContext) -> None:
         """Register what should be recorded while the dense block runs. Default: nothing."""

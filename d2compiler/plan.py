@@ -24,7 +24,7 @@ from pydantic import BaseModel
 
 from .executor import BlockExecutor, capture_block_inputs
 from .graph import LinearLayer
-from .memory import peak_rss_mb
+from .memory import current_rss_mb
 from .models import load_model, resolve_device
 from .passmanager import Pass, PassManager
 
@@ -102,7 +102,7 @@ def _label(layer: LinearLayer) -> str:
 
 def make_plan(recipe: BaseModel) -> Plan:
     """Plan `recipe` (see the module docstring). Loads the model; prunes nothing."""
-    baseline_mb = peak_rss_mb()
+    baseline_mb = current_rss_mb()
     device = resolve_device(recipe.model.device)
     manager = PassManager(list(recipe.passes))
     m = recipe.model
@@ -136,12 +136,14 @@ def make_plan(recipe: BaseModel) -> Plan:
     hidden = sample.args[0].shape[-1]
     rates = _measure_rates(device, hidden)
     plan = Plan(m.source, executor.blocks_path, len(executor.blocks), manager.schedule, blocks, tokens, rates=rates)
-    _estimate(plan, per_block[: last + 1], targeted, recipe, model, hidden, baseline_mb)
+    groups = [{tuple(executor.structure(i, sample).group_of(la.local_name)) for la in layers if la.name in targeted}
+              for i, layers in enumerate(per_block[: last + 1])]
+    _estimate(plan, per_block[: last + 1], groups, targeted, recipe, model, hidden, baseline_mb)
     return plan
 
 
-def _estimate(plan: Plan, blocks: list[list[LinearLayer]], targeted: set[str], recipe: BaseModel, model: torch.nn.Module,
-              hidden: int, baseline_mb: float) -> None:
+def _estimate(plan: Plan, blocks: list[list[LinearLayer]], block_groups: list[set[tuple[str, ...]]], targeted: set[str],
+              recipe: BaseModel, model: torch.nn.Module, hidden: int, baseline_mb: float) -> None:
     cal = recipe.data.calibration
     tokens, seq = plan.tokens, cal.seq_len
     flop_s = plan.rates["gflops"] * 1e9
@@ -149,12 +151,13 @@ def _estimate(plan: Plan, blocks: list[list[LinearLayer]], targeted: set[str], r
     params = {p.name: p.params for p in plan.schedule}
     fwd = obs = stats = kl = 0.0
     working = 0.0
-    for layers in blocks:
+    for layers, input_groups in zip(blocks, block_groups):
         linear_params = sum(la.shape[0] * la.shape[1] for la in layers)
         attn = 4 * tokens * seq * hidden  # QKᵀ and AV over all calibration tokens
         fwd += 2 * (2 * linear_params * tokens + attn) / flop_s
         chosen = [la for la in layers if la.name in targeted]
-        groups = {la.shape[1] for la in chosen}
+        by_local = {la.local_name: la for la in layers}
+        groups = [by_local[g[0]].shape[1] for g in input_groups if g[0] in by_local]  # one Hessian per shared input
         stats += sum(2 * tokens * i * i for i in groups) / flop_s
         for la in chosen:
             out_f, in_f = la.shape

@@ -23,6 +23,11 @@ class Pack24Pass(Pass):
     final = True
     summary = "Check exact 2:4 sparsity and store the targeted linears packed (values + 2-bit positions)."
 
+    def check_layers(self, layers: list[Any]) -> None:
+        bad = sorted({f"{layer.local_name} ({layer.shape[1]})" for layer in layers if layer.shape[1] % 8})
+        if bad:
+            raise PassError(f"pack_2_4: in_features must be a multiple of 8 to pack; not so for {', '.join(bad)}")
+
     def apply(self, ctx: Any) -> PassResult:
         layers = ctx.select(self.params)
         bad = {layer.name: violations_2_4(layer.weight_matrix()) for layer in layers}

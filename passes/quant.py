@@ -109,6 +109,13 @@ class QuantizationPass(Pass):
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, Any]]:
         """Return (dequantized weight, scale, zero, extra metrics) for one (out, in) fp32 weight."""
 
+    def check_layers(self, layers: list[LinearLayer]) -> None:
+        size = self.params.group_size
+        bad = sorted({f"{layer.local_name} ({layer.shape[1]})" for layer in layers if size and layer.shape[1] % size})
+        if bad:
+            raise PassError(f"{self.name}: group_size={size} does not divide in_features of {', '.join(bad)}; "
+                            "choose a group size that divides every targeted layer's in_features, or 0 (per channel)")
+
     def apply(self, ctx: BlockContext) -> PassResult:
         from .pruning import relative_error
 

@@ -24,7 +24,10 @@ PASSES = {
     "sparsegpt": '[[passes]]\ntype = "sparsegpt"\nsparsity = 0.6\n',
     "quantize_rtn": '[[passes]]\ntype = "quantize_rtn"\nbits = 4\ngroup_size = 16\n',
     "gptq": '[[passes]]\ntype = "gptq"\nbits = 8\ngroup_size = 0\n',
+    "magnitude": '[[passes]]\ntype = "magnitude"\nsparsity = 0.5\n',
+    "dual_taylor_mask": '[[passes]]\ntype = "dual_taylor_mask"\nsparsity = 0.6\n',
 }
+TRIPLES = [("wanda", "sparsegpt", "quantize_rtn"), ("magnitude", "dual_taylor_mask", "gptq")]
 
 
 def test_quantization_grid_keeps_zeros_exact():
@@ -46,12 +49,14 @@ def _run(tmp_path, model, passes, name, **kw):
     return out
 
 
-@pytest.mark.parametrize("order", [o for o in itertools.permutations(["wanda", "sparsegpt", "quantize_rtn"])])
+@pytest.mark.parametrize("order", [o for t in TRIPLES for o in itertools.permutations(t)], ids="-".join)
 def test_every_pass_order_keeps_masks(order, tmp_path, tiny_models, capsys):
     """Every order runs (and never revives a pruned weight, which the executor checks after each
     pass) unless it would move quantized weights, which is refused before anything runs."""
     passes = "".join(PASSES[p] for p in order)
-    updates_after_quant = order.index("sparsegpt") > order.index("quantize_rtn")
+    updater = "sparsegpt" if "sparsegpt" in order else "dual_taylor_mask"
+    quantizer = next(p for p in order if p in ("quantize_rtn", "gptq"))
+    updates_after_quant = order.index(updater) > order.index(quantizer)
     if updates_after_quant:
         recipe = write_recipe(tmp_path / "r.toml", str(tiny_models["llama"]), CAL + passes, output=tmp_path / "o")
         assert main(["run", str(recipe)]) == 2
@@ -61,11 +66,13 @@ def test_every_pass_order_keeps_masks(order, tmp_path, tiny_models, capsys):
     record = json.loads((out / "sparsity.json").read_text())
     model = d2compiler.load(out)
     for name, layer in record["layers"].items():
-        weight = model.get_submodule(name).weight
-        assert (weight == 0).float().mean().item() >= 0.6 - 1e-6  # the stricter mask survives
-        q = weight / model.get_submodule(name).weight_scale.repeat_interleave(16, dim=1)
+        module = model.get_submodule(name)
+        weight = module.weight
+        assert int((weight == 0).sum()) >= round(0.6 * weight.numel())  # the stricter mask survives
+        width = layer["quant"]["group_size"] or weight.shape[1]
+        q = weight / module.weight_scale.repeat_interleave(width, dim=1)
         assert torch.allclose(q, q.round(), atol=1e-3)  # still on the quantization grid
-        assert layer["quant"]["bits"] == 4
+        assert layer["quant"]["method"] == quantizer
 
 
 def test_gptq_beats_rtn_and_keeps_sparsity(tmp_path, tiny_models):
@@ -177,3 +184,26 @@ def test_onnx_sparse_initializer_variant(tmp_path, tiny_models):
     proto = onnx.load(str(tmp_path / "sparse" / "model.onnx"))
     assert len(proto.graph.sparse_initializer) == 14
     ort.InferenceSession(str(tmp_path / "sparse" / "model.onnx"), providers=["CPUExecutionProvider"])
+
+
+def test_group_size_checked_before_any_block_runs(tmp_path, tiny_models, capsys):
+    passes = '[[passes]]\ntype = "quantize_rtn"\nbits = 4\ngroup_size = 48\n'
+    recipe = write_recipe(tmp_path / "r.toml", str(tiny_models["llama"]), CAL + passes, output=tmp_path / "o")
+    assert main(["run", str(recipe)]) == 2
+    err = capsys.readouterr().err
+    assert "quantize_rtn: group_size=48 does not divide in_features of mlp.down_proj (128)" in err
+    assert "blocks:" not in err  # refused before the block loop started
+
+
+def test_export_converts_between_formats_with_fp16(tmp_path, tiny_models, tokenizer):
+    passes = '[[passes]]\ntype = "sparsegpt"\nmask_structure = "2:4"\n' + PASSES["quantize_rtn"]
+    out = _run(tmp_path, tiny_models["llama"], passes, "pruned")
+    for fmt in ("d2c-packed", "hf"):
+        assert main(["--quiet", "export", str(out), "--format", fmt, "--to", str(tmp_path / fmt), "--dtype", "float16"]) == 0
+    assert main(["--quiet", "export", str(tmp_path / "d2c-packed"), "--format", "d2c-packed", "--to", str(tmp_path / "again")]) == 0
+    ids = tokenizer("x = [i for i in range(3)]", return_tensors="pt").input_ids
+    with torch.no_grad():
+        logits = [d2compiler.load(tmp_path / name).float()(ids).logits for name in ("hf", "d2c-packed", "again")]
+    assert torch.equal(logits[0], logits[1]) and torch.equal(logits[1], logits[2])
+    sizes = {name: (tmp_path / name / "model.safetensors").stat().st_size for name in ("hf", "d2c-packed")}
+    assert sizes["d2c-packed"] < sizes["hf"]

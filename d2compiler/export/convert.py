@@ -18,11 +18,15 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 
 
 def pack_model(model: torch.nn.Module, layers: dict[str, dict[str, Any]]) -> int:
-    """Replace every recorded layer that is exactly 2:4 by a `Packed24Linear`; returns how many."""
+    """Replace every recorded layer that is exactly 2:4 by a `Packed24Linear`; returns how many layers
+    are packed (counting those that already were)."""
     count = 0
     for name in layers:
         module = model.get_submodule(name)
-        if isinstance(module, Packed24Linear) or not hasattr(module, "weight"):
+        if isinstance(module, Packed24Linear):  # already packed (a d2c-packed source)
+            count += 1
+            continue
+        if not hasattr(module, "weight"):
             continue
         weight = module.weight.detach()
         transposed = type(module).__name__ == "Conv1D"

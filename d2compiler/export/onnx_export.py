@@ -14,8 +14,10 @@ The graph maps `input_ids` (batch, sequence) to `logits`. Then:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -130,9 +132,10 @@ def export_onnx(model: nn.Module, record: dict[str, Any], path: Path, *, overwri
     example = torch.randint(0, vocab, (1, seq_len))
     seq = torch.export.Dim("sequence", min=2, max=4096)
     try:
-        program = torch.onnx.export(_LogitsOnly(model).eval(), (example,), dynamo=True, opset_version=OPSET,
-                                    input_names=["input_ids"], output_names=["logits"],
-                                    dynamic_shapes={"input_ids": {1: seq}}, optimize=True)
+        with contextlib.redirect_stdout(sys.stderr):  # the exporter prints progress; stdout stays for results
+            program = torch.onnx.export(_LogitsOnly(model).eval(), (example,), dynamo=True, opset_version=OPSET,
+                                        input_names=["input_ids"], output_names=["logits"],
+                                        dynamic_shapes={"input_ids": {1: seq}}, optimize=True)
     except Exception as exc:  # the exporter raises many types; report the model and the cause
         raise OutputError(f"ONNX export failed for {type(model).__name__}: {type(exc).__name__}: {str(exc)[:500]}") from exc
     proto = program.model_proto

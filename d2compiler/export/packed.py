@@ -118,9 +118,8 @@ def load_packed(folder: Path) -> nn.Module:
     entries = json.loads(meta["packed"])
     tensors = load_file(str(path))
     config = AutoConfig.from_pretrained(folder)
-    model = _model_class(config)(config)
-    dtype = next((tensors[k].dtype for k in tensors if k.endswith(".weight") and tensors[k].is_floating_point()), torch.float32)
-    model.to(dtype)
+    model = _model_class(config)(config)  # float32: stored fp16/bf16 tensors are widened exactly
+    dtype = next(model.parameters()).dtype
     for entry in entries:
         name = entry["name"]
         meta_t = tensors.pop(f"{name}.meta")
@@ -132,8 +131,9 @@ def load_packed(folder: Path) -> nn.Module:
             g = _kept_columns(meta_t) // entry["quant"]["group_size"]
             values = ((levels - torch.gather(zero, 1, g)) * torch.gather(scale, 1, g)).to(getattr(torch, entry["dtype"]))
         else:
-            values = tensors.pop(f"{name}.values")
+            values = tensors.pop(f"{name}.values")  # kept in the stored dtype (cast at compute)
         bias = tensors.pop(f"{name}.bias", None)
+        bias = bias.to(dtype) if bias is not None else None
         packed = Packed24Linear(entry["shape"][1], entry["shape"][0], values, meta_t, bias, entry["transposed"])
         if "quant" in entry:
             packed.register_buffer("weight_scale", scale)

@@ -1,0 +1,128 @@
+"""Zero-shot multiple choice by log-likelihood, with lm-eval-harness conventions.
+
+Each item is a context and 2+ continuations; the model scores each continuation by the sum of its
+tokens' log-probabilities given the context (tokenized as lm-eval does: the context alone, and the
+continuation as the tokens of context + continuation beyond the context's tokens). `acc` takes the
+argmax of the sums; `acc_norm` divides each sum by the continuation's length in characters first.
+
+Tasks read local files (no download):
+- `piqa`: `valid.jsonl` (goal, sol1, sol2) + `valid-labels.lst` beside it. Context
+  "Question: {goal}\\nAnswer:", continuations " {sol}";
+- `arc_easy`: a JSONL of HF `ai2_arc` rows (question, choices.text/label, answerKey). Context
+  "Question: {question}\\nAnswer:", continuations " {choice}".
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import DataError
+from .executor import model_call_kwargs
+from .progress import progress
+
+DEFAULT_FILES = {"piqa": "zeroshot/piqa/valid.jsonl", "arc_easy": "zeroshot/arc/ARC-Easy-test.jsonl"}
+
+
+@dataclass
+class Item:
+    context: str
+    choices: list[str]
+    gold: int
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    rows = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path}:{number}: not JSON ({exc.msg})") from None
+    return rows
+
+
+def load_task(task: str, path: str | Path) -> list[Item]:
+    """The items of `task` from `path` (see the module docstring for the formats)."""
+    path = Path(path)
+    rows = _read_jsonl(path)
+    try:
+        if task == "piqa":
+            labels_file = path.with_name(path.stem + "-labels.lst")
+            if not labels_file.is_file():
+                raise DataError(f"{labels_file}: PIQA labels file not found beside {path.name}")
+            labels = [int(x) for x in labels_file.read_text().split()]
+            if len(labels) != len(rows):
+                raise DataError(f"{labels_file}: {len(labels)} labels for {len(rows)} items")
+            return [Item(f"Question: {r['goal']}\nAnswer:", [r["sol1"], r["sol2"]], g) for r, g in zip(rows, labels)]
+        if task == "arc_easy":
+            return [Item(f"Question: {r['question']}\nAnswer:", list(r["choices"]["text"]),
+                         list(r["choices"]["label"]).index(r["answerKey"])) for r in rows]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise DataError(f"{path}: not a {task} file ({type(exc).__name__}: {exc})") from None
+    raise DataError(f"unknown task {task!r}; expected piqa or arc_easy")
+
+
+def _encode_pair(tokenizer: Any, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """lm-eval's split: trailing spaces of the context move to the continuation."""
+    spaces = len(context) - len(context.rstrip(" "))
+    if spaces:
+        context, continuation = context[:-spaces], context[-spaces:] + continuation
+    whole = tokenizer(context + continuation, add_special_tokens=False).input_ids
+    ctx = tokenizer(context, add_special_tokens=False).input_ids
+    return ctx, whole[len(ctx):]
+
+
+@torch.no_grad()
+def loglikelihoods(model: nn.Module, pairs: list[tuple[list[int], list[int]]], device: torch.device) -> list[float]:
+    """Sum of log P(continuation | context) for each (context, continuation) token pair, in one
+    right-padded batch (causal attention never looks at the padding after a sequence)."""
+    seqs = [ctx + cont for ctx, cont in pairs]
+    width = max(len(s) for s in seqs) - 1
+    ids = torch.zeros(len(seqs), width, dtype=torch.long)
+    for row, seq in enumerate(seqs):
+        ids[row, : len(seq) - 1] = torch.tensor(seq[:-1])
+    logprobs = torch.log_softmax(model(ids.to(device), **model_call_kwargs(model)).logits.float(), dim=-1)
+    out = []
+    for row, (ctx, cont) in enumerate(pairs):
+        positions = torch.arange(len(ctx) - 1, len(ctx) - 1 + len(cont), device=logprobs.device)
+        out.append(float(logprobs[row, positions, torch.tensor(cont, device=logprobs.device)].sum()))
+    return out
+
+
+def evaluate_task(model: nn.Module, tokenizer: Any, items: list[Item], device: torch.device, *,
+                  quiet: bool = False, desc: str = "zero-shot") -> dict[str, float]:
+    """acc and acc_norm (lm-eval conventions) over `items`, with their standard errors."""
+    if tokenizer is None:
+        raise DataError("zero-shot evaluation needs the model's tokenizer")
+    model.to(device).eval()
+    hits = norm_hits = 0
+    for item in progress(items, desc=desc, disable=quiet):
+        scores = loglikelihoods(model, [_encode_pair(tokenizer, item.context, " " + c) for c in item.choices], device)
+        hits += int(max(range(len(scores)), key=scores.__getitem__) == item.gold)
+        normed = [s / max(len(c), 1) for s, c in zip(scores, item.choices)]
+        norm_hits += int(max(range(len(normed)), key=normed.__getitem__) == item.gold)
+    n = len(items)
+    acc, acc_norm = hits / n, norm_hits / n
+    return {"acc": acc, "acc_stderr": math.sqrt(acc * (1 - acc) / max(n - 1, 1)),
+            "acc_norm": acc_norm, "acc_norm_stderr": math.sqrt(acc_norm * (1 - acc_norm) / max(n - 1, 1)), "items": n}
+
+
+def run_lm_eval(model: nn.Module, tokenizer: Any, task: str, limit: int | None) -> dict[str, Any]:
+    """Run an lm-eval-harness task on this model through its HFLM wrapper (needs `lm_eval`
+    installed and the task's data reachable, which lm-eval downloads from the hub)."""
+    try:
+        from lm_eval import simple_evaluate
+        from lm_eval.models.huggingface import HFLM
+    except ImportError as exc:
+        raise DataError("--harness needs the lm-eval package (pip install lm-eval)") from exc
+    results = simple_evaluate(model=HFLM(pretrained=model, tokenizer=tokenizer), tasks=[task], limit=limit)
+    return results["results"][task]
