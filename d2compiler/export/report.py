@@ -79,7 +79,7 @@ def _figures(record: dict[str, Any], folder: Path) -> list[tuple[str, str]]:
                 ax.bar(range(len(names)), [v or 0.0 for v in values], color=colours, width=1.0)
                 ax.set_xlabel("layer (in block order; colour = role)")
                 ax.set_ylabel(key)
-                if log:
+                if log and any(v is not None and v > 0 for v in values):
                     ax.set_yscale("log")
                 handles = [plt.Rectangle((0, 0), 1, 1, color=c) for r, c in ROLE_COLOURS.items() if any(layers[n].get("role") == r for n in names)]
                 labels = [r for r in ROLE_COLOURS if any(layers[n].get("role") == r for n in names)]
