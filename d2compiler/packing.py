@@ -13,6 +13,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+# Buffers a quantization pass attaches to a linear (scale and integer zero point per group); they
+# travel with the layer when it is packed or unpacked.
+QUANT_BUFFERS = ("weight_scale", "weight_zero_point")
+
+
+def carry_quant_buffers(source: nn.Module, target: nn.Module) -> None:
+    """Register `source`'s quantization buffers (if any) on `target`."""
+    for buffer in QUANT_BUFFERS:
+        if hasattr(source, buffer):
+            target.register_buffer(buffer, getattr(source, buffer))
+
 
 def violations_2_4(weight: torch.Tensor) -> int:
     """How many groups of 4 consecutive inputs hold more than 2 nonzeros (0 = exactly 2:4)."""
@@ -68,6 +79,14 @@ class Packed24Linear(nn.Module):
         """Pack an (out, in) weight (exactly 2:4)."""
         values, meta = pack_2_4(weight.detach())
         return cls(weight.shape[1], weight.shape[0], values, meta, bias, transposed)
+
+    @classmethod
+    def replacing(cls, module: nn.Module, weight: torch.Tensor, transposed: bool) -> Packed24Linear:
+        """The packed replacement of `module` whose (out, in) weight is `weight`, with its bias and
+        quantization buffers, on the module's device."""
+        packed = cls.from_weight(weight, getattr(module, "bias", None), transposed)
+        carry_quant_buffers(module, packed)
+        return packed.to(weight.device)
 
     def dense_weight(self) -> torch.Tensor:
         """The (out, in) weight."""

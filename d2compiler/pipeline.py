@@ -19,10 +19,11 @@ from .errors import D2Error, PassError
 from .evaluate import perplexity
 from .executor import BlockExecutor, ExecutionReport
 from .export.hf import write_output
-from .export.metadata import overall_sparsity, sparsity_record
+from .export.metadata import overall_sparsity, sparsity_record, weights_sha256
 from .export.output_dir import check_output_path
 from .memory import peak_rss_mb
 from .models import LoadedModel, load_model, resolve_device
+from .packing import QUANT_BUFFERS
 from .passmanager import PassManager
 
 log = logging.getLogger(__name__)
@@ -70,19 +71,14 @@ def _fmt(value: float | None) -> str:
 
 def job_fingerprint(recipe: BaseModel, first_block: torch.nn.Module, windows: list[torch.Tensor]) -> str:
     """What the pruned weights depend on: model, calibration tokens, passes (not evaluation or output)."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(first_block.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
-    for window in windows:
-        digest.update(window.to("cpu").contiguous().numpy().tobytes())
+    tokens = hashlib.sha256(b"".join(w.to("cpu").contiguous().numpy().tobytes() for w in windows)).hexdigest()
     return fingerprint({"model": recipe.model.model_dump(mode="json"), "passes": [p.model_dump(mode="json") for p in recipe.passes],
-                        "first_block": digest.hexdigest(), "torch": torch.__version__})
+                        "first_block": weights_sha256(first_block), "tokens": tokens, "torch": torch.__version__})
 
 
 def check_finite(model: torch.nn.Module) -> None:
     """Refuse to go on with NaN or Inf anywhere in the model (a NaN model is never written)."""
-    weights = [(n, b) for n, b in model.named_buffers() if n.endswith((".values", ".weight_scale", ".weight_zero_point"))]
+    weights = [(n, b) for n, b in model.named_buffers() if n.rpartition(".")[2] in ("values", *QUANT_BUFFERS)]
     for name, param in [*model.named_parameters(), *weights]:
         if param.is_floating_point() and not torch.isfinite(param).all():
             raise PassError(f"{name}: contains NaN or Inf after pruning; nothing was written")

@@ -37,14 +37,7 @@ class Pack24Pass(Pass):
             raise PassError(f"pack_2_4: not exactly 2:4 ({listing}); prune them with mask_structure = \"2:4\" first")
         result = PassResult(modified=False)
         for layer in layers:
-            module = layer.module
-            packed = Packed24Linear.from_weight(layer.weight_matrix(), getattr(module, "bias", None), layer.transposed)
-            for buffer in ("weight_scale", "weight_zero_point"):  # quantization parameters travel along
-                if hasattr(module, buffer):
-                    packed.register_buffer(buffer, getattr(module, buffer))
-            parent_name, _, attr = layer.local_name.rpartition(".")
-            parent = ctx.module.get_submodule(parent_name) if parent_name else ctx.module
-            setattr(parent, attr, packed.to(module.weight.device))
+            ctx.module.set_submodule(layer.local_name, Packed24Linear.replacing(layer.module, layer.weight_matrix(), layer.transposed))
             result.layers[layer.name] = {"packed": "2:4"}
             result.modified = True
         return result

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from ..errors import OutputError
+from ..graph import weight_is_transposed
 from ..packing import Packed24Linear, violations_2_4
 from .hf import write_output
 from .onnx_export import export_onnx
@@ -29,16 +30,11 @@ def pack_model(model: torch.nn.Module, layers: dict[str, dict[str, Any]]) -> int
         if not hasattr(module, "weight"):
             continue
         weight = module.weight.detach()
-        transposed = type(module).__name__ == "Conv1D"
+        transposed = weight_is_transposed(module)
         matrix = weight.t() if transposed else weight
         if matrix.shape[1] % 8 or violations_2_4(matrix):
             continue
-        packed = Packed24Linear.from_weight(matrix, getattr(module, "bias", None), transposed)
-        for buffer in ("weight_scale", "weight_zero_point"):
-            if hasattr(module, buffer):
-                packed.register_buffer(buffer, getattr(module, buffer))
-        parent, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, attr, packed)
+        model.set_submodule(name, Packed24Linear.replacing(module, matrix, transposed))
         layers[name]["packed"] = "2:4"
         count += 1
     return count

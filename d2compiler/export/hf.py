@@ -11,12 +11,11 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from ..packing import Packed24Linear
+from ..packing import QUANT_BUFFERS, Packed24Linear
 from .output_dir import atomic_output_dir
 from .packed import write_packed
 from .report import write_report
 
-QUANT_BUFFERS = (".weight_scale", ".weight_zero_point")
 QUANT_FILE = "quantization.safetensors"
 
 
@@ -41,7 +40,7 @@ def write_output(path: Path, model: nn.Module, tokenizer: Any, record: dict[str,
             write_packed(tmp, model, record.get("layers", {}))
         else:
             state = dense_state(model)
-            quant = {k: v.contiguous() for k, v in state.items() if k.endswith(QUANT_BUFFERS)}
+            quant = {k: v.contiguous() for k, v in state.items() if k.rpartition(".")[2] in QUANT_BUFFERS}
             # the plain folder keeps standard keys; scales and zero points go beside it
             model.save_pretrained(tmp, safe_serialization=True, state_dict={k: v for k, v in state.items() if k not in quant})
             if quant:

@@ -28,7 +28,7 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
 from ..errors import OutputError
-from ..packing import Packed24Linear
+from ..packing import Packed24Linear, carry_quant_buffers
 from .output_dir import atomic_output_dir
 
 OPSET = 21
@@ -51,11 +51,8 @@ def unpack_for_export(model: nn.Module) -> None:
             linear.weight = nn.Parameter(module.dense_weight().float(), requires_grad=False)
             if module.bias is not None:
                 linear.bias = nn.Parameter(module.bias.detach().float(), requires_grad=False)
-            for buffer in ("weight_scale", "weight_zero_point"):
-                if hasattr(module, buffer):
-                    linear.register_buffer(buffer, getattr(module, buffer))
-            parent, _, attr = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, attr, linear)
+            carry_quant_buffers(module, linear)
+            model.set_submodule(name, linear)
 
 
 def _quantized_layers(model: nn.Module) -> dict[str, nn.Module]:

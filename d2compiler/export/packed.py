@@ -16,11 +16,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..errors import ModelLoadError
-from ..packing import Packed24Linear
+from ..packing import QUANT_BUFFERS, Packed24Linear
 
 FORMAT = "d2c-packed"
 FORMAT_VERSION = "1"
-QUANT_BUFFERS = ("weight_scale", "weight_zero_point")
 
 
 def is_packed_folder(folder: Path) -> bool:
@@ -138,8 +137,7 @@ def load_packed(folder: Path) -> nn.Module:
         if "quant" in entry:
             packed.register_buffer("weight_scale", scale)
             packed.register_buffer("weight_zero_point", zero)
-        parent_name, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, attr, packed)
+        model.set_submodule(name, packed)
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     packed_names = {e["name"] for e in entries}
     missing = {k for k in missing if k.rpartition(".")[0] not in packed_names}  # set from the packed tensors above

@@ -87,12 +87,16 @@ def _figures(record: dict[str, Any], folder: Path) -> list[tuple[str, str]]:
                 save(fig, title, file)
     kl = [(b["index"], b["passes"]["attention_kl_update"]) for b in blocks if "attention_kl_update" in b.get("passes", {})]
     kl = [(i, info["candidates"][",".join(info["choice"]) or "none"]["kl"]) for i, info in kl if info.get("candidates")]
-    if kl:
-        fig, ax = plt.subplots(figsize=(11, 3))
-        ax.plot([i for i, _ in kl], [v for _, v in kl], marker="o")
+    def per_block(points: list[tuple[int, float]], ylabel: str, title: str, file: str, height: float, marker: str) -> None:
+        fig, ax = plt.subplots(figsize=(11, height))
+        ax.plot([i for i, _ in points], [v for _, v in points], marker=marker)
         ax.set_xlabel("block")
-        ax.set_ylabel("KL(dense ‖ pruned) [nats]")
-        save(fig, "Attention KL of the chosen update plan per block (calibration samples)", "attention_kl.png")
+        ax.set_ylabel(ylabel)
+        save(fig, title, file)
+
+    if kl:
+        per_block(kl, "KL(dense ‖ pruned) [nats]", "Attention KL of the chosen update plan per block (calibration samples)",
+                  "attention_kl.png", 3, "o")
     if blocks:
         phases = [k for k in dict.fromkeys(k for b in blocks for k in b.get("times_s", {})) if k != "total"]
         fig, ax = plt.subplots(figsize=(11, 3.2))
@@ -108,11 +112,7 @@ def _figures(record: dict[str, Any], folder: Path) -> list[tuple[str, str]]:
         rss = [(b["index"], b.get("memory", {}).get("peak_rss_mb")) for b in blocks]
         rss = [(i, v) for i, v in rss if v is not None]
         if rss:
-            fig, ax = plt.subplots(figsize=(11, 2.8))
-            ax.plot([i for i, _ in rss], [v for _, v in rss], marker=".")
-            ax.set_xlabel("block")
-            ax.set_ylabel("peak RSS so far [MiB]")
-            save(fig, "Memory: peak resident memory after each block", "memory.png")
+            per_block(rss, "peak RSS so far [MiB]", "Memory: peak resident memory after each block", "memory.png", 2.8, ".")
     return out
 
 
