@@ -32,6 +32,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .errors import OutputError
+from .graph import weight_is_transposed
+from .packing import Packed24Linear
 
 log = logging.getLogger(__name__)
 
@@ -100,8 +102,17 @@ class CheckpointStore:
         return Resumed(int(state["blocks_done"]), list(state["reports"]), hidden)
 
     def restore_block(self, index: int, block: nn.Module) -> None:
-        """Load finished block `index`'s parameters and buffers into `block` (exactly)."""
+        """Load finished block `index`'s parameters and buffers into `block` (exactly); layers a pass
+        replaced by `Packed24Linear` are rebuilt packed."""
         tensors = load_file(self.folder / f"block-{index:04d}.safetensors")
+        device = next(block.parameters()).device
+        for owner in {k.rpartition(".")[0] for k in tensors if k.endswith(".meta") and k[:-5] + ".values" in tensors}:
+            module = block.get_submodule(owner)
+            if not isinstance(module, Packed24Linear):  # a pass packed this layer: rebuild it packed
+                values, meta = tensors[f"{owner}.values"], tensors[f"{owner}.meta"]
+                packed = Packed24Linear(values.shape[1] * 2, values.shape[0], values, meta, getattr(module, "bias", None),
+                                        weight_is_transposed(module))
+                block.set_submodule(owner, packed.to(device))
         current = block.state_dict(keep_vars=True)
         with torch.no_grad():
             for name, tensor in tensors.items():
@@ -110,7 +121,7 @@ class CheckpointStore:
                 else:  # a buffer a pass added (e.g. quantization scales)
                     owner, _, buffer = name.rpartition(".")
                     module = block.get_submodule(owner) if owner else block
-                    module.register_buffer(buffer, tensor.to(next(block.parameters()).device))
+                    module.register_buffer(buffer, tensor.to(device))
 
     def save_block(self, index: int, block: nn.Module, hidden: list[torch.Tensor], reports: list[dict[str, Any]]) -> None:
         """Record that block `index` is finished, with the hidden states entering the next block."""

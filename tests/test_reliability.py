@@ -97,3 +97,27 @@ def test_same_recipe_same_hash(tmp_path, tiny_models):
         assert main(["--quiet", "run", str(recipe)]) == 0
         hashes.append(_record(tmp_path / run)["weights_sha256"])
     assert hashes[0] == hashes[1]
+
+
+def test_checkpoint_restores_packed_and_quantized_layers(tmp_path):
+    """A block finished with pack_2_4 (and quantization buffers) is rebuilt packed on resume."""
+    import copy
+
+    from d2compiler.checkpoint import CheckpointStore
+    from d2compiler.packing import Packed24Linear
+
+    torch.manual_seed(0)
+    block = torch.nn.Sequential(torch.nn.Linear(16, 8), torch.nn.ReLU(), torch.nn.Linear(8, 8))
+    fresh = copy.deepcopy(block)
+    groups = block[0].weight.detach().clone().reshape(8, 4, 4)
+    groups.scatter_(-1, groups.abs().argsort(-1)[..., :2], 0.0)
+    block[0].register_buffer("weight_scale", torch.rand(8, 1))
+    block.set_submodule("0", Packed24Linear.replacing(block[0], groups.reshape(8, 16), False))
+    store = CheckpointStore(tmp_path / "work", key="job")
+    store.start()
+    store.save_block(0, block, [torch.zeros(1)], [])
+    store.restore_block(0, fresh)
+    assert isinstance(fresh[0], Packed24Linear)
+    assert torch.equal(fresh[0].weight_scale, block[0].weight_scale)
+    x = torch.randn(3, 16)
+    assert torch.equal(fresh(x), block(x))
