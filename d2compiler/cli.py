@@ -75,13 +75,13 @@ def _cmd_export(args: argparse.Namespace) -> int:
 def _cmd_inspect(args: argparse.Namespace) -> int:
     from .executor import capture_block_inputs
     from .graph import bind_linears, find_blocks, trace_block
+    from .inputs import dummy_input
     from .models import load_model
 
     loaded = load_model(args.model, "float32", "cpu")
     model = loaded.model
     path, blocks = find_blocks(model)
-    vocab = getattr(model.config, "vocab_size", 100) or 100
-    sample = capture_block_inputs(model, blocks, [torch.randint(0, vocab, (1, args.tokens))], torch.device("cpu"))[0]
+    sample = capture_block_inputs(model, blocks, [dummy_input(model, args.tokens)], torch.device("cpu"))[0]
     structure = trace_block(blocks[0], sample.args, sample.kwargs, label=f"{path}.0")
     layers = bind_linears(blocks[0], f"{path}.0", structure)
     print(f"model: {type(model).__name__} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters)")
@@ -89,26 +89,35 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     print(f"attention: {len(structure.attention)} site(s) " + ", ".join(f"{s.kind}" for s in structure.attention))
     groups = {name: i for i, g in enumerate(structure.input_groups) for name in g}
     width = max(len(layer.local_name) for layer in layers)
-    print(f"  {'linear':<{width}}  {'class':<8} {'role':<6} {'out x in':<12} input")
+    print(f"  {'linear':<{width}}  {'class':<8} {'role':<6} {'out x in':<12} {'input':<6} rows")
     for layer in layers:
         out_f, in_f = layer.shape
+        rows = f"{layer.rows[0]}..{layer.rows[1]} of the fused weight" if layer.rows else ""
         print(f"  {layer.local_name:<{width}}  {type(layer.module).__name__:<8} {layer.role:<6} "
-              f"{f'{out_f}x{in_f}':<12} #{groups.get(layer.local_name, -1)}")
+              f"{f'{out_f}x{in_f}':<12} {f'#{groups.get(layer.owner, -1)}':<6} {rows}".rstrip())
     return 0
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from .data import evaluation_windows, load_text, tokenize
-    from .evaluate import perplexity
+    from .evaluate import EmbeddingCosine, make_metric
     from .models import load_model, resolve_device
+    from .recipe import EvaluationData
 
     loaded = load_model(args.model, args.dtype, args.device)
     if args.task:
         return _zero_shot(args, loaded)
-    ids = tokenize(loaded.tokenizer, load_text(args.data, "evaluation", config=args.config, split=args.split, field=args.field))
-    windows = evaluation_windows(ids, args.seq_len, args.max_windows)
-    ppl = perplexity(loaded.model, windows, resolve_device(args.device), quiet=args.quiet)
-    print(json.dumps({"model": args.model, "data": args.data, "seq_len": args.seq_len, "windows": len(windows), "ppl": ppl}))
+    spec = EvaluationData(source=args.data, config=args.config, split=args.split, field=args.field, seq_len=args.seq_len,
+                          max_windows=args.max_windows, metric=args.metric)
+    metric = make_metric(spec, loaded.model, loaded.tokenizer, resolve_device(args.device), quiet=args.quiet)
+    if isinstance(metric, EmbeddingCosine):
+        if not args.reference:
+            raise D2Error(f"--reference: embedding_cosine compares {args.model} with a dense model; name it with --reference")
+        metric.dense(load_model(args.reference, args.dtype, args.device).model)
+    value = metric.measure(loaded.model)
+    out = {"model": args.model, "data": args.data, "metric": metric.name, "value": value}
+    if metric.name == "perplexity":
+        out |= {"seq_len": args.seq_len, "windows": len(metric.windows), "ppl": value}
+    print(json.dumps(out))
     return 0
 
 
@@ -168,10 +177,14 @@ def build_parser() -> argparse.ArgumentParser:
     insp.add_argument("--tokens", type=int, default=16, help="length of the dummy input used for tracing")
     insp.set_defaults(func=_cmd_inspect)
 
-    ev = sub.add_parser("eval", help="perplexity (or zero-shot accuracy) of a model or of a d2c output folder")
+    ev = sub.add_parser("eval", help="perplexity, embedding similarity, accuracy or zero-shot accuracy of a model "
+                        "or of a d2c output folder")
     ev.add_argument("model")
-    ev.add_argument("--data", default="builtin:python-docs", help="text source (see `d2c schema`, TextSource); with "
-                    "--task, the task's JSONL (default ../shared/data/zeroshot/...)")
+    ev.add_argument("--data", default="builtin:python-docs", help="text or image source (see `d2c schema`, TextSource); "
+                    "with --task, the task's JSONL (default ../shared/data/zeroshot/...)")
+    ev.add_argument("--metric", default="auto", choices=["auto", "perplexity", "embedding_cosine", "accuracy"],
+                    help="auto: perplexity for causal LMs, accuracy for image classifiers, embedding_cosine for encoders")
+    ev.add_argument("--reference", default=None, help="embedding_cosine: the dense model to compare with")
     ev.add_argument("--task", choices=["piqa", "arc_easy"], help="zero-shot multiple choice (acc, acc_norm) instead of perplexity")
     ev.add_argument("--limit", type=int, default=None, help="--task: score only the first N items")
     ev.add_argument("--harness", action="store_true", help="--task: run the task through lm-eval-harness (if installed)")

@@ -1,16 +1,35 @@
-"""Perplexity with the standard SparseGPT/Wanda protocol: the corpus joined with "\\n\\n",
-tokenized once, cut into non-overlapping windows of seq_len; ppl = exp(mean next-token NLL over
-all predicted tokens of all windows)."""
+"""Evaluation metrics, one per kind of model:
+
+- `perplexity` (causal LMs), with the standard SparseGPT/Wanda protocol: the corpus joined with
+  "\\n\\n", tokenized once, cut into non-overlapping windows of seq_len; ppl = exp(mean next-token
+  NLL over all predicted tokens of all windows);
+- `embedding_cosine` (encoders): each held-out paragraph is embedded by mean pooling the last hidden
+  state over its tokens (the sentence-transformers convention); the score is the mean cosine
+  similarity of the compressed model's embeddings to the dense model's (1.0 = unchanged);
+- `accuracy` (image classifiers): top-1 accuracy on a labelled image set.
+
+A metric measures the dense model first (`dense`), then the compressed one (`measure`).
+"""
 
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
+from typing import Any
 
 import torch
 from torch import nn
 
+from .data import evaluation_windows, load_rows, load_text, tokenize
+from .errors import DataError
 from .executor import model_call_kwargs
+from .images import fit_to_model, is_image_source, load_images
+from .inputs import check_seq_len, check_source_fits, model_task
 from .progress import progress
+
+MIN_PARAGRAPH_WORDS = 8
+EMBED_BATCH = 16
+IMAGE_BATCH = 256
 
 
 @torch.no_grad()
@@ -29,3 +48,143 @@ def perplexity(model: nn.Module, windows: list[torch.Tensor], device: torch.devi
         total_nll += float(nll)
         total_tokens += ids.shape[1] - 1
     return math.exp(total_nll / total_tokens)
+
+
+class Metric(ABC):
+    """One evaluation: `dense(model)` before compressing, `measure(model)` after. Models are moved to
+    `device` and left there."""
+
+    name: str
+    higher_is_better: bool
+
+    def __init__(self, device: torch.device, quiet: bool):
+        self.device, self.quiet = device, quiet
+
+    def dense(self, model: nn.Module) -> float:
+        return self.measure(model, desc=f"dense {self.name}")
+
+    @abstractmethod
+    def measure(self, model: nn.Module, desc: str | None = None) -> float: ...
+
+
+class Perplexity(Metric):
+    name, higher_is_better = "perplexity", False
+
+    def __init__(self, windows: list[torch.Tensor], device: torch.device, quiet: bool):
+        super().__init__(device, quiet)
+        self.windows = windows
+
+    def measure(self, model: nn.Module, desc: str | None = None) -> float:
+        return perplexity(model, self.windows, self.device, quiet=self.quiet, desc=desc or self.name)
+
+
+def paragraphs(rows: list[str], limit: int | None) -> list[str]:
+    """Paragraphs (blank-line separated) of at least MIN_PARAGRAPH_WORDS words, in order."""
+    out = []
+    for row in rows:
+        for para in row.split("\n\n"):
+            para = " ".join(para.split())
+            if len(para.split()) >= MIN_PARAGRAPH_WORDS:
+                out.append(para)
+                if limit is not None and len(out) >= limit:
+                    return out
+    return out
+
+
+@torch.no_grad()
+def sentence_embeddings(model: nn.Module, batches: list[dict[str, torch.Tensor]], device: torch.device, *,
+                        quiet: bool = False, desc: str = "embeddings") -> torch.Tensor:
+    """Mean-pooled last hidden states, one row per text, float32 on the CPU."""
+    model.to(device)
+    model.eval()
+    out = []
+    for batch in progress(batches, desc=desc, disable=quiet):
+        batch = {k: v.to(device) for k, v in batch.items()}
+        result = model(**batch, output_hidden_states=True)
+        hidden = getattr(result, "last_hidden_state", None)
+        hidden = (hidden if hidden is not None else result.hidden_states[-1]).float()
+        mask = batch["attention_mask"].unsqueeze(-1).float()
+        out.append(((hidden * mask).sum(1) / mask.sum(1).clamp(min=1)).cpu())
+    return torch.cat(out)
+
+
+class EmbeddingCosine(Metric):
+    name, higher_is_better = "embedding_cosine", True
+
+    def __init__(self, batches: list[dict[str, torch.Tensor]], device: torch.device, quiet: bool):
+        super().__init__(device, quiet)
+        self.batches = batches
+        self.reference: torch.Tensor | None = None
+
+    def dense(self, model: nn.Module) -> float:
+        self.reference = sentence_embeddings(model, self.batches, self.device, quiet=self.quiet, desc="dense embeddings")
+        return 1.0
+
+    def measure(self, model: nn.Module, desc: str | None = None) -> float:
+        if self.reference is None:
+            raise RuntimeError("embedding_cosine needs the dense model's embeddings first (call dense)")
+        emb = sentence_embeddings(model, self.batches, self.device, quiet=self.quiet, desc=desc or "embeddings")
+        return float(nn.functional.cosine_similarity(emb, self.reference, dim=-1).mean())
+
+
+class Accuracy(Metric):
+    name, higher_is_better = "accuracy", True
+
+    def __init__(self, pixels: torch.Tensor, labels: torch.Tensor, device: torch.device, quiet: bool):
+        super().__init__(device, quiet)
+        self.pixels, self.labels = pixels, labels
+
+    @torch.no_grad()
+    def measure(self, model: nn.Module, desc: str | None = None) -> float:
+        model.to(self.device)
+        model.eval()
+        correct = 0
+        for start in progress(range(0, len(self.labels), IMAGE_BATCH), desc=desc or self.name, disable=self.quiet):
+            logits = model(self.pixels[start : start + IMAGE_BATCH].to(self.device)).logits
+            correct += int((logits.argmax(-1).cpu() == self.labels[start : start + IMAGE_BATCH]).sum())
+        return correct / len(self.labels)
+
+
+def _text_batches(tokenizer: Any, texts: list[str], seq_len: int) -> list[dict[str, torch.Tensor]]:
+    if tokenizer is None:
+        raise DataError("this model has no tokenizer, so text data cannot be used with it")
+    size = EMBED_BATCH if tokenizer.pad_token is not None else 1  # padding needs a pad token
+    return [dict(tokenizer(texts[i : i + size], padding=size > 1, truncation=True, max_length=seq_len, return_tensors="pt"))
+            for i in range(0, len(texts), size)]
+
+
+def pick_metric(spec: Any, model: nn.Module) -> str:
+    """The metric `auto` means for this model and source; an explicit one is checked against them."""
+    task = model_task(model)
+    wanted = spec.metric
+    if wanted == "auto":
+        wanted = {"causal-lm": "perplexity", "image-classification": "accuracy"}.get(task, "embedding_cosine")
+    if wanted == "perplexity" and task != "causal-lm":
+        raise DataError(f"data.evaluation.metric: perplexity needs a causal LM; {type(model).__name__} is not one "
+                        "(use embedding_cosine for encoders, accuracy for image classifiers)")
+    if wanted == "accuracy" and task != "image-classification":
+        raise DataError(f"data.evaluation.metric: accuracy needs an image classifier; {type(model).__name__} is not one")
+    if wanted == "embedding_cosine" and is_image_source(spec.source):
+        raise DataError("data.evaluation.metric: embedding_cosine needs text, not images")
+    return wanted
+
+
+def make_metric(spec: Any, model: nn.Module, tokenizer: Any, device: torch.device, *, quiet: bool = False) -> Metric:
+    """The metric for `spec` (an `EvaluationData`) with its data loaded."""
+    check_source_fits(model, spec.source, "data.evaluation.source")
+    name = pick_metric(spec, model)
+    if name == "accuracy":
+        images = load_images(spec.source, "evaluation")
+        if images.labels is None:
+            raise DataError(f"data.evaluation.source: {spec.source} has no `labels`, so accuracy cannot be measured")
+        count = spec.max_windows or len(images.labels)
+        return Accuracy(fit_to_model(images.pixels[:count], model.config), images.labels[:count], device, quiet)
+    check_seq_len(model, spec.seq_len, "data.evaluation.seq_len")
+    if name == "embedding_cosine":
+        texts = paragraphs(load_rows(spec.source, "evaluation", config=spec.config, split=spec.split, field=spec.field),
+                           spec.max_windows)
+        if not texts:
+            raise DataError(f"data.evaluation.source: {spec.source} has no paragraph of {MIN_PARAGRAPH_WORDS}+ words")
+        return EmbeddingCosine(_text_batches(tokenizer, texts, spec.seq_len), device, quiet)
+    ids = tokenize(tokenizer, load_text(spec.source, "evaluation", config=spec.config, split=spec.split, field=spec.field))
+    return Perplexity(evaluation_windows(ids, spec.seq_len, spec.max_windows), device, quiet)

@@ -149,16 +149,13 @@ class BlockContext:
         return select_layers(self.layers, params.targets, params.ignore)
 
     def observed_groups(self) -> list[list[LinearLayer]]:
-        """Targeted layers grouped by shared input tensor (one accumulator per group)."""
-        by_local = {layer.local_name: layer for layer in self.layers if layer.name in self.targeted}
-        groups, seen = [], set()
-        for local in by_local:
-            if local in seen:
-                continue
-            group = [by_local[n] for n in self.structure.group_of(local) if n in by_local]
-            seen.update(g.local_name for g in group)
-            groups.append(group)
-        return groups
+        """Targeted layers grouped by shared input tensor (one accumulator per group); the slices of a
+        fused linear share its input, so they fall in one group."""
+        groups: dict[tuple[str, ...], list[LinearLayer]] = {}
+        for layer in self.layers:
+            if layer.name in self.targeted:
+                groups.setdefault(tuple(self.structure.group_of(layer.owner)), []).append(layer)
+        return list(groups.values())
 
     def publish(self, artifact: str, layer: str, value: Any) -> None:
         self.artifacts.setdefault(artifact, {})[layer] = value
@@ -246,15 +243,42 @@ class ExecutionReport:
     roles: dict[str, str]
 
     def layer_metrics(self) -> dict[str, dict[str, Any]]:
-        """Per layer: the metrics of every pass that touched it (later passes win on conflicts)."""
+        """Per module: the metrics of every pass that touched it (later passes win on conflicts). The
+        slices of a fused linear merge into their module's entry (see `merge_slices`)."""
         out: dict[str, dict[str, Any]] = {}
         for block in self.blocks:
             for pass_name, result in block.results:
                 for layer, metrics in result.layers.items():
                     entry = out.setdefault(layer, {"block": block.index})
                     entry.update(metrics)
-                    entry.setdefault("passes", []).append(pass_name)
-        return out
+                    if pass_name not in entry.setdefault("passes", []):
+                        entry["passes"].append(pass_name)
+        return merge_slices(out)
+
+
+def merge_slices(layers: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Fold `name[role]` entries into one `name` entry keyed by the module (what exporters address):
+    role `qkv`, the stacked shape, the row-weighted sparsity, and each slice's own metrics under
+    `slices`."""
+    out: dict[str, dict[str, Any]] = {}
+    for name, entry in layers.items():
+        module, _, role = name.partition("[")
+        merged = out.setdefault(module, {"block": entry["block"], "passes": []})
+        passes = merged["passes"] + [p for p in entry.get("passes", []) if p not in merged["passes"]]
+        if role:
+            merged.setdefault("slices", {})[role.rstrip("]")] = entry
+            merged["role"] = "qkv"
+            merged.update({key: entry[key] for key in ("quant", "packed") if key in entry})
+        else:
+            merged.update(entry)
+        merged["passes"] = passes
+    for entry in out.values():
+        parts = [s for s in entry.get("slices", {}).values() if "shape" in s]
+        if parts:
+            rows = sum(s["shape"][0] for s in parts)
+            entry["shape"] = [rows, parts[0]["shape"][1]]
+            entry["sparsity"] = sum(s["sparsity"] * s["shape"][0] for s in parts if "sparsity" in s) / rows
+    return out
 
 
 class BlockExecutor:

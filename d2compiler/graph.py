@@ -6,11 +6,16 @@ Roles are found from the graph, not from module names:
 - o: the nearest linears downstream of the attention output;
 - gate / up / down: among the remaining linears, `down` consumes another one's output; of the two
   input projections of a gated MLP, `gate` is the one that passes through an activation.
+
+A fused projection (GPT-2's `c_attn`, Phi-3's `qkv_proj`) feeds several attention inputs through a
+split or slice of its output features; each piece becomes its own layer, a row slice of the one
+weight (`attn.c_attn[q]`, rows 0..d), so every pass sees q, k and v as it does for separate linears.
 """
 
 from __future__ import annotations
 
 import logging
+import operator
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -31,6 +36,8 @@ LINEAR_OPS = {_aten.linear.default, _aten.addmm.default, _aten.mm.default, _aten
 MATMUL_OPS = {_aten.matmul.default, _aten.bmm.default, _aten.einsum.default}
 SDPA_OPS = {_aten.scaled_dot_product_attention.default}
 SOFTMAX_OPS = {_aten._softmax.default, _aten.softmax.int, _aten._safe_softmax.default}
+SPLIT_OPS = {_aten.split.Tensor, _aten.split_with_sizes.default, _aten.chunk.default}
+RESHAPE_OPS = {_aten.view.default, _aten.reshape.default, _aten._unsafe_view.default}
 ACTIVATION_OPS = {
     _aten.silu.default, _aten.gelu.default, _aten.relu.default, _aten.sigmoid.default,
     _aten.tanh.default, _aten.hardswish.default, _aten.mish.default, _aten.elu.default,
@@ -59,6 +66,7 @@ class AttentionSite:
     k: list[str]
     v: list[str]
     o: list[str]
+    inputs: dict[str, str] = field(default_factory=dict)  # "q"/"k"/"v" -> the fx node feeding that side
 
 
 @dataclass
@@ -69,6 +77,7 @@ class BlockStructure:
     roles: dict[str, str]
     input_groups: list[list[str]]
     attention: list[AttentionSite] = field(default_factory=list)
+    slices: dict[str, dict[str, tuple[int, int]]] = field(default_factory=dict)  # fused linear -> role -> rows
     graph: nx.DiGraph | None = None
     exported: Any = None
 
@@ -83,10 +92,16 @@ class BlockStructure:
 class LinearLayer:
     """A prunable linear of a block, bound to its module."""
 
-    name: str  # full module name
-    local_name: str  # name inside the block
+    name: str  # full name: the module's, plus "[role]" for a slice of a fused weight
+    local_name: str  # name inside the block, likewise
     module: nn.Module
     role: str
+    rows: tuple[int, int] | None = None  # for a slice of a fused weight: its output rows [start, stop)
+
+    @property
+    def owner(self) -> str:
+        """The module's name inside the block (the local name without a slice suffix)."""
+        return self.local_name.partition("[")[0]
 
     @property
     def transposed(self) -> bool:
@@ -94,14 +109,40 @@ class LinearLayer:
 
     @property
     def shape(self) -> tuple[int, int]:
-        """(out_features, in_features)."""
+        """(out_features, in_features) of this layer (of the slice, for a slice)."""
         w = self.module.weight
-        return (w.shape[1], w.shape[0]) if self.transposed else (w.shape[0], w.shape[1])
+        out_f, in_f = (w.shape[1], w.shape[0]) if self.transposed else (w.shape[0], w.shape[1])
+        return (self.rows[1] - self.rows[0], in_f) if self.rows else (out_f, in_f)
+
+    def whole(self) -> LinearLayer:
+        """The whole module as one layer (itself, unless this is a slice)."""
+        if self.rows is None:
+            return self
+        return LinearLayer(self.name.partition("[")[0], self.owner, self.module, "qkv")
 
     def weight_matrix(self) -> torch.Tensor:
-        """The weight as an (out, in) view of the parameter data (no copy)."""
+        """The weight as an (out, in) view of the parameter data (no copy); a slice's rows only."""
         w = self.module.weight.data
-        return w.t() if self.transposed else w
+        w = w.t() if self.transposed else w
+        return w[self.rows[0] : self.rows[1]] if self.rows else w
+
+    def output_of(self, output: torch.Tensor) -> torch.Tensor:
+        """This layer's part of the module's forward output (its features, for a slice)."""
+        return output[..., self.rows[0] : self.rows[1]] if self.rows else output
+
+    def set_row_buffer(self, name: str, value: torch.Tensor) -> None:
+        """Register a per-output-row buffer (e.g. a quantization scale) on the module; a slice writes
+        its rows of one module-sized buffer, zeros until every slice has written."""
+        value = value.to(self.module.weight.device)
+        if self.rows is None:
+            self.module.register_buffer(name, value)
+            return
+        full_rows = self.whole().shape[0]
+        current = getattr(self.module, name, None)
+        if not isinstance(current, torch.Tensor) or current.shape != (full_rows, *value.shape[1:]):
+            current = torch.zeros((full_rows, *value.shape[1:]), dtype=value.dtype, device=value.device)
+            self.module.register_buffer(name, current)
+        current[self.rows[0] : self.rows[1]] = value
 
     def set_weight_matrix(self, value: torch.Tensor) -> None:
         """Write an (out, in) matrix back, in the parameter's dtype and device."""
@@ -189,7 +230,8 @@ def _attention_sites(g: nx.DiGraph, linear_nodes: dict[str, str]) -> list[Attent
             continue
         if node.target in SDPA_OPS:
             q, k, v = (a.name if isinstance(a, torch.fx.Node) else None for a in node.args[:3])
-            sites.append(AttentionSite(name, "sdpa", owners(q), owners(k), owners(v), owners(name, False)))
+            sites.append(AttentionSite(name, "sdpa", owners(q), owners(k), owners(v), owners(name, False),
+                                       _named(q=q, k=k, v=v)))
         elif node.target in SOFTMAX_OPS:
             scores = _nearest(g, name, {n for n in g if g.nodes[n]["node"].target in MATMUL_OPS}, True)
             values = [
@@ -200,8 +242,81 @@ def _attention_sites(g: nx.DiGraph, linear_nodes: dict[str, str]) -> list[Attent
             smm, vmm = g.nodes[scores[0]]["node"], g.nodes[values[0]]["node"]
             q_in, k_in = (a.name for a in smm.args[:2])
             v_in = vmm.args[1].name
-            sites.append(AttentionSite(name, "eager", owners(q_in), owners(k_in), owners(v_in), owners(vmm.name, False)))
+            sites.append(AttentionSite(name, "eager", owners(q_in), owners(k_in), owners(v_in), owners(vmm.name, False),
+                                       _named(q=q_in, k=k_in, v=v_in)))
     return sites
+
+
+def _named(**inputs: str | None) -> dict[str, str]:
+    return {role: node for role, node in inputs.items() if node is not None}
+
+
+def _feature_width(node: torch.fx.Node) -> int | None:
+    val = node.meta.get("val")
+    return int(val.shape[-1]) if isinstance(val, torch.Tensor) and val.dim() else None
+
+
+def _on_last_dim(node: torch.fx.Node, dim: int) -> bool:
+    val = node.all_input_nodes[0].meta.get("val")
+    return isinstance(val, torch.Tensor) and dim in (-1, val.dim() - 1)
+
+
+def _split_sizes(split: torch.fx.Node, width: int) -> list[int]:
+    arg = split.args[1]
+    if split.target == _aten.chunk.default:
+        size = -(-width // int(arg))
+        return [min(size, width - i) for i in range(0, width, size)]
+    if isinstance(arg, int):
+        return [min(arg, width - i) for i in range(0, width, arg)]
+    return [int(a) for a in arg]
+
+
+def output_pieces(linear: torch.fx.Node) -> list[tuple[str, int, int]]:
+    """The pieces a linear's output is cut into along its feature dimension (through views that keep
+    that dimension): (fx node of the piece, first row, end row). Empty when it is not cut."""
+    width = _feature_width(linear)
+    if width is None:
+        return []
+    pieces, frontier = [], [linear]
+    while frontier:
+        for user in frontier.pop().users:
+            if user.target in RESHAPE_OPS and _feature_width(user) == width:
+                frontier.append(user)
+            elif user.target in SPLIT_OPS and _on_last_dim(user, user.args[2] if len(user.args) > 2 else 0):
+                starts = [0]
+                for size in _split_sizes(user, width):
+                    starts.append(starts[-1] + size)
+                pieces += [(item.name, starts[item.args[1]], starts[item.args[1] + 1])
+                           for item in user.users if item.target is operator.getitem]
+            elif user.target == _aten.slice.Tensor and _on_last_dim(user, user.args[1] if len(user.args) > 1 else 0):
+                start = max(0, min(width, int(user.args[2]) if len(user.args) > 2 and user.args[2] is not None else 0))
+                end = max(start, min(width, int(user.args[3]) if len(user.args) > 3 and user.args[3] is not None else width))
+                pieces.append((user.name, start, end))
+    return pieces
+
+
+def fused_slices(g: nx.DiGraph, linear_nodes: dict[str, str], sites: list[AttentionSite]) -> dict[str, dict[str, tuple[int, int]]]:
+    """For each linear feeding more than one of an attention op's q/k/v inputs: role -> its rows,
+    found by following each piece of its cut output to the attention input it reaches. A fused
+    linear whose pieces cannot all be told apart is left whole (role `qkv`)."""
+    node_of = {owner: n for n, owner in linear_nodes.items()}
+    out: dict[str, dict[str, tuple[int, int]]] = {}
+    for site in sites:
+        for owner in {o for role in ("q", "k", "v") for o in getattr(site, role)}:
+            served = [role for role in ("q", "k", "v") if owner in getattr(site, role)]
+            if len(served) < 2 or owner in out:
+                continue
+            found: dict[str, tuple[int, int]] = {}
+            for piece, start, end in output_pieces(g.nodes[node_of[owner]]["node"]):
+                reached = [r for r in served if r in site.inputs and nx.has_path(g, piece, site.inputs[r])]
+                if len(reached) == 1 and reached[0] not in found:
+                    found[reached[0]] = (start, end)
+            if set(found) == set(served):
+                out[owner] = found
+            else:
+                log.warning("%s feeds %s of attention but its output could not be cut into them; it stays one "
+                            "layer with role qkv", owner, "/".join(served))
+    return out
 
 
 def discover_roles(g: nx.DiGraph, linear_nodes: dict[str, str], sites: list[AttentionSite]) -> dict[str, str]:
@@ -258,7 +373,9 @@ def trace_block(block: nn.Module, args: tuple, kwargs: dict[str, Any], *, label:
     linear_nodes = _linear_nodes(exported, modules)
     sites = _attention_sites(g, linear_nodes)
     roles = discover_roles(g, linear_nodes, sites)
-    return BlockStructure(roles=roles, input_groups=_input_groups(g, linear_nodes, set(exported.graph_signature.inputs_to_parameters)), attention=sites, graph=g, exported=exported)
+    groups = _input_groups(g, linear_nodes, set(exported.graph_signature.inputs_to_parameters))
+    return BlockStructure(roles=roles, input_groups=groups, attention=sites, slices=fused_slices(g, linear_nodes, sites),
+                          graph=g, exported=exported)
 
 
 def structure_from_roles(block: nn.Module, roles: dict[str, str]) -> BlockStructure:
@@ -269,11 +386,17 @@ def structure_from_roles(block: nn.Module, roles: dict[str, str]) -> BlockStruct
 
 
 def bind_linears(block: nn.Module, prefix: str, structure: BlockStructure, overrides: dict[str, str] | None = None) -> list[LinearLayer]:
-    """The prunable linears of one block, in module order, with their roles."""
+    """The prunable linears of one block, in module order, with their roles; a fused q/k/v linear
+    gives one row-slice layer per role, unless `overrides` names it."""
     overrides = overrides or {}
     out = []
     for local, module in block.named_modules():
-        if local and is_linear_module(module):
+        if not local or not is_linear_module(module):
+            continue
+        if local in structure.slices and local not in overrides:
+            out += [LinearLayer(f"{prefix}.{local}[{role}]", f"{local}[{role}]", module, role, rows)
+                    for role, rows in structure.slices[local].items()]
+        else:
             role = overrides.get(local, structure.roles.get(local, "other"))
             out.append(LinearLayer(f"{prefix}.{local}", local, module, role))
     return out
@@ -295,6 +418,8 @@ def matches(layer: LinearLayer, patterns: Iterable[str]) -> bool:
         elif pattern.startswith("role:"):
             if layer.role == pattern[5:]:
                 return True
-        elif pattern in (type(layer.module).__name__, layer.name, layer.local_name):
+        elif pattern in (type(layer.module).__name__, layer.name, layer.local_name, layer.owner, layer.whole().name):
+            return True
+        elif pattern == "Linear":  # every linear, as in llm-compressor, where transformers' Conv1D is one too
             return True
     return False

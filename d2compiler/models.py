@@ -19,6 +19,7 @@ from torch import nn
 from .errors import ModelLoadError
 from .export.hf import QUANT_FILE
 from .export.packed import is_packed_folder, load_packed
+from .inputs import takes_images
 
 log = logging.getLogger(__name__)
 
@@ -199,5 +200,5 @@ def load_model(source: str, dtype: str = "float32", device: str = "auto", revisi
         _strip_gguf_quantizer(model)
     _attach_quantization(model, Path(folder) / QUANT_FILE)
     model.eval()
-    tokenizer = _load_tokenizer(folder, **extra)
+    tokenizer = None if takes_images(model) else _load_tokenizer(folder, **extra)
     return LoadedModel(model=model, tokenizer=tokenizer, source=source)

@@ -45,7 +45,8 @@ class TargetedParams(PassParams):
         default_factory=lambda: ["Linear"],
         description=(
             "Which linear layers inside the repeated blocks the pass acts on. Each entry is a class "
-            "name (`Linear`, `Conv1D`), an exact module name, a role (`role:q`, `role:k`, `role:v`, "
+            "name (`Linear` matches every linear, GPT-2's `Conv1D` included; `Conv1D` only those), an "
+            "exact module name (a fused q/k/v linear's name covers its slices; `attn.c_attn[q]` names one), a role (`role:q`, `role:k`, `role:v`, "
             "`role:o`, `role:gate`, `role:up`, `role:down`), or a regular expression on the full "
             "module name with the prefix `re:` (matched from the start, as in llm-compressor)."
         ),

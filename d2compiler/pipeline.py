@@ -14,13 +14,13 @@ import torch
 from pydantic import BaseModel
 
 from .checkpoint import CheckpointStore, fingerprint, work_dir_for
-from .data import calibration_windows, evaluation_windows, load_text, tokenize
 from .errors import D2Error, PassError
-from .evaluate import perplexity
+from .evaluate import EmbeddingCosine, make_metric
 from .executor import BlockExecutor, ExecutionReport
 from .export.hf import write_output
 from .export.metadata import overall_sparsity, sparsity_record, weights_sha256
 from .export.output_dir import check_output_path
+from .inputs import calibration_inputs
 from .memory import peak_rss_mb
 from .models import LoadedModel, load_model, resolve_device
 from .packing import QUANT_BUFFERS
@@ -34,8 +34,9 @@ class RunSummary:
     """What a run produced and measured."""
 
     output: Path | None
-    dense_ppl: float | None
-    pruned_ppl: float | None
+    metric: str | None  # perplexity, embedding_cosine, accuracy; None without evaluation
+    dense_value: float | None
+    pruned_value: float | None
     sparsity: float
     wall_s: float
     prune_s: float
@@ -45,11 +46,20 @@ class RunSummary:
     execution: ExecutionReport
     record: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def dense_ppl(self) -> float | None:
+        return self.dense_value if self.metric == "perplexity" else None
+
+    @property
+    def pruned_ppl(self) -> float | None:
+        return self.pruned_value if self.metric == "perplexity" else None
+
     def table(self) -> str:
         """A small text table for the terminal."""
+        label = self.metric or "perplexity"
         rows = [
-            ("dense perplexity", _fmt(self.dense_ppl)),
-            ("pruned perplexity", _fmt(self.pruned_ppl)),
+            (f"dense {label}", _fmt(self.dense_value)),
+            (f"pruned {label}", _fmt(self.pruned_value)),
             ("sparsity (pruned layers)", f"{self.sparsity:.4f}"),
             ("pruned layers", str(len(self.layers))),
             ("pruning time (s)", f"{self.prune_s:.1f}"),
@@ -103,18 +113,14 @@ def compress(recipe: BaseModel, *, loaded: LoadedModel | None = None, quiet: boo
     model, tokenizer = loaded.model, loaded.tokenizer
 
     cal = recipe.data.calibration
-    cal_ids = tokenize(tokenizer, load_text(cal.source, "calibration", config=cal.config, split=cal.split, field=cal.field))
-    windows = calibration_windows(cal_ids, cal.samples, cal.seq_len, sampling=cal.sampling, seed=cal.seed)
+    windows = calibration_inputs(cal, model, tokenizer)
 
     ev = recipe.data.evaluation
-    eval_windows = None
-    dense_ppl = None
-    if ev is not None:
-        ev_ids = tokenize(tokenizer, load_text(ev.source, "evaluation", config=ev.config, split=ev.split, field=ev.field))
-        eval_windows = evaluation_windows(ev_ids, ev.seq_len, ev.max_windows)
-        if ev.compare_dense:
-            dense_ppl = perplexity(model, eval_windows, device, quiet=quiet, desc="dense perplexity")
-            model.to("cpu")
+    metric = None if ev is None else make_metric(ev, model, tokenizer, device, quiet=quiet)
+    dense_value = None
+    if metric is not None and (ev.compare_dense or isinstance(metric, EmbeddingCosine)):
+        dense_value = metric.dense(model)
+        model.to("cpu")
 
     prune_start = time.perf_counter()
     executor = BlockExecutor(model, manager.schedule, device=device, role_overrides=recipe.model.roles, quiet=quiet)
@@ -132,18 +138,21 @@ def compress(recipe: BaseModel, *, loaded: LoadedModel | None = None, quiet: boo
         raise
     prune_s = time.perf_counter() - prune_start
 
-    pruned_ppl = None
-    if eval_windows is not None:
-        pruned_ppl = perplexity(model, eval_windows, device, quiet=quiet, desc="pruned perplexity")
+    pruned_value = None if metric is None else metric.measure(model, desc=f"pruned {metric.name}")
     model.to("cpu")
 
     layers = execution.layer_metrics()
     patterns = sorted({p.params.mask_structure for p in manager.schedule if hasattr(p.params, "mask_structure")})
+    metric_name = None if metric is None else metric.name
     results = {
-        "dense_ppl": dense_ppl,
-        "pruned_ppl": pruned_ppl,
-        "calibration": {"source": cal.source, "samples": cal.samples, "seq_len": cal.seq_len, "sampling": cal.sampling},
-        "evaluation": None if ev is None else {"source": ev.source, "seq_len": ev.seq_len, "windows": len(eval_windows or [])},
+        "metric": metric_name,
+        "dense": dense_value,
+        "pruned": pruned_value,
+        "dense_ppl": dense_value if metric_name == "perplexity" else None,
+        "pruned_ppl": pruned_value if metric_name == "perplexity" else None,
+        "calibration": {"source": cal.source, "samples": cal.samples, "seq_len": cal.seq_len, "sampling": cal.sampling,
+                        "batch_size": cal.batch_size},
+        "evaluation": None if ev is None else {"source": ev.source, "seq_len": ev.seq_len, "metric": metric_name},
         "prune_s": round(prune_s, 3),
         "device": str(device),
     }
@@ -162,7 +171,7 @@ def compress(recipe: BaseModel, *, loaded: LoadedModel | None = None, quiet: boo
         if checkpoints is not None:
             checkpoints.discard()
     return RunSummary(
-        output=out_path, dense_ppl=dense_ppl, pruned_ppl=pruned_ppl, sparsity=overall_sparsity(layers),
+        output=out_path, metric=metric_name, dense_value=dense_value, pruned_value=pruned_value, sparsity=overall_sparsity(layers),
         wall_s=time.perf_counter() - start, prune_s=prune_s, peak_rss_mb=peak_rss_mb(), peak_cuda_mb=peak_cuda,
         layers=layers, execution=execution, record=record,
     )

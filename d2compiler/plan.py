@@ -24,6 +24,7 @@ from pydantic import BaseModel
 
 from .executor import BlockExecutor, capture_block_inputs
 from .graph import LinearLayer
+from .inputs import dummy_input
 from .memory import current_rss_mb
 from .models import load_model, resolve_device
 from .passmanager import Pass, PassManager
@@ -109,8 +110,7 @@ def make_plan(recipe: BaseModel) -> Plan:
     loaded = load_model(m.source, m.dtype, "cpu", m.revision, m.attn_implementation)
     model = loaded.model
     executor = BlockExecutor(model, manager.schedule, device=torch.device("cpu"), role_overrides=m.roles, quiet=True)
-    vocab = getattr(model.config, "vocab_size", 100) or 100
-    sample = capture_block_inputs(model, executor.blocks, [torch.randint(0, vocab, (1, 16))], torch.device("cpu"))[0]
+    sample = capture_block_inputs(model, executor.blocks, [dummy_input(model)], torch.device("cpu"))[0]
     per_block = [executor.layers_of(i, executor.structure(i, sample)) for i in range(len(executor.blocks))]
     all_layers = [layer for layers in per_block for layer in layers]
     targets = executor.targeted_names(all_layers)
@@ -136,7 +136,7 @@ def make_plan(recipe: BaseModel) -> Plan:
     hidden = sample.args[0].shape[-1]
     rates = _measure_rates(device, hidden)
     plan = Plan(m.source, executor.blocks_path, len(executor.blocks), manager.schedule, blocks, tokens, rates=rates)
-    groups = [{tuple(executor.structure(i, sample).group_of(la.local_name)) for la in layers if la.name in targeted}
+    groups = [{tuple(executor.structure(i, sample).group_of(la.owner)) for la in layers if la.name in targeted}
               for i, layers in enumerate(per_block[: last + 1])]
     _estimate(plan, per_block[: last + 1], groups, targeted, recipe, model, hidden, baseline_mb)
     return plan
@@ -156,8 +156,8 @@ def _estimate(plan: Plan, blocks: list[list[LinearLayer]], block_groups: list[se
         attn = 4 * tokens * seq * hidden  # QKᵀ and AV over all calibration tokens
         fwd += 2 * (2 * linear_params * tokens + attn) / flop_s
         chosen = [la for la in layers if la.name in targeted]
-        by_local = {la.local_name: la for la in layers}
-        groups = [by_local[g[0]].shape[1] for g in input_groups if g[0] in by_local]  # one Hessian per shared input
+        by_owner = {la.owner: la for la in layers}
+        groups = [by_owner[g[0]].shape[1] for g in input_groups if g[0] in by_owner]  # one Hessian per shared input
         stats += sum(2 * tokens * i * i for i in groups) / flop_s
         for la in chosen:
             out_f, in_f = la.shape

@@ -62,26 +62,32 @@ class ModelSpec(_Strict):
 
 
 class TextSource(_Strict):
-    """A text corpus: joined with "\\n\\n" from its rows, as in the SparseGPT/Wanda protocol."""
+    """A text corpus (joined with "\\n\\n" from its rows, as in the SparseGPT/Wanda protocol) or,
+    for vision models, an image set."""
 
     source: str = Field(
         default="builtin:python-docs",
         description=(
-            "`builtin:python-docs` (the stdlib `pydoc_data.topics` prose, split into disjoint "
+            "Text: `builtin:python-docs` (the stdlib `pydoc_data.topics` prose, split into disjoint "
             "calibration and evaluation parts), a local text file (one row per line, like the HF "
             "`text` loader), a local `.jsonl` file (the `field` of each line), or a HuggingFace "
-            "dataset name loaded with `datasets`."
+            "dataset name loaded with `datasets`. Images (for vision models): `builtin:digits` "
+            "(scikit-learn's 8x8 digits, split into disjoint calibration and evaluation parts) or a "
+            "`.safetensors` file with `pixel_values` (N, C, H, W) in [0, 1] and optional `labels` (N,)."
         ),
         min_length=1,
     )
     config: str | None = Field(default=None, description="HF dataset config name.")
     split: str = Field(default="test", description="HF dataset split.")
     field: str = Field(default="text", description="Text field of jsonl rows / dataset rows.")
-    seq_len: int = Field(default=512, ge=8, le=131072, description="Tokens per window.")
+    seq_len: int = Field(default=512, ge=8, le=131072, description="Tokens per window (text; at most the "
+                         "model's `max_position_embeddings`).")
 
 
 class CalibrationData(TextSource):
-    samples: int = Field(default=32, ge=1, le=100000, description="Number of calibration windows.")
+    samples: int = Field(default=32, ge=1, le=100000, description="Number of calibration windows (text) or images.")
+    batch_size: int = Field(default=1, ge=1, le=4096, description="Samples stacked into one forward of the "
+                            "model (and of each block); a larger batch runs faster and holds more memory.")
     sampling: Literal["sequential", "random"] = Field(
         default="sequential",
         description="`sequential`: the first `samples` non-overlapping windows of the joined "
@@ -91,18 +97,26 @@ class CalibrationData(TextSource):
 
 
 class EvaluationData(TextSource):
+    metric: Literal["auto", "perplexity", "embedding_cosine", "accuracy"] = Field(
+        default="auto", description="`perplexity` (causal LMs: next-token perplexity over windows), "
+        "`embedding_cosine` (encoders: mean cosine similarity of mean-pooled sentence embeddings to the "
+        "dense model's, one per paragraph of the held-out text), `accuracy` (image classifiers, on a "
+        "labelled image set). `auto` picks by the model and the source.",
+    )
     max_windows: int | None = Field(
-        default=None, ge=1, description="Evaluate on the first N windows only (None: all)."
+        default=None, ge=1, description="Evaluate on the first N windows, paragraphs or images only (None: all)."
     )
     compare_dense: bool = Field(
-        default=True, description="Also measure the dense model's perplexity before compressing."
+        default=True, description="Also measure the dense model before compressing (always done for "
+        "`embedding_cosine`, whose reference it is)."
     )
 
 
 class DataSpec(_Strict):
     calibration: CalibrationData = Field(default_factory=CalibrationData)
     evaluation: EvaluationData | None = Field(
-        default=None, description="Perplexity evaluation after compressing; omit to skip it."
+        default=None, description="Evaluation after compressing (perplexity, embedding similarity or "
+        "accuracy); omit to skip it."
     )
 
 

@@ -104,7 +104,7 @@ class AttentionKLUpdatePass(Pass):
             self._held = {}
             for layer in ctx.layers:
                 if layer.role in QKV:
-                    acc = self._held.setdefault(tuple(ctx.structure.group_of(layer.local_name)), {"seen": 0, "tokens": 0, "h": None, "names": []})
+                    acc = self._held.setdefault(tuple(ctx.structure.group_of(layer.owner)), {"seen": 0, "tokens": 0, "h": None, "names": []})
                     acc["names"].append(layer.name)
                     if len(acc["names"]) == 1:
                         self._handles.append(layer.module.register_forward_hook(

@@ -54,7 +54,8 @@ class DualTaylorMaskPass(PruningPass):
         for layer in ctx.select(self.params):
             out_f, in_f = layer.shape
             stats = self._stats[layer.name] = LayerStats(out_f, in_f, self.params.s, reference=self.params.stats == "reference")
-            self._handles.append(layer.module.register_forward_hook(lambda _m, inp, out, st=stats: st.add(inp[0], out)))
+            self._handles.append(layer.module.register_forward_hook(
+                lambda _m, inp, out, st=stats, la=layer: st.add(inp[0], la.output_of(out))))
 
     def end_observe(self, ctx: Any) -> None:
         for handle in self._handles:

@@ -29,7 +29,7 @@ class Pack24Pass(Pass):
             raise PassError(f"pack_2_4: in_features must be a multiple of 8 to pack; not so for {', '.join(bad)}")
 
     def apply(self, ctx: Any) -> PassResult:
-        layers = ctx.select(self.params)
+        layers = list({layer.owner: layer.whole() for layer in ctx.select(self.params)}.values())  # a fused linear packs whole
         bad = {layer.name: violations_2_4(layer.weight_matrix()) for layer in layers}
         bad = {name: count for name, count in bad.items() if count}
         if bad:

@@ -134,10 +134,8 @@ class QuantizationPass(Pass):
             new_weight, scale, zero, extra = self.quantize_layer(layer, weight, keep, ctx)
             new_weight = torch.where(keep, new_weight, torch.zeros_like(new_weight))
             layer.set_weight_matrix(new_weight)
-            module = layer.module
-            device = module.weight.device
-            module.register_buffer("weight_scale", scale.to(device=device, dtype=torch.float32))
-            module.register_buffer("weight_zero_point", zero.to(device=device, dtype=torch.float32))
+            layer.set_row_buffer("weight_scale", scale.to(torch.float32))
+            layer.set_row_buffer("weight_zero_point", zero.to(torch.float32))
             ctx.record_mask(layer.name, keep)
             result.layers[layer.name] = {
                 "role": layer.role, "shape": list(layer.shape),

@@ -42,26 +42,46 @@ def tiny_config(arch: str, vocab: int):
         return tf.MistralConfig(intermediate_size=128, num_key_value_heads=2, **common)
     if arch == "opt":
         return tf.OPTConfig(ffn_dim=128, word_embed_proj_dim=64, max_position_embeddings=512, **common)
+    if arch == "gpt2":
+        return tf.GPT2Config(vocab_size=vocab, n_embd=64, n_layer=2, n_head=4, n_positions=512, bos_token_id=1, eos_token_id=2)
+    if arch == "bert":
+        return tf.BertConfig(intermediate_size=128, max_position_embeddings=512, **common)
+    vision = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, image_size=8,
+                  patch_size=2, num_channels=1, num_labels=10)
+    if arch == "vit":
+        return tf.ViTConfig(**vision)
+    if arch == "deit":
+        return tf.DeiTConfig(**vision)
     raise ValueError(arch)
 
 
+LANGUAGE_MODELS = ("llama", "opt", "qwen3", "mistral", "gpt2")
+VISION_MODELS = ("vit", "deit")
+
+
 def build_tiny(arch: str, tokenizer, folder: Path, attn: str = "sdpa") -> Path:
+    """A tiny random model saved as a transformers folder: a causal LM, a BERT encoder (`AutoModel`) or
+    an image classifier on 8x8 grey images; text models get `tokenizer`."""
     import transformers as tf
 
     torch.manual_seed(0)
     config = tiny_config(arch, len(tokenizer))
     config._attn_implementation = attn
-    model = tf.AutoModelForCausalLM.from_config(config)
+    if arch in VISION_MODELS:  # DeiT maps to two classes in the auto mapping: name the one wanted
+        model = {"vit": tf.ViTForImageClassification, "deit": tf.DeiTForImageClassification}[arch](config)
+    else:
+        model = (tf.AutoModelForCausalLM if arch in LANGUAGE_MODELS else tf.AutoModel).from_config(config)
     model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+    if arch not in VISION_MODELS:
+        tokenizer.save_pretrained(folder)
     return folder
 
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory, tokenizer):
-    """arch -> folder of a tiny random model (llama, opt, qwen3, mistral)."""
+    """arch -> folder of a tiny random model (llama, opt, qwen3, mistral, gpt2, bert, vit, deit)."""
     root = tmp_path_factory.mktemp("tiny")
-    return {arch: build_tiny(arch, tokenizer, root / arch) for arch in ("llama", "opt", "qwen3", "mistral")}
+    return {arch: build_tiny(arch, tokenizer, root / arch) for arch in (*LANGUAGE_MODELS, "bert", *VISION_MODELS)}
 
 
 @pytest.fixture(scope="session")

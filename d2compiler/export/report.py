@@ -124,7 +124,8 @@ def write_report(folder: Path, record: dict[str, Any]) -> Path:
     recipe = record.get("recipe", {})
     title = f"{recipe.get('model', {}).get('source', '?')}: " + " → ".join(p.get("type", "?") for p in recipe.get("passes", []))
     summary = _table(["quantity", "value"], [
-        ["dense perplexity", res.get("dense_ppl")], ["pruned perplexity", res.get("pruned_ppl")],
+        [f"dense {res.get('metric') or 'perplexity'}", res.get("dense", res.get("dense_ppl"))],
+        [f"pruned {res.get('metric') or 'perplexity'}", res.get("pruned", res.get("pruned_ppl"))],
         ["evaluation", (res.get("evaluation") or {}).get("source")],
         ["overall sparsity (pruned layers)", record.get("overall_sparsity")], ["patterns", ", ".join(record.get("patterns", []))],
         ["pruning time (s)", res.get("prune_s")], ["wall time (s)", res.get("wall_s")], ["peak RSS (MiB)", res.get("peak_rss_mb")],

@@ -1,0 +1,91 @@
+"""What a model takes and what it is for, found from transformers' own registries (never from
+names): its main input (token ids or pixel values) and its task (causal LM, image classifier,
+or an encoder), plus the calibration batches a recipe's `data.calibration` describes."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from .data import calibration_windows, load_text, tokenize
+from .errors import DataError
+from .images import fit_to_model, image_batches, is_image_source, load_images
+
+Task = Literal["causal-lm", "image-classification", "encoder"]
+
+
+def takes_images(model: nn.Module) -> bool:
+    """Whether the model's main input is `pixel_values` (a transformers vision model)."""
+    return getattr(model, "main_input_name", "input_ids") == "pixel_values"
+
+
+def _class_names(mapping: Any) -> set[str]:
+    names: set[str] = set()
+    for value in mapping.values():
+        names.update(value if isinstance(value, (list, tuple)) else [value])
+    return names
+
+
+def model_task(model: nn.Module) -> Task:
+    """`causal-lm` or `image-classification` when the model's class is registered for that task in
+    transformers' auto mappings (or it returns logits over a vocabulary / labels), else `encoder`."""
+    from transformers.models.auto import modeling_auto
+
+    name = type(model).__name__
+    if name in _class_names(modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES):
+        return "causal-lm"
+    if name in _class_names(modeling_auto.MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES):
+        return "image-classification"
+    return "encoder"
+
+
+def dummy_input(model: nn.Module, tokens: int = 16) -> torch.Tensor:
+    """A random input of the right kind (one image, or `tokens` token ids) for tracing."""
+    config = getattr(model, "config", None)
+    if takes_images(model):
+        size = getattr(config, "image_size", 224)
+        h, w = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
+        return torch.rand(1, getattr(config, "num_channels", 3), h, w)
+    vocab = getattr(config, "vocab_size", 100) or 100
+    return torch.randint(0, vocab, (1, tokens))
+
+
+def check_source_fits(model: nn.Module, source: str, field: str) -> None:
+    """Image sources for vision models, text for the rest; the error names the recipe field."""
+    if takes_images(model) and not is_image_source(source):
+        raise DataError(f"{field}: {type(model).__name__} takes images, but {source!r} is text; use "
+                        "`builtin:digits` or a .safetensors file with `pixel_values`")
+    if not takes_images(model) and is_image_source(source):
+        raise DataError(f"{field}: {source!r} holds images, but {type(model).__name__} takes token ids")
+
+
+def check_seq_len(model: nn.Module, seq_len: int, field: str) -> None:
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if isinstance(limit, int) and seq_len > limit:
+        raise DataError(f"{field}: {seq_len} tokens is more than the model's max_position_embeddings ({limit})")
+
+
+def _stack(windows: list[torch.Tensor], batch_size: int) -> list[torch.Tensor]:
+    return [torch.cat(windows[i : i + batch_size]) for i in range(0, len(windows), batch_size)]
+
+
+def calibration_inputs(spec: Any, model: nn.Module, tokenizer: Any) -> list[torch.Tensor]:
+    """The calibration batches of `spec` (a `CalibrationData`): token windows shaped
+    (batch, seq_len), or images fitted to the model shaped (batch, C, H, W)."""
+    check_source_fits(model, spec.source, "data.calibration.source")
+    if takes_images(model):
+        images = load_images(spec.source, "calibration")
+        count = len(images.pixels)
+        if spec.samples > count:
+            raise DataError(f"data.calibration.samples: {spec.samples} images asked for, {spec.source} has {count}")
+        if spec.sampling == "random":
+            chosen = torch.randperm(count, generator=torch.Generator().manual_seed(spec.seed))[: spec.samples]
+        else:
+            chosen = torch.arange(spec.samples)
+        return image_batches(fit_to_model(images.pixels[chosen], model.config), spec.batch_size)
+    check_seq_len(model, spec.seq_len, "data.calibration.seq_len")
+    ids = tokenize(tokenizer, load_text(spec.source, "calibration", config=spec.config, split=spec.split, field=spec.field))
+    windows = calibration_windows(ids, spec.samples, spec.seq_len, sampling=spec.sampling, seed=spec.seed)
+    return _stack(windows, spec.batch_size)
