@@ -127,13 +127,16 @@ def _zero_shot(args: argparse.Namespace, loaded) -> int:
     from .models import resolve_device
     from .zeroshot import DEFAULT_FILES, evaluate_task, load_task, run_lm_eval
 
-    if args.harness:
+    if args.harness and args.data == "hub":
         result = run_lm_eval(loaded.model, loaded.tokenizer, args.task, args.limit)
     else:
         path = Path(args.data) if args.data != "builtin:python-docs" else Path("../shared/data") / DEFAULT_FILES[args.task]
         items = load_task(args.task, path)[: args.limit]
-        result = evaluate_task(loaded.model, loaded.tokenizer, items, resolve_device(args.device), quiet=args.quiet,
-                               desc=args.task) | {"data": str(path)}
+        if args.harness:
+            result = run_lm_eval(loaded.model, loaded.tokenizer, args.task, None, items) | {"data": str(path)}
+        else:
+            result = evaluate_task(loaded.model, loaded.tokenizer, items, resolve_device(args.device), quiet=args.quiet,
+                                   desc=args.task) | {"data": str(path)}
     print(json.dumps({"model": args.model, "task": args.task, **result}))
     return 0
 
@@ -187,7 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--reference", default=None, help="embedding_cosine: the dense model to compare with")
     ev.add_argument("--task", choices=["piqa", "arc_easy"], help="zero-shot multiple choice (acc, acc_norm) instead of perplexity")
     ev.add_argument("--limit", type=int, default=None, help="--task: score only the first N items")
-    ev.add_argument("--harness", action="store_true", help="--task: run the task through lm-eval-harness (if installed)")
+    ev.add_argument("--harness", action="store_true", help="--task: score with lm-eval-harness (if installed) instead: the "
+                    "same local items as a local lm-eval task, or with --data hub lm-eval's own task from the hub")
     ev.add_argument("--config", default=None)
     ev.add_argument("--split", default="test")
     ev.add_argument("--field", default="text")

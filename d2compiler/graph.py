@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import logging
 import operator
+import traceback
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import networkx as nx
@@ -362,12 +364,7 @@ def trace_block(block: nn.Module, args: tuple, kwargs: dict[str, Any], *, label:
     try:
         exported = torch.export.export(block, args, kwargs, strict=False)
     except Exception as exc:  # torch.export raises many error types
-        op = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise TraceError(
-            f"{label}: torch.export failed: {op}. Override the roles with `model.roles` in the "
-            "recipe (a linear's name inside the block -> q, k, v, o, gate, up, down or other) to "
-            "skip tracing for this model."
-        ) from None
+        raise TraceError(trace_failure_message(block, label, exc)) from None
     modules = dict(block.named_modules())
     g = _node_graph(exported.graph)
     linear_nodes = _linear_nodes(exported, modules)
@@ -376,6 +373,28 @@ def trace_block(block: nn.Module, args: tuple, kwargs: dict[str, Any], *, label:
     groups = _input_groups(g, linear_nodes, set(exported.graph_signature.inputs_to_parameters))
     return BlockStructure(roles=roles, input_groups=groups, attention=sites, slices=fused_slices(g, linear_nodes, sites),
                           graph=g, exported=exported)
+
+
+def _model_frame(exc: BaseException) -> str | None:
+    """`file:line: code` of the innermost traceback frame outside torch (the model's own code)."""
+    torch_dir = str(Path(torch.__file__).parent)
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if not f.filename.startswith(torch_dir)]
+    if not frames:
+        return None
+    frame = frames[-1]
+    return f"{Path(frame.filename).name}:{frame.lineno}: {(frame.line or '').strip()}"
+
+
+def trace_failure_message(block: nn.Module, label: str, exc: BaseException) -> str:
+    """Which block, which operation (the model's source line and torch's reason), and the recipe
+    lines that skip tracing by naming every linear's role."""
+    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    where = _model_frame(exc)
+    linears = [n for n, m in block.named_modules() if n and is_linear_module(m)]
+    override = "\n".join(f'"{n}" = "other"' for n in linears)
+    return (f"{label}: torch.export cannot trace this block" + (f" at {where}" if where else "") + f" ({reason}). "
+            "To skip tracing, give every linear of the block its role (q, k, v, o, gate, up, down or other) "
+            f"in the recipe:\n[model.roles]\n{override}")
 
 
 def structure_from_roles(block: nn.Module, roles: dict[str, str]) -> BlockStructure:

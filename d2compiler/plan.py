@@ -24,7 +24,7 @@ from pydantic import BaseModel
 
 from .executor import BlockExecutor, capture_block_inputs
 from .graph import LinearLayer
-from .inputs import dummy_input
+from .inputs import dummy_input, takes_images
 from .memory import current_rss_mb
 from .models import load_model, resolve_device
 from .passmanager import Pass, PassManager
@@ -132,20 +132,20 @@ def make_plan(recipe: BaseModel) -> Plan:
             blocks.append(BlockPlan(i, i, touches))
 
     cal = recipe.data.calibration
-    tokens = cal.samples * cal.seq_len
+    seq = sample.args[0].shape[-2] if takes_images(model) else cal.seq_len  # an image is its patch tokens
+    tokens = cal.samples * seq
     hidden = sample.args[0].shape[-1]
     rates = _measure_rates(device, hidden)
     plan = Plan(m.source, executor.blocks_path, len(executor.blocks), manager.schedule, blocks, tokens, rates=rates)
     groups = [{tuple(executor.structure(i, sample).group_of(la.owner)) for la in layers if la.name in targeted}
               for i, layers in enumerate(per_block[: last + 1])]
-    _estimate(plan, per_block[: last + 1], groups, targeted, recipe, model, hidden, baseline_mb)
+    _estimate(plan, per_block[: last + 1], groups, targeted, seq, model, hidden, baseline_mb)
     return plan
 
 
 def _estimate(plan: Plan, blocks: list[list[LinearLayer]], block_groups: list[set[tuple[str, ...]]], targeted: set[str],
-              recipe: BaseModel, model: torch.nn.Module, hidden: int, baseline_mb: float) -> None:
-    cal = recipe.data.calibration
-    tokens, seq = plan.tokens, cal.seq_len
+              seq: int, model: torch.nn.Module, hidden: int, baseline_mb: float) -> None:
+    tokens = plan.tokens
     flop_s = plan.rates["gflops"] * 1e9
     names = {p.name for p in plan.schedule}
     params = {p.name: p.params for p in plan.schedule}
@@ -165,7 +165,8 @@ def _estimate(plan: Plan, blocks: list[list[LinearLayer]], block_groups: list[se
                 obs += (2 * in_f**3 + 3 * out_f * in_f * in_f) / flop_s + in_f * plan.rates["column_us"] / 1e6
         if "attention_kl_update" in names and params["attention_kl_update"].strategy == "kl":
             p = params["attention_kl_update"]
-            samples = cal.samples if p.kl_samples == 0 else min(p.kl_samples, cal.samples)
+            count = tokens // seq
+            samples = count if p.kl_samples == 0 else min(p.kl_samples, count)
             qkv = sum(la.shape[0] * la.shape[1] for la in chosen if la.role in ("q", "k", "v"))
             heads = getattr(model.config, "num_attention_heads", 1) or 1
             kl += samples * (2 * 2 * qkv * seq + 3 * (2 * seq * seq * hidden + 10 * heads * seq * seq)) / flop_s

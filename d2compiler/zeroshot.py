@@ -116,13 +116,51 @@ def evaluate_task(model: nn.Module, tokenizer: Any, items: list[Item], device: t
             "acc_norm": acc_norm, "acc_norm_stderr": math.sqrt(acc_norm * (1 - acc_norm) / max(n - 1, 1)), "items": n}
 
 
-def run_lm_eval(model: nn.Module, tokenizer: Any, task: str, limit: int | None) -> dict[str, Any]:
-    """Run an lm-eval-harness task on this model through its HFLM wrapper (needs `lm_eval`
-    installed and the task's data reachable, which lm-eval downloads from the hub)."""
+LOCAL_TASK_YAML = """task: {name}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{context}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: gold
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+  - metric: acc_norm
+    aggregation: mean
+    higher_is_better: true
+"""
+
+
+def run_lm_eval(model: nn.Module, tokenizer: Any, task: str, limit: int | None, items: list[Item] | None = None,
+                batch_size: int = 8) -> dict[str, Any]:
+    """Score with lm-eval-harness through its HFLM wrapper (needs the `lm_eval` package). With
+    `items`, lm-eval runs them as a local task (a JSON file and task YAML in a temporary folder,
+    no download), which cross-checks this module's scorer; without, lm-eval's own registered
+    `task`, whose data it fetches from the hub."""
+    import tempfile
+
     try:
         from lm_eval import simple_evaluate
         from lm_eval.models.huggingface import HFLM
+        from lm_eval.tasks import TaskManager
     except ImportError as exc:
         raise DataError("--harness needs the lm-eval package (pip install lm-eval)") from exc
-    results = simple_evaluate(model=HFLM(pretrained=model, tokenizer=tokenizer), tasks=[task], limit=limit)
-    return results["results"][task]
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    if items is None:
+        results = simple_evaluate(model=lm, tasks=[task], limit=limit)
+        return results["results"][task]
+    name = f"d2c_local_{task}"
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(tmp) / "items.jsonl"
+        data.write_text("".join(json.dumps({"context": i.context, "choices": i.choices, "gold": i.gold}) + "\n"
+                                for i in items[:limit]))
+        (Path(tmp) / f"{name}.yaml").write_text(LOCAL_TASK_YAML.format(name=name, data=json.dumps(str(data))))
+        results = simple_evaluate(model=lm, tasks=[name], task_manager=TaskManager(include_path=tmp))
+    metrics = results["results"][name]
+    return {key.split(",")[0]: value for key, value in metrics.items() if key.startswith(("acc", "acc_norm"))} | {
+        "items": len(items[:limit])}

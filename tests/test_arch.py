@@ -146,3 +146,55 @@ def test_gpt2_two_of_four_packs_the_fused_weight(tiny_models, tmp_path):
     model = load(tmp_path / "out")
     with torch.no_grad():
         assert torch.isfinite(model(torch.randint(3, 500, (1, 12))).logits).all()
+
+
+class DataDependentBlock(torch.nn.Module):
+    """A block torch.export cannot trace: Python control flow on a tensor's value."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)
+
+    def forward(self, x):
+        h = self.a(x)
+        if h.sum() > 0:
+            h = h * 2
+        return self.b(h)
+
+
+def test_trace_failure_names_block_operation_and_override():
+    from d2compiler.errors import TraceError
+    from d2compiler.graph import structure_from_roles, trace_block
+
+    with pytest.raises(TraceError) as err:
+        trace_block(DataDependentBlock(), (torch.randn(1, 4, 8),), {}, label="model.layers.0 (DataDependentBlock)")
+    message = str(err.value)
+    assert message.startswith("model.layers.0 (DataDependentBlock): torch.export cannot trace this block")
+    assert "test_arch.py" in message and "if h.sum() > 0:" in message
+    assert '[model.roles]\n"a" = "other"\n"b" = "other"' in message
+    # The override it suggests needs no tracing.
+    assert structure_from_roles(DataDependentBlock(), {"a": "up", "b": "down"}).roles == {"a": "up", "b": "down"}
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "vit"])
+def test_plan_on_other_architectures(arch, tiny_models, tmp_path, capsys):
+    assert main(["--quiet", "plan", recipe(tmp_path, tiny_models[arch], arch)]) == 0
+    out = capsys.readouterr().out
+    assert "attn.c_attn[q] (q)" in out if arch == "gpt2" else "attention.q_proj (q)" in out
+
+
+def test_passes_name_no_model_family():
+    """Structure comes from the graph: no pass or core module branches on a model family."""
+    import re
+    from pathlib import Path
+
+    import d2compiler
+    import passes
+
+    # `model_type`, or a family name as a string literal (what a branch on the family would compare with)
+    pattern = re.compile(r"model_type|[\"'](llama|mistral|qwen\d?|opt|gpt-?2|bert|vit|deit)[\"']", re.IGNORECASE)
+    for package in (passes, d2compiler):
+        for path in Path(package.__file__).parent.rglob("*.py"):
+            code = "\n".join(line for line in path.read_text().splitlines() if not line.lstrip().startswith("#"))
+            hits = [m.group(0) for m in pattern.finditer(code)]
+            assert not hits, f"{path}: {hits}"

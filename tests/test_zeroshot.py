@@ -64,3 +64,17 @@ def test_cli_task_on_tiny_model(tiny_models, capsys):
                  "--data", str(SHARED_DATA / "zeroshot/arc/ARC-Easy-test.jsonl")]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["items"] == 5 and 0 <= result["acc"] <= 1 and 0 <= result["acc_norm"] <= 1
+
+
+@pytest.mark.parametrize("task,rel", [("piqa", "zeroshot/piqa/valid.jsonl"), ("arc_easy", "zeroshot/arc/ARC-Easy-test.jsonl")])
+def test_scores_match_lm_eval_harness(task, rel, tiny_models, capsys):
+    """The same items scored by this module and by lm-eval-harness (a local task) agree exactly."""
+    pytest.importorskip("lm_eval")
+    path = str(SHARED_DATA / rel)
+    common = ["--quiet", "eval", str(tiny_models["llama"]), "--task", task, "--data", path, "--limit", "24", "--device", "cpu"]
+    assert main(common) == 0
+    ours = json.loads(capsys.readouterr().out)
+    assert main([*common, "--harness"]) == 0
+    harness = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert harness["items"] == ours["items"] == 24
+    assert harness["acc"] == pytest.approx(ours["acc"]) and harness["acc_norm"] == pytest.approx(ours["acc_norm"])

@@ -1,0 +1,120 @@
+"""Image sources, what a model takes, and the metrics beyond perplexity."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from d2compiler.cli import main
+from d2compiler.errors import DataError
+from d2compiler.evaluate import make_metric, paragraphs
+from d2compiler.images import digits, fit_to_model, load_images
+from d2compiler.inputs import calibration_inputs, dummy_input, model_task, takes_images
+from d2compiler.models import load_model
+from d2compiler.recipe import CalibrationData, EvaluationData
+
+
+def test_digits_parts_are_disjoint_and_fixed():
+    cal, ev = digits("calibration"), digits("evaluation")
+    assert (len(cal.labels), len(ev.labels)) == (1347, 450)
+    assert cal.pixels.shape[1:] == (1, 8, 8) and 0.0 <= float(cal.pixels.min()) and float(cal.pixels.max()) <= 1.0
+    flat = {tuple(x.flatten().tolist()) for x in cal.pixels}
+    assert sum(tuple(x.flatten().tolist()) in flat for x in ev.pixels) < 10  # sklearn's digits has a few duplicates
+    assert torch.equal(digits("evaluation").pixels, ev.pixels)
+
+
+def test_fit_to_model_resizes_and_repeats_channels():
+    class Config:
+        image_size, num_channels = 16, 3
+
+    out = fit_to_model(torch.ones(2, 1, 8, 8), Config())
+    assert out.shape == (2, 3, 16, 16) and torch.allclose(out, torch.ones_like(out))
+
+
+def test_safetensors_image_source(tmp_path):
+    path = tmp_path / "images.safetensors"
+    save_file({"pixel_values": torch.rand(5, 1, 8, 8), "labels": torch.arange(5)}, str(path))
+    images = load_images(str(path), "evaluation")
+    assert images.pixels.shape == (5, 1, 8, 8) and images.labels.tolist() == [0, 1, 2, 3, 4]
+    save_file({"pixel_values": torch.rand(5, 1, 8, 8), "labels": torch.arange(4)}, str(path))
+    with pytest.raises(DataError, match="'labels' must be shaped"):
+        load_images(str(path), "evaluation")
+    save_file({"images": torch.rand(5, 1, 8, 8)}, str(path))
+    with pytest.raises(DataError, match="pixel_values"):
+        load_images(str(path), "evaluation")
+    with pytest.raises(DataError, match="no such file"):
+        load_images(str(tmp_path / "missing.safetensors"), "evaluation")
+
+
+def test_model_kinds(tiny_models):
+    vit = load_model(str(tiny_models["vit"]), "float32", "cpu")
+    bert = load_model(str(tiny_models["bert"]), "float32", "cpu")
+    gpt2 = load_model(str(tiny_models["gpt2"]), "float32", "cpu")
+    assert takes_images(vit.model) and vit.tokenizer is None and dummy_input(vit.model).shape == (1, 1, 8, 8)
+    assert [model_task(m.model) for m in (vit, bert, gpt2)] == ["image-classification", "encoder", "causal-lm"]
+
+
+def test_calibration_inputs_batches_images_and_tokens(tiny_models):
+    vit = load_model(str(tiny_models["vit"]), "float32", "cpu")
+    batches = calibration_inputs(CalibrationData(source="builtin:digits", samples=40, batch_size=16), vit.model, None)
+    assert [b.shape[0] for b in batches] == [16, 16, 8] and batches[0].shape[1:] == (1, 8, 8)
+    llama = load_model(str(tiny_models["llama"]), "float32", "cpu")
+    windows = calibration_inputs(CalibrationData(samples=4, seq_len=32, batch_size=2), llama.model, llama.tokenizer)
+    assert [w.shape for w in windows] == [(2, 32), (2, 32)]
+
+
+def test_source_and_model_must_match(tiny_models):
+    vit = load_model(str(tiny_models["vit"]), "float32", "cpu")
+    with pytest.raises(DataError, match="data.calibration.source: ViTForImageClassification takes images"):
+        calibration_inputs(CalibrationData(), vit.model, None)
+    bert = load_model(str(tiny_models["bert"]), "float32", "cpu")
+    with pytest.raises(DataError, match="holds images"):
+        calibration_inputs(CalibrationData(source="builtin:digits"), bert.model, bert.tokenizer)
+    with pytest.raises(DataError, match="data.calibration.seq_len: 1024 tokens is more than the model's max_position"):
+        calibration_inputs(CalibrationData(seq_len=1024), bert.model, bert.tokenizer)
+    with pytest.raises(DataError, match="perplexity needs a causal LM; BertModel"):
+        make_metric(EvaluationData(metric="perplexity"), bert.model, bert.tokenizer, torch.device("cpu"))
+    with pytest.raises(DataError, match="accuracy needs an image classifier"):
+        make_metric(EvaluationData(metric="accuracy"), bert.model, bert.tokenizer, torch.device("cpu"))
+
+
+def test_embedding_cosine_is_one_for_the_same_model(tiny_models):
+    bert = load_model(str(tiny_models["bert"]), "float32", "cpu")
+    metric = make_metric(EvaluationData(seq_len=64, max_windows=5), bert.model, bert.tokenizer, torch.device("cpu"), quiet=True)
+    assert metric.name == "embedding_cosine" and metric.dense(bert.model) == 1.0
+    assert metric.measure(bert.model) == pytest.approx(1.0, abs=1e-6)
+    with torch.no_grad():
+        bert.model.encoder.layer[0].output.dense.weight.mul_(0.0)
+    assert metric.measure(bert.model) < 0.9999
+
+
+def test_paragraphs_split_and_filter():
+    rows = ["short", "one two three four five six seven eight\n\nnine", " = Heading = ", "a b c d e f g h i j"]
+    assert paragraphs(rows, None) == ["one two three four five six seven eight", "a b c d e f g h i j"]
+    assert paragraphs(rows, 1) == ["one two three four five six seven eight"]
+
+
+def test_eval_cli_accuracy_and_reference(tiny_models, capsys):
+    assert main(["--quiet", "eval", str(tiny_models["vit"]), "--data", "builtin:digits", "--device", "cpu"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["metric"] == "accuracy" and 0.0 <= out["value"] <= 1.0
+    bert = str(tiny_models["bert"])
+    assert main(["--quiet", "eval", bert, "--seq-len", "64", "--max-windows", "4", "--device", "cpu"]) == 2
+    assert "--reference" in capsys.readouterr().err
+    assert main(["--quiet", "eval", bert, "--reference", bert, "--seq-len", "64", "--max-windows", "4", "--device", "cpu"]) == 0
+    assert json.loads(capsys.readouterr().out)["value"] == pytest.approx(1.0, abs=1e-6)
+
+
+def test_batched_calibration_run(tiny_models, tmp_path, capsys):
+    from .conftest import write_recipe
+
+    passes = '[[passes]]\ntype = "calibrate"\n[[passes]]\ntype = "sparsegpt"\nsparsity = 0.5\n'
+    path = write_recipe(tmp_path / "r.toml", str(tiny_models["llama"]), passes, output=tmp_path / "out")
+    path.write_text(path.read_text().replace("seq_len = 64\n", "seq_len = 64\nbatch_size = 2\n", 1))
+    assert main(["--quiet", "run", str(path)]) == 0
+    record = json.loads((tmp_path / "out" / "sparsity.json").read_text())
+    assert record["results"]["calibration"]["batch_size"] == 2
+    assert all(m["sparsity"] == pytest.approx(0.5, abs=1e-3) for m in record["layers"].values())
