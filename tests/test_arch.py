@@ -46,14 +46,16 @@ block_size = 32
 """
 
 
-def recipe(tmp_path, folder, arch: str) -> str:
+def recipe(tmp_path, folder, arch: str, passes: str = D2PRUNE, evaluate: bool = True) -> str:
+    """A recipe file for a tiny model: text or image calibration as the model takes, optional evaluation."""
     vision = arch in VISION_MODELS
     data = ('source = "builtin:digits"\nsamples = 64\nbatch_size = 16' if vision
             else 'source = "builtin:python-docs"\nsamples = 4\nseq_len = 64')
     evaluation = 'source = "builtin:digits"' if vision else 'source = "builtin:python-docs"\nseq_len = 64\nmax_windows = 4'
+    evaluation = f"[data.evaluation]\n{evaluation}\n" if evaluate else ""
     path = tmp_path / "recipe.toml"
     path.write_text(f'version = 1\n[model]\nsource = "{folder}"\ndevice = "cpu"\n[data.calibration]\n{data}\n'
-                    f'[data.evaluation]\n{evaluation}\n{D2PRUNE}\n[output]\npath = "{tmp_path / "out"}"\n')
+                    f'{evaluation}{passes}\n[output]\npath = "{tmp_path / "out"}"\n')
     return str(path)
 
 
@@ -198,3 +200,62 @@ def test_passes_name_no_model_family():
             code = "\n".join(line for line in path.read_text().splitlines() if not line.lstrip().startswith("#"))
             hits = [m.group(0) for m in pattern.finditer(code)]
             assert not hits, f"{path}: {hits}"
+
+
+class FusedBlock(torch.nn.Module):
+    """Fused q/k/v cut three ways: `chunk`, explicit slices (Phi-3 style), or a fused k/v only."""
+
+    def __init__(self, cut: str, d=32, heads=4):
+        super().__init__()
+        self.cut, self.heads = cut, heads
+        self.norm = torch.nn.LayerNorm(d)
+        if cut == "kv":
+            self.q, self.kv = torch.nn.Linear(d, d), torch.nn.Linear(d, 2 * d)
+        else:
+            self.qkv = torch.nn.Linear(d, 3 * d)
+        self.o, self.up, self.down = torch.nn.Linear(d, d), torch.nn.Linear(d, 4 * d), torch.nn.Linear(4 * d, d)
+
+    def split(self, x):
+        b, t, d = x.shape
+        return x.view(b, t, self.heads, d // self.heads).transpose(1, 2)
+
+    def forward(self, x):
+        h, d = self.norm(x), x.shape[-1]
+        if self.cut == "chunk":
+            q, k, v = self.qkv(h).chunk(3, dim=-1)
+        elif self.cut == "slice":
+            qkv = self.qkv(h)
+            q, k, v = qkv[..., :d], qkv[..., d : 2 * d], qkv[..., 2 * d :]
+        else:
+            q, (k, v) = self.q(h), self.kv(h).split(d, dim=-1)
+        att = torch.nn.functional.scaled_dot_product_attention(self.split(q), self.split(k), self.split(v), is_causal=True)
+        x = x + self.o(att.transpose(1, 2).reshape(x.shape))
+        return x + self.down(torch.nn.functional.gelu(self.up(x)))
+
+
+@pytest.mark.parametrize("cut", ["chunk", "slice", "kv"])
+def test_fused_projection_cut_any_way(cut):
+    from d2compiler.graph import trace_block
+
+    structure = trace_block(FusedBlock(cut), (torch.randn(1, 6, 32),), {}, label=cut)
+    if cut == "kv":
+        assert structure.slices == {"kv": {"k": (0, 32), "v": (32, 64)}} and structure.roles["q"] == "q"
+    else:
+        assert structure.slices == {"qkv": {"q": (0, 32), "k": (32, 64), "v": (64, 96)}}
+    assert structure.roles["o"] == "o" and structure.roles["down"] == "down"
+
+
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
+@pytest.mark.parametrize("arch", list(EXPECTED))
+def test_baselines_two_of_four_on_every_architecture(arch, method, tiny_models, tmp_path):
+    from d2compiler.packing import violations_2_4
+
+    passes = f'[[passes]]\ntype = "calibrate"\n[[passes]]\ntype = "{method}"\nmask_structure = "2:4"\n'
+    assert main(["--quiet", "run", recipe(tmp_path, tiny_models[arch], arch, passes, evaluate=False)]) == 0
+    record = json.loads((tmp_path / "out" / "sparsity.json").read_text())
+    assert len(record["layers"]) == 2 * len({local.partition("[")[0] for local in EXPECTED[arch]})
+    model = reload(tmp_path / "out")
+    for name in record["layers"]:
+        weight = model.get_submodule(name).weight
+        matrix = weight.t() if type(model.get_submodule(name)).__name__ == "Conv1D" else weight
+        assert violations_2_4(matrix) == 0 and float((matrix == 0).float().mean()) == pytest.approx(0.5, abs=1e-6)

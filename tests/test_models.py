@@ -42,3 +42,17 @@ def test_gguf_source_dequantizes_real_smollm2():
     assert sum(p.numel() for p in model.parameters()) == pytest.approx(134.5e6, rel=0.01)
     assert model.config.num_hidden_layers == 30 and model.config.num_key_value_heads == 3
     assert getattr(model, "hf_quantizer", None) is None
+
+
+def test_builtin_minilm_is_the_real_encoder(capsys):
+    from d2compiler.cli import main
+
+    loaded = load_model("builtin:all-minilm-l6-v2", "float32", "cpu")
+    assert type(loaded.model).__name__ == "BertModel" and loaded.model.config.num_hidden_layers == 6
+    assert loaded.tokenizer("a sentence").input_ids[0] == loaded.tokenizer.cls_token_id
+    assert main(["inspect", "builtin:all-minilm-l6-v2"]) == 0
+    out = capsys.readouterr().out
+    assert "blocks: encoder.layer x 6 (BertLayer)" in out
+    for local, role in [("attention.self.query", "q"), ("attention.self.key", "k"), ("attention.self.value", "v"),
+                        ("attention.output.dense", "o"), ("intermediate.dense", "up"), ("output.dense", "down")]:
+        assert any(line.split()[:3] == [local, "Linear", role] for line in out.splitlines() if line.strip()), local
