@@ -178,7 +178,7 @@ def make_metric(spec: Any, model: nn.Module, tokenizer: Any, device: torch.devic
         if images.labels is None:
             raise DataError(f"data.evaluation.source: {spec.source} has no `labels`, so accuracy cannot be measured")
         count = spec.max_windows or len(images.labels)
-        return Accuracy(fit_to_model(images.pixels[:count], model.config), images.labels[:count], device, quiet)
+        return Accuracy(fit_to_model(images.pixels[:count], model.config, tokenizer), images.labels[:count], device, quiet)
     check_seq_len(model, spec.seq_len, "data.evaluation.seq_len")
     if name == "embedding_cosine":
         texts = paragraphs(load_rows(spec.source, "evaluation", config=spec.config, split=spec.split, field=spec.field),

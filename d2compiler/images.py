@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -75,9 +76,10 @@ def load_images(source: str, part: Part) -> ImageSet:
     return _safetensors_images(path)
 
 
-def fit_to_model(pixels: torch.Tensor, config: object) -> torch.Tensor:
+def fit_to_model(pixels: torch.Tensor, config: object, processor: Any = None) -> torch.Tensor:
     """Images as the model expects them: resized to `config.image_size`, grey repeated to
-    `config.num_channels`, normalised with mean 0.5 and std 0.5 (the ViT/DeiT convention)."""
+    `config.num_channels`, normalised with the image processor's `image_mean` / `image_std` when
+    it has them, else mean 0.5 and std 0.5 (the ViT convention)."""
     size = getattr(config, "image_size", pixels.shape[-1])
     size = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
     channels = getattr(config, "num_channels", pixels.shape[1])
@@ -87,7 +89,9 @@ def fit_to_model(pixels: torch.Tensor, config: object) -> torch.Tensor:
         if pixels.shape[1] != 1:
             raise DataError(f"images have {pixels.shape[1]} channels but the model takes {channels}")
         pixels = pixels.expand(-1, channels, -1, -1)
-    return (pixels - 0.5) / 0.5
+    mean, std = getattr(processor, "image_mean", None) or 0.5, getattr(processor, "image_std", None) or 0.5
+    shape = (1, -1, 1, 1)
+    return (pixels - torch.tensor(mean, dtype=pixels.dtype).reshape(shape)) / torch.tensor(std, dtype=pixels.dtype).reshape(shape)
 
 
 def image_batches(pixels: torch.Tensor, batch_size: int) -> list[torch.Tensor]:

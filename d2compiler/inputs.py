@@ -73,7 +73,8 @@ def _stack(windows: list[torch.Tensor], batch_size: int) -> list[torch.Tensor]:
 
 def calibration_inputs(spec: Any, model: nn.Module, tokenizer: Any) -> list[torch.Tensor]:
     """The calibration batches of `spec` (a `CalibrationData`): token windows shaped
-    (batch, seq_len), or images fitted to the model shaped (batch, C, H, W)."""
+    (batch, seq_len), or images fitted to the model (with `tokenizer`, its image processor) shaped
+    (batch, C, H, W)."""
     check_source_fits(model, spec.source, "data.calibration.source")
     if takes_images(model):
         images = load_images(spec.source, "calibration")
@@ -84,7 +85,7 @@ def calibration_inputs(spec: Any, model: nn.Module, tokenizer: Any) -> list[torc
             chosen = torch.randperm(count, generator=torch.Generator().manual_seed(spec.seed))[: spec.samples]
         else:
             chosen = torch.arange(spec.samples)
-        return image_batches(fit_to_model(images.pixels[chosen], model.config), spec.batch_size)
+        return image_batches(fit_to_model(images.pixels[chosen], model.config, tokenizer), spec.batch_size)
     check_seq_len(model, spec.seq_len, "data.calibration.seq_len")
     ids = tokenize(tokenizer, load_text(spec.source, "calibration", config=spec.config, split=spec.split, field=spec.field))
     windows = calibration_windows(ids, spec.samples, spec.seq_len, sampling=spec.sampling, seed=spec.seed)

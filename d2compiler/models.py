@@ -34,8 +34,8 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 @dataclass
 class LoadedModel:
-    """A model ready to compress, with its tokenizer (None for models without one) and where it
-    came from."""
+    """A model ready to compress, with its tokenizer (for a vision model: its image processor; None
+    when the source has none) and where it came from. Both are saved with the output."""
 
     model: nn.Module
     tokenizer: Any
@@ -134,6 +134,16 @@ def _load_tokenizer(folder_or_id: str, **kwargs: Any) -> Any:
         return None
 
 
+def _load_image_processor(folder_or_id: str, **kwargs: Any) -> Any:
+    from transformers import AutoImageProcessor
+
+    try:
+        return AutoImageProcessor.from_pretrained(folder_or_id, **kwargs)
+    except (OSError, ValueError, KeyError):
+        log.info("no image processor in %s; images are normalised with mean 0.5, std 0.5", folder_or_id)
+        return None
+
+
 def _attach_quantization(model: nn.Module, path: Path) -> None:
     """Register the scales and zero points a d2c output keeps beside its weights (if any)."""
     if not path.is_file():
@@ -208,5 +218,5 @@ def load_model(source: str, dtype: str = "float32", device: str = "auto", revisi
         _strip_gguf_quantizer(model)
     _attach_quantization(model, Path(folder) / QUANT_FILE)
     model.eval()
-    tokenizer = None if takes_images(model) else _load_tokenizer(folder, **extra)
+    tokenizer = (_load_image_processor if takes_images(model) else _load_tokenizer)(folder, **extra)
     return LoadedModel(model=model, tokenizer=tokenizer, source=source)

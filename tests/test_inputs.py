@@ -118,3 +118,23 @@ def test_batched_calibration_run(tiny_models, tmp_path, capsys):
     record = json.loads((tmp_path / "out" / "sparsity.json").read_text())
     assert record["results"]["calibration"]["batch_size"] == 2
     assert all(m["sparsity"] == pytest.approx(0.5, abs=1e-3) for m in record["layers"].values())
+
+
+def test_image_processor_normalises_and_is_saved(tiny_models, tmp_path):
+    import shutil
+
+    from transformers import ViTImageProcessor
+
+    folder = tmp_path / "vit"
+    shutil.copytree(tiny_models["vit"], folder)
+    ViTImageProcessor(size={"height": 8, "width": 8}, image_mean=[0.2], image_std=[0.4]).save_pretrained(folder)
+    loaded = load_model(str(folder), "float32", "cpu")
+    assert loaded.tokenizer is not None and list(loaded.tokenizer.image_mean) == [0.2]
+    batch = calibration_inputs(CalibrationData(source="builtin:digits", samples=4, batch_size=4), loaded.model, loaded.tokenizer)[0]
+    torch.testing.assert_close(batch, (digits("calibration").pixels[:4] - 0.2) / 0.4)
+    path = tmp_path / "r.toml"
+    path.write_text(f'version = 1\n[model]\nsource = "{folder}"\ndevice = "cpu"\n[data.calibration]\nsource = "builtin:digits"\n'
+                    f'samples = 32\nbatch_size = 16\n[[passes]]\ntype = "magnitude"\nsparsity = 0.5\n'
+                    f'[output]\npath = "{tmp_path / "out"}"\n')
+    assert main(["--quiet", "run", str(path)]) == 0
+    assert json.loads((tmp_path / "out" / "preprocessor_config.json").read_text())["image_std"] == [0.4]
