@@ -114,9 +114,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             raise D2Error(f"--reference: embedding_cosine compares {args.model} with a dense model; name it with --reference")
         metric.dense(load_model(args.reference, args.dtype, args.device).model)
     value = metric.measure(loaded.model)
-    out = {"model": args.model, "data": args.data, "metric": metric.name, "value": value}
+    out = {"model": args.model, "data": args.data, "metric": metric.name, "value": value, "count": metric.count}
     if metric.name == "perplexity":
-        out |= {"seq_len": args.seq_len, "windows": len(metric.windows), "ppl": value}
+        out |= {"seq_len": args.seq_len, "windows": metric.count, "ppl": value}
     print(json.dumps(out))
     return 0
 

@@ -52,10 +52,11 @@ def perplexity(model: nn.Module, windows: list[torch.Tensor], device: torch.devi
 
 class Metric(ABC):
     """One evaluation: `dense(model)` before compressing, `measure(model)` after. Models are moved to
-    `device` and left there."""
+    `device` and left there. `count`: windows, paragraphs or images evaluated."""
 
     name: str
     higher_is_better: bool
+    count: int
 
     def __init__(self, device: torch.device, quiet: bool):
         self.device, self.quiet = device, quiet
@@ -72,7 +73,7 @@ class Perplexity(Metric):
 
     def __init__(self, windows: list[torch.Tensor], device: torch.device, quiet: bool):
         super().__init__(device, quiet)
-        self.windows = windows
+        self.windows, self.count = windows, len(windows)
 
     def measure(self, model: nn.Module, desc: str | None = None) -> float:
         return perplexity(model, self.windows, self.device, quiet=self.quiet, desc=desc or self.name)
@@ -114,6 +115,7 @@ class EmbeddingCosine(Metric):
     def __init__(self, batches: list[dict[str, torch.Tensor]], device: torch.device, quiet: bool):
         super().__init__(device, quiet)
         self.batches = batches
+        self.count = sum(len(b["input_ids"]) for b in batches)
         self.reference: torch.Tensor | None = None
 
     def dense(self, model: nn.Module) -> float:
@@ -132,7 +134,7 @@ class Accuracy(Metric):
 
     def __init__(self, pixels: torch.Tensor, labels: torch.Tensor, device: torch.device, quiet: bool):
         super().__init__(device, quiet)
-        self.pixels, self.labels = pixels, labels
+        self.pixels, self.labels, self.count = pixels, labels, len(labels)
 
     @torch.no_grad()
     def measure(self, model: nn.Module, desc: str | None = None) -> float:

@@ -152,7 +152,8 @@ def compress(recipe: BaseModel, *, loaded: LoadedModel | None = None, quiet: boo
         "pruned_ppl": pruned_value if metric_name == "perplexity" else None,
         "calibration": {"source": cal.source, "samples": cal.samples, "seq_len": cal.seq_len, "sampling": cal.sampling,
                         "batch_size": cal.batch_size},
-        "evaluation": None if ev is None else {"source": ev.source, "seq_len": ev.seq_len, "metric": metric_name},
+        "evaluation": None if metric is None else {"source": ev.source, "seq_len": ev.seq_len, "metric": metric_name,
+                                                   "higher_is_better": metric.higher_is_better, "count": metric.count},
         "prune_s": round(prune_s, 3),
         "device": str(device),
     }
