@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -54,11 +55,7 @@ def linear_bytes(folder: Path) -> int:
                 if ".layers." in key and "_proj." in key and not key.endswith(".bias"):
                     t = f.get_slice(key)
                     shape, dtype = t.get_shape(), t.get_dtype()
-                    size = {"F16": 2, "BF16": 2, "F32": 4, "U8": 1, "I8": 1}[dtype]
-                    n = 1
-                    for dim in shape:
-                        n *= dim
-                    total += n * size
+                    total += math.prod(shape) * {"F16": 2, "BF16": 2, "F32": 4, "U8": 1, "I8": 1}[dtype]
     return total
 
 

@@ -99,7 +99,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from .evaluate import EmbeddingCosine, make_metric
+    from .evaluate import make_metric
     from .models import load_model, resolve_device
     from .recipe import EvaluationData
 
@@ -109,9 +109,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     spec = EvaluationData(source=args.data, config=args.config, split=args.split, field=args.field, seq_len=args.seq_len,
                           max_windows=args.max_windows, metric=args.metric)
     metric = make_metric(spec, loaded.model, loaded.tokenizer, resolve_device(args.device), quiet=args.quiet)
-    if isinstance(metric, EmbeddingCosine):
+    if metric.needs_dense:
         if not args.reference:
-            raise D2Error(f"--reference: embedding_cosine compares {args.model} with a dense model; name it with --reference")
+            raise D2Error(f"--reference: {metric.name} compares {args.model} with a dense model; name it with --reference")
         metric.dense(load_model(args.reference, args.dtype, args.device).model)
     value = metric.measure(loaded.model)
     out = {"model": args.model, "data": args.data, "metric": metric.name, "value": value, "count": metric.count}
@@ -133,10 +133,11 @@ def _zero_shot(args: argparse.Namespace, loaded) -> int:
         path = Path(args.data) if args.data != "builtin:python-docs" else Path("../shared/data") / DEFAULT_FILES[args.task]
         items = load_task(args.task, path)[: args.limit]
         if args.harness:
-            result = run_lm_eval(loaded.model, loaded.tokenizer, args.task, None, items) | {"data": str(path)}
+            result = run_lm_eval(loaded.model, loaded.tokenizer, args.task, None, items)
         else:
             result = evaluate_task(loaded.model, loaded.tokenizer, items, resolve_device(args.device), quiet=args.quiet,
-                                   desc=args.task) | {"data": str(path)}
+                                   desc=args.task)
+        result["data"] = str(path)
     print(json.dumps({"model": args.model, "task": args.task, **result}))
     return 0
 

@@ -57,6 +57,7 @@ class Metric(ABC):
     name: str
     higher_is_better: bool
     count: int
+    needs_dense = False  # True when `dense` records the reference that `measure` compares with
 
     def __init__(self, device: torch.device, quiet: bool):
         self.device, self.quiet = device, quiet
@@ -110,7 +111,7 @@ def sentence_embeddings(model: nn.Module, batches: list[dict[str, torch.Tensor]]
 
 
 class EmbeddingCosine(Metric):
-    name, higher_is_better = "embedding_cosine", True
+    name, higher_is_better, needs_dense = "embedding_cosine", True, True
 
     def __init__(self, batches: list[dict[str, torch.Tensor]], device: torch.device, quiet: bool):
         super().__init__(device, quiet)

@@ -29,6 +29,7 @@ from .graph import (
     block_signature,
     find_blocks,
     matches,
+    split_slice_name,
     structure_from_roles,
     trace_block,
 )
@@ -262,11 +263,11 @@ def merge_slices(layers: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]
     `slices`."""
     out: dict[str, dict[str, Any]] = {}
     for name, entry in layers.items():
-        module, _, role = name.partition("[")
+        module, role = split_slice_name(name)
         merged = out.setdefault(module, {"block": entry["block"], "passes": []})
         passes = merged["passes"] + [p for p in entry.get("passes", []) if p not in merged["passes"]]
         if role:
-            merged.setdefault("slices", {})[role.rstrip("]")] = entry
+            merged.setdefault("slices", {})[role] = entry
             merged["role"] = "qkv"
             merged.update({key: entry[key] for key in ("quant", "packed") if key in entry})
         else:

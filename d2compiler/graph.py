@@ -90,6 +90,17 @@ class BlockStructure:
         return [name]
 
 
+def slice_name(module: str, role: str) -> str:
+    """The name of one role's row slice of a fused linear: `attn.c_attn[q]`."""
+    return f"{module}[{role}]"
+
+
+def split_slice_name(name: str) -> tuple[str, str | None]:
+    """(module name, role) of a slice name; (name, None) for a whole module's name."""
+    module, _, role = name.partition("[")
+    return module, (role[:-1] if role else None)
+
+
 @dataclass
 class LinearLayer:
     """A prunable linear of a block, bound to its module."""
@@ -103,7 +114,7 @@ class LinearLayer:
     @property
     def owner(self) -> str:
         """The module's name inside the block (the local name without a slice suffix)."""
-        return self.local_name.partition("[")[0]
+        return split_slice_name(self.local_name)[0]
 
     @property
     def transposed(self) -> bool:
@@ -120,7 +131,7 @@ class LinearLayer:
         """The whole module as one layer (itself, unless this is a slice)."""
         if self.rows is None:
             return self
-        return LinearLayer(self.name.partition("[")[0], self.owner, self.module, "qkv")
+        return LinearLayer(split_slice_name(self.name)[0], self.owner, self.module, "qkv")
 
     def weight_matrix(self) -> torch.Tensor:
         """The weight as an (out, in) view of the parameter data (no copy); a slice's rows only."""
@@ -413,7 +424,7 @@ def bind_linears(block: nn.Module, prefix: str, structure: BlockStructure, overr
         if not local or not is_linear_module(module):
             continue
         if local in structure.slices and local not in overrides:
-            out += [LinearLayer(f"{prefix}.{local}[{role}]", f"{local}[{role}]", module, role, rows)
+            out += [LinearLayer(f"{prefix}.{slice_name(local, role)}", slice_name(local, role), module, role, rows)
                     for role, rows in structure.slices[local].items()]
         else:
             role = overrides.get(local, structure.roles.get(local, "other"))

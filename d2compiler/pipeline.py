@@ -15,7 +15,7 @@ from pydantic import BaseModel
 
 from .checkpoint import CheckpointStore, fingerprint, work_dir_for
 from .errors import D2Error, PassError
-from .evaluate import EmbeddingCosine, make_metric
+from .evaluate import make_metric
 from .executor import BlockExecutor, ExecutionReport
 from .export.hf import write_output
 from .export.metadata import overall_sparsity, sparsity_record, weights_sha256
@@ -118,7 +118,7 @@ def compress(recipe: BaseModel, *, loaded: LoadedModel | None = None, quiet: boo
     ev = recipe.data.evaluation
     metric = None if ev is None else make_metric(ev, model, tokenizer, device, quiet=quiet)
     dense_value = None
-    if metric is not None and (ev.compare_dense or isinstance(metric, EmbeddingCosine)):
+    if metric is not None and (ev.compare_dense or metric.needs_dense):
         dense_value = metric.dense(model)
         model.to("cpu")
 

@@ -141,7 +141,7 @@ def run_lm_eval(model: nn.Module, tokenizer: Any, task: str, limit: int | None, 
     """Score with lm-eval-harness through its HFLM wrapper (needs the `lm_eval` package). With
     `items`, lm-eval runs them as a local task (a JSON file and task YAML in a temporary folder,
     no download), which cross-checks this module's scorer; without, lm-eval's own registered
-    `task`, whose data it fetches from the hub."""
+    `task`, whose data it fetches from the hub. `limit`: the first N items only."""
     import tempfile
 
     try:
@@ -154,13 +154,12 @@ def run_lm_eval(model: nn.Module, tokenizer: Any, task: str, limit: int | None, 
     if items is None:
         results = simple_evaluate(model=lm, tasks=[task], limit=limit)
         return results["results"][task]
-    name = f"d2c_local_{task}"
+    name, items = f"d2c_local_{task}", items[:limit]
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "items.jsonl"
         data.write_text("".join(json.dumps({"context": i.context, "choices": i.choices, "gold": i.gold}) + "\n"
-                                for i in items[:limit]))
+                                for i in items))
         (Path(tmp) / f"{name}.yaml").write_text(LOCAL_TASK_YAML.format(name=name, data=json.dumps(str(data))))
         results = simple_evaluate(model=lm, tasks=[name], task_manager=TaskManager(include_path=tmp))
     metrics = results["results"][name]
-    return {key.split(",")[0]: value for key, value in metrics.items() if key.startswith(("acc", "acc_norm"))} | {
-        "items": len(items[:limit])}
+    return {key.split(",")[0]: value for key, value in metrics.items() if key.startswith("acc")} | {"items": len(items)}

@@ -123,9 +123,6 @@ class QuantizationPass(Pass):
         result = PassResult(modified=False)
         for layer in ctx.select(p):
             start = time.perf_counter()
-            in_f = layer.shape[1]
-            if p.group_size and in_f % p.group_size:
-                raise PassError(f"{self.name}: group_size={p.group_size} does not divide in_features={in_f} of {layer.name}")
             weight = layer.weight_matrix().to(device=ctx.device, dtype=torch.float32, copy=True)
             keep = weight != 0
             earlier = ctx.masks.get(layer.name)

@@ -46,8 +46,9 @@ block_size = 32
 """
 
 
-def recipe(tmp_path, folder, arch: str, passes: str = D2PRUNE, evaluate: bool = True) -> str:
-    """A recipe file for a tiny model: text or image calibration as the model takes, optional evaluation."""
+def recipe(tmp_path, folder, arch: str, passes: str = D2PRUNE, evaluate: bool = True, output: str = "") -> str:
+    """A recipe file for a tiny model: text or image calibration as the model takes, optional
+    evaluation, and `output` lines added to the [output] table."""
     vision = arch in VISION_MODELS
     data = ('source = "builtin:digits"\nsamples = 64\nbatch_size = 16' if vision
             else 'source = "builtin:python-docs"\nsamples = 4\nseq_len = 64')
@@ -55,7 +56,7 @@ def recipe(tmp_path, folder, arch: str, passes: str = D2PRUNE, evaluate: bool = 
     evaluation = f"[data.evaluation]\n{evaluation}\n" if evaluate else ""
     path = tmp_path / "recipe.toml"
     path.write_text(f'version = 1\n[model]\nsource = "{folder}"\ndevice = "cpu"\n[data.calibration]\n{data}\n'
-                    f'{evaluation}{passes}\n[output]\npath = "{tmp_path / "out"}"\n')
+                    f'{evaluation}{passes}\n[output]\npath = "{tmp_path / "out"}"\n{output}')
     return str(path)
 
 
@@ -134,12 +135,10 @@ def test_inspect_shows_roles(arch, tiny_models, capsys):
 
 
 def test_gpt2_two_of_four_packs_the_fused_weight(tiny_models, tmp_path):
-    path = tmp_path / "r.toml"
-    path.write_text(f'version = 1\n[model]\nsource = "{tiny_models["gpt2"]}"\ndevice = "cpu"\n[data.calibration]\n'
-                    'samples = 4\nseq_len = 64\n[[passes]]\ntype = "calibrate"\n[[passes]]\ntype = "sparsegpt"\nmask_structure = "2:4"\n'
-                    '[[passes]]\ntype = "quantize_rtn"\nbits = 8\ngroup_size = 32\n[[passes]]\ntype = "pack_2_4"\n'
-                    f'[output]\npath = "{tmp_path / "out"}"\nformat = "d2c-packed"\n')
-    assert main(["--quiet", "run", str(path)]) == 0
+    passes = ('[[passes]]\ntype = "calibrate"\n[[passes]]\ntype = "sparsegpt"\nmask_structure = "2:4"\n'
+              '[[passes]]\ntype = "quantize_rtn"\nbits = 8\ngroup_size = 32\n[[passes]]\ntype = "pack_2_4"\n')
+    path = recipe(tmp_path, tiny_models["gpt2"], "gpt2", passes, evaluate=False, output='format = "d2c-packed"\n')
+    assert main(["--quiet", "run", path]) == 0
     record = json.loads((tmp_path / "out" / "sparsity.json").read_text())
     entry = record["layers"]["transformer.h.0.attn.c_attn"]
     assert entry["packed"] == "2:4" and set(entry["slices"]) == {"q", "k", "v"} and entry["quant"]["bits"] == 8
