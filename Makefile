@@ -25,7 +25,7 @@ browser:
 	  echo "chromium not installed: the report rendering test will be skipped"
 
 run: setup
-	$(VENV)/bin/d2c run recipes/default.toml
+	$(VENV)/bin/d2c run recipes/default.toml --overwrite
 
 test: setup browser
 	$(PY) -m pytest -q

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -36,30 +35,43 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
-from quality import C4, RESULTS, WIKI, method_passes  # noqa: E402
+from protocol import (  # noqa: E402
+    add_smoke_flag,
+    calibration_source,
+    encoder_source,
+    evaluation_source,
+    pick,
+    provenance,
+    provenance_line,
+    results_dir,
+    start,
+    work_dir,
+    write_json,
+)
+from quality import method_passes  # noqa: E402
 
 # name -> (bench/quality.py method, option overrides)
 METHODS = {"wanda": ("wanda", {}), "sparsegpt": ("sparsegpt", {}), "d2-sparsegpt": ("d2-sparsegpt", {}),
            "d2prune-kl": ("d2prune-kl", {}), "d2prune-kl-all": ("d2prune-kl", {"candidates": "all"})}
 D2_OPTIONS = {"lambda1": 100.0, "rho": 1.0, "candidates": "one-off"}
 LAMBDA1_GRID = (1.0, 10.0, 100.0)
-MODEL_DIR = ROOT / "out" / "arch"
 
 
 def vision_model(arch: str) -> tuple[str, dict[str, Any]]:
     """Train the digits classifier twice (deterministic check) and save it; return its folder."""
-    from digits_vit import train
+    from digits_vit import EPOCHS, train
 
     from d2compiler.export.metadata import weights_sha256
 
     start = time.perf_counter()
-    model = train(arch)
+    epochs = pick(EPOCHS, 1)
+    model = train(arch, epochs)
     seconds = time.perf_counter() - start
     digest = weights_sha256(model)
-    again = weights_sha256(train(arch))
+    again = weights_sha256(train(arch, epochs))
     if digest != again:
         raise SystemExit(f"digits-{arch}: two trainings gave different weights ({digest[:12]} vs {again[:12]})")
-    folder = MODEL_DIR / f"digits-{arch}"
+    folder = work_dir("arch") / f"digits-{arch}"
     model.save_pretrained(folder)
     return str(folder), {"train_s": round(seconds, 1), "weights_sha256": digest, "deterministic": True}
 
@@ -68,14 +80,16 @@ def setups(names: list[str]) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
     for name in names:
         if name == "minilm":
-            out[name] = {"source": "builtin:all-minilm-l6-v2", "info": {},
-                         "calibration": {"source": str(C4), "samples": 64, "seq_len": 128, "batch_size": 8},
-                         "evaluation": {"source": str(WIKI["test"]), "seq_len": 256, "max_windows": 256},
-                         "validation": {"source": str(WIKI["valid"]), "seq_len": 256, "max_windows": 256}}
+            text = {"seq_len": pick(256, 32), "max_windows": pick(256, 4)}
+            out[name] = {"source": encoder_source(), "info": {},
+                         "calibration": {"source": calibration_source(), "samples": pick(64, 4), "seq_len": pick(128, 32),
+                                         "batch_size": pick(8, 2)},
+                         "evaluation": {"source": evaluation_source("test"), **text},
+                         "validation": {"source": evaluation_source("valid"), **text}}
         elif name in ("digits-vit", "digits-deit"):
             folder, info = vision_model(name.split("-")[1])
             out[name] = {"source": folder, "info": info,
-                         "calibration": {"source": "builtin:digits", "samples": 512, "batch_size": 64},
+                         "calibration": {"source": "builtin:digits", "samples": pick(512, 16), "batch_size": pick(64, 8)},
                          "evaluation": {"source": "builtin:digits"}}
         else:
             raise SystemExit(f"unknown model {name!r}")
@@ -112,6 +126,7 @@ def markdown(results: dict[str, Any]) -> str:
              "(450 images; ± is the binomial standard error). Δ(variant) is that D²Prune variant minus D²-SparseGPT: "
              "the effect of the attention-aware update alone.", ""]
     for name, entry in results["models"].items():
+        lines += [f"{name}: " + provenance_line(entry.get("provenance")), ""]
         rows = entry["runs"]
         metric = rows[0]["metric"]
         sparsities = sorted({r["target"] for r in rows})
@@ -143,13 +158,14 @@ def markdown(results: dict[str, Any]) -> str:
 def main() -> int:
     from d2compiler.images import digits
 
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="minilm,digits-vit,digits-deit")
-    parser.add_argument("--sparsities", default="0.5,0.6,0.7")
+    parser.add_argument("--sparsities", default=None, help="comma list (0.5,0.6,0.7; smoke: 0.6)")
+    add_smoke_flag(parser)
     args = parser.parse_args()
-    sparsities = [float(s) for s in args.sparsities.split(",")]
-    path = RESULTS / "arch.json"
+    start(args.smoke)
+    sparsities = [float(s) for s in (args.sparsities or pick("0.5,0.6,0.7", "0.6")).split(",")]
+    path = results_dir() / "arch.json"
     results: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {"models": {}}  # other models' runs stay
     for name, setup in setups(args.models.split(",")).items():
         options, sweep = dict(D2_OPTIONS), {}
@@ -169,10 +185,9 @@ def main() -> int:
                                    "source": str(source.relative_to(ROOT)) if source.is_relative_to(ROOT) else setup["source"],
                                    "count": count, "calibration": setup["calibration"],
                                    "evaluation": setup["evaluation"], "d2prune_options": options,
-                                   "lambda1_sweep_valid_60": sweep, "runs": runs}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(results, indent=1) + "\n")
-    (RESULTS / "arch.md").write_text(markdown(results))
+                                   "lambda1_sweep_valid_60": sweep, "runs": runs, "provenance": provenance()}
+    write_json(path, results)
+    (results_dir() / "arch.md").write_text(markdown(results))
     print(markdown(results))
     return 0
 

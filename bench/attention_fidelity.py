@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,20 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quality import C4, MODEL, RESULTS, SEQ_LEN, WIKI, method_passes  # noqa: E402
+from protocol import (  # noqa: E402
+    add_smoke_flag,
+    calibration_source,
+    evaluation_source,
+    lm_source,
+    pick,
+    provenance,
+    provenance_line,
+    results_dir,
+    seq_len,
+    start,
+    write_json,
+)
+from quality import method_passes  # noqa: E402
 
 from d2compiler.attention import AttentionCall, AttentionRecorder, attention_kl  # noqa: E402
 from d2compiler.data import evaluation_windows, load_text, tokenize  # noqa: E402
@@ -81,25 +93,27 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", default="sparsegpt,d2prune-kl")
     parser.add_argument("--pattern", default="0.6")
-    parser.add_argument("--samples", type=int, default=32)
-    parser.add_argument("--windows", type=int, default=4)
+    parser.add_argument("--samples", type=int, default=None, help="calibration windows (32; smoke: 4)")
+    parser.add_argument("--windows", type=int, default=None, help="held-out windows (4; smoke: 2)")
     parser.add_argument("--options", default="{}", help="JSON options of the D² methods (as in quality.py)")
+    add_smoke_flag(parser)
     args = parser.parse_args()
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    start(args.smoke)
+    samples, windows_n, length, model = args.samples or pick(32, 4), args.windows or pick(4, 2), seq_len(), lm_source()
     options = json.loads(args.options)
 
-    dense_model = load_model(MODEL, "float32", "cpu")
-    ids = tokenize(dense_model.tokenizer, load_text(str(WIKI["test"]), "evaluation"))
-    windows = evaluation_windows(ids, SEQ_LEN, args.windows)
+    dense_model = load_model(model, "float32", "cpu")
+    ids = tokenize(dense_model.tokenizer, load_text(evaluation_source("test"), "evaluation"))
+    windows = evaluation_windows(ids, length, windows_n)
     dense_calls = attention_calls(dense_model.model, windows)
     del dense_model
 
     results: dict[str, dict[str, Any]] = {}
     for method in args.methods.split(","):
-        loaded = load_model(MODEL, "float32", "cpu")
+        loaded = load_model(model, "float32", "cpu")
         recipe = validate_recipe({
             "version": 1,
-            "data": {"calibration": {"source": str(C4), "samples": args.samples, "seq_len": SEQ_LEN}},
+            "data": {"calibration": {"source": calibration_source(), "samples": samples, "seq_len": length}},
             "passes": method_passes(method, args.pattern, options if method.startswith("d2") else {}),
         })
         summary = compress(recipe, loaded=loaded, quiet=True)
@@ -110,18 +124,20 @@ def main() -> int:
         results[method] = res
         print(f"{method:>14}: mean KL {res['mean_kl']:.5f}  mean attention RMSE {res['mean_rmse']:.5f}", flush=True)
 
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    protocol = {"model": "SmolLM2-135M-Instruct", "pattern": args.pattern, "calibration": f"c4 first {args.samples} x {SEQ_LEN}",
-                "held_out": f"wikitext-2 test first {args.windows} x {SEQ_LEN}", "options": options}
-    (RESULTS / "attention_fidelity.json").write_text(json.dumps({"protocol": protocol, "results": results}, indent=1) + "\n")
-    plot(results, RESULTS / "attention_fidelity.png")
+    out = results_dir()
+    protocol = {"model": pick("SmolLM2-135M-Instruct", model), "pattern": args.pattern,
+                "calibration": f"{pick('c4', 'python-docs')} first {samples} x {length}",
+                "held_out": f"{pick('wikitext-2 test', 'python-docs evaluation part')} first {windows_n} x {length}", "options": options}
+    write_json(out / "attention_fidelity.json", {"protocol": protocol, "results": results})
+    plot(results, out / "attention_fidelity.png")
     base = results.get("sparsegpt")
-    lines = ["# Attention fidelity vs dense (SmolLM2-135M)", "", f"Protocol: {json.dumps(protocol)}", "",
+    lines = ["# Attention fidelity vs dense (SmolLM2-135M)", "", provenance_line(provenance()), "",
+             f"Protocol: {json.dumps(protocol)}", "",
              "| method | mean KL | mean attention RMSE | RMSE vs sparsegpt |", "|---|---|---|---|"]
     for method, res in results.items():
         rel = f"{100 * (res['mean_rmse'] / base['mean_rmse'] - 1):+.1f}%" if base else "-"
         lines.append(f"| {method} | {res['mean_kl']:.5f} | {res['mean_rmse']:.5f} | {rel} |")
-    (RESULTS / "attention_fidelity.md").write_text("\n".join(lines) + "\n")
+    (out / "attention_fidelity.md").write_text("\n".join(lines) + "\n")
     return 0
 
 

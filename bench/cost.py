@@ -13,14 +13,19 @@ the ratio, peak RSS, perplexities, d2compiler's per-block breakdown (dense obser
 statistics, mask + update, re-forward), the `d2c plan` estimate next to the measured numbers, and
 the physical floor: two forward passes of the dense model over the calibration tokens.
 
-    python bench/cost.py [--setup-llmc]
+The calibration windows reach d2compiler as a documented recipe data source: a `.safetensors` file
+of pre-tokenized `input_ids` (windows, seq_len), the same file llm-compressor reads.
+
+    python bench/cost.py [--setup-llmc] [--smoke]
+
+`--smoke` runs the same code on a tiny random Llama (bench/protocol.py) and skips the llm-compressor
+side unless .venv-llmc exists; results go to a temporary folder.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -30,10 +35,21 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
-from quality import C4, RESULTS, SEQ_LEN, WIKI  # noqa: E402
+from protocol import (  # noqa: E402
+    add_smoke_flag,
+    calibration_source,
+    evaluation_source,
+    lm_source,
+    pick,
+    provenance,
+    provenance_line,
+    results_dir,
+    seq_len,
+    start,
+    write_json,
+)
 
 LLMC_VENV = ROOT / ".venv-llmc"
-SAMPLES = WINDOWS = 32
 
 
 def setup_llmc() -> None:
@@ -54,48 +70,48 @@ def run_job(cmd: list[str], env: dict[str, str] | None = None) -> tuple[dict[str
     return json.loads(lines[-1][len("RESULT "):]), wall
 
 
-def job_recipe(model_dir: str, out_dir: str) -> Any:
+def job_recipe(model_dir: str, ids_file: str, samples: int, length: int, out_dir: str) -> Any:
+    """The d2compiler job: calibration from the pre-tokenized windows file both tools read."""
     from d2compiler.recipe import validate_recipe
 
     return validate_recipe({
         "version": 1, "model": {"source": model_dir, "dtype": "float32", "device": "cpu"},
-        "data": {"calibration": {"source": str(C4), "samples": SAMPLES, "seq_len": SEQ_LEN}},
+        "data": {"calibration": {"source": ids_file, "samples": samples, "seq_len": length}},
         "passes": [{"type": "calibrate", "hessian": True},
                    {"type": "sparsegpt", "sparsity": 0.5, "block_size": 128, "dampening_frac": 0.01}],
-        "output": {"path": out_dir, "overwrite": True, "resume": False},
+        "output": {"path": out_dir, "resume": False},
     })
 
 
-def plan_job(model_dir: str, out_dir: str) -> None:
+def _windows_shape(ids_file: str) -> tuple[int, int]:
+    from safetensors import safe_open
+
+    with safe_open(ids_file, "pt") as f:
+        rows, length = f.get_slice("input_ids").get_shape()
+    return rows, length
+
+
+def plan_job(model_dir: str, ids_file: str, out_dir: str) -> None:
     """`d2c plan`'s estimate of the same job, in a fresh process (so its memory baseline is clean)."""
     from d2compiler.plan import make_plan, plan_summary
 
-    print("RESULT " + json.dumps(plan_summary(make_plan(job_recipe(model_dir, out_dir)))), flush=True)
+    print("RESULT " + json.dumps(plan_summary(make_plan(job_recipe(model_dir, ids_file, *_windows_shape(ids_file), out_dir)))),
+          flush=True)
 
 
 def d2c_job(model_dir: str, ids_file: str, out_dir: str) -> None:
     """The d2compiler side (run in a subprocess of this script): prints `RESULT {...}`."""
     start = time.perf_counter()
     import torch
-    from safetensors.torch import load_file
 
     from d2compiler.models import load_model
     from d2compiler.pipeline import compress
 
-    recipe = job_recipe(model_dir, out_dir)
-    ids = load_file(ids_file)["input_ids"]
+    recipe = job_recipe(model_dir, ids_file, *_windows_shape(ids_file), out_dir)
     loaded = load_model(model_dir, "float32", "cpu")
-    from d2compiler import pipeline
-
-    windows = [ids[i : i + 1] for i in range(ids.shape[0])]
-    original = pipeline.calibration_windows
-    pipeline.calibration_windows = lambda *a, **k: windows  # the exact windows llm-compressor gets
-    try:
-        t0 = time.perf_counter()
-        summary = compress(recipe, loaded=loaded, quiet=True)
-        compress_s = time.perf_counter() - t0
-    finally:
-        pipeline.calibration_windows = original
+    t0 = time.perf_counter()
+    summary = compress(recipe, loaded=loaded, quiet=True)
+    compress_s = time.perf_counter() - t0
     phases: dict[str, float] = {}
     for block in summary.record["blocks"]:
         for phase, seconds in block["times_s"].items():
@@ -140,27 +156,33 @@ def sparsity_of(folder: str) -> float:
 
 
 def markdown(r: dict[str, Any]) -> str:
-    d, m = r["d2compiler"], r["llm_compressor"]
+    d, m = r["d2compiler"], r.get("llm_compressor")
+    p = r["protocol"]
     rows = [
-        ("job wall time (process start to saved model), s", d["wall_s"], m["wall_s"]),
-        ("compression step, s", d["compress_s"], m["oneshot_s"]),
-        ("peak RSS, MiB", d["peak_rss_mb"], m["peak_rss_mb"]),
-        ("WikiText-2 test perplexity (32 x 512)", d["ppl"], m["ppl"]),
-        ("sparsity of the decoder linears", d["sparsity"], m["sparsity"]),
+        ("job wall time (process start to saved model), s", d["wall_s"], m and m["wall_s"]),
+        ("compression step, s", d["compress_s"], m and m["oneshot_s"]),
+        ("peak RSS, MiB", d["peak_rss_mb"], m and m["peak_rss_mb"]),
+        (f"{p['evaluation']} perplexity", d["ppl"], m and m["ppl"]),
+        ("sparsity of the decoder linears", d["sparsity"], m and m["sparsity"]),
     ]
-    lines = ["# Cost: SparseGPT 50% on SmolLM2-135M, d2compiler vs llm-compressor", "",
-             "Generated by `python bench/cost.py` (CPU, one run, side by side). Same model folder, same 32 x 512 C4 "
-             "calibration token windows, lm_head kept dense, block size 128, dampening 0.01.", "",
-             f"llm-compressor {m['version']} (torch {m['torch']}, own venv); d2compiler {r['d2compiler_version']}.", "",
-             "| quantity | d2compiler | llm-compressor |", "|---|---|---|"]
-    lines += [f"| {name} | {a:.3f} | {b:.3f} |" for name, a, b in rows]
-    lines += ["", f"**Wall-time ratio (d2compiler / llm-compressor): job {r['ratio_wall']:.3f}, compression step "
-              f"{r['ratio_compress']:.3f}.**", "",
-              "## d2compiler per-phase time (sum over blocks)", "", "| phase | seconds |", "|---|---|"]
+    lines = [f"# Cost: SparseGPT 50% on {p['model']}, d2compiler vs llm-compressor", "",
+             provenance_line(r.get("provenance")), "",
+             f"CPU, one run, side by side. Same model folder, the same {p['calibration']} calibration token windows "
+             "(one pre-tokenized safetensors file read by both tools), lm_head kept dense, block size 128, dampening 0.01.", ""]
+    if m:
+        lines += [f"llm-compressor {m['version']} (torch {m['torch']}, own venv); d2compiler {r['d2compiler_version']}.", ""]
+    else:
+        lines += [f"llm-compressor side skipped: {r['llm_compressor_skipped']}", ""]
+    lines += ["| quantity | d2compiler | llm-compressor |", "|---|---|---|"]
+    lines += [f"| {name} | {a:.3f} | {'-' if b is None else f'{b:.3f}'} |" for name, a, b in rows]
+    if m:
+        lines += ["", f"**Wall-time ratio (d2compiler / llm-compressor): job {r['ratio_wall']:.3f}, compression step "
+                  f"{r['ratio_compress']:.3f}.**"]
+    lines += ["", "## d2compiler per-phase time (sum over blocks)", "", "| phase | seconds |", "|---|---|"]
     lines += [f"| {k} | {v:.2f} |" for k, v in d["phases_s"].items()]
     f = r["floor"]
     lines += ["", "## Physical floor", "",
-              f"One dense forward pass of the decoder over the 32 x 512 calibration tokens: {f['one_forward_s']:.2f} s; "
+              f"One dense forward pass of the decoder over the calibration tokens: {f['one_forward_s']:.2f} s; "
               f"the floor (two passes: statistics, then propagation) is {f['floor_s']:.2f} s. d2compiler's pruning "
               f"time is {d['prune_s']:.2f} s = {f['ours_over_floor']:.2f}x the floor.", "",
               "## `d2c plan` estimate vs measured", "", "| quantity | estimate | measured |", "|---|---|---|",
@@ -173,49 +195,69 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--setup-llmc", action="store_true", help="create .venv-llmc first")
     parser.add_argument("--d2c-job", nargs=3, help=argparse.SUPPRESS)
-    parser.add_argument("--plan-job", nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument("--plan-job", nargs=3, help=argparse.SUPPRESS)
+    add_smoke_flag(parser)
     args = parser.parse_args()
+    start(args.smoke)
     if args.d2c_job:
         d2c_job(*args.d2c_job)
         return 0
     if args.plan_job:
         plan_job(*args.plan_job)
         return 0
-    if args.setup_llmc or not (LLMC_VENV / "bin" / "python").exists():
+    has_llmc = (LLMC_VENV / "bin" / "python").exists()
+    if args.setup_llmc or (not has_llmc and not args.smoke):
         setup_llmc()
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        has_llmc = True
     import torch
     from safetensors.torch import save_file
 
     import d2compiler
     from d2compiler.data import calibration_windows, evaluation_windows, load_text, tokenize
-    from d2compiler.models import builtin_smollm2_folder, load_model
+    from d2compiler.models import load_model
 
-    model_dir = str(builtin_smollm2_folder())
+    samples, windows_n, length = pick(32, 4), pick(32, 2), seq_len()
+    model_dir = lm_source()
+    if model_dir.startswith("builtin:"):
+        from d2compiler.models import builtin_smollm2_folder
+
+        model_dir = str(builtin_smollm2_folder())
     tokenizer = load_model(model_dir, "float32", "cpu").tokenizer
-    windows = calibration_windows(tokenize(tokenizer, load_text(str(C4), "calibration")), SAMPLES, SEQ_LEN)
-    eval_windows = evaluation_windows(tokenize(tokenizer, load_text(str(WIKI["test"]), "evaluation")), SEQ_LEN, WINDOWS)
+    windows = calibration_windows(tokenize(tokenizer, load_text(calibration_source(), "calibration")), samples, length)
+    eval_windows = evaluation_windows(tokenize(tokenizer, load_text(evaluation_source("test"), "evaluation")), length, windows_n)
+    theirs: dict[str, Any] | None = None
     with tempfile.TemporaryDirectory(prefix="d2c-cost-") as tmp:
         ids_file = str(Path(tmp) / "ids.safetensors")
         save_file({"input_ids": torch.cat(windows).contiguous()}, ids_file)
         one_forward = dense_forward_s(model_dir, ids_file)
         ours, ours_wall = run_job([sys.executable, __file__, "--d2c-job", model_dir, ids_file, f"{tmp}/d2c"])
-        theirs, theirs_wall = run_job([str(LLMC_VENV / "bin" / "python"), str(ROOT / "bench" / "llmc_job.py"), model_dir, ids_file, f"{tmp}/llmc"])
-        ours["plan"], _ = run_job([sys.executable, __file__, "--plan-job", model_dir, f"{tmp}/plan"])
+        if has_llmc:
+            theirs, theirs_wall = run_job([str(LLMC_VENV / "bin" / "python"), str(ROOT / "bench" / "llmc_job.py"), model_dir,
+                                           ids_file, f"{tmp}/llmc"])
+        else:
+            print(f"llm-compressor side skipped: {LLMC_VENV} is absent (python bench/cost.py --setup-llmc creates it)", flush=True)
+        ours["plan"], _ = run_job([sys.executable, __file__, "--plan-job", model_dir, ids_file, f"{tmp}/plan"])
         ours.update({"wall_s": ours_wall, "ppl": perplexity_of(f"{tmp}/d2c", eval_windows), "sparsity": sparsity_of(f"{tmp}/d2c")})
-        theirs.update({"wall_s": theirs_wall, "ppl": perplexity_of(f"{tmp}/llmc", eval_windows), "sparsity": sparsity_of(f"{tmp}/llmc")})
-    record = {
-        "protocol": {"model": "SmolLM2-135M-Instruct (fp32, CPU)", "calibration": f"c4 first {SAMPLES} x {SEQ_LEN}",
-                     "evaluation": f"wikitext-2 test first {WINDOWS} x {SEQ_LEN}", "method": "SparseGPT 50%, bs 128, damp 0.01",
-                     "threads": torch.get_num_threads()},
+        if theirs is not None:
+            theirs.update({"wall_s": theirs_wall, "ppl": perplexity_of(f"{tmp}/llmc", eval_windows),
+                           "sparsity": sparsity_of(f"{tmp}/llmc")})
+    record: dict[str, Any] = {
+        "protocol": {"model": pick("SmolLM2-135M-Instruct (fp32, CPU)", "tiny random Llama (smoke)"),
+                     "calibration": f"{pick('c4', 'python-docs')} first {samples} x {length}",
+                     "evaluation": f"{pick('WikiText-2 test', 'python-docs evaluation part')} first {windows_n} x {length}",
+                     "method": "SparseGPT 50%, bs 128, damp 0.01", "threads": torch.get_num_threads()},
         "d2compiler_version": d2compiler.__version__,
         "d2compiler": ours, "llm_compressor": theirs,
-        "ratio_wall": ours["wall_s"] / theirs["wall_s"], "ratio_compress": ours["compress_s"] / theirs["oneshot_s"],
         "floor": {"one_forward_s": one_forward, "floor_s": 2 * one_forward, "ours_over_floor": ours["prune_s"] / (2 * one_forward)},
+        "provenance": provenance(),
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "cost.json").write_text(json.dumps(record, indent=1) + "\n")
-    (RESULTS / "cost.md").write_text(markdown(record))
+    if theirs is not None:
+        record |= {"ratio_wall": ours["wall_s"] / theirs["wall_s"], "ratio_compress": ours["compress_s"] / theirs["oneshot_s"]}
+    else:
+        record["llm_compressor_skipped"] = f"{LLMC_VENV.name} is absent"
+    out = results_dir()
+    write_json(out / "cost.json", record)
+    (out / "cost.md").write_text(markdown(record))
     print(markdown(record))
     return 0
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import statistics
 import subprocess
 import sys
@@ -28,9 +27,32 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "bench" / "results"
-OUT = ROOT / "out" / "deploy"
+sys.path.insert(0, str(ROOT / "bench"))
+from protocol import (  # noqa: E402
+    SMOKE_SEQ_LEN,
+    add_smoke_flag,
+    lm_source,
+    pick,
+    provenance,
+    provenance_line,
+    results_dir,
+    smoke,
+    start,
+    work_dir,
+    write_json,
+)
+
 D2C = [sys.executable, "-m", "d2compiler.cli", "--quiet"]
+
+
+def smoke_overrides() -> list[str]:
+    """In a smoke run: the tiny model and a few short windows of the builtin corpus."""
+    if not smoke():
+        return []
+    data = {"data.calibration.source": '"builtin:python-docs"', "data.calibration.samples": "4",
+            "data.calibration.seq_len": str(SMOKE_SEQ_LEN), "data.evaluation.source": '"builtin:python-docs"',
+            "data.evaluation.seq_len": str(SMOKE_SEQ_LEN), "data.evaluation.max_windows": "2"}
+    return ["--model", lm_source(), *[arg for key, value in data.items() for arg in ("--set", f"{key}={value}")]]
 
 
 def d2c(*args: str) -> str:
@@ -72,29 +94,32 @@ def median_latency(fn: Any, reps: int) -> float:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--skip-prune", action="store_true", help="reuse out/deploy/* from an earlier run")
-    parser.add_argument("--tokens", type=int, default=128)
-    parser.add_argument("--reps", type=int, default=10)
+    parser.add_argument("--tokens", type=int, default=None, help="latency and exactness input length (128; smoke: 16)")
+    parser.add_argument("--reps", type=int, default=None, help="latency repetitions (10; smoke: 1)")
+    add_smoke_flag(parser)
     args = parser.parse_args()
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    start(args.smoke)
+    args.tokens, args.reps = args.tokens or pick(128, 16), args.reps or pick(10, 1)
     import numpy as np
     import onnxruntime as ort
     import torch
 
     import d2compiler
-    from d2compiler.models import builtin_smollm2_folder
+    from d2compiler.models import load_model
 
+    OUT = work_dir("deploy")
     pruned, w4 = OUT / "d2prune-2of4", OUT / "d2prune-2of4-w4"
     timings: dict[str, float] = {}
     if not args.skip_prune:
         for recipe, out in (("recipes/d2prune-2of4.toml", pruned), ("recipes/d2prune-2of4-w4.toml", w4)):
-            start = time.perf_counter()
-            d2c("run", recipe, "--output", str(out), "--overwrite", "--restart")
-            timings[out.name] = time.perf_counter() - start
+            begin = time.perf_counter()
+            d2c("run", recipe, "--output", str(out), "--overwrite", "--restart", *smoke_overrides())
+            timings[out.name] = time.perf_counter() - begin
     records = {out.name: json.loads((out / "sparsity.json").read_text()) for out in (pruned, w4)}
 
     # Disk sizes, all with fp16 floats.
     original = OUT / "original-fp16"
-    model = d2compiler.load(builtin_smollm2_folder()).half()
+    model = load_model(lm_source(), "float32", "cpu").model.half()
     model.save_pretrained(OUT / "original-fp16-tmp", safe_serialization=True)
     if original.exists():
         subprocess.run(["rm", "-rf", str(original)], check=True)
@@ -109,7 +134,7 @@ def main() -> int:
         linear_sizes[name] = linear_bytes(OUT / name)
 
     # Exactness of the packed checkpoints against their unpacked models.
-    ids = torch.randint(0, 49152, (1, args.tokens), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, model.config.vocab_size, (1, args.tokens), generator=torch.Generator().manual_seed(0))
     exact = {}
     with torch.no_grad():
         for packed, dense in (("pruned-packed-fp16", "pruned-dense-fp16"),):
@@ -150,8 +175,9 @@ def main() -> int:
     onnx_rows["pruned (sparse_initializer)"] = {**sparse}
 
     record = {
-        "protocol": {"model": "SmolLM2-135M-Instruct", "calibration": "c4 first 32 x 512",
-                     "evaluation": "wikitext-2 test first 32 x 512", "latency": f"1 x {args.tokens} tokens, median of {args.reps}",
+        "protocol": {"model": pick("SmolLM2-135M-Instruct", "tiny random Llama (smoke)"),
+                     "calibration": pick("c4 first 32 x 512", f"python-docs first 4 x {SMOKE_SEQ_LEN}"),
+                     "evaluation": pick("wikitext-2 test first 32 x 512", f"python-docs first 2 x {SMOKE_SEQ_LEN}"), "latency": f"1 x {args.tokens} tokens, median of {args.reps}",
                      "threads": threads, "onnxruntime": ort.__version__, "torch": torch.__version__},
         "perplexity": {name: r["results"]["pruned_ppl"] for name, r in records.items()}
         | {"dense": records[pruned.name]["results"]["dense_ppl"]},
@@ -161,16 +187,16 @@ def main() -> int:
         "linear_ratio_vs_pruned_dense_fp16": {k: v / linear_sizes["pruned-dense-fp16"] for k, v in linear_sizes.items()},
         "exactness_max_abs_diff": exact, "onnx": onnx_rows,
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "deploy.json").write_text(json.dumps(record, indent=1) + "\n")
-    (RESULTS / "deploy.md").write_text(markdown(record))
+    record["provenance"] = provenance()
+    write_json(results_dir() / "deploy.json", record)
+    (results_dir() / "deploy.md").write_text(markdown(record))
     print(markdown(record))
     return 0
 
 
 def markdown(r: dict[str, Any]) -> str:
     p = r["protocol"]
-    lines = ["# Deployment benchmark: SmolLM2-135M", "",
+    lines = ["# Deployment benchmark: SmolLM2-135M", "", provenance_line(r.get("provenance")), "",
              f"Generated by `python bench/deploy.py`. Calibration {p['calibration']}; perplexity on {p['evaluation']}; "
              f"latency {p['latency']}, {p['threads']} threads, onnxruntime {p['onnxruntime']}, torch {p['torch']}.", "",
              "## Perplexity", "", "| model | ppl |", "|---|---|"]

@@ -5,7 +5,7 @@ The training images are the `builtin:digits` calibration part and the test image
 part (d2compiler.images), so calibration never sees a test image. Same seed, same thread count,
 same torch build -> bit-identical weights (bench/arch.py checks this by training twice).
 
-    python bench/digits_vit.py vit out/arch/digits-vit
+    python bench/digits_vit.py vit out/arch/digits-vit [--smoke]
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ SHAPE = dict(image_size=8, patch_size=2, num_channels=1, num_labels=10, hidden_s
 EPOCHS, BATCH, LR, SEED = 100, 32, 1e-3, 0
 
 
-def train(arch: str) -> torch.nn.Module:
+def train(arch: str, epochs: int = EPOCHS) -> torch.nn.Module:
     """A trained classifier (eval mode). Deterministic for a given torch build and thread count."""
     config_cls, model_cls = ARCHITECTURES[arch]
     threads = torch.get_num_threads()
@@ -37,11 +37,11 @@ def train(arch: str) -> torch.nn.Module:
         train_set = digits("calibration")
         pixels, labels = fit_to_model(train_set.pixels, model.config), train_set.labels
         opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.05)
-        steps = EPOCHS * -(-len(labels) // BATCH)
+        steps = epochs * -(-len(labels) // BATCH)
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=LR, total_steps=steps)
         gen = torch.Generator().manual_seed(SEED)
         model.train()
-        for _ in range(EPOCHS):
+        for _ in range(epochs):
             order = torch.randperm(len(labels), generator=gen)
             for i in range(0, len(labels), BATCH):
                 idx = order[i : i + BATCH]
@@ -56,9 +56,15 @@ def train(arch: str) -> torch.nn.Module:
 
 
 def main() -> int:
-    arch, out = sys.argv[1], Path(sys.argv[2])
-    train(arch).save_pretrained(out)
-    print(out)
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("arch", choices=sorted(ARCHITECTURES))
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--smoke", action="store_true", help="one epoch instead of the full training")
+    args = parser.parse_args()
+    train(args.arch, 1 if args.smoke else EPOCHS).save_pretrained(args.out)
+    print(args.out)
     return 0
 
 

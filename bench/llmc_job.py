@@ -2,7 +2,10 @@
 torch==2.13.0 and llmcompressor): SparseGPT at 50% on the same model and the same calibration
 token windows, then a plain safetensors save. Prints one JSON line `RESULT {...}`.
 
-    .venv-llmc/bin/python bench/llmc_job.py MODEL_DIR IDS.safetensors OUT_DIR
+    .venv-llmc/bin/python bench/llmc_job.py MODEL_DIR IDS.safetensors OUT_DIR [--smoke]
+
+`--smoke` is accepted for uniformity with the other bench scripts and changes nothing: the job is
+already sized by the model and token windows it is handed (bench/cost.py --smoke hands it tiny ones).
 """
 
 import json
@@ -18,7 +21,7 @@ from llmcompressor.modifiers.pruning import SparseGPTModifier  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
-model_dir, ids_file, out_dir = sys.argv[1:4]
+model_dir, ids_file, out_dir = [a for a in sys.argv[1:] if a != "--smoke"][:3]
 torch.manual_seed(0)
 ids = load_file(ids_file)["input_ids"]
 model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)

@@ -25,12 +25,18 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared" / "data"
-RESULTS = ROOT / "bench" / "results"
-C4 = SHARED / "c4" / "c4_demo_llamafactory.jsonl"
-WIKI = {"test": SHARED / "wikitext-2-raw-v1" / "wiki.test.raw", "valid": SHARED / "wikitext-2-raw-v1" / "wiki.valid.raw"}
-MODEL = "builtin:smollm2-135m"
-SEQ_LEN = 512
+sys.path.insert(0, str(ROOT / "bench"))
+from protocol import (  # noqa: E402
+    add_smoke_flag,
+    calibration_source,
+    evaluation_source,
+    lm_source,
+    pick,
+    results_dir,
+    seq_len,
+    stamp,
+    start,
+)
 
 
 def method_passes(method: str, pattern: str, options: dict[str, Any]) -> list[dict[str, Any]]:
@@ -69,23 +75,24 @@ def worker(cfg: dict[str, Any]) -> dict[str, Any]:
     from d2compiler.recipe import validate_recipe
 
     torch.manual_seed(0)
-    cal_source = str(C4) if cfg["calibration"] == "c4" else "builtin:python-docs"
-    eval_source = str(WIKI[cfg["evaluation"]])
-    loaded = load_model(MODEL, "float32", "auto")
+    cal_source = calibration_source(cfg["calibration"])
+    eval_source = evaluation_source(cfg["evaluation"])
+    model, length = lm_source(), seq_len()
+    loaded = load_model(model, "float32", "auto")
     start = time.perf_counter()
     extra: dict[str, Any] = {}
     if cfg["method"] == "dense":
         ids = tokenize(loaded.tokenizer, load_text(eval_source, "evaluation"))
-        windows = evaluation_windows(ids, SEQ_LEN, cfg["windows"])
+        windows = evaluation_windows(ids, length, cfg["windows"])
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         ppl, wall, sparsity = perplexity(loaded.model, windows, device, quiet=True), 0.0, 0.0
     else:
         recipe = validate_recipe({
             "version": 1,
-            "model": {"source": MODEL},
+            "model": {"source": model},
             "data": {
-                "calibration": {"source": cal_source, "samples": cfg["samples"], "seq_len": SEQ_LEN},
-                "evaluation": {"source": eval_source, "seq_len": SEQ_LEN, "max_windows": cfg["windows"], "compare_dense": False},
+                "calibration": {"source": cal_source, "samples": cfg["samples"], "seq_len": length},
+                "evaluation": {"source": eval_source, "seq_len": length, "max_windows": cfg["windows"], "compare_dense": False},
             },
             "passes": method_passes(cfg["method"], cfg["pattern"], cfg.get("options", {})),
         })
@@ -95,7 +102,7 @@ def worker(cfg: dict[str, Any]) -> dict[str, Any]:
         if choices:
             extra["attention_choices"] = choices
     return {
-        "model": "SmolLM2-135M-Instruct",
+        "model": pick("SmolLM2-135M-Instruct", "tiny random Llama (smoke)"),
         "method": cfg["method"],
         "sparsity": round(sparsity, 4) if cfg["method"] != "dense" else 0.0,
         "pattern": "dense" if cfg["method"] == "dense" else ("unstructured" if ":" not in cfg["pattern"] else cfg["pattern"]),
@@ -103,8 +110,8 @@ def worker(cfg: dict[str, Any]) -> dict[str, Any]:
         "wall_s": round(wall, 2),
         "total_s": round(time.perf_counter() - start, 2),
         "peak_rss_mb": round(peak_rss_mb(), 1),
-        "calibration": f"{cfg['calibration']}: first {cfg['samples']} x {SEQ_LEN} tokens",
-        "evaluation": f"wikitext-2 {cfg['evaluation']}: first {cfg['windows']} x {SEQ_LEN} tokens",
+        "calibration": f"{cfg['calibration']}: first {cfg['samples']} x {length} tokens",
+        "evaluation": f"wikitext-2 {cfg['evaluation']}: first {cfg['windows']} x {length} tokens",
         "options": cfg.get("options", {}),
         "key": config_key(cfg),
         "measured": time.strftime("%Y-%m-%d"),
@@ -124,7 +131,8 @@ def markdown(records: list[dict[str, Any]]) -> str:
         "the documents joined with \"\\n\\n\"; perplexity follows the SparseGPT/Wanda protocol on the first "
         "windows of WikiText-2. `wall_s` is the pruning time (block capture, statistics, masks, updates, "
         "re-forward), `peak_rss_mb` the peak resident memory of the whole run's process. Wall times compare only "
-        "within one `measured` run (this machine is noisy).",
+        "within one `measured` run (this machine is noisy). `measured` names the date and the commit of each row "
+        "(each record's `provenance` in the JSON also has the command).",
         "",
     ]
     groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
@@ -136,8 +144,9 @@ def markdown(records: list[dict[str, Any]]) -> str:
         order = {"dense": 0, "magnitude": 1, "wanda": 2, "sparsegpt": 3, "d2-sparsegpt": 4, "d2prune-fixed": 5, "d2prune-kl": 6}
         for r in sorted(rows, key=lambda r: (r["pattern"] != "dense", r["pattern"], r["sparsity"], order.get(r["method"], 9), r["key"])):
             opts = ", ".join(f"{k}={v}" for k, v in sorted(r.get("options", {}).items())) or "-"
+            commit = r.get("provenance", {}).get("commit", "")[:7] or "commit not recorded"
             lines.append(f"| {r['method']} | {r['pattern']} | {r['sparsity']:.3f} | {opts} | {r['ppl']:.3f} | {r['wall_s']:.1f} | "
-                         f"{r['peak_rss_mb']:.0f} | {r.get('measured', 'earlier run')} |")
+                         f"{r['peak_rss_mb']:.0f} | {r.get('measured', 'earlier run')} ({commit}) |")
         lines.append("")
     return "\n".join(lines)
 
@@ -148,17 +157,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--patterns", default="0.5,0.6,2:4", help="comma list of sparsities and N:M patterns")
     parser.add_argument("--calibration", default="c4", choices=["c4", "python-docs"])
     parser.add_argument("--eval", default="test", choices=["test", "valid"])
-    parser.add_argument("--samples", type=int, default=32)
-    parser.add_argument("--windows", type=int, default=32)
+    parser.add_argument("--samples", type=int, default=None, help="calibration windows (32; smoke: 4)")
+    parser.add_argument("--windows", type=int, default=None, help="evaluation windows (32; smoke: 2)")
     parser.add_argument("--options", default="{}", help="JSON of method options (lambda1, lambda2, s, rho, ...)")
-    parser.add_argument("--results", default=str(RESULTS / "quality.json"))
+    parser.add_argument("--results", default=None, help="results file name in the results folder (default quality.json)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
+    add_smoke_flag(parser)
     args = parser.parse_args(argv)
+    start(args.smoke)
     if args.worker:
         print("RESULT " + json.dumps(worker(json.loads(args.worker))), flush=True)
         return 0
-
-    out = Path(args.results)
+    args.samples = args.samples or pick(32, 4)
+    args.windows = args.windows or pick(32, 2)
+    out = results_dir() / Path(args.results or "quality.json").name
     out.parent.mkdir(parents=True, exist_ok=True)
     options = json.loads(args.options)
     configs = []
@@ -166,21 +178,23 @@ def main(argv: list[str] | None = None) -> int:
         for pattern in (["-"] if method == "dense" else args.patterns.split(",")):
             configs.append({"method": method, "pattern": pattern, "calibration": args.calibration, "evaluation": args.eval,
                             "samples": args.samples, "windows": args.windows, "options": {} if method in ("dense", "magnitude", "wanda", "sparsegpt") else options})
-    print(f"protocol: SmolLM2-135M; calibration {args.calibration} first {args.samples} x {SEQ_LEN}; "
-          f"evaluation WikiText-2 {args.eval} first {args.windows} x {SEQ_LEN}; {len(configs)} configurations", flush=True)
+    print(f"protocol: {lm_source()}; calibration {args.calibration} first {args.samples} x {seq_len()}; "
+          f"evaluation WikiText-2 {args.eval} first {args.windows} x {seq_len()}; {len(configs)} configurations", flush=True)
+    failed = 0
     for cfg in configs:
         proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(cfg)], capture_output=True, text=True, cwd=ROOT)
         lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
         if proc.returncode or not lines:
             print(f"FAILED {config_key(cfg)}\n{proc.stderr[-3000:]}", flush=True)
+            failed += 1
             continue
-        record = json.loads(lines[-1][len("RESULT "):])
+        record = stamp(json.loads(lines[-1][len("RESULT "):]))
         records = [r for r in load_results(out) if r["key"] != record["key"]] + [record]
         out.write_text(json.dumps(records, indent=1) + "\n")
         out.with_suffix(".md").write_text(markdown(records))
         print(f"{record['method']:>14} {record['pattern']:>12} sparsity={record['sparsity']:.3f} ppl={record['ppl']:.3f} "
               f"wall={record['wall_s']:.1f}s rss={record['peak_rss_mb']:.0f}MB", flush=True)
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -7,21 +7,30 @@
 #   2. the distribution-shift table: calibrate on builtin:python-docs, evaluate on WikiText-2 test;
 #   3. attention fidelity per block (KL and attention-output RMSE vs dense) at 60%, with a PNG plot.
 # METHODS=sparsegpt,d2prune-kl STAGES=1 reruns a subset (dense is kept when listed).
+# --smoke: every stage on the tiny model with dense, SparseGPT and D²Prune-KL at 60% only (bench/protocol.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
-OPTIONS=${OPTIONS:-$($PY bench/best_options.py)}
-OPTIONS_24=${OPTIONS_24:-$($PY bench/best_options.py --pattern 2:4)}
+SMOKE=""
+if [[ "${1:-}" == "--smoke" ]]; then
+  SMOKE="--smoke"
+  export D2C_BENCH_SMOKE=${D2C_BENCH_SMOKE:-$(mktemp -d -t d2c-bench-smoke-XXXXXX)}
+  METHODS=${METHODS:-dense,sparsegpt,d2prune-kl}
+fi
+OPTIONS=${OPTIONS:-$($PY bench/best_options.py $SMOKE)}
+OPTIONS_24=${OPTIONS_24:-$($PY bench/best_options.py --pattern 2:4 $SMOKE)}
 METHODS=${METHODS:-dense,magnitude,wanda,sparsegpt,d2-sparsegpt,d2prune-fixed,d2prune-kl}
+PATTERNS=$( [[ -n $SMOKE ]] && echo 0.6 || echo 0.5,0.6,0.7 )
 STAGES=${STAGES:-"1 2 3"}
 echo "D2Prune options (chosen on WikiText-2 valid): unstructured $OPTIONS; 2:4 $OPTIONS_24"
 if [[ $STAGES == *1* ]]; then
-  $PY bench/quality.py --methods "$METHODS" --patterns 0.5,0.6,0.7 --options "$OPTIONS"
-  $PY bench/quality.py --methods "${METHODS/dense,/}" --patterns 2:4 --options "$OPTIONS_24"
+  $PY bench/quality.py $SMOKE --methods "$METHODS" --patterns "$PATTERNS" --options "$OPTIONS"
+  [[ -n $SMOKE ]] || $PY bench/quality.py --methods "${METHODS/dense,/}" --patterns 2:4 --options "$OPTIONS_24"
 fi
 if [[ $STAGES == *2* ]]; then
-  $PY bench/quality.py --calibration python-docs --methods wanda,sparsegpt,d2prune-kl --patterns 0.6,0.7 --options "$OPTIONS"
+  $PY bench/quality.py $SMOKE --calibration python-docs --methods "$( [[ -n $SMOKE ]] && echo sparsegpt || echo wanda,sparsegpt,d2prune-kl )" \
+    --patterns "$( [[ -n $SMOKE ]] && echo 0.6 || echo 0.6,0.7 )" --options "$OPTIONS"
 fi
 if [[ $STAGES == *3* ]]; then
-  $PY bench/attention_fidelity.py --methods sparsegpt,d2-sparsegpt,d2prune-kl --options "$OPTIONS"
+  $PY bench/attention_fidelity.py $SMOKE --methods sparsegpt,d2-sparsegpt,d2prune-kl --options "$OPTIONS"
 fi

@@ -1,19 +1,25 @@
-"""Per-block checkpoints, so a killed run resumes where it stopped.
+"""Per-block checkpoints that prove themselves, so a killed run resumes where it stopped and never
+resumes into wrong weights.
 
 The work folder sits beside the output (`.<name>.d2c-work`, never at the output path itself) and
 holds, after block k has finished:
 
-- `block-0000.safetensors` ... `block-k.safetensors`: each finished block's parameters;
-- `hidden.safetensors`: the hidden states that enter block k+1 (one tensor per calibration window);
-- `state.json`: the fingerprint of what the run depends on (model, calibration data, passes), the
-  number of finished blocks and their reports.
+- `block-0000.safetensors` ... `block-k.safetensors`: each finished block's parameters and buffers;
+- `hidden-k.safetensors`: the hidden states that enter block k+1 (one tensor per calibration batch;
+  only the latest is kept: the previous one is deleted once the new state is durable);
+- `state.json`: the job fingerprint (see `pipeline.job_fingerprint`), the number of finished blocks,
+  their reports, and the sha256 of every file above.
 
 Every file is written to a temporary name and renamed, and `state.json` is replaced last, so a kill
-at any instant leaves the previous consistent state. Re-running the same recipe loads the finished
-blocks and hidden states and continues with the next block; because all of these are stored
-exactly (safetensors, fp32 stays fp32) the final weights are byte-identical to an uninterrupted run.
-A folder whose fingerprint differs (another recipe) is discarded with a warning. The folder is
-removed once the output is written.
+at any instant leaves the previous consistent state. Writes run on one background thread, so the
+compute device goes on with the next block; `flush` waits for them.
+
+On resume every file is checked against its recorded sha256. A missing, truncated or altered block
+file discards the checkpoints from that block on (with a warning); altered hidden states are
+recomputed from the restored blocks. Either way the run continues and the final weights are
+byte-identical to an uninterrupted run. A folder whose fingerprint differs (another recipe, model,
+calibration data or package version) is discarded with a warning. The folder is removed once the
+output is written.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import json
 import logging
 import os
 import shutil
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,7 +44,8 @@ from .packing import Packed24Linear
 
 log = logging.getLogger(__name__)
 
-FORMAT = 1
+FORMAT = 2
+STATE = "state.json"
 
 
 def work_dir_for(output: Path) -> Path:
@@ -50,13 +58,31 @@ def fingerprint(payload: Any) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def file_sha256(path: Path) -> str:
+    """sha256 of a file's bytes, read in 16 MiB chunks."""
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def block_file(index: int) -> str:
+    return f"block-{index:04d}.safetensors"
+
+
+def hidden_file(index: int) -> str:
+    return f"hidden-{index:04d}.safetensors"
+
+
 @dataclass
 class Resumed:
-    """What a previous run left: finished block count, their reports and the next block's hidden states."""
+    """What a previous run left that checked out: the number of verified finished blocks, their
+    reports, and the hidden states entering the next block (None: recompute them from the blocks)."""
 
     blocks_done: int
     reports: list[dict[str, Any]]
-    hidden: list[torch.Tensor]
+    hidden: list[torch.Tensor] | None
 
 
 class CheckpointStore:
@@ -65,46 +91,85 @@ class CheckpointStore:
     def __init__(self, folder: Path, key: str):
         self.folder = folder
         self.key = key
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="d2c-checkpoint")
+        self._pending: Future | None = None
+        self._files: dict[str, str] = {}
 
-    def _write_atomic(self, name: str, write: Any) -> None:
+    def _write_atomic(self, name: str, write: Any) -> str:
+        """Write `name` through a temporary file; returns its sha256."""
         tmp = self.folder / f".{name}.tmp"
-        write(tmp)
-        os.replace(tmp, self.folder / name)
+        try:
+            write(tmp)
+            digest = file_sha256(tmp)
+            os.replace(tmp, self.folder / name)
+        except OSError as exc:
+            raise OutputError(f"{self.folder / name}: cannot write the checkpoint: {exc.strerror or exc}") from None
+        except Exception as exc:  # safetensors reports a full disk as its own error type
+            raise OutputError(f"{self.folder / name}: cannot write the checkpoint: {exc}") from None
+        return digest
+
+    def _write_state(self, blocks_done: int, reports: list[dict[str, Any]]) -> None:
+        state = {"format": FORMAT, "key": self.key, "blocks_done": blocks_done, "reports": reports, "files": self._files}
+        self._write_atomic(STATE, lambda p: p.write_text(json.dumps(state, default=str)))
 
     def _state(self) -> dict[str, Any] | None:
-        path = self.folder / "state.json"
-        if not path.exists():
-            return None
         try:
-            state = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
+            state = json.loads((self.folder / STATE).read_text())
+        except (OSError, ValueError):
             return None
         return state if isinstance(state, dict) and state.get("format") == FORMAT else None
 
+    def _verified(self, name: str, files: dict[str, str]) -> bool:
+        """The file exists and has the recorded sha256; warns otherwise."""
+        path = self.folder / name
+        expected = files.get(name)
+        if not path.is_file() or expected is None:
+            log.warning("%s: checkpoint file missing; recomputing from there", path)
+            return False
+        if file_sha256(path) != expected:
+            log.warning("%s: checkpoint file altered or truncated (sha256 mismatch); recomputing from there", path)
+            return False
+        return True
+
     def start(self) -> Resumed | None:
-        """Open the work folder. Returns what an earlier run of the same job finished, or None
-        (a stale folder from another job is discarded)."""
+        """Open the work folder. Returns what an earlier run of the same job finished and that
+        verifies, or None (a folder from another job, or with nothing usable, is discarded)."""
         state = self._state()
         if state is not None and state.get("key") != self.key:
-            log.warning("%s: checkpoints of a different recipe or model; starting over", self.folder)
+            log.warning("%s: checkpoints of a different recipe, model, calibration data or package version; "
+                        "starting over", self.folder)
             state = None
-        if state is None or not state.get("blocks_done"):
+        files = state.get("files", {}) if state is not None else {}
+        done = int(state.get("blocks_done", 0)) if state is not None else 0
+        valid = next((i for i in range(done) if not self._verified(block_file(i), files)), done)
+        if not valid:
             self.discard()
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise OutputError(f"{self.folder}: cannot create the work folder: {exc.strerror}") from exc
-        if state is None or not state.get("blocks_done"):
-            self._write_atomic("state.json", lambda p: p.write_text(json.dumps({"format": FORMAT, "key": self.key, "blocks_done": 0, "reports": []})))
+        self._files = {block_file(i): files[block_file(i)] for i in range(valid)}
+        for stale in self.folder.iterdir():  # files of discarded blocks and temporary files of a killed write
+            if stale.name != STATE and stale.name not in self._files and not (valid == done and stale.name == hidden_file(done - 1)):
+                stale.unlink(missing_ok=True)
+        if not valid:
+            self._write_state(0, [])
             return None
-        hidden_file = load_file(self.folder / "hidden.safetensors")
-        hidden = [hidden_file[f"h{i}"] for i in range(len(hidden_file))]
-        return Resumed(int(state["blocks_done"]), list(state["reports"]), hidden)
+        hidden = None
+        if valid == done and self._verified(hidden_file(done - 1), files):
+            loaded = load_file(self.folder / hidden_file(done - 1))
+            hidden = [loaded[f"h{i}"] for i in range(len(loaded))]
+            self._files[hidden_file(done - 1)] = files[hidden_file(done - 1)]
+        reports = list(state["reports"])[:valid]
+        if valid < done or hidden is None:
+            self._write_state(valid, reports)
+        return Resumed(valid, reports, hidden)
 
     def restore_block(self, index: int, block: nn.Module) -> None:
         """Load finished block `index`'s parameters and buffers into `block` (exactly); layers a pass
         replaced by `Packed24Linear` are rebuilt packed."""
-        tensors = load_file(self.folder / f"block-{index:04d}.safetensors")
+        self.flush()
+        tensors = load_file(self.folder / block_file(index))
         device = next(block.parameters()).device
         for owner in {k.rpartition(".")[0] for k in tensors if k.endswith(".meta") and k[:-5] + ".values" in tensors}:
             module = block.get_submodule(owner)
@@ -124,13 +189,31 @@ class CheckpointStore:
                     module.register_buffer(buffer, tensor.to(device))
 
     def save_block(self, index: int, block: nn.Module, hidden: list[torch.Tensor], reports: list[dict[str, Any]]) -> None:
-        """Record that block `index` is finished, with the hidden states entering the next block."""
-        params = {name: t.detach().to("cpu").contiguous().clone() for name, t in block.state_dict().items()}
-        self._write_atomic(f"block-{index:04d}.safetensors", lambda p: save_file(params, str(p)))
-        states = {f"h{i}": h.detach().to("cpu").contiguous() for i, h in enumerate(hidden)}
-        self._write_atomic("hidden.safetensors", lambda p: save_file(states, str(p)))
-        state = {"format": FORMAT, "key": self.key, "blocks_done": index + 1, "reports": reports}
-        self._write_atomic("state.json", lambda p: p.write_text(json.dumps(state, default=str)))
+        """Record that block `index` is finished, with the hidden states entering the next block. The
+        tensors are copied to the CPU here; the files are written on the background thread."""
+        params = {name: t.detach().to("cpu", copy=True).contiguous() for name, t in block.state_dict().items()}
+        states = {f"h{i}": h.detach().to("cpu", copy=True).contiguous() for i, h in enumerate(hidden)}
+        self.flush()
+        self._pending = self._writer.submit(self._save, index, params, states, list(reports))
+
+    def _save(self, index: int, params: dict[str, torch.Tensor], states: dict[str, torch.Tensor],
+              reports: list[dict[str, Any]]) -> None:
+        self._files[block_file(index)] = self._write_atomic(block_file(index), lambda p: save_file(params, str(p)))
+        self._files[hidden_file(index)] = self._write_atomic(hidden_file(index), lambda p: save_file(states, str(p)))
+        previous = hidden_file(index - 1)
+        self._files.pop(previous, None)
+        self._write_state(index + 1, reports)
+        (self.folder / previous).unlink(missing_ok=True)  # only after the new state is durable
+
+    def flush(self) -> None:
+        """Wait for the pending write; re-raise its error."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
 
     def discard(self) -> None:
+        try:
+            self.flush()
+        except OutputError:
+            pass
         shutil.rmtree(self.folder, ignore_errors=True)

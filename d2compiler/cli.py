@@ -5,8 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
+import traceback
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -26,16 +29,14 @@ def _load(args: argparse.Namespace):
     from .recipe import apply_overrides, read_recipe_file, validate_recipe
 
     data = read_recipe_file(args.recipe)
-    overrides = list(args.set or [])
+    values = {}
     if getattr(args, "model", None):
-        overrides.append(f"model.source={json.dumps(args.model)}")
+        values["model.source"] = args.model
     if getattr(args, "output", None):
-        overrides.append(f"output.path={json.dumps(args.output)}")
-    if getattr(args, "overwrite", False):
-        overrides.append("output.overwrite=true")
+        values["output.path"] = args.output
     if getattr(args, "restart", False):
-        overrides.append("output.resume=false")
-    return validate_recipe(apply_overrides(data, overrides, args.recipe), args.recipe)
+        values["output.resume"] = False
+    return validate_recipe(apply_overrides(data, list(args.set or []), args.recipe, values), args.recipe)
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
@@ -51,7 +52,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from .pipeline import compress
 
     recipe = _load(args)
-    summary = compress(recipe, quiet=args.quiet)
+    summary = compress(recipe, quiet=args.quiet, overwrite=args.overwrite)
     print(summary.table())
     return 0
 
@@ -99,6 +100,8 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
     from .evaluate import make_metric
     from .models import load_model, resolve_device
     from .recipe import EvaluationData
@@ -106,8 +109,12 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     loaded = load_model(args.model, args.dtype, args.device)
     if args.task:
         return _zero_shot(args, loaded)
-    spec = EvaluationData(source=args.data, config=args.config, split=args.split, field=args.field, seq_len=args.seq_len,
-                          max_windows=args.max_windows, metric=args.metric)
+    try:
+        spec = EvaluationData(source=args.data, config=args.config, split=args.split, field=args.field, seq_len=args.seq_len,
+                              max_windows=args.max_windows, metric=args.metric)
+    except ValidationError as exc:
+        first = exc.errors(include_url=False)[0]
+        raise D2Error(f"--{str(first['loc'][0]).replace('_', '-')}: {first['msg']}") from None
     metric = make_metric(spec, loaded.model, loaded.tokenizer, resolve_device(args.device), quiet=args.quiet)
     if metric.needs_dense:
         if not args.reference:
@@ -142,11 +149,32 @@ def _zero_shot(args: argparse.Namespace, loaded) -> int:
     return 0
 
 
+def _at_least(low: int):
+    """An argparse type: an integer >= `low`."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low} (got {value})")
+        return value
+    return parse
+
+
+def _global_flags(parser: argparse.ArgumentParser, default: Any) -> None:
+    parser.add_argument("--quiet", "-q", action="store_true", default=default, help="no progress bars or info logs")
+    parser.add_argument("--verbose", "-v", action="store_true", default=default, help="debug logs")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="d2c", description="d2compiler: declarative, pass-based compression of transformer models.")
-    parser.add_argument("--quiet", "-q", action="store_true", help="no progress bars or info logs")
-    parser.add_argument("--verbose", "-v", action="store_true", help="debug logs")
+    _global_flags(parser, False)
+    common = argparse.ArgumentParser(add_help=False)  # the same flags after the subcommand
+    _global_flags(common, argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True)
+    real_add = sub.add_parser
+    sub.add_parser = lambda *a, **k: real_add(*a, parents=[common], **k)  # type: ignore[method-assign]
 
     sub.add_parser("schema", help="print the recipe JSON Schema").set_defaults(func=_cmd_schema)
 
@@ -178,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     insp = sub.add_parser("inspect", help="show blocks, linears, roles and shapes of a model")
     insp.add_argument("model", help="HF id or folder, .gguf, .safetensors, or builtin:smollm2-135m")
-    insp.add_argument("--tokens", type=int, default=16, help="length of the dummy input used for tracing")
+    insp.add_argument("--tokens", type=_at_least(2), default=16, help="length of the dummy input used for tracing")
     insp.set_defaults(func=_cmd_inspect)
 
     ev = sub.add_parser("eval", help="perplexity, embedding similarity, accuracy or zero-shot accuracy of a model "
@@ -190,14 +218,14 @@ def build_parser() -> argparse.ArgumentParser:
                     help="auto: perplexity for causal LMs, accuracy for image classifiers, embedding_cosine for encoders")
     ev.add_argument("--reference", default=None, help="embedding_cosine: the dense model to compare with")
     ev.add_argument("--task", choices=["piqa", "arc_easy"], help="zero-shot multiple choice (acc, acc_norm) instead of perplexity")
-    ev.add_argument("--limit", type=int, default=None, help="--task: score only the first N items")
+    ev.add_argument("--limit", type=_at_least(1), default=None, help="--task: score only the first N items")
     ev.add_argument("--harness", action="store_true", help="--task: score with lm-eval-harness (if installed) instead: the "
                     "same local items as a local lm-eval task, or with --data hub lm-eval's own task from the hub")
     ev.add_argument("--config", default=None)
     ev.add_argument("--split", default="test")
     ev.add_argument("--field", default="text")
-    ev.add_argument("--seq-len", type=int, default=512)
-    ev.add_argument("--max-windows", type=int, default=None)
+    ev.add_argument("--seq-len", type=_at_least(8), default=512)
+    ev.add_argument("--max-windows", type=_at_least(1), default=None)
     ev.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "auto"])
     ev.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     ev.set_defaults(func=_cmd_eval)
@@ -205,19 +233,36 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line. Exit status: 0 done, 2 a problem with the input or environment (one
+    located line on stderr), 1 a bug in d2compiler (a traceback under a one-line summary)."""
     args = build_parser().parse_args(argv)
     level = logging.DEBUG if args.verbose else (logging.WARNING if args.quiet else logging.INFO)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("transformers", "datasets", "httpx", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     try:
+        if args.quiet and args.command != "schema":  # transformers' own weight-loading bars
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()
         return args.func(args)
     except D2Error as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except RecursionError:
+        print("error: input nested too deeply to process", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `d2c schema | head -1`: the reader left; say nothing more
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141
+    except Exception:
+        print("internal error: this is a bug in d2compiler; please report it with the traceback below", file=sys.stderr)
+        traceback.print_exc()
+        return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -17,6 +17,7 @@ import torch
 from .errors import DataError
 
 BUILTIN_PYTHON_DOCS = "builtin:python-docs"
+TOKEN_WINDOWS_KEY = "input_ids"
 CALIBRATION_FRACTION = 0.75
 
 Part = Literal["calibration", "evaluation"]
@@ -133,3 +134,44 @@ def evaluation_windows(ids: torch.Tensor, seq_len: int, max_windows: int | None 
     if count == 0:
         raise DataError(f"too little evaluation text: {ids.shape[1]} tokens, less than one window of {seq_len}")
     return [ids[:, i * seq_len : (i + 1) * seq_len] for i in range(count)]
+
+
+def is_token_windows_file(source: str) -> bool:
+    """A `.safetensors` file holding an `input_ids` tensor: pre-tokenized windows."""
+    path = Path(source).expanduser()
+    if path.suffix != ".safetensors" or not path.is_file():
+        return False
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            return TOKEN_WINDOWS_KEY in f.keys()
+    except Exception:  # not readable as safetensors: let the image loader report it
+        return False
+
+
+def load_token_windows(source: str, seq_len: int, vocab_size: int | None) -> torch.Tensor:
+    """The windows of a pre-tokenized file: `input_ids`, an integer tensor (windows, seq_len), every
+    id below `vocab_size`. Used as they are (no tokenizer), so two tools can get the same tokens."""
+    from safetensors.torch import load_file
+
+    path = Path(source).expanduser()
+    ids = load_file(str(path))[TOKEN_WINDOWS_KEY]
+    if ids.dtype.is_floating_point or ids.dtype == torch.bool or ids.dim() != 2:
+        raise DataError(f"{path}: input_ids must be an integer tensor (windows, seq_len), got {ids.dtype} {tuple(ids.shape)}")
+    if ids.shape[1] != seq_len:
+        raise DataError(f"{path}: windows of {ids.shape[1]} tokens, but seq_len is {seq_len}")
+    if ids.numel() and (int(ids.min()) < 0 or (vocab_size and int(ids.max()) >= vocab_size)):
+        raise DataError(f"{path}: token ids outside the model's vocabulary (0..{vocab_size})")
+    return ids.long()
+
+
+def select_windows(ids: torch.Tensor, samples: int, *, sampling: str = "sequential", seed: int = 0, source: str = "") -> list[torch.Tensor]:
+    """`samples` of the pre-tokenized windows `ids`: the first ones, or distinct ones drawn with `seed`."""
+    if samples > ids.shape[0]:
+        raise DataError(f"{source}: {samples} windows asked for, the file has {ids.shape[0]}")
+    if sampling == "sequential":
+        rows = torch.arange(samples)
+    else:
+        rows = torch.randperm(ids.shape[0], generator=torch.Generator().manual_seed(seed))[:samples]
+    return [ids[int(i) : int(i) + 1] for i in rows]

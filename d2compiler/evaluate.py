@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .data import evaluation_windows, load_rows, load_text, tokenize
+from .data import evaluation_windows, is_token_windows_file, load_rows, load_text, load_token_windows, tokenize
 from .errors import DataError
 from .executor import model_call_kwargs
 from .images import fit_to_model, is_image_source, load_images
@@ -189,5 +189,11 @@ def make_metric(spec: Any, model: nn.Module, tokenizer: Any, device: torch.devic
         if not texts:
             raise DataError(f"data.evaluation.source: {spec.source} has no paragraph of {MIN_PARAGRAPH_WORDS}+ words")
         return EmbeddingCosine(_text_batches(tokenizer, texts, spec.seq_len), device, quiet)
+    if is_token_windows_file(spec.source):
+        ids = load_token_windows(spec.source, spec.seq_len, getattr(model.config, "vocab_size", None))
+        windows = [ids[i : i + 1] for i in range(min(ids.shape[0], spec.max_windows or ids.shape[0]))]
+        if not windows:
+            raise DataError(f"{spec.source}: no windows")
+        return Perplexity(windows, device, quiet)
     ids = tokenize(tokenizer, load_text(spec.source, "evaluation", config=spec.config, split=spec.split, field=spec.field))
     return Perplexity(evaluation_windows(ids, spec.seq_len, spec.max_windows), device, quiet)

@@ -346,16 +346,31 @@ class BlockExecutor:
             for index in range(first):
                 checkpoints.restore_block(index, self.blocks[index])
             reports = [BlockReport.from_json(r) for r in resumed.reports]
-            inputs = [inp.with_hidden(h.to(inp.args[0].device)) for inp, h in zip(inputs, resumed.hidden)]
+            if resumed.hidden is not None and len(resumed.hidden) == len(inputs):
+                inputs = [inp.with_hidden(h.to(inp.args[0].device)) for inp, h in zip(inputs, resumed.hidden)]
+            else:  # hidden states lost or altered: replay the restored blocks (the same computation)
+                for index in range(first):
+                    inputs = self._propagate(index, inputs)
         bar = progress(range(first, last + 1), desc="blocks", disable=self.quiet, initial=first, total=last + 1)
-        for index in bar:
-            report, outputs = self._run_block(index, inputs, needed, targets, last)
-            reports.append(report)
-            inputs = [inp.with_hidden(h) for inp, h in zip(inputs, outputs)]
-            if checkpoints is not None and index < last:
-                checkpoints.save_block(index, self.blocks[index], outputs, [r.to_json() for r in reports])
+        try:
+            for index in bar:
+                report, outputs = self._run_block(index, inputs, needed, targets, last)
+                reports.append(report)
+                inputs = [inp.with_hidden(h) for inp, h in zip(inputs, outputs)]
+                if checkpoints is not None and index < last:
+                    checkpoints.save_block(index, self.blocks[index], outputs, [r.to_json() for r in reports])
+        finally:  # an interrupted run still leaves its last finished block durable
+            if checkpoints is not None:
+                checkpoints.flush()
         roles = {layer.name: layer.role for layer in all_layers}
         return ExecutionReport(self.blocks_path, len(self.blocks), reports, roles)
+
+    def _propagate(self, index: int, inputs: list[BlockInput]) -> list[BlockInput]:
+        """Block `index`'s outputs as the next block's inputs (the block visits the device)."""
+        block = self.blocks[index].to(self.device)
+        outputs = forward_block(block, inputs)
+        block.to("cpu")
+        return [inp.with_hidden(h) for inp, h in zip(inputs, outputs)]
 
     def check_targets_match(self, targets: dict[int, set[str]], layers: list[LinearLayer]) -> None:
         for i, names in targets.items():

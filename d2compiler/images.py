@@ -15,7 +15,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .data import CALIBRATION_FRACTION, Part
+from .data import CALIBRATION_FRACTION, Part, is_token_windows_file
 from .errors import DataError
 
 BUILTIN_DIGITS = "builtin:digits"
@@ -31,7 +31,8 @@ class ImageSet:
 
 
 def is_image_source(source: str) -> bool:
-    return source == BUILTIN_DIGITS or source.endswith(".safetensors")
+    """`builtin:digits`, or a `.safetensors` file that is not pre-tokenized text windows."""
+    return source == BUILTIN_DIGITS or (source.endswith(".safetensors") and not is_token_windows_file(source))
 
 
 def digits(part: Part) -> ImageSet:

@@ -9,7 +9,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from .data import calibration_windows, load_text, tokenize
+from .data import calibration_windows, is_token_windows_file, load_text, load_token_windows, select_windows, tokenize
 from .errors import DataError
 from .images import fit_to_model, image_batches, is_image_source, load_images
 
@@ -87,6 +87,10 @@ def calibration_inputs(spec: Any, model: nn.Module, tokenizer: Any) -> list[torc
             chosen = torch.arange(spec.samples)
         return image_batches(fit_to_model(images.pixels[chosen], model.config, tokenizer), spec.batch_size)
     check_seq_len(model, spec.seq_len, "data.calibration.seq_len")
-    ids = tokenize(tokenizer, load_text(spec.source, "calibration", config=spec.config, split=spec.split, field=spec.field))
-    windows = calibration_windows(ids, spec.samples, spec.seq_len, sampling=spec.sampling, seed=spec.seed)
+    if is_token_windows_file(spec.source):
+        ids = load_token_windows(spec.source, spec.seq_len, getattr(model.config, "vocab_size", None))
+        windows = select_windows(ids, spec.samples, sampling=spec.sampling, seed=spec.seed, source=spec.source)
+    else:
+        ids = tokenize(tokenizer, load_text(spec.source, "calibration", config=spec.config, split=spec.split, field=spec.field))
+        windows = calibration_windows(ids, spec.samples, spec.seq_len, sampling=spec.sampling, seed=spec.seed)
     return _stack(windows, spec.batch_size)

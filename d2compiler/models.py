@@ -9,7 +9,7 @@ import logging
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,11 +35,13 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 @dataclass
 class LoadedModel:
     """A model ready to compress, with its tokenizer (for a vision model: its image processor; None
-    when the source has none) and where it came from. Both are saved with the output."""
+    when the source has none) and where it came from. Both are saved with the output. `files`: the
+    local files the weights and config were read from (empty for a hub id)."""
 
     model: nn.Module
     tokenizer: Any
     source: str
+    files: list[Path] = field(default_factory=list)
 
 
 def cache_dir() -> Path:
@@ -113,15 +115,67 @@ def builtin_smollm2_folder() -> Path:
     return target
 
 
-def _model_class(config: Any) -> Any:
-    """The transformers class named by the config's `architectures`, else AutoModelForCausalLM."""
+def _model_class(config: Any, source: str) -> Any:
+    """The transformers model class named by the config's `architectures` (refused when that names
+    anything but a `PreTrainedModel` subclass), else AutoModelForCausalLM."""
     import transformers
 
-    for arch in getattr(config, "architectures", None) or []:
-        cls = getattr(transformers, arch, None)
-        if cls is not None:
+    names = getattr(config, "architectures", None) or []
+    if isinstance(names, str) or not all(isinstance(n, str) for n in names):
+        raise ModelLoadError(f"{source}: config.json: `architectures` must be a list of class names")
+    for arch in names:
+        cls = getattr(transformers, arch, None) if arch.isidentifier() else None
+        if isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel):
             return cls
+    if names:
+        raise ModelLoadError(f"{source}: config.json: architectures {names} names no transformers model class")
     return transformers.AutoModelForCausalLM
+
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The top-level regular files of a local model folder whose content shapes the model (weights,
+    config, tokenizer): everything but hidden files and sub-folders."""
+    return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+
+
+def check_weight_files(folder: Path, source: str) -> None:
+    """Refuse pickle-only checkpoints and check every safetensors file's header and size up front, so
+    a corrupt, truncated or empty file is named instead of failing deep inside transformers."""
+    from safetensors import safe_open
+
+    files = list(folder.glob("*.safetensors"))
+    if not files:
+        pickles = [p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES]
+        if pickles:
+            raise ModelLoadError(f"{source}: only pickle checkpoints ({', '.join(sorted(pickles))}); d2compiler never "
+                                 "unpickles: convert the weights to safetensors first")
+    for file in files:
+        try:
+            with safe_open(str(file), "pt") as f:
+                for key in f.keys():
+                    f.get_slice(key).get_shape()
+        except Exception as exc:  # safetensors raises its own error type for every kind of damage
+            raise ModelLoadError(f"{file}: not a valid safetensors file ({str(exc)[:200]})") from None
+
+
+def _check_load_report(info: dict[str, Any], source: str) -> None:
+    """transformers' load report: missing, unexpected or mismatched weights are errors."""
+    mismatched = list(info.get("mismatched_keys") or [])
+    if mismatched:
+        key, *shapes = mismatched[0] if isinstance(mismatched[0], (tuple, list)) else (mismatched[0],)
+        detail = f" (checkpoint {tuple(shapes[0])}, model {tuple(shapes[1])})" if len(shapes) == 2 else ""
+        raise ModelLoadError(f"{source}: tensor {key} has the wrong shape{detail}"
+                             + (f", and {len(mismatched) - 1} more" if len(mismatched) > 1 else ""))
+    for kind in ("missing_keys", "unexpected_keys"):
+        keys = sorted(info.get(kind) or [])
+        if keys:
+            what = "missing from the checkpoint" if kind == "missing_keys" else "in the checkpoint but not in the model"
+            more = f" and {len(keys) - 3} more" if len(keys) > 3 else ""
+            raise ModelLoadError(f"{source}: {len(keys)} weights {what} (does config.json match the weights?): "
+                                 f"{', '.join(keys[:3])}{more}")
 
 
 def _load_tokenizer(folder_or_id: str, **kwargs: Any) -> Any:
@@ -172,6 +226,7 @@ def load_model(source: str, dtype: str = "float32", device: str = "auto", revisi
     torch_dtype = resolve_dtype(dtype, resolve_device(device))
     path = Path(source).expanduser()
     gguf_file: str | None = None
+    files: list[Path] = []
     if source == BUILTIN_SMOLLM2:
         folder = str(builtin_smollm2_folder())
     elif source == BUILTIN_MINILM:
@@ -182,6 +237,7 @@ def load_model(source: str, dtype: str = "float32", device: str = "auto", revisi
         if not path.is_file():
             raise ModelLoadError(f"{source}: GGUF file not found")
         folder, gguf_file = str(path.parent), path.name
+        files = [path]
     elif path.suffix == ".safetensors":
         if not path.is_file():
             raise ModelLoadError(f"{source}: safetensors file not found")
@@ -196,27 +252,33 @@ def load_model(source: str, dtype: str = "float32", device: str = "auto", revisi
         raise ModelLoadError(f"{source}: no such file or folder")
     else:
         folder = source  # a hub id: the same code users run against the hub
+    if not gguf_file and Path(folder).is_dir():
+        files = weight_files(Path(folder))
+        check_weight_files(Path(folder), source)
 
     if path.is_dir() and is_packed_folder(path):
         model = load_packed(path)
         if isinstance(torch_dtype, torch.dtype) and torch_dtype != torch.float32:
             model.to(torch_dtype)
-        return LoadedModel(model=model, tokenizer=_load_tokenizer(str(path)), source=source)
+        return LoadedModel(model=model, tokenizer=_load_tokenizer(str(path)), source=source, files=files)
     extra: dict[str, Any] = {"revision": revision} if revision else {}
     if gguf_file:
         extra["gguf_file"] = gguf_file
     try:
         config = AutoConfig.from_pretrained(folder, **extra)
-        cls = _model_class(config)
+        cls = _model_class(config, source)
         attn = {"attn_implementation": attn_implementation} if attn_implementation else {}
-        model = cls.from_pretrained(folder, dtype=torch_dtype, **attn, **extra)
+        safe = {} if gguf_file else {"use_safetensors": True}  # never unpickle, from a folder or the hub
+        model, info = cls.from_pretrained(folder, dtype=torch_dtype, output_loading_info=True, ignore_mismatched_sizes=True,
+                                          **safe, **attn, **extra)
     except OSError as exc:
         raise ModelLoadError(f"{source}: cannot load the model: {exc}") from None
-    except (ValueError, KeyError) as exc:
+    except (ValueError, KeyError, TypeError) as exc:
         raise ModelLoadError(f"{source}: unsupported model: {exc}") from None
+    _check_load_report(info, source)
     if gguf_file:
         _strip_gguf_quantizer(model)
     _attach_quantization(model, Path(folder) / QUANT_FILE)
     model.eval()
     tokenizer = (_load_image_processor if takes_images(model) else _load_tokenizer)(folder, **extra)
-    return LoadedModel(model=model, tokenizer=tokenizer, source=source)
+    return LoadedModel(model=model, tokenizer=tokenizer, source=source, files=files)

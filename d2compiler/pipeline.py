@@ -13,13 +13,13 @@ from typing import Any
 import torch
 from pydantic import BaseModel
 
-from .checkpoint import CheckpointStore, fingerprint, work_dir_for
+from .checkpoint import CheckpointStore, file_sha256, fingerprint, work_dir_for
 from .errors import D2Error, PassError
 from .evaluate import make_metric
 from .executor import BlockExecutor, ExecutionReport
 from .export.hf import write_output
-from .export.metadata import overall_sparsity, sparsity_record, weights_sha256
-from .export.output_dir import check_output_path
+from .export.metadata import overall_sparsity, package_versions, sparsity_record, weights_sha256
+from .export.output_dir import check_free_space, check_output_path, output_lock, user_path
 from .inputs import calibration_inputs
 from .memory import peak_rss_mb
 from .models import LoadedModel, load_model, resolve_device
@@ -79,11 +79,42 @@ def _fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f}"
 
 
-def job_fingerprint(recipe: BaseModel, first_block: torch.nn.Module, windows: list[torch.Tensor]) -> str:
-    """What the pruned weights depend on: model, calibration tokens, passes (not evaluation or output)."""
-    tokens = hashlib.sha256(b"".join(w.to("cpu").contiguous().numpy().tobytes() for w in windows)).hexdigest()
-    return fingerprint({"model": recipe.model.model_dump(mode="json"), "passes": [p.model_dump(mode="json") for p in recipe.passes],
-                        "first_block": weights_sha256(first_block), "tokens": tokens, "torch": torch.__version__})
+def source_digest(loaded: LoadedModel) -> dict[str, str]:
+    """sha256 of every local file the model was read from, or of every tensor (a hub id, or a model
+    handed in by the caller)."""
+    if loaded.files:
+        return {str(path): file_sha256(path) for path in loaded.files}
+    return {"tensors": weights_sha256(loaded.model)}
+
+
+def job_fingerprint(recipe: BaseModel, source: dict[str, str], windows: list[torch.Tensor]) -> str:
+    """Everything the pruned weights depend on: the resolved recipe (model, calibration data and its
+    batching, passes; not evaluation or output), the source's files, the calibration tokens and the
+    versions of the packages that compute them."""
+    tokens = hashlib.sha256()
+    for w in windows:
+        t = w.to("cpu").contiguous()
+        tokens.update(f"{t.dtype}|{tuple(t.shape)}|".encode())
+        tokens.update(t.numpy().tobytes())
+    versions = {k: v for k, v in package_versions().items() if k in ("d2compiler", "torch", "transformers", "safetensors")}
+    return fingerprint({"model": recipe.model.model_dump(mode="json"), "calibration": recipe.data.calibration.model_dump(mode="json"),
+                        "passes": [p.model_dump(mode="json") for p in recipe.passes], "source": source,
+                        "tokens": tokens.hexdigest(), "versions": versions})
+
+
+def protected_paths(recipe: BaseModel) -> list[Path]:
+    """Local files and folders a run reads (model source, data files): an output may not touch them."""
+    sources = [recipe.model.source, recipe.data.calibration.source]
+    if recipe.data.evaluation is not None:
+        sources.append(recipe.data.evaluation.source)
+    return [user_path(s) for s in sources if not s.startswith("builtin:") and user_path(s).exists()]
+
+
+def output_bytes_needed(model: torch.nn.Module, windows: list[torch.Tensor], hidden_size: int) -> int:
+    """About what a run writes: the output weights, the block checkpoints, two sets of hidden states."""
+    params = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    tokens = sum(w.numel() for w in windows)
+    return 2 * params + 2 * tokens * hidden_size * 4 + (16 << 20)
 
 
 def check_finite(model: torch.nn.Module) -> None:
@@ -94,15 +125,22 @@ def check_finite(model: torch.nn.Module) -> None:
             raise PassError(f"{name}: contains NaN or Inf after pruning; nothing was written")
 
 
-def compress(recipe: BaseModel, *, loaded: LoadedModel | None = None, quiet: bool = False) -> RunSummary:
+def compress(recipe: BaseModel, *, loaded: LoadedModel | None = None, quiet: bool = False, overwrite: bool = False) -> RunSummary:
     """Run `recipe`. A caller may pass an already loaded model (any transformers-style module with
-    a tokenizer) instead of `recipe.model.source`."""
+    a tokenizer) instead of `recipe.model.source`. `overwrite` (the command line's `--overwrite`)
+    allows replacing an earlier d2compiler output (see `export.output_dir`)."""
+    out_path = user_path(recipe.output.path) if recipe.output.path else None
+    if out_path is None:
+        return _compress(recipe, loaded, quiet, None, False)
+    check_output_path(out_path, overwrite, protected_paths(recipe))
+    with output_lock(out_path):
+        return _compress(recipe, loaded, quiet, out_path, overwrite)
+
+
+def _compress(recipe: BaseModel, loaded: LoadedModel | None, quiet: bool, out_path: Path | None, overwrite: bool) -> RunSummary:
     start = time.perf_counter()
     device = resolve_device(recipe.model.device)
     manager = PassManager(list(recipe.passes))
-    out_path = Path(recipe.output.path) if recipe.output.path else None
-    if out_path is not None:
-        check_output_path(out_path, recipe.output.overwrite)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
 
@@ -114,6 +152,9 @@ def compress(recipe: BaseModel, *, loaded: LoadedModel | None = None, quiet: boo
 
     cal = recipe.data.calibration
     windows = calibration_inputs(cal, model, tokenizer)
+    if out_path is not None:
+        hidden = getattr(getattr(model, "config", None), "hidden_size", 0) or 0
+        check_free_space(out_path, output_bytes_needed(model, windows, int(hidden)))
 
     ev = recipe.data.evaluation
     metric = None if ev is None else make_metric(ev, model, tokenizer, device, quiet=quiet)
@@ -126,7 +167,7 @@ def compress(recipe: BaseModel, *, loaded: LoadedModel | None = None, quiet: boo
     executor = BlockExecutor(model, manager.schedule, device=device, role_overrides=recipe.model.roles, quiet=quiet)
     checkpoints = None
     if out_path is not None:
-        checkpoints = CheckpointStore(work_dir_for(out_path), job_fingerprint(recipe, executor.blocks[0], windows))
+        checkpoints = CheckpointStore(work_dir_for(out_path), job_fingerprint(recipe, source_digest(loaded), windows))
         if not recipe.output.resume:
             checkpoints.discard()
     try:
@@ -168,7 +209,8 @@ def compress(recipe: BaseModel, *, loaded: LoadedModel | None = None, quiet: boo
     if out_path is not None:
         record["results"]["wall_s"] = round(time.perf_counter() - start, 3)
         record["results"]["peak_rss_mb"] = round(peak_rss_mb(), 1)
-        write_output(out_path, model, tokenizer, record, overwrite=recipe.output.overwrite, fmt=recipe.output.format)
+        write_output(out_path, model, tokenizer, record, overwrite=overwrite, fmt=recipe.output.format,
+                     protected=protected_paths(recipe))
         if checkpoints is not None:
             checkpoints.discard()
     return RunSummary(

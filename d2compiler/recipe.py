@@ -131,7 +131,6 @@ class OutputSpec(_Strict):
         "quantization scales in `quantization.safetensors`). `d2c-packed`: packed 2:4 layers (kept values, or "
         "int4/int8 levels, + 2-bit positions; docs/format.md), loaded with `d2compiler.load`; needs a `pack_2_4` pass."
     )
-    overwrite: bool = Field(default=False, description="Replace an existing output folder.")
     resume: bool = Field(
         default=True, description="Checkpoint every finished block in a work folder beside the output "
         "(`.<name>.d2c-work`) and, when the same job was killed before, resume from its last finished block "
@@ -202,14 +201,37 @@ def _problems(exc: ValidationError, data: Any) -> list[tuple[str, str]]:
             msg = f"unknown pass type {got!r}; expected one of {names}"
         elif err["type"] == "union_tag_not_found":
             msg = "each pass needs a 'type'"
+        elif err["type"] == "extra_forbidden" and tuple(err["loc"]) == ("output", "overwrite"):
+            msg = "not a recipe setting: only the command line may replace an output (d2c run --overwrite)"
         elif err["type"] == "extra_forbidden":
             msg = "unknown key (not part of the schema; see `d2c schema`)"
         elif "input" in err and err["type"] not in ("missing",) and not isinstance(
             err["input"], (dict, list)
         ):
-            msg = f"{msg} (got {err['input']!r})"
+            msg = f"{msg} (got {_shorten(repr(err['input']))})"
         out.append((_format_loc(tuple(err["loc"]), data), msg))
     return out
+
+
+MAX_DEPTH = 32
+_ECHO = 80
+
+
+def _shorten(text: str) -> str:
+    """A user's value as echoed in an error: at most 80 characters."""
+    return text if len(text) <= _ECHO else f"{text[:_ECHO]}... ({len(text)} characters)"
+
+
+def _depth(value: Any) -> int:
+    """Nesting depth of parsed data, computed without recursion."""
+    deepest, stack = 0, [(value, 0)]
+    while stack:
+        node, depth = stack.pop()
+        deepest = max(deepest, depth)
+        if depth <= MAX_DEPTH:
+            children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else ()
+            stack.extend((child, depth + 1) for child in children)
+    return deepest
 
 
 def parse_text(text: str, source: str) -> dict[str, Any]:
@@ -220,9 +242,13 @@ def parse_text(text: str, source: str) -> dict[str, Any]:
     except json.JSONDecodeError as exc:
         raise RecipeError(source, [("", f"invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}")]) from None
     except tomllib.TOMLDecodeError as exc:
-        raise RecipeError(source, [("", f"invalid TOML: {exc}")]) from None
+        raise RecipeError(source, [("", f"invalid TOML: {_shorten(str(exc))}")]) from None
+    except RecursionError:
+        raise RecipeError(source, [("", f"nested too deeply (a recipe is at most {MAX_DEPTH} levels deep)")]) from None
     if not isinstance(data, dict):
         raise RecipeError(source, [("", f"a recipe must be a table/object, got {type(data).__name__}")])
+    if _depth(data) > MAX_DEPTH:
+        raise RecipeError(source, [("", f"nested more than {MAX_DEPTH} levels deep; a recipe is at most {MAX_DEPTH}")])
     return data
 
 
@@ -243,41 +269,49 @@ def _override_loc(key: str) -> str:
     return f"--set {key}" if re.fullmatch(r"[\w.-]+", key) else f"--set {json.dumps(key)}"
 
 
-def apply_overrides(data: dict[str, Any], overrides: list[str], source: str) -> dict[str, Any]:
+def apply_overrides(data: dict[str, Any], overrides: list[str], source: str,
+                    values: dict[str, Any] | None = None) -> dict[str, Any]:
     """Apply `dotted.key=value` overrides (list indices as numbers: `passes.1.sparsity=0.6`).
     Values are parsed as TOML values when possible (`0.6`, `true`, `"x"`, `[1, 2]`), else taken
-    as plain strings."""
+    as plain strings. `values` sets dotted keys to Python values as they are (no parsing: paths
+    from the command line keep every character)."""
     data = copy.deepcopy(data)
     for item in overrides:
         if "=" not in item:
             raise RecipeError(source, [(_override_loc(item), "an override must look like dotted.key=value")])
         key, raw = item.split("=", 1)
-        keys = [k for k in key.strip().split(".")]
-        if not all(keys):
-            raise RecipeError(source, [(_override_loc(key), "empty key segment in override")])
         try:
             value = tomllib.loads(f"v = {raw}")["v"]
         except tomllib.TOMLDecodeError:
             value = raw
-        node: Any = data
-        for depth, k in enumerate(keys):
-            last = depth == len(keys) - 1
-            where = ".".join(keys[: depth + 1])
-            if isinstance(node, list):
-                if not k.isdigit() or int(k) >= len(node):
-                    raise RecipeError(source, [(_override_loc(where), f"no list item {k} (the list has {len(node)})")])
-                if last:
-                    node[int(k)] = value
-                else:
-                    node = node[int(k)]
-            elif isinstance(node, dict):
-                if last:
-                    node[k] = value
-                else:
-                    node = node.setdefault(k, {})
-            else:
-                raise RecipeError(source, [(_override_loc(where), "cannot set a key inside a non-table value")])
+        _assign(data, key, value, source)
+    for key, value in (values or {}).items():
+        _assign(data, key, value, source)
     return data
+
+
+def _assign(data: dict[str, Any], key: str, value: Any, source: str) -> None:
+    keys = [k for k in key.strip().split(".")]
+    if not all(keys):
+        raise RecipeError(source, [(_override_loc(key), "empty key segment in override")])
+    node: Any = data
+    for depth, k in enumerate(keys):
+        last = depth == len(keys) - 1
+        where = ".".join(keys[: depth + 1])
+        if isinstance(node, list):
+            if not k.isdigit() or int(k) >= len(node):
+                raise RecipeError(source, [(_override_loc(where), f"no list item {k} (the list has {len(node)})")])
+            if last:
+                node[int(k)] = value
+            else:
+                node = node[int(k)]
+        elif isinstance(node, dict):
+            if last:
+                node[k] = value
+            else:
+                node = node.setdefault(k, {})
+        else:
+            raise RecipeError(source, [(_override_loc(where), "cannot set a key inside a non-table value")])
 
 
 def validate_recipe(data: dict[str, Any], source: str = "<recipe>") -> BaseModel:

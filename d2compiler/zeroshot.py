@@ -53,22 +53,44 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
 def load_task(task: str, path: str | Path) -> list[Item]:
     """The items of `task` from `path` (see the module docstring for the formats)."""
     path = Path(path)
+    if task not in DEFAULT_FILES:
+        raise DataError(f"unknown task {task!r}; expected piqa or arc_easy")
     rows = _read_jsonl(path)
-    try:
-        if task == "piqa":
-            labels_file = path.with_name(path.stem + "-labels.lst")
-            if not labels_file.is_file():
-                raise DataError(f"{labels_file}: PIQA labels file not found beside {path.name}")
-            labels = [int(x) for x in labels_file.read_text().split()]
-            if len(labels) != len(rows):
-                raise DataError(f"{labels_file}: {len(labels)} labels for {len(rows)} items")
-            return [Item(f"Question: {r['goal']}\nAnswer:", [r["sol1"], r["sol2"]], g) for r, g in zip(rows, labels)]
-        if task == "arc_easy":
-            return [Item(f"Question: {r['question']}\nAnswer:", list(r["choices"]["text"]),
-                         list(r["choices"]["label"]).index(r["answerKey"])) for r in rows]
-    except (KeyError, TypeError, ValueError) as exc:
-        raise DataError(f"{path}: not a {task} file ({type(exc).__name__}: {exc})") from None
-    raise DataError(f"unknown task {task!r}; expected piqa or arc_easy")
+    if not rows:
+        raise DataError(f"{path}: no items")
+    labels: list[str] = []
+    if task == "piqa":
+        labels_file = path.with_name(path.stem + "-labels.lst")
+        if not labels_file.is_file():
+            raise DataError(f"{labels_file}: PIQA labels file not found beside {path.name}")
+        labels = labels_file.read_text().split()
+        if len(labels) != len(rows):
+            raise DataError(f"{labels_file}: {len(labels)} labels for {len(rows)} items")
+    items = []
+    for number, row in enumerate(rows, 1):
+        try:
+            item = _piqa_item(row, labels[number - 1]) if task == "piqa" else _arc_item(row)
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise DataError(f"{path}:{number}: not a {task} item ({type(exc).__name__}: {str(exc)[:200]})") from None
+        if not isinstance(item.context, str) or not all(isinstance(c, str) for c in item.choices) or len(item.choices) < 2:
+            raise DataError(f"{path}:{number}: a {task} item needs a question and at least two text choices")
+        if not 0 <= item.gold < len(item.choices):
+            raise DataError(f"{path}:{number}: label {item.gold} is out of range for {len(item.choices)} choices")
+        items.append(item)
+    return items
+
+
+def _piqa_item(row: dict[str, Any], label: str) -> Item:
+    if not isinstance(row["goal"], str):
+        raise TypeError("goal is not text")
+    return Item(f"Question: {row['goal']}\nAnswer:", [row["sol1"], row["sol2"]], int(label))
+
+
+def _arc_item(row: dict[str, Any]) -> Item:
+    if not isinstance(row["question"], str):
+        raise TypeError("question is not text")
+    return Item(f"Question: {row['question']}\nAnswer:", list(row["choices"]["text"]),
+                list(row["choices"]["label"]).index(row["answerKey"]))
 
 
 def _encode_pair(tokenizer: Any, context: str, continuation: str) -> tuple[list[int], list[int]]:

@@ -91,8 +91,12 @@ def test_existing_output_needs_overwrite(tiny_models, tmp_path, capsys):
     recipe = write_recipe(tmp_path / "r.toml", str(tiny_models["opt"]), PASSES["magnitude"] + PATTERNS["2:4"], output=out)
     assert main(["--quiet", "run", str(recipe)]) == 2
     assert "already exists" in capsys.readouterr().err
+    assert main(["--quiet", "run", str(recipe), "--overwrite"]) == 2  # not ours: never replaced
+    assert "not written by d2compiler" in capsys.readouterr().err and (out / "keep.txt").exists()
+    (out / "keep.txt").unlink()  # an empty folder may be replaced
     assert main(["--quiet", "run", str(recipe), "--overwrite"]) == 0
-    assert (out / "sparsity.json").exists() and not (out / "keep.txt").exists()
+    assert main(["--quiet", "run", str(recipe), "--overwrite"]) == 0  # and so may our own output
+    assert (out / "sparsity.json").exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 

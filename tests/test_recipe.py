@@ -113,10 +113,10 @@ def test_missing_file(tmp_path):
 
 
 def test_overrides():
-    data = apply_overrides(BASE, ["passes.1.sparsity=0.6", "model.source=some/folder", "output.overwrite=true"], "r")
+    data = apply_overrides(BASE, ["passes.1.sparsity=0.6", "model.source=some/folder", "output.resume=false"], "r")
     assert data["passes"][1]["sparsity"] == 0.6
     assert data["model"]["source"] == "some/folder"
-    assert data["output"]["overwrite"] is True
+    assert data["output"]["resume"] is False
     assert BASE["passes"][1]["sparsity"] == 0.5  # not mutated
     with pytest.raises(RecipeError, match="no list item 5"):
         apply_overrides(BASE, ["passes.5.sparsity=0.6"], "r")

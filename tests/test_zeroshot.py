@@ -28,7 +28,7 @@ def test_bad_files(tmp_path):
     with pytest.raises(DataError, match="labels file not found"):
         load_task("piqa", tmp_path / "valid.jsonl")
     (tmp_path / "arc.jsonl").write_text('{"question": "q"}\n')
-    with pytest.raises(DataError, match="not a arc_easy file"):
+    with pytest.raises(DataError, match="arc.jsonl:1: not a arc_easy item"):
         load_task("arc_easy", tmp_path / "arc.jsonl")
 
 

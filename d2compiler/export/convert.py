@@ -14,6 +14,7 @@ from ..graph import weight_is_transposed
 from ..packing import Packed24Linear, violations_2_4
 from .hf import write_output
 from .onnx_export import export_onnx
+from .output_dir import RECORD_FILE, check_output_path, output_lock, user_path
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -42,19 +43,31 @@ def pack_model(model: torch.nn.Module, layers: dict[str, dict[str, Any]]) -> int
 
 def export_output(source: str, fmt: str, dest: str, *, dtype: str | None = None, overwrite: bool = False,
                   sparse_initializers: bool = False) -> dict[str, Any]:
+    """Convert the output folder `source` into `dest` (checked, locked and written atomically; `dest`
+    may not be `source`, inside it or contain it)."""
+    folder, target = user_path(source), user_path(dest)
+    record_file = folder / RECORD_FILE
+    if not record_file.is_file():
+        raise OutputError(f"{source}: not a d2c output folder (no {RECORD_FILE})")
+    check_output_path(target, overwrite, [folder])
+    with output_lock(target):
+        return _export(folder, fmt, target, dtype, overwrite, sparse_initializers)
+
+
+def _export(folder: Path, fmt: str, dest: Path, dtype: str | None, overwrite: bool, sparse_initializers: bool) -> dict[str, Any]:
     from ..models import load_model
 
-    folder = Path(source)
-    record_file = folder / "sparsity.json"
-    if not record_file.is_file():
-        raise OutputError(f"{folder}: not a d2c output folder (no sparsity.json)")
-    record = json.loads(record_file.read_text())
+    try:
+        record = json.loads((folder / RECORD_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise OutputError(f"{folder / RECORD_FILE}: unreadable ({exc})") from None
     loaded = load_model(str(folder), "float32", "cpu")
     model = loaded.model
     if fmt == "onnx":
         if dtype not in (None, "float32"):
             raise OutputError("--dtype applies to the safetensors formats; the ONNX graph is exported in float32")
-        return export_onnx(model, record, Path(dest), overwrite=overwrite, sparse_initializers=sparse_initializers)
+        return export_onnx(model, record, dest, overwrite=overwrite, sparse_initializers=sparse_initializers,
+                           protected=[folder])
     if dtype is not None:
         for module in model.modules():  # cast weights and packed values, not quantization scales
             tensors = [*module._parameters.values(), module._buffers.get("values")]
@@ -65,6 +78,6 @@ def export_output(source: str, fmt: str, dest: str, *, dtype: str | None = None,
     packed = pack_model(model, record["layers"]) if fmt == "d2c-packed" else 0
     if fmt == "d2c-packed" and not packed:
         raise OutputError(f"{folder}: no exactly 2:4 layer to pack (prune with mask_structure = \"2:4\")")
-    write_output(Path(dest), model, loaded.tokenizer, record, overwrite=overwrite, fmt=fmt)
-    files = [p for p in Path(dest).iterdir() if p.suffix == ".safetensors"]
-    return {"path": dest, "format": fmt, "packed_layers": packed, "weight_bytes": sum(p.stat().st_size for p in files)}
+    write_output(dest, model, loaded.tokenizer, record, overwrite=overwrite, fmt=fmt, protected=[folder])
+    files = [p for p in dest.iterdir() if p.suffix == ".safetensors"]
+    return {"path": str(dest), "format": fmt, "packed_layers": packed, "weight_bytes": sum(p.stat().st_size for p in files)}

@@ -4,6 +4,7 @@ layout), `sparsity.json` and `report.html`, written atomically."""
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..packing import QUANT_BUFFERS, Packed24Linear
-from .output_dir import atomic_output_dir
+from .output_dir import OWNER, OWNER_KEY, RECORD_FILE, atomic_output_dir
 from .packed import write_packed
 from .report import write_report
 
@@ -31,10 +32,10 @@ def dense_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def write_output(path: Path, model: nn.Module, tokenizer: Any, record: dict[str, Any], *, overwrite: bool,
-                 fmt: str = "hf") -> Path:
+                 fmt: str = "hf", protected: Iterable[Path] = ()) -> Path:
     """Write the output folder (`hf`: plain transformers folder; `d2c-packed`: packed 2:4 checkpoint)
     with the tokenizer, `sparsity.json` and `report.html`; nothing appears at `path` until complete."""
-    with atomic_output_dir(path, overwrite) as tmp:
+    with atomic_output_dir(path, overwrite, protected) as tmp:
         model.to("cpu")
         if fmt == "d2c-packed":
             write_packed(tmp, model, record.get("layers", {}))
@@ -47,6 +48,6 @@ def write_output(path: Path, model: nn.Module, tokenizer: Any, record: dict[str,
                 save_file(quant, str(tmp / QUANT_FILE))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        (tmp / "sparsity.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
+        (tmp / RECORD_FILE).write_text(json.dumps({**record, OWNER_KEY: OWNER}, indent=2, default=str) + "\n")
         write_report(tmp, json.loads(json.dumps(record, default=str)))
     return path

@@ -18,6 +18,7 @@ import contextlib
 import hashlib
 import json
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,7 @@ from torch import nn
 
 from ..errors import OutputError
 from ..packing import Packed24Linear, carry_quant_buffers
-from .output_dir import atomic_output_dir
+from .output_dir import OWNER, OWNER_KEY, RECORD_FILE, atomic_output_dir
 
 OPSET = 21
 
@@ -119,7 +120,7 @@ def _to_sparse(graph: onnx.GraphProto, names: set[str]) -> int:
 
 
 def export_onnx(model: nn.Module, record: dict[str, Any], path: Path, *, overwrite: bool = False,
-                sparse_initializers: bool = False, seq_len: int = 16) -> dict[str, Any]:
+                sparse_initializers: bool = False, seq_len: int = 16, protected: Iterable[Path] = ()) -> dict[str, Any]:
     """Export `model` (a d2compiler output, loaded) to `path` (a folder holding model.onnx).
     Returns a summary: initializers quantized, sparse initializers, file size."""
     model = model.to("cpu").float().eval()
@@ -155,9 +156,10 @@ def export_onnx(model: nn.Module, record: dict[str, Any], path: Path, *, overwri
             "d2c.recipe_sha256": recipe_hash, "d2c.quantized": json.dumps(sorted(done)),
             "d2c.initializers": json.dumps({init: module for module, (init, _t) in located.items()})}
     helper.set_model_props(proto, meta)
-    with atomic_output_dir(path, overwrite) as tmp:
+    with atomic_output_dir(path, overwrite, protected) as tmp:
         file = tmp / "model.onnx"
         onnx.save_model(proto, str(file))
         onnx.checker.check_model(str(file), full_check=False)
+        (tmp / RECORD_FILE).write_text(json.dumps({**record, OWNER_KEY: OWNER}, indent=2, default=str) + "\n")
     return {"path": str(path / "model.onnx"), "bytes": (path / "model.onnx").stat().st_size, "quantized": len(done),
             "sparse_initializers": moved, "opset": OPSET}

@@ -117,7 +117,7 @@ def load_packed(folder: Path) -> nn.Module:
     entries = json.loads(meta["packed"])
     tensors = load_file(str(path))
     config = AutoConfig.from_pretrained(folder)
-    model = _model_class(config)(config)  # float32: stored fp16/bf16 tensors are widened exactly
+    model = _model_class(config, str(folder))(config)  # float32: stored fp16/bf16 tensors are widened exactly
     dtype = next(model.parameters()).dtype
     for entry in entries:
         name = entry["name"]
