@@ -72,7 +72,9 @@ class TextSource(_Strict):
             "Text: `builtin:python-docs` (the stdlib `pydoc_data.topics` prose, split into disjoint "
             "calibration and evaluation parts), a local text file (one row per line, like the HF "
             "`text` loader), a local `.jsonl` file (the `field` of each line), or a HuggingFace "
-            "dataset name loaded with `datasets`. Images (for vision models): `builtin:digits` "
+            "dataset name loaded with `datasets`, or a `.safetensors` file with pre-tokenized windows "
+            "`input_ids` (windows, seq_len), used exactly as stored (the first `samples` rows, or rows drawn "
+            "with `seed`; `seq_len` must match). Images (for vision models): `builtin:digits` "
             "(scikit-learn's 8x8 digits, split into disjoint calibration and evaluation parts) or a "
             "`.safetensors` file with `pixel_values` (N, C, H, W) in [0, 1] and optional `labels` (N,)."
         ),
@@ -123,8 +125,10 @@ class DataSpec(_Strict):
 
 class OutputSpec(_Strict):
     path: str | None = Field(
-        default=None, description="Output folder. Written atomically: nothing appears there "
-        "until the run has finished. Omit to write nothing."
+        default=None, description="Output folder (`~` expanded, relative paths resolved against the working "
+        "directory). Written atomically: nothing appears there until the run has finished. An existing folder is "
+        "replaced only with `d2c run --overwrite`, and only if d2compiler wrote it or it is empty; it may not be the "
+        "working directory or be, contain or lie inside the model source or a data file. Omit to write nothing."
     )
     format: Literal["hf", "d2c-packed"] = Field(
         default="hf", description="`hf`: a plain transformers folder (config, tokenizer, dense safetensors; "
