@@ -35,19 +35,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
-from protocol import (  # noqa: E402
-    add_smoke_flag,
-    calibration_source,
-    evaluation_source,
-    lm_source,
-    pick,
-    provenance,
-    provenance_line,
-    results_dir,
-    seq_len,
-    start,
-    write_json,
-)
+import protocol  # noqa: E402
 
 LLMC_VENV = ROOT / ".venv-llmc"
 
@@ -166,7 +154,7 @@ def markdown(r: dict[str, Any]) -> str:
         ("sparsity of the decoder linears", d["sparsity"], m and m["sparsity"]),
     ]
     lines = [f"# Cost: SparseGPT 50% on {p['model']}, d2compiler vs llm-compressor", "",
-             provenance_line(r.get("provenance")), "",
+             protocol.provenance_line(r.get("provenance")), "",
              f"CPU, one run, side by side. Same model folder, the same {p['calibration']} calibration token windows "
              "(one pre-tokenized safetensors file read by both tools), lm_head kept dense, block size 128, dampening 0.01.", ""]
     if m:
@@ -196,9 +184,9 @@ def main() -> int:
     parser.add_argument("--setup-llmc", action="store_true", help="create .venv-llmc first")
     parser.add_argument("--d2c-job", nargs=3, help=argparse.SUPPRESS)
     parser.add_argument("--plan-job", nargs=3, help=argparse.SUPPRESS)
-    add_smoke_flag(parser)
+    protocol.add_smoke_flag(parser)
     args = parser.parse_args()
-    start(args.smoke)
+    protocol.start(args.smoke)
     if args.d2c_job:
         d2c_job(*args.d2c_job)
         return 0
@@ -216,15 +204,15 @@ def main() -> int:
     from d2compiler.data import calibration_windows, evaluation_windows, load_text, tokenize
     from d2compiler.models import load_model
 
-    samples, windows_n, length = pick(32, 4), pick(32, 2), seq_len()
-    model_dir = lm_source()
+    samples, windows_n, length = protocol.pick(32, 4), protocol.pick(32, 2), protocol.seq_len()
+    model_dir = protocol.lm_source()
     if model_dir.startswith("builtin:"):
         from d2compiler.models import builtin_smollm2_folder
 
         model_dir = str(builtin_smollm2_folder())
     tokenizer = load_model(model_dir, "float32", "cpu").tokenizer
-    windows = calibration_windows(tokenize(tokenizer, load_text(calibration_source(), "calibration")), samples, length)
-    eval_windows = evaluation_windows(tokenize(tokenizer, load_text(evaluation_source("test"), "evaluation")), length, windows_n)
+    windows = calibration_windows(tokenize(tokenizer, load_text(protocol.calibration_source(), "calibration")), samples, length)
+    eval_windows = evaluation_windows(tokenize(tokenizer, load_text(protocol.evaluation_source("test"), "evaluation")), length, windows_n)
     theirs: dict[str, Any] | None = None
     with tempfile.TemporaryDirectory(prefix="d2c-cost-") as tmp:
         ids_file = str(Path(tmp) / "ids.safetensors")
@@ -242,21 +230,21 @@ def main() -> int:
             theirs.update({"wall_s": theirs_wall, "ppl": perplexity_of(f"{tmp}/llmc", eval_windows),
                            "sparsity": sparsity_of(f"{tmp}/llmc")})
     record: dict[str, Any] = {
-        "protocol": {"model": pick("SmolLM2-135M-Instruct (fp32, CPU)", "tiny random Llama (smoke)"),
-                     "calibration": f"{pick('c4', 'python-docs')} first {samples} x {length}",
-                     "evaluation": f"{pick('WikiText-2 test', 'python-docs evaluation part')} first {windows_n} x {length}",
+        "protocol": {"model": protocol.pick("SmolLM2-135M-Instruct (fp32, CPU)", "tiny random Llama (smoke)"),
+                     "calibration": f"{protocol.pick('c4', 'python-docs')} first {samples} x {length}",
+                     "evaluation": f"{protocol.pick('WikiText-2 test', 'python-docs evaluation part')} first {windows_n} x {length}",
                      "method": "SparseGPT 50%, bs 128, damp 0.01", "threads": torch.get_num_threads()},
         "d2compiler_version": d2compiler.__version__,
         "d2compiler": ours, "llm_compressor": theirs,
         "floor": {"one_forward_s": one_forward, "floor_s": 2 * one_forward, "ours_over_floor": ours["prune_s"] / (2 * one_forward)},
-        "provenance": provenance(),
+        "provenance": protocol.provenance(),
     }
     if theirs is not None:
         record |= {"ratio_wall": ours["wall_s"] / theirs["wall_s"], "ratio_compress": ours["compress_s"] / theirs["oneshot_s"]}
     else:
         record["llm_compressor_skipped"] = f"{LLMC_VENV.name} is absent"
-    out = results_dir()
-    write_json(out / "cost.json", record)
+    out = protocol.results_dir()
+    protocol.write_json(out / "cost.json", record)
     (out / "cost.md").write_text(markdown(record))
     print(markdown(record))
     return 0
