@@ -21,6 +21,15 @@ from llmcompressor.modifiers.pruning import SparseGPTModifier  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
+
+def peak_rss_mb() -> float:
+    """VmHWM, as d2compiler.memory measures it (ru_maxrss would count the parent's memory at fork)."""
+    for line in open("/proc/self/status").read().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 model_dir, ids_file, out_dir = [a for a in sys.argv[1:] if a != "--smoke"][:3]
 torch.manual_seed(0)
 ids = load_file(ids_file)["input_ids"]
@@ -36,5 +45,5 @@ done = time.perf_counter()
 import llmcompressor  # noqa: E402
 
 print("RESULT " + json.dumps({"load_s": loaded - start, "oneshot_s": compressed - loaded, "save_s": done - compressed,
-                              "total_s": done - start, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                              "total_s": done - start, "peak_rss_mb": peak_rss_mb(),
                               "version": llmcompressor.__version__, "torch": torch.__version__}), flush=True)

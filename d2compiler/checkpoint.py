@@ -4,7 +4,9 @@ resumes into wrong weights.
 The work folder sits beside the output (`.<name>.d2c-work`, never at the output path itself) and
 holds, after block k has finished:
 
-- `block-0000.safetensors` ... `block-k.safetensors`: each finished block's parameters and buffers;
+- `block-0000.safetensors` ... `block-k.safetensors`: each finished block's parameters and buffers,
+  under their full names (`model.layers.3.mlp.up_proj.weight`), so that a streaming run's output
+  shards are these very files;
 - `hidden-k.safetensors`: the hidden states that enter block k+1 (one tensor per calibration batch;
   only the latest is kept: the previous one is deleted once the new state is durable);
 - `state.json`: the job fingerprint (see `pipeline.job_fingerprint`), the number of finished blocks,
@@ -44,7 +46,7 @@ from .packing import Packed24Linear
 
 log = logging.getLogger(__name__)
 
-FORMAT = 2
+FORMAT = 3
 STATE = "state.json"
 
 
@@ -165,11 +167,22 @@ class CheckpointStore:
             self._write_state(valid, reports)
         return Resumed(valid, reports, hidden)
 
-    def restore_block(self, index: int, block: nn.Module) -> None:
-        """Load finished block `index`'s parameters and buffers into `block` (exactly); layers a pass
-        replaced by `Packed24Linear` are rebuilt packed."""
+    def path(self, index: int) -> Path:
+        """The file of finished block `index`."""
+        return self.folder / block_file(index)
+
+    def reader(self, index: int) -> Any:
+        """Read block `index`'s tensors by full name (a streaming run loads blocks from here)."""
+        from .streaming import file_reader
+
         self.flush()
-        tensors = load_file(self.folder / block_file(index))
+        return file_reader(self.path(index))
+
+    def restore_block(self, index: int, block: nn.Module, prefix: str = "") -> None:
+        """Load finished block `index`'s parameters and buffers (stored under `prefix` + local name)
+        into `block` (exactly); layers a pass replaced by `Packed24Linear` are rebuilt packed."""
+        self.flush()
+        tensors = {k[len(prefix):]: v for k, v in load_file(self.path(index)).items()}
         device = next(block.parameters()).device
         for owner in {k.rpartition(".")[0] for k in tensors if k.endswith(".meta") and k[:-5] + ".values" in tensors}:
             module = block.get_submodule(owner)
@@ -188,17 +201,21 @@ class CheckpointStore:
                     module = block.get_submodule(owner) if owner else block
                     module.register_buffer(buffer, tensor.to(device))
 
-    def save_block(self, index: int, block: nn.Module, hidden: list[torch.Tensor], reports: list[dict[str, Any]]) -> None:
+    def save_block(self, index: int, block: nn.Module, hidden: list[torch.Tensor], reports: list[dict[str, Any]],
+                   prefix: str = "") -> None:
         """Record that block `index` is finished, with the hidden states entering the next block. The
-        tensors are copied to the CPU here; the files are written on the background thread."""
-        params = {name: t.detach().to("cpu", copy=True).contiguous() for name, t in block.state_dict().items()}
-        states = {f"h{i}": h.detach().to("cpu", copy=True).contiguous() for i, h in enumerate(hidden)}
+        tensors are taken to the CPU here (a device copy; CPU tensors are referenced, not copied: a
+        finished block is never modified again, and the caller may release it at once); the files
+        are written on the background thread."""
+        params = {prefix + name: t.detach().to("cpu").contiguous() for name, t in block.state_dict().items()}
+        states = {f"h{i}": h.detach().to("cpu").contiguous() for i, h in enumerate(hidden)}
         self.flush()
         self._pending = self._writer.submit(self._save, index, params, states, list(reports))
 
     def _save(self, index: int, params: dict[str, torch.Tensor], states: dict[str, torch.Tensor],
               reports: list[dict[str, Any]]) -> None:
-        self._files[block_file(index)] = self._write_atomic(block_file(index), lambda p: save_file(params, str(p)))
+        self._files[block_file(index)] = self._write_atomic(block_file(index),
+                                                            lambda p: save_file(params, str(p), metadata={"format": "pt"}))
         self._files[hidden_file(index)] = self._write_atomic(hidden_file(index), lambda p: save_file(states, str(p)))
         previous = hidden_file(index - 1)
         self._files.pop(previous, None)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -26,6 +27,7 @@ from .executor import model_call_kwargs
 from .images import fit_to_model, is_image_source, load_images
 from .inputs import check_seq_len, check_source_fits, model_task
 from .progress import progress
+from .streaming import StreamedModel, streamed_logits
 
 MIN_PARAGRAPH_WORDS = 8
 EMBED_BATCH = 16
@@ -40,14 +42,34 @@ def perplexity(model: nn.Module, windows: list[torch.Tensor], device: torch.devi
     model.to(device)
     model.eval()
     extra = model_call_kwargs(model)
-    total_nll, total_tokens = 0.0, 0
+    total = _NLL()
     for ids in progress(windows, desc=desc, disable=quiet):
         ids = ids.to(device)
-        logits = model(ids, **extra).logits.float()
-        nll = nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:], reduction="sum")
-        total_nll += float(nll)
-        total_tokens += ids.shape[1] - 1
-    return math.exp(total_nll / total_tokens)
+        total.add(ids, model(ids, **extra).logits)
+    return total.perplexity()
+
+
+class _NLL:
+    """Next-token negative log-likelihood summed over windows (the perplexity protocol)."""
+
+    def __init__(self) -> None:
+        self.nll, self.tokens = 0.0, 0
+
+    def add(self, ids: torch.Tensor, logits: torch.Tensor) -> None:
+        ids = ids.to(logits.device)
+        self.nll += float(nn.functional.cross_entropy(logits.float()[0, :-1], ids[0, 1:], reduction="sum"))
+        self.tokens += ids.shape[1] - 1
+
+    def perplexity(self) -> float:
+        return math.exp(self.nll / self.tokens)
+
+
+def streamed_perplexity(streamed: StreamedModel, windows: list[torch.Tensor], device: torch.device,
+                        readers: list[Callable[[str], torch.Tensor]]) -> float:
+    """The same perplexity with one block in memory at a time (block i read through `readers[i]`)."""
+    total = _NLL()
+    streamed_logits(streamed, windows, device, readers, total.add)
+    return total.perplexity()
 
 
 class Metric(ABC):

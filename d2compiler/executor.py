@@ -13,9 +13,10 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -33,9 +34,12 @@ from .graph import (
     structure_from_roles,
     trace_block,
 )
-from .memory import peak_rss_mb
+from .memory import current_rss_mb, peak_rss_mb
 from .passmanager import Pass, PassResult, TargetedParams
 from .progress import progress
+
+if TYPE_CHECKING:
+    from .streaming import StreamedModel
 
 log = logging.getLogger(__name__)
 
@@ -286,17 +290,37 @@ class BlockExecutor:
     """Runs a pass schedule over a model's repeated blocks (see the module docstring)."""
 
     def __init__(self, model: nn.Module, schedule: list[Pass], *, device: torch.device,
-                 role_overrides: dict[str, str] | None = None, quiet: bool = False):
+                 role_overrides: dict[str, str] | None = None, quiet: bool = False, streamed: StreamedModel | None = None):
         self.model = model
         self.schedule = schedule
         self.device = device
         self.role_overrides = role_overrides or {}
         self.quiet = quiet
+        self.streamed = streamed
         self.blocks_path, self.blocks = find_blocks(model)
         self._structures: dict[tuple, BlockStructure] = {}
 
+    @contextmanager
+    def on_device(self, index: int, read: Callable[[str], torch.Tensor] | None = None) -> Iterator[nn.Module]:
+        """The one place that decides where a block lives. Inside: block `index` on the compute device
+        (read from the weight files first when streaming; `read` overrides where from). After: back on
+        the CPU, or released to the meta device when streaming. Captured inputs, statistics and
+        Hessians are made on the compute device by the passes; everything else stays on the CPU."""
+        block = self.blocks[index]
+        if self.streamed is not None:
+            self.streamed.load_block(index, read)
+        block.to(self.device)
+        try:
+            yield block
+        finally:
+            if self.streamed is not None:
+                self.streamed.release_block(index)
+            else:
+                block.to("cpu")
+
     def structure(self, index: int, sample: BlockInput | None) -> BlockStructure:
-        """The traced structure of block `index` (traced once per distinct block signature)."""
+        """The traced structure of block `index` (traced once per distinct block signature, with the
+        block and its sample input on the compute device)."""
         block = self.blocks[index]
         key = block_signature(block)
         if key not in self._structures:
@@ -304,8 +328,13 @@ class BlockExecutor:
             if sample is None or (self.role_overrides and self._overrides_cover(block)):
                 self._structures[key] = structure_from_roles(block, self.role_overrides)
             else:
-                self._structures[key] = trace_block(block, sample.args, sample.kwargs, label=label)
+                with self.on_device(index) as placed:
+                    self._structures[key] = trace_block(placed, sample.args, sample.kwargs, label=label)
         return self._structures[key]
+
+    def prefix(self, index: int) -> str:
+        """The full-name prefix of block `index`'s tensors (`model.layers.3.`)."""
+        return f"{self.blocks_path}.{index}."
 
     def _overrides_cover(self, block: nn.Module) -> bool:
         probe = structure_from_roles(block, {})
@@ -327,7 +356,11 @@ class BlockExecutor:
         """Prune block by block. With `checkpoints`, every finished block is saved, and the blocks a
         previous (killed) run of the same job finished are restored instead of recomputed."""
         needed = {a for p in self.schedule for a in p.requires | p.optional}
+        if self.streamed is not None:
+            self.streamed.ensure_outside()
         inputs = capture_block_inputs(self.model, self.blocks, windows, self.device)
+        if self.streamed is not None:
+            self.streamed.release_outside()  # only the blocks are needed from here on
         all_layers = []
         for i in range(len(self.blocks)):
             all_layers.extend(self.layers_of(i, self.structure(i, inputs[0])))
@@ -339,37 +372,45 @@ class BlockExecutor:
         last = max(hit) if hit else -1
         reports: list[BlockReport] = []
         first = 0
+        streaming = self.streamed is not None
         resumed = checkpoints.start() if checkpoints is not None else None
-        if resumed is not None and 0 < resumed.blocks_done <= last:
+        if resumed is not None and 0 < resumed.blocks_done <= (len(self.blocks) if streaming else last):
             first = resumed.blocks_done
             log.info("resuming at block %d of %d from %s", first, last + 1, checkpoints.folder)
-            for index in range(first):
-                checkpoints.restore_block(index, self.blocks[index])
+            if not streaming:  # a streaming run's finished blocks stay in their files
+                for index in range(first):
+                    checkpoints.restore_block(index, self.blocks[index], self.prefix(index))
             reports = [BlockReport.from_json(r) for r in resumed.reports]
-            if resumed.hidden is not None and len(resumed.hidden) == len(inputs):
+            if first > last:
+                pass  # every targeted block is done; only copies remain
+            elif resumed.hidden is not None and len(resumed.hidden) == len(inputs):
                 inputs = [inp.with_hidden(h.to(inp.args[0].device)) for inp, h in zip(inputs, resumed.hidden)]
             else:  # hidden states lost or altered: replay the restored blocks (the same computation)
                 for index in range(first):
-                    inputs = self._propagate(index, inputs)
+                    inputs = self._propagate(index, inputs, checkpoints.reader(index) if streaming else None)
         bar = progress(range(first, last + 1), desc="blocks", disable=self.quiet, initial=first, total=last + 1)
         try:
             for index in bar:
-                report, outputs = self._run_block(index, inputs, needed, targets, last)
-                reports.append(report)
+                with self.on_device(index) as block:
+                    report, outputs = self._run_block(index, block, inputs, needed, targets, last)
+                    reports.append(report)
+                    if checkpoints is not None and (index < last or streaming):
+                        checkpoints.save_block(index, block, outputs, [r.to_json() for r in reports], self.prefix(index))
                 inputs = [inp.with_hidden(h) for inp, h in zip(inputs, outputs)]
-                if checkpoints is not None and index < last:
-                    checkpoints.save_block(index, self.blocks[index], outputs, [r.to_json() for r in reports])
+            if streaming and checkpoints is not None:  # untouched blocks after the last targeted one: copied as they are
+                for index in range(max(first, last + 1), len(self.blocks)):
+                    with self.streamed.block(index) as block:
+                        checkpoints.save_block(index, block, [], [r.to_json() for r in reports], self.prefix(index))
         finally:  # an interrupted run still leaves its last finished block durable
             if checkpoints is not None:
                 checkpoints.flush()
         roles = {layer.name: layer.role for layer in all_layers}
         return ExecutionReport(self.blocks_path, len(self.blocks), reports, roles)
 
-    def _propagate(self, index: int, inputs: list[BlockInput]) -> list[BlockInput]:
-        """Block `index`'s outputs as the next block's inputs (the block visits the device)."""
-        block = self.blocks[index].to(self.device)
-        outputs = forward_block(block, inputs)
-        block.to("cpu")
+    def _propagate(self, index: int, inputs: list[BlockInput], read: Callable[[str], torch.Tensor] | None = None) -> list[BlockInput]:
+        """Block `index`'s outputs as the next block's inputs."""
+        with self.on_device(index, read) as block:
+            outputs = forward_block(block, inputs)
         return [inp.with_hidden(h) for inp, h in zip(inputs, outputs)]
 
     def check_targets_match(self, targets: dict[int, set[str]], layers: list[LinearLayer]) -> None:
@@ -382,18 +423,17 @@ class BlockExecutor:
                     f"match no linear in {self.blocks_path}.*; the blocks hold: {sample}"
                 )
 
-    def _run_block(self, index: int, inputs: list[BlockInput], needed: set[str], targets: dict[int, set[str]],
+    def _run_block(self, index: int, block: nn.Module, inputs: list[BlockInput], needed: set[str], targets: dict[int, set[str]],
                    last: int) -> tuple[BlockReport, list[torch.Tensor]]:
-        """Observe, apply the passes, and return the block's outputs (empty for the last block)."""
-        block = self.blocks[index]
+        """Observe, apply the passes, and return the block's outputs (empty for the last block).
+        `block` is already on the compute device (see `on_device`)."""
         structure = self._structures[block_signature(block)]
         layers = self.layers_of(index, structure)
         names = {layer.name for layer in layers}
         targeted = set().union(*(t & names for t in targets.values())) if targets else set()
-        for pname, param in block.named_parameters():
-            if not torch.isfinite(param).all():
-                raise PassError(f"{self.blocks_path}.{index}.{pname}: the model's weights hold NaN or Inf before pruning")
-        block.to(self.device)
+        nonfinite = [pname for pname, param in block.named_parameters() if not torch.isfinite(param).all()]
+        if nonfinite:  # one host sync per block, not one per parameter
+            raise PassError(f"{self.blocks_path}.{index}.{nonfinite[0]}: the model's weights hold NaN or Inf before pruning")
         ctx = BlockContext(index, f"{self.blocks_path}.{index}", block, layers, structure, self.device,
                            inputs, needed, targeted, schedule=self.schedule)
         times: dict[str, float] = {}
@@ -423,8 +463,7 @@ class BlockExecutor:
             outputs = []
         times["propagate"] = time.perf_counter() - t0
         times["total"] = time.perf_counter() - start
-        memory = {"peak_rss_mb": round(peak_rss_mb(), 1)}
+        memory = {"peak_rss_mb": round(peak_rss_mb(), 1), "rss_mb": round(current_rss_mb(), 1)}
         if self.device.type == "cuda":
             memory["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
-        block.to("cpu")
         return BlockReport(index, ctx.name, {k: round(v, 4) for k, v in times.items()}, results, memory), outputs

@@ -81,7 +81,6 @@ class BlockStructure:
     attention: list[AttentionSite] = field(default_factory=list)
     slices: dict[str, dict[str, tuple[int, int]]] = field(default_factory=dict)  # fused linear -> role -> rows
     graph: nx.DiGraph | None = None
-    exported: Any = None
 
     def group_of(self, name: str) -> list[str]:
         for group in self.input_groups:
@@ -382,8 +381,9 @@ def trace_block(block: nn.Module, args: tuple, kwargs: dict[str, Any], *, label:
     sites = _attention_sites(g, linear_nodes)
     roles = discover_roles(g, linear_nodes, sites)
     groups = _input_groups(g, linear_nodes, set(exported.graph_signature.inputs_to_parameters))
-    return BlockStructure(roles=roles, input_groups=groups, attention=sites, slices=fused_slices(g, linear_nodes, sites),
-                          graph=g, exported=exported)
+    # The exported program is not kept: it holds the traced block's parameters, which a streaming run
+    # releases after the block is done.
+    return BlockStructure(roles=roles, input_groups=groups, attention=sites, slices=fused_slices(g, linear_nodes, sites), graph=g)
 
 
 def _model_frame(exc: BaseException) -> str | None:

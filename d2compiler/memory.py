@@ -6,17 +6,26 @@ import resource
 from pathlib import Path
 
 
+def _status_mb(field: str) -> float | None:
+    """A memory line of /proc/self/status (Linux), in MiB; None elsewhere."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return None
+
+
 def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far, in MiB."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    """Peak resident memory of this process so far, in MiB. On Linux this is `VmHWM`, the high-water
+    mark of this program's own memory: `ru_maxrss` would also count the parent's memory at the
+    fork that started this process (the kernel keeps the larger of the two across exec)."""
+    hwm = _status_mb("VmHWM")
+    return hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def current_rss_mb() -> float:
     """Resident memory of this process now, in MiB (Linux /proc; falls back to the peak)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024.0
-    except OSError:
-        pass
-    return peak_rss_mb()
+    rss = _status_mb("VmRSS")
+    return rss if rss is not None else peak_rss_mb()

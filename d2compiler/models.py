@@ -11,7 +11,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -20,6 +20,9 @@ from .errors import ModelLoadError
 from .export.hf import QUANT_FILE
 from .export.packed import is_packed_folder, load_packed
 from .inputs import takes_images
+
+if TYPE_CHECKING:
+    from .streaming import StreamedModel
 
 log = logging.getLogger(__name__)
 
@@ -59,9 +62,10 @@ def resolve_device(device: str) -> torch.device:
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype | str:
-    """Map the recipe's dtype name; `auto` keeps the checkpoint dtype on CUDA, fp32 on the CPU."""
+    """Map the recipe's dtype name; `auto` keeps the checkpoint's own dtype (bf16 stays bf16, an fp32
+    checkpoint stays fp32) on any device. Statistics and OBS solves are float32 whatever this is."""
     if dtype == "auto":
-        return "auto" if device.type == "cuda" else torch.float32
+        return "auto"
     return _DTYPES[dtype]
 
 
@@ -216,14 +220,9 @@ def load(path: str | Path, device: str = "cpu") -> nn.Module:
     return load_model(str(path), "float32" if device == "cpu" else "auto", device).model.to(resolve_device(device))
 
 
-def load_model(source: str, dtype: str = "float32", device: str = "auto", revision: str | None = None,
-               attn_implementation: str | None = None) -> LoadedModel:
-    """Load a model and its tokenizer from any supported source (see `ModelSpec.source`).
-
-    The model is returned on the CPU in eval mode; the executor moves blocks to the device."""
-    from transformers import AutoConfig
-
-    torch_dtype = resolve_dtype(dtype, resolve_device(device))
+def resolve_source(source: str) -> tuple[str, str | None, list[Path]]:
+    """Where a model source's files are: (folder or hub id, GGUF file name or None, the local files it
+    is read from). Local safetensors are checked (`check_weight_files`) on the way."""
     path = Path(source).expanduser()
     gguf_file: str | None = None
     files: list[Path] = []
@@ -255,6 +254,44 @@ def load_model(source: str, dtype: str = "float32", device: str = "auto", revisi
     if not gguf_file and Path(folder).is_dir():
         files = weight_files(Path(folder))
         check_weight_files(Path(folder), source)
+    return folder, gguf_file, files
+
+
+def load_streamed(source: str, dtype: str = "float32", device: str = "auto",
+                  attn_implementation: str | None = None) -> tuple[LoadedModel, StreamedModel]:
+    """Load a model for streaming (see `streaming`): parameters on the meta device except those
+    outside the blocks, which are read once; blocks are read when their turn comes."""
+    from transformers import AutoConfig
+
+    from .streaming import StreamedModel, WeightSource, empty_model
+
+    folder, gguf_file, files = resolve_source(source)
+    if gguf_file or not Path(folder).is_dir():
+        raise ModelLoadError(f"{source}: streaming reads a local safetensors folder; convert a GGUF or hub model once "
+                             "(load it without streaming and save it with save_pretrained), then stream that folder")
+    if is_packed_folder(Path(folder)):
+        raise ModelLoadError(f"{source}: a d2c-packed folder cannot be streamed")
+    torch_dtype = resolve_dtype(dtype, resolve_device(device))
+    if torch_dtype == "auto":
+        stored = getattr(AutoConfig.from_pretrained(folder), "dtype", None)
+        torch_dtype = stored if isinstance(stored, torch.dtype) else _DTYPES.get(str(stored), torch.float32)
+    streamed = StreamedModel(empty_model(Path(folder), torch_dtype, attn_implementation), WeightSource(Path(folder)), torch_dtype)
+    streamed.load_outside_blocks()
+    model = streamed.model
+    tokenizer = (_load_image_processor if takes_images(model) else _load_tokenizer)(folder)
+    return LoadedModel(model=model, tokenizer=tokenizer, source=source, files=files), streamed
+
+
+def load_model(source: str, dtype: str = "float32", device: str = "auto", revision: str | None = None,
+               attn_implementation: str | None = None) -> LoadedModel:
+    """Load a model and its tokenizer from any supported source (see `ModelSpec.source`).
+
+    The model is returned on the CPU in eval mode; the executor moves blocks to the device."""
+    from transformers import AutoConfig
+
+    torch_dtype = resolve_dtype(dtype, resolve_device(device))
+    path = Path(source).expanduser()
+    folder, gguf_file, files = resolve_source(source)
 
     if path.is_dir() and is_packed_folder(path):
         model = load_packed(path)

@@ -15,16 +15,18 @@ from pydantic import BaseModel
 
 from .checkpoint import CheckpointStore, file_sha256, fingerprint, work_dir_for
 from .errors import D2Error, PassError
-from .evaluate import make_metric
+from .evaluate import make_metric, streamed_perplexity
 from .executor import BlockExecutor, ExecutionReport
 from .export.hf import write_output
 from .export.metadata import overall_sparsity, package_versions, sparsity_record, weights_sha256
 from .export.output_dir import check_free_space, check_output_path, output_lock, user_path
+from .export.sharded import write_sharded_output
 from .inputs import calibration_inputs
 from .memory import peak_rss_mb
-from .models import LoadedModel, load_model, resolve_device
+from .models import LoadedModel, load_model, load_streamed, resolve_device
 from .packing import QUANT_BUFFERS
 from .passmanager import PassManager
+from .streaming import StreamedModel
 
 log = logging.getLogger(__name__)
 
@@ -144,10 +146,16 @@ def _compress(recipe: BaseModel, loaded: LoadedModel | None, quiet: bool, out_pa
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
 
+    m = recipe.model
+    streamed: StreamedModel | None = None
+    if m.streaming and loaded is not None:
+        raise D2Error("model.streaming: the model is read from model.source; a model handed in cannot be streamed")
     if loaded is None:
-        log.info("loading %s", recipe.model.source)
-        m = recipe.model
-        loaded = load_model(m.source, m.dtype, m.device, m.revision, m.attn_implementation)
+        log.info("loading %s%s", m.source, " (streaming)" if m.streaming else "")
+        if m.streaming:
+            loaded, streamed = load_streamed(m.source, m.dtype, m.device, m.attn_implementation)
+        else:
+            loaded = load_model(m.source, m.dtype, m.device, m.revision, m.attn_implementation)
     model, tokenizer = loaded.model, loaded.tokenizer
 
     cal = recipe.data.calibration
@@ -158,13 +166,20 @@ def _compress(recipe: BaseModel, loaded: LoadedModel | None, quiet: bool, out_pa
 
     ev = recipe.data.evaluation
     metric = None if ev is None else make_metric(ev, model, tokenizer, device, quiet=quiet)
+    if streamed is not None and metric is not None and metric.name != "perplexity":
+        raise D2Error(f"data.evaluation: model.streaming evaluates perplexity only, and this model's metric is {metric.name}; "
+                      "drop the evaluation or run without streaming")
     dense_value = None
     if metric is not None and (ev.compare_dense or metric.needs_dense):
-        dense_value = metric.dense(model)
-        model.to("cpu")
+        if streamed is not None:
+            dense_value = streamed_perplexity(streamed, metric.windows, device, [streamed.source.read] * len(streamed.blocks))
+        else:
+            dense_value = metric.dense(model)
+            model.to("cpu")
 
     prune_start = time.perf_counter()
-    executor = BlockExecutor(model, manager.schedule, device=device, role_overrides=recipe.model.roles, quiet=quiet)
+    executor = BlockExecutor(model, manager.schedule, device=device, role_overrides=recipe.model.roles, quiet=quiet,
+                             streamed=streamed)
     checkpoints = None
     if out_path is not None:
         checkpoints = CheckpointStore(work_dir_for(out_path), job_fingerprint(recipe, source_digest(loaded), windows))
@@ -172,15 +187,20 @@ def _compress(recipe: BaseModel, loaded: LoadedModel | None, quiet: bool, out_pa
             checkpoints.discard()
     try:
         execution = executor.run(windows, checkpoints)
-        check_finite(model)
+        if streamed is None:
+            check_finite(model)
     except D2Error:
         if checkpoints is not None:  # a deterministic failure: a rerun would fail the same way
             checkpoints.discard()
         raise
     prune_s = time.perf_counter() - prune_start
 
-    pruned_value = None if metric is None else metric.measure(model, desc=f"pruned {metric.name}")
-    model.to("cpu")
+    if streamed is not None:
+        block_readers = [checkpoints.reader(i) for i in range(len(streamed.blocks))]
+        pruned_value = None if metric is None else streamed_perplexity(streamed, metric.windows, device, block_readers)
+    else:
+        pruned_value = None if metric is None else metric.measure(model, desc=f"pruned {metric.name}")
+        model.to("cpu")
 
     layers = execution.layer_metrics()
     patterns = sorted({p.params.mask_structure for p in manager.schedule if hasattr(p.params, "mask_structure")})
@@ -200,8 +220,9 @@ def _compress(recipe: BaseModel, loaded: LoadedModel | None, quiet: bool, out_pa
     }
     blocks = [{"index": b.index, "name": b.name, "times_s": b.times, "memory": b.memory, "resumed": b.resumed,
                "passes": {name: r.info for name, r in b.results if r.info}} for b in execution.blocks]
+    sha256 = None if streamed is None else streamed.weights_sha256(block_readers)
     record = sparsity_record(model=model, recipe=recipe.model_dump(mode="json"), layers=layers, patterns=patterns,
-                             blocks=blocks, results=results)
+                             blocks=blocks, results=results, sha256=sha256)
     choices = {b["index"]: b["passes"]["attention_kl_update"]["choice"] for b in blocks if "attention_kl_update" in b["passes"]}
     if choices:
         record["attention_choices"] = choices
@@ -209,8 +230,13 @@ def _compress(recipe: BaseModel, loaded: LoadedModel | None, quiet: bool, out_pa
     if out_path is not None:
         record["results"]["wall_s"] = round(time.perf_counter() - start, 3)
         record["results"]["peak_rss_mb"] = round(peak_rss_mb(), 1)
-        write_output(out_path, model, tokenizer, record, overwrite=overwrite, fmt=recipe.output.format,
-                     protected=protected_paths(recipe))
+        if streamed is not None:
+            generation = getattr(model, "generation_config", None) if model.can_generate() else None
+            write_sharded_output(out_path, streamed.outside_state(), [checkpoints.path(i) for i in range(len(streamed.blocks))],
+                                 model.config, generation, tokenizer, record, overwrite=overwrite, protected=protected_paths(recipe))
+        else:
+            write_output(out_path, model, tokenizer, record, overwrite=overwrite, fmt=recipe.output.format,
+                         protected=protected_paths(recipe))
         if checkpoints is not None:
             checkpoints.discard()
     return RunSummary(

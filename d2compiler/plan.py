@@ -26,7 +26,7 @@ from .executor import BlockExecutor, capture_block_inputs
 from .graph import LinearLayer
 from .inputs import dummy_input, takes_images
 from .memory import current_rss_mb
-from .models import load_model, resolve_device
+from .models import load_model, load_streamed, resolve_device
 from .passmanager import Pass, PassManager
 
 OBS_PASSES = {"sparsegpt", "dual_taylor_mask"}
@@ -49,6 +49,7 @@ class Plan:
     tokens: int
     estimate_s: dict[str, float] = field(default_factory=dict)
     estimate_mb: dict[str, float] = field(default_factory=dict)
+    estimate_disk_mb: dict[str, float] = field(default_factory=dict)
     rates: dict[str, float] = field(default_factory=dict)
 
     def render(self) -> str:
@@ -68,9 +69,11 @@ class Plan:
                 lines.append(f"    {name:<22} {', '.join(layers) if layers else '(statistics or plan for the layers the others target)'}")
         lines += ["", "estimate (a cost model: FLOPs at the matmul rate measured here, not a measured run):"]
         for k, v in self.estimate_s.items():
-            lines.append(f"  time   {k:<40} {v:9.1f} s")
+            lines.append(f"  time   {k:<56} {v:9.1f} s")
         for k, v in self.estimate_mb.items():
-            lines.append(f"  memory {k:<40} {v:9.0f} MiB")
+            lines.append(f"  memory {k:<56} {v:9.0f} MiB")
+        for k, v in self.estimate_disk_mb.items():
+            lines.append(f"  disk   {k:<56} {v:9.0f} MiB")
         lines.append(f"  measured here: matmul {self.rates['gflops']:.1f} GFLOP/s, OBS loop {self.rates['column_us']:.0f} µs/column")
         return "\n".join(lines)
 
@@ -107,9 +110,14 @@ def make_plan(recipe: BaseModel) -> Plan:
     device = resolve_device(recipe.model.device)
     manager = PassManager(list(recipe.passes))
     m = recipe.model
-    loaded = load_model(m.source, m.dtype, "cpu", m.revision, m.attn_implementation)
+    streamed = None
+    if m.streaming:
+        loaded, streamed = load_streamed(m.source, m.dtype, "cpu", m.attn_implementation)
+    else:
+        loaded = load_model(m.source, m.dtype, "cpu", m.revision, m.attn_implementation)
     model = loaded.model
-    executor = BlockExecutor(model, manager.schedule, device=torch.device("cpu"), role_overrides=m.roles, quiet=True)
+    executor = BlockExecutor(model, manager.schedule, device=torch.device("cpu"), role_overrides=m.roles, quiet=True,
+                             streamed=streamed)
     sample = capture_block_inputs(model, executor.blocks, [dummy_input(model)], torch.device("cpu"))[0]
     per_block = [executor.layers_of(i, executor.structure(i, sample)) for i in range(len(executor.blocks))]
     all_layers = [layer for layers in per_block for layer in layers]
@@ -140,7 +148,32 @@ def make_plan(recipe: BaseModel) -> Plan:
     groups = [{tuple(executor.structure(i, sample).group_of(la.owner)) for la in layers if la.name in targeted}
               for i, layers in enumerate(per_block[: last + 1])]
     _estimate(plan, per_block[: last + 1], groups, targeted, seq, model, hidden, baseline_mb)
+    _estimate_storage(plan, model, executor, last, hidden, streaming=streamed is not None)
     return plan
+
+
+def _estimate_storage(plan: Plan, model: torch.nn.Module, executor: BlockExecutor, last: int, hidden: int, *,
+                      streaming: bool) -> None:
+    """Memory for the weights (all of them, or in a streaming run those outside the blocks plus two
+    blocks: the one being pruned and the one being written), and the disk the output and the
+    checkpoints need (hidden states: the latest set, and the next one while it is written)."""
+    def size_mb(params: Any) -> float:
+        return sum(p.numel() * p.element_size() for p in params) / 2**20
+
+    blocks = [size_mb(b.parameters()) for b in executor.blocks]
+    total = size_mb(model.parameters())
+    hidden_mb = 2 * plan.tokens * hidden * 4 / 2**20
+    if streaming:
+        del plan.estimate_mb["model parameters"], plan.estimate_mb["checkpoint pages read while loading"]
+        plan.estimate_mb["parameters outside the blocks"] = total - sum(blocks)
+        plan.estimate_mb["two blocks' parameters (pruned, being written)"] = 2 * max(blocks)
+        parts = {k: v for k, v in plan.estimate_mb.items() if k != "peak (sum)"}
+        plan.estimate_mb = {**parts, "peak (sum)": sum(parts.values())}
+    checkpoint_blocks = sum(blocks) if streaming else sum(blocks[:last])
+    plan.estimate_disk_mb = {"output folder (weights)": total,
+                             "checkpoints: finished blocks" + (" (hard-linked into the output)" if streaming else ""): checkpoint_blocks,
+                             "checkpoints: hidden states": hidden_mb}
+    plan.estimate_disk_mb["peak (sum)"] = total + hidden_mb + (0 if streaming else checkpoint_blocks)
 
 
 def _estimate(plan: Plan, blocks: list[list[LinearLayer]], block_groups: list[set[tuple[str, ...]]], targeted: set[str],
@@ -190,4 +223,5 @@ def _estimate(plan: Plan, blocks: list[list[LinearLayer]], block_groups: list[se
 
 def plan_summary(plan: Plan) -> dict[str, Any]:
     """The estimate as a JSON-able dict (for benchmarks)."""
-    return {"estimate_s": plan.estimate_s, "estimate_mb": plan.estimate_mb, "rates": plan.rates}
+    return {"estimate_s": plan.estimate_s, "estimate_mb": plan.estimate_mb, "estimate_disk_mb": plan.estimate_disk_mb,
+            "rates": plan.rates}

@@ -42,14 +42,22 @@ class ModelSpec(_Strict):
         min_length=1,
     )
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = Field(
-        default="float32",
-        description="Weight dtype while compressing. `auto`: the checkpoint's dtype on CUDA, "
-        "float32 on the CPU. Statistics and OBS updates are always computed in float32.",
+        default="auto",
+        description="Weight dtype while compressing and of the output. `auto` (default): the checkpoint's own "
+        "dtype (a bf16 checkpoint is pruned in bf16). Statistics (Hessians, norms) and OBS updates are always "
+        "computed in float32; `float32` stays available for any checkpoint.",
     )
     device: Literal["auto", "cpu", "cuda"] = Field(
         default="auto",
         description="Where blocks are processed. `auto` uses CUDA when present. Only the current "
         "block is moved to the device; the rest of the model stays on the CPU.",
+    )
+    streaming: bool = Field(
+        default=False, description="Never hold the whole model in memory: build it without weights, read each "
+        "block from the memory-mapped safetensors files when its turn comes, write the pruned blocks as output "
+        "shards (sharded safetensors + index) and release them. Needs a local safetensors folder (or a builtin), "
+        "an `output.path`, format `hf`, perplexity evaluation (if any), and passes that keep each layer's storage "
+        "(not quantization or `pack_2_4`). Peak memory then follows one block, not the model.",
     )
     revision: str | None = Field(default=None, description="Hub revision (branch, tag or commit).")
     attn_implementation: Literal["sdpa", "eager"] | None = Field(
@@ -330,7 +338,28 @@ def validate_recipe(data: dict[str, Any], source: str = "<recipe>") -> BaseModel
         raise RecipeError(source, [("passes", str(exc))]) from None
     if recipe.output.format == "d2c-packed" and not any(p.type == "pack_2_4" for p in recipe.passes):
         raise RecipeError(source, [("output.format", "'d2c-packed' stores packed 2:4 layers: add a pass of type 'pack_2_4' last")])
+    if recipe.model.streaming:
+        _check_streaming(recipe, source)
     return recipe
+
+
+def _check_streaming(recipe: BaseModel, source: str) -> None:
+    """What a streaming run cannot do yet, refused before anything is loaded."""
+    problems = []
+    if not recipe.output.path:
+        problems.append(("output.path", "model.streaming writes the pruned blocks as output shards: set an output path"))
+    if recipe.output.format != "hf":
+        problems.append(("output.format", "model.streaming writes the `hf` format only"))
+    ev = recipe.data.evaluation
+    if ev is not None and ev.metric not in ("auto", "perplexity"):
+        problems.append(("data.evaluation.metric", "model.streaming evaluates perplexity only"))
+    for p in PassManager(list(recipe.passes)).schedule:
+        if p.quantizes or p.final:
+            index = next(j for j, q in enumerate(recipe.passes) if q is p.params)
+            problems.append((f"passes[{index}]", f"'{p.name}' changes how weights are stored; model.streaming keeps each "
+                             "layer's storage (run it without streaming)"))
+    if problems:
+        raise RecipeError(source, problems)
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> BaseModel:

@@ -38,15 +38,16 @@ def tiny_llama_config(vocab_size: int, *, layers: int = 2, hidden: int = 64, int
 
 
 def save_random_model(config: Any, folder: Path, tokenizer: Any = None, *, seed: int = 0, model_class: Any = None,
-                      dtype: torch.dtype = torch.float32) -> Path:
+                      dtype: torch.dtype = torch.float32, max_shard_size: str | None = None) -> Path:
     """Instantiate `config` with seeded random weights (a causal LM unless `model_class` says
-    otherwise), save it to `folder` in `dtype` with `tokenizer`, and return the folder."""
+    otherwise), save it to `folder` in `dtype` (in shards of `max_shard_size`, e.g. "1GB") with
+    `tokenizer`, and return the folder."""
     import transformers
 
     torch.manual_seed(seed)
     cls = model_class or transformers.AutoModelForCausalLM
     model = cls.from_config(config) if hasattr(cls, "from_config") else cls(config)
-    model.to(dtype).save_pretrained(folder)
+    model.to(dtype).save_pretrained(folder, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
     return folder

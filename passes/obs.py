@@ -34,18 +34,24 @@ def inverse_hessian_factor(hessian: torch.Tensor, weight: torch.Tensor, damping:
     dead = torch.diag(h) == 0
     h[dead, dead] = 1.0
     weight[:, dead] = 0.0
-    mean_diag = torch.mean(torch.diag(h)).item()
-    eye = torch.eye(h.shape[0], device=h.device, dtype=h.dtype)
+    diagonal = h.diagonal().clone()
+    mean_diag = torch.mean(diagonal).item()
     current = damping
-    for attempt in range(6):
-        chol, info = torch.linalg.cholesky_ex(h + current * mean_diag * eye)
+    for attempt in range(6):  # at most two n x n matrices alive at a time (no identity, no sums)
+        h.diagonal().copy_(diagonal + current * mean_diag)
+        chol, info = torch.linalg.cholesky_ex(h)
         if info.item() == 0:
+            del h
             inv = torch.cholesky_inverse(chol)
+            del chol
             upper, info = torch.linalg.cholesky_ex(inv, upper=True)
+            del inv
             if info.item() == 0:
                 if attempt:
                     log.warning("%s: Hessian not positive definite; damping raised to %g", layer, current)
                 return upper, current
+            h = hessian.clone()
+            h[dead, dead] = 1.0
         current *= 10.0
     raise PassError(f"{layer}: Hessian is not positive definite even with damping {current / 10:g}")
 

@@ -104,7 +104,7 @@ class PruningPass(Pass):
             earlier = ctx.masks.get(layer.name)
             if earlier is not None:  # an earlier pass's pruned weights stay pruned
                 keep = keep & earlier.to(keep.device)
-            new_weight = torch.where(keep, new_weight, torch.zeros_like(new_weight))
+            new_weight = new_weight.masked_fill(~keep, 0.0)  # one new tensor (no zeros tensor beside it)
             layer.set_weight_matrix(new_weight)
             ctx.record_mask(layer.name, keep)
             stored = layer.weight_matrix()

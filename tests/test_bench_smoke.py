@@ -26,10 +26,14 @@ SCRIPTS = {
     "tune_d2prune.sh": ["bash", "bench/tune_d2prune.sh", "--smoke"],
     "run_d2prune.sh": ["bash", "bench/run_d2prune.sh", "--smoke"],
     "best_options.py": [PY, "bench/best_options.py", "--smoke"],
+    "scale.py": [PY, "bench/scale.py", "--smoke"],
+    "dtypes.py": [PY, "bench/dtypes.py", "--smoke"],
+    "gpu_check.py": [PY, "bench/gpu_check.py", "--smoke"],
 }
 WRITES = {"quality.py": ["quality.json", "quality.md"], "attention_fidelity.py": ["attention_fidelity.json", "attention_fidelity.png"],
           "arch.py": ["arch.json", "arch.md"], "cost.py": ["cost.json", "cost.md"], "deploy.py": ["deploy.json", "deploy.md"],
-          "zeroshot.py": ["zeroshot.json", "zeroshot.md"], "tune_d2prune.sh": ["tuning.json"]}
+          "zeroshot.py": ["zeroshot.json", "zeroshot.md"], "tune_d2prune.sh": ["tuning.json"], "scale.py": ["scale.json", "scale.md"],
+          "dtypes.py": ["dtypes.json", "dtypes.md"], "gpu_check.py": ["gpu.json", "gpu.md"]}
 
 
 @pytest.fixture(scope="module")

@@ -39,14 +39,17 @@ def _record(output: Path) -> dict:
     return json.loads((output / "sparsity.json").read_text())
 
 
-def test_kill_and_resume_is_byte_identical(tmp_path, deep_llama):
+@pytest.mark.parametrize("streaming", [False, True], ids=["in-memory", "streaming"])
+def test_kill_and_resume_is_byte_identical(tmp_path, deep_llama, streaming):
+    """A SIGKILLed run resumes to the uninterrupted in-memory run's exact weights (a streaming run too)."""
     recipe = write_recipe(tmp_path / "r.toml", str(deep_llama), SPARSEGPT, samples=8, seq_len=64)
     reference = tmp_path / "reference"
     assert main(["--quiet", "run", str(recipe), "--output", str(reference)]) == 0
 
     output = tmp_path / "resumed"
     state_file = work_dir_for(output) / "state.json"
-    cmd = [sys.executable, "-m", "d2compiler.cli", "run", str(recipe), "--output", str(output)]
+    cmd = [sys.executable, "-m", "d2compiler.cli", "run", str(recipe), "--output", str(output),
+           "--set", f"model.streaming={str(streaming).lower()}"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     deadline = time.monotonic() + 300

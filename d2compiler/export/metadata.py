@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import platform
+from collections.abc import Iterable
 from importlib import metadata as importlib_metadata
 from typing import Any
 
@@ -15,14 +16,19 @@ FORMAT_VERSION = 1
 _PACKAGES = ("d2compiler", "torch", "transformers", "pydantic", "networkx", "safetensors")
 
 
-def weights_sha256(model: nn.Module) -> str:
-    """sha256 over the state dict in name order: each entry's name, dtype, shape and raw bytes."""
+def tensors_sha256(items: Iterable[tuple[str, torch.Tensor]]) -> str:
+    """sha256 over (name, tensor) pairs, given in name order: each one's name, dtype, shape and raw bytes."""
     digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
+    for name, tensor in items:
         t = tensor.detach().to("cpu").contiguous()
         digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
         digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return digest.hexdigest()
+
+
+def weights_sha256(model: nn.Module) -> str:
+    """sha256 over the state dict in name order (see `tensors_sha256`)."""
+    return tensors_sha256(sorted(model.state_dict().items()))
 
 
 def package_versions() -> dict[str, str]:
@@ -43,12 +49,14 @@ def overall_sparsity(layers: dict[str, dict[str, Any]]) -> float:
 
 
 def sparsity_record(*, model: nn.Module, recipe: dict[str, Any], layers: dict[str, dict[str, Any]],
-                    patterns: list[str], blocks: list[dict[str, Any]], results: dict[str, Any]) -> dict[str, Any]:
+                    patterns: list[str], blocks: list[dict[str, Any]], results: dict[str, Any],
+                    sha256: str | None = None) -> dict[str, Any]:
+    """The record; `sha256` is the weights' hash when the caller computed it (a streaming run)."""
     return {
         "format_version": FORMAT_VERSION,
         "patterns": patterns,
         "overall_sparsity": overall_sparsity(layers),
-        "weights_sha256": weights_sha256(model),
+        "weights_sha256": sha256 or weights_sha256(model),
         "results": results,
         "layers": layers,
         "blocks": blocks,

@@ -1,0 +1,61 @@
+"""The output of a streaming run, assembled shard by shard: the run's block files (already the pruned
+blocks' tensors under their full names) become `model-0000K-of-0000N.safetensors` (hard-linked when
+the file system allows, else copied), the tensors outside the blocks go into the first shard, and
+`model.safetensors.index.json` maps every tensor to its shard, as transformers writes a sharded
+checkpoint. The folder loads with `from_pretrained`."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .output_dir import OWNER, OWNER_KEY, RECORD_FILE, atomic_output_dir
+from .report import write_report
+
+INDEX = "model.safetensors.index.json"
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
+
+
+def shard_names(count: int) -> list[str]:
+    return [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+
+
+def write_sharded_output(path: Path, outside: dict[str, torch.Tensor], block_files: list[Path], config: Any,
+                         generation_config: Any, tokenizer: Any, record: dict[str, Any], *, overwrite: bool,
+                         protected: Iterable[Path] = ()) -> Path:
+    """Write the output folder from the tensors outside the blocks and the run's block files;
+    nothing appears at `path` until complete."""
+    with atomic_output_dir(path, overwrite, protected) as tmp:
+        names = shard_names(len(block_files) + 1)
+        save_file({k: v.detach().to("cpu").contiguous() for k, v in outside.items()}, str(tmp / names[0]),
+                  metadata={"format": "pt"})
+        weight_map = dict.fromkeys(outside, names[0])
+        for file, name in zip(block_files, names[1:]):
+            _link_or_copy(file, tmp / name)
+            with safe_open(str(tmp / name), "pt") as f:
+                weight_map.update(dict.fromkeys(f.keys(), name))
+        total = sum((tmp / n).stat().st_size for n in names)
+        (tmp / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))},
+                                            indent=2) + "\n")
+        config.save_pretrained(tmp)
+        if generation_config is not None:
+            generation_config.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        (tmp / RECORD_FILE).write_text(json.dumps({**record, OWNER_KEY: OWNER}, indent=2, default=str) + "\n")
+        write_report(tmp, json.loads(json.dumps(record, default=str)))
+    return path

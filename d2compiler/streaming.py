@@ -1,0 +1,301 @@
+"""Streaming: never the whole model in memory.
+
+The model is built without weights (parameters on the meta device, buffers real, as
+`accelerate.init_empty_weights` does). Embeddings, norms and the head are read once from the
+memory-mapped safetensors files; each block's parameters are read when its turn comes and released
+(back to the meta device) once it is done. Used by `d2c run` when `model.streaming = true`; the pruned
+blocks go to shard files and the output folder is assembled from them (`export.sharded`).
+
+`BlockWeights` is where a block's tensors come from: the source folder (dense) or the run's block
+files (pruned). `streamed_forward` runs a whole causal LM over token windows block by block, for
+streaming evaluation.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import json
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from .errors import ModelLoadError
+
+INDEX = "model.safetensors.index.json"
+
+
+class WeightSource:
+    """The tensors of a safetensors model folder (one `model.safetensors`, or shards with an index),
+    read one at a time from the memory-mapped files."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        index = folder / INDEX
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (OSError, ValueError, KeyError) as exc:
+                raise ModelLoadError(f"{index}: unreadable index ({exc})") from None
+            self.files = {key: folder / name for key, name in weight_map.items()}
+        elif (folder / "model.safetensors").is_file():
+            with safe_open(str(folder / "model.safetensors"), "pt") as f:
+                self.files = dict.fromkeys(f.keys(), folder / "model.safetensors")
+        else:
+            raise ModelLoadError(f"{folder}: streaming needs safetensors weights (model.safetensors or an index)")
+
+    def keys(self) -> set[str]:
+        return set(self.files)
+
+    def read(self, key: str) -> torch.Tensor:
+        with safe_open(str(self.files[key]), "pt") as f:
+            return f.get_tensor(key)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        with safe_open(str(self.files[key]), "pt") as f:
+            return tuple(f.get_slice(key).get_shape())
+
+
+def empty_model(folder: Path, dtype: torch.dtype, attn_implementation: str | None = None) -> nn.Module:
+    """The model of `folder` with every parameter on the meta device (no memory), in eval mode."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig
+
+    from .models import _model_class
+
+    config = AutoConfig.from_pretrained(str(folder))
+    if attn_implementation:
+        config._attn_implementation = attn_implementation
+    cls = _model_class(config, str(folder))
+    with init_empty_weights():
+        model = cls._from_config(config, dtype=dtype)
+    model.tie_weights()  # tied parameters share one meta tensor, as they will share the loaded one
+    return model.eval()
+
+
+def _tied(model: nn.Module) -> dict[str, str]:
+    """Parameter names that share storage with an earlier one (tied embeddings): name -> first name."""
+    first: dict[int, str] = {}
+    out: dict[str, str] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in first:
+            out[name] = first[id(param)]
+        else:
+            first[id(param)] = name
+    return out
+
+
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+MMAP_THRESHOLD = 8 << 20
+
+
+def _libc() -> Any:
+    global _LIBC
+    if _LIBC is None:
+        try:
+            _LIBC = ctypes.CDLL("libc.so.6")
+            _LIBC.malloc_trim.argtypes = [ctypes.c_size_t]
+            _LIBC.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+        except (OSError, AttributeError):
+            _LIBC = False
+    return _LIBC
+
+
+def trim_heap() -> None:
+    """Collect reference cycles (a finished block's statistics may sit in one until the collector runs)
+    and `malloc_trim(0)` where glibc provides it: freed memory goes back to the OS."""
+    gc.collect()
+    if _libc():
+        _LIBC.malloc_trim(0)
+
+
+def map_large_allocations() -> None:
+    """Make glibc serve every allocation of 8 MiB or more with its own mapping, returned to the OS when
+    freed. Its default threshold grows up to 32 MiB as large blocks are freed, after which weight-sized
+    tensors come from the heap and fragment it, so that a streaming run's peak creeps up block by block."""
+    if _libc():
+        _LIBC.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+
+
+_LIBC: Any = None
+
+
+class StreamedModel:
+    """A weightless model whose parts are loaded from `source` when needed (see the module docstring)."""
+
+    def __init__(self, model: nn.Module, source: WeightSource, dtype: torch.dtype):
+        from .graph import find_blocks
+
+        self.model, self.source, self.dtype = model, source, dtype
+        map_large_allocations()
+        self.blocks_path, self.blocks = find_blocks(model)
+        self.tied = _tied(model)
+        self.outside_loaded = False
+        self.check_keys()
+
+    def check_keys(self) -> None:
+        """Every parameter and persistent buffer of the model is in the files, with its shape, and
+        nothing else is (transformers' load report, as an error)."""
+        wanted = {name: tuple(t.shape) for name, t in self.model.state_dict().items() if name not in self.tied}
+        have = self.source.keys()
+        missing, unexpected = sorted(set(wanted) - have), sorted(have - set(wanted) - set(self.tied))
+        for kind, keys in (("missing from the checkpoint", missing), ("in the checkpoint but not in the model", unexpected)):
+            if keys:
+                more = f" and {len(keys) - 3} more" if len(keys) > 3 else ""
+                raise ModelLoadError(f"{self.source.folder}: {len(keys)} weights {kind} (does config.json match the "
+                                     f"weights?): {', '.join(keys[:3])}{more}")
+        for name, shape in wanted.items():
+            stored = self.source.shape(name)
+            if stored != shape:
+                raise ModelLoadError(f"{self.source.folder}: tensor {name} has the wrong shape (checkpoint {stored}, model {shape})")
+
+    def block_prefix(self, index: int) -> str:
+        return f"{self.blocks_path}.{index}."
+
+    def _assign(self, module: nn.Module, prefix: str, read: Callable[[str], torch.Tensor]) -> None:
+        from accelerate.utils import set_module_tensor_to_device
+
+        for name in module.state_dict():  # parameters and persistent buffers
+            value = read(prefix + name)
+            if value.is_floating_point():
+                value = value.to(self.dtype)
+            set_module_tensor_to_device(module, name, "cpu", value=value)
+
+    def ensure_outside(self) -> None:
+        """Load the parameters outside the blocks if `release_outside` gave them back."""
+        if not self.outside_loaded:
+            self.load_outside_blocks()
+
+    def release_outside(self) -> None:
+        """Give back the parameters outside the blocks (embeddings, head): pruning needs them only to
+        capture the first block's inputs; evaluation and the output read them again."""
+        inside = {id(p) for p in self.blocks.parameters()}
+        for module in self.model.modules():
+            for name, param in list(module._parameters.items()):
+                if param is not None and id(param) not in inside and not param.is_meta:
+                    module._parameters[name] = nn.Parameter(torch.empty_like(param, device="meta"), requires_grad=False)
+        if self.tied:
+            self.model.tie_weights()
+        self.outside_loaded = False
+        trim_heap()
+
+    def load_outside_blocks(self) -> None:
+        """Read every parameter and persistent buffer that is not inside the blocks, and tie what the
+        model ties."""
+        inside = {id(p) for p in self.blocks.parameters()}
+        from accelerate.utils import set_module_tensor_to_device
+
+        state = self.model.state_dict(keep_vars=True)
+        for name, tensor in state.items():
+            if id(tensor) in inside or name in self.tied or name.startswith(self.blocks_path + "."):
+                continue
+            value = self.source.read(name)
+            set_module_tensor_to_device(self.model, name, "cpu", value=value.to(self.dtype) if value.is_floating_point() else value)
+        if self.tied:
+            self.model.tie_weights()
+        self.outside_loaded = True
+
+    def load_block(self, index: int, read: Callable[[str], torch.Tensor] | None = None) -> nn.Module:
+        """Materialise block `index` on the CPU from `read` (default: the source files)."""
+        block = self.blocks[index]
+        self._assign(block, self.block_prefix(index), read or self.source.read)
+        return block
+
+    def release_block(self, index: int) -> None:
+        """Give block `index`'s parameters back (they return to the meta device) and hand the freed
+        heap back to the operating system, so that the peak follows one block."""
+        for module in self.blocks[index].modules():
+            for name, param in list(module._parameters.items()):
+                if param is not None:
+                    module._parameters[name] = nn.Parameter(torch.empty_like(param, device="meta"), requires_grad=False)
+        trim_heap()
+
+
+    def outside_state(self) -> dict[str, torch.Tensor]:
+        """The tensors outside the blocks, by full name (tied copies left out, as transformers saves)."""
+        self.ensure_outside()
+        return {name: tensor for name, tensor in self.model.state_dict().items()
+                if not name.startswith(self.blocks_path + ".") and name not in self.tied}
+
+    def weights_sha256(self, readers: list[Callable[[str], torch.Tensor]]) -> str:
+        """`export.metadata.weights_sha256` of the whole model, block tensors read through `readers`
+        (the same value an in-memory run computes over its state dict)."""
+        from .export.metadata import tensors_sha256
+
+        self.ensure_outside()
+        outside = self.model.state_dict()
+
+        def tensor(name: str) -> torch.Tensor:
+            name = self.tied.get(name, name)
+            if name.startswith(self.blocks_path + "."):
+                index = int(name[len(self.blocks_path) + 1 :].split(".")[0])
+                return readers[index](name)
+            return outside[name]
+
+        return tensors_sha256((name, tensor(name)) for name in sorted(outside))
+
+    @contextmanager
+    def block(self, index: int, read: Callable[[str], torch.Tensor] | None = None) -> Iterator[nn.Module]:
+        try:
+            yield self.load_block(index, read)
+        finally:
+            self.release_block(index)
+
+
+def file_reader(path: Path) -> Callable[[str], torch.Tensor]:
+    """Read tensors by full name from one safetensors file (a block file of the run)."""
+    def read(key: str) -> torch.Tensor:
+        with safe_open(str(path), "pt") as f:
+            return f.get_tensor(key)
+    return read
+
+
+class _Replay(nn.Module):
+    """Stands in for a block during the head pass: returns the stored output of the current window."""
+
+    def __init__(self, outputs: list[torch.Tensor] | None, as_tuple: bool):
+        super().__init__()
+        self.outputs, self.as_tuple, self.window = outputs, as_tuple, 0
+
+    def forward(self, hidden: torch.Tensor, *_args: Any, **_kwargs: Any) -> Any:
+        out = hidden if self.outputs is None else self.outputs[self.window]
+        return (out,) if self.as_tuple else out
+
+
+@torch.no_grad()
+def streamed_logits(streamed: StreamedModel, windows: list[torch.Tensor], device: torch.device,
+                    readers: list[Callable[[str], torch.Tensor]], each: Callable[[torch.Tensor, torch.Tensor], None]) -> None:
+    """Run the causal LM over `windows` block by block (block i's tensors from `readers[i]`, only one
+    block in memory), then call `each(ids, logits)` for every window."""
+    from .executor import BlockInput, capture_block_inputs, model_call_kwargs
+
+    model, blocks = streamed.model, streamed.blocks
+    streamed.ensure_outside()
+    inputs: list[BlockInput] = capture_block_inputs(model, blocks, windows, device)
+    as_tuple = False
+    for index in range(len(blocks)):
+        with streamed.block(index, readers[index]) as block:
+            block.to(device)
+            outputs = []
+            for inp in inputs:
+                out = block(*inp.args, **inp.kwargs)
+                as_tuple = isinstance(out, (tuple, list))
+                outputs.append(out[0] if as_tuple else out)
+        inputs = [inp.with_hidden(h) for inp, h in zip(inputs, outputs)]
+    final = [inp.args[0] for inp in inputs]
+    originals = list(blocks)
+    replays = [_Replay(None, as_tuple) for _ in originals[:-1]] + [_Replay(final, as_tuple)]
+    try:
+        for i, replay in enumerate(replays):
+            blocks[i] = replay
+        for window, ids in enumerate(windows):
+            replays[-1].window = window
+            each(ids, model(ids.to(device), **model_call_kwargs(model)).logits)
+    finally:
+        for i, original in enumerate(originals):
+            blocks[i] = original
