@@ -48,16 +48,6 @@ def setup_llmc() -> None:
     subprocess.run([*pip, "llmcompressor==0.14.0.1"], check=True)
 
 
-def run_job(cmd: list[str], env: dict[str, str] | None = None) -> tuple[dict[str, Any], float]:
-    start = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
-    wall = time.perf_counter() - start
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    if proc.returncode or not lines:
-        raise SystemExit(f"job failed: {' '.join(cmd)}\n{proc.stderr[-4000:]}")
-    return json.loads(lines[-1][len("RESULT "):]), wall
-
-
 def job_recipe(model_dir: str, ids_file: str, samples: int, length: int, out_dir: str) -> Any:
     """The d2compiler job: calibration from the pre-tokenized windows file both tools read."""
     from d2compiler.recipe import validate_recipe
@@ -100,10 +90,7 @@ def d2c_job(model_dir: str, ids_file: str, out_dir: str) -> None:
     t0 = time.perf_counter()
     summary = compress(recipe, loaded=loaded, quiet=True)
     compress_s = time.perf_counter() - t0
-    phases: dict[str, float] = {}
-    for block in summary.record["blocks"]:
-        for phase, seconds in block["times_s"].items():
-            phases[phase] = phases.get(phase, 0.0) + seconds
+    phases = protocol.phase_seconds(summary.record)
     print("RESULT " + json.dumps({"compress_s": compress_s, "prune_s": summary.prune_s, "total_s": time.perf_counter() - start,
                                   "threads": torch.get_num_threads(), "peak_rss_mb": summary.peak_rss_mb, "phases_s": phases}),
           flush=True)
@@ -218,13 +205,13 @@ def main() -> int:
         ids_file = str(Path(tmp) / "ids.safetensors")
         save_file({"input_ids": torch.cat(windows).contiguous()}, ids_file)
         one_forward = dense_forward_s(model_dir, ids_file)
-        ours, ours_wall = run_job([sys.executable, __file__, "--d2c-job", model_dir, ids_file, f"{tmp}/d2c"])
+        ours, ours_wall = protocol.run_job([sys.executable, __file__, "--d2c-job", model_dir, ids_file, f"{tmp}/d2c"])
         if has_llmc:
-            theirs, theirs_wall = run_job([str(LLMC_VENV / "bin" / "python"), str(ROOT / "bench" / "llmc_job.py"), model_dir,
+            theirs, theirs_wall = protocol.run_job([str(LLMC_VENV / "bin" / "python"), str(ROOT / "bench" / "llmc_job.py"), model_dir,
                                            ids_file, f"{tmp}/llmc"])
         else:
             print(f"llm-compressor side skipped: {LLMC_VENV} is absent (python bench/cost.py --setup-llmc creates it)", flush=True)
-        ours["plan"], _ = run_job([sys.executable, __file__, "--plan-job", model_dir, ids_file, f"{tmp}/plan"])
+        ours["plan"], _ = protocol.run_job([sys.executable, __file__, "--plan-job", model_dir, ids_file, f"{tmp}/plan"])
         ours.update({"wall_s": ours_wall, "ppl": perplexity_of(f"{tmp}/d2c", eval_windows), "sparsity": sparsity_of(f"{tmp}/d2c")})
         if theirs is not None:
             theirs.update({"wall_s": theirs_wall, "ppl": perplexity_of(f"{tmp}/llmc", eval_windows),

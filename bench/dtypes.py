@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -57,12 +56,7 @@ def main() -> int:
         return 0
     runs = []
     for dtype in DTYPES:
-        cmd = [sys.executable, __file__, "--job", dtype, "--samples", str(samples), "--windows", str(windows)]
-        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-        lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-        if proc.returncode or not lines:
-            raise SystemExit(f"{dtype}: failed\n{proc.stderr[-4000:]}")
-        runs.append(json.loads(lines[-1][len("RESULT "):]))
+        runs.append(protocol.run_job([sys.executable, __file__, "--job", dtype, "--samples", str(samples), "--windows", str(windows)])[0])
         print(json.dumps(runs[-1]), flush=True)
     length = protocol.seq_len()
     record = {"model": protocol.pick("SmolLM2-135M-Instruct", "tiny random Llama (smoke)"),

@@ -76,10 +76,7 @@ def prune(model: Path, method: str, dtype: str, device: str, out: Path) -> dict[
         "passes": METHODS[method], "output": {"path": str(out / f"{method}-{dtype}-{device}"), "resume": False},
     })
     summary = compress(recipe, quiet=True, overwrite=True)
-    phases: dict[str, float] = {}
-    for block in summary.record["blocks"]:
-        for phase, seconds in block["times_s"].items():
-            phases[phase] = round(phases.get(phase, 0.0) + seconds, 3)
+    phases = protocol.phase_seconds(summary.record)
     return {"dense_ppl": summary.dense_ppl, "pruned_ppl": summary.pruned_ppl, "prune_s": summary.prune_s, "phases_s": phases,
             "peak_cuda_mb": summary.peak_cuda_mb}
 

@@ -21,6 +21,7 @@ import shlex
 import subprocess
 import sys
 import tempfile
+import time
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -156,3 +157,24 @@ def provenance_line(prov: dict[str, Any] | None) -> str:
         return "Provenance: not recorded (produced before results carried their commit)."
     dirty = " (with uncommitted changes)" if prov.get("dirty") else ""
     return f"Produced at commit `{prov['commit'][:12]}`{dirty} by `{prov['command']}`."
+
+
+def run_job(cmd: list[str]) -> tuple[dict[str, Any], float]:
+    """Run a benchmark job in its own process (from the repository root) and return the JSON of its
+    last `RESULT {...}` line and its wall time; a failed job stops the benchmark with its stderr."""
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    wall = time.perf_counter() - start
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode or not lines:
+        raise SystemExit(f"job failed: {' '.join(cmd)}\n{proc.stderr[-4000:]}")
+    return json.loads(lines[-1][len("RESULT "):]), wall
+
+
+def phase_seconds(record: dict[str, Any]) -> dict[str, float]:
+    """A run record's time per phase (observe, each pass, propagate, total), summed over its blocks."""
+    phases: dict[str, float] = {}
+    for block in record["blocks"]:
+        for phase, seconds in block["times_s"].items():
+            phases[phase] = phases.get(phase, 0.0) + seconds
+    return phases

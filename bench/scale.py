@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -100,10 +98,7 @@ def job(source: str, out: str, samples: int, seq_len: int) -> None:
 
     recipe = job_recipe(source, out, samples, seq_len)
     summary = compress(recipe, quiet=True, overwrite=True)  # out/scale-runs is this benchmark's own
-    phases: dict[str, float] = {}
-    for block in summary.record["blocks"]:
-        for phase, seconds in block["times_s"].items():
-            phases[phase] = round(phases.get(phase, 0.0) + seconds, 2)
+    phases = protocol.phase_seconds(summary.record)
     print("RESULT " + json.dumps({"peak_rss_mb": peak_rss_mb(), "wall_s": time.perf_counter() - start, "prune_s": summary.prune_s,
                                   "phases_s": phases, "sparsity": summary.sparsity,
                                   "block_peak_rss_mb": [b["memory"].get("peak_rss_mb") for b in summary.record["blocks"]]}),
@@ -118,20 +113,12 @@ def run(name: str, samples: int, seq_len: int, out: Path) -> dict[str, Any]:
     else:
         folder = synthetic_folder(name)
     args = [str(folder), str(out / name), str(samples), str(seq_len)]
-    plan = _subprocess("--plan-job", args, name)
-    result = _subprocess("--job", args, name) | sizes(folder)
+    plan, _ = protocol.run_job([sys.executable, __file__, "--plan-job", *args])
+    result = protocol.run_job([sys.executable, __file__, "--job", *args])[0] | sizes(folder)
     result["rss_over_fp32"] = result["peak_rss_mb"] / result["fp32_mb"]
     result["plan_peak_mb"] = plan["estimate_mb"]["peak (sum)"]
     result["plan_disk_mb"] = plan["estimate_disk_mb"]
     return {"model": name, **result}
-
-
-def _subprocess(flag: str, args: list[str], name: str) -> dict[str, Any]:
-    proc = subprocess.run([sys.executable, __file__, flag, *args], capture_output=True, text=True, cwd=ROOT, env=os.environ)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    if proc.returncode or not lines:
-        raise SystemExit(f"{name}: {flag} failed\n{proc.stderr[-4000:]}")
-    return json.loads(lines[-1][len("RESULT "):])
 
 
 def markdown(record: dict[str, Any]) -> str:

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .data import evaluation_windows, is_token_windows_file, load_rows, load_text, load_token_windows, tokenize
+from .data import evaluation_windows, is_token_windows_file, load_rows, load_text, load_token_windows, select_windows, tokenize
 from .errors import DataError
 from .executor import model_call_kwargs
 from .images import fit_to_model, is_image_source, load_images
@@ -213,7 +213,7 @@ def make_metric(spec: Any, model: nn.Module, tokenizer: Any, device: torch.devic
         return EmbeddingCosine(_text_batches(tokenizer, texts, spec.seq_len), device, quiet)
     if is_token_windows_file(spec.source):
         ids = load_token_windows(spec.source, spec.seq_len, getattr(model.config, "vocab_size", None))
-        windows = [ids[i : i + 1] for i in range(min(ids.shape[0], spec.max_windows or ids.shape[0]))]
+        windows = select_windows(ids, min(ids.shape[0], spec.max_windows or ids.shape[0]), source=spec.source)
         if not windows:
             raise DataError(f"{spec.source}: no windows")
         return Perplexity(windows, device, quiet)

@@ -133,13 +133,15 @@ def compress(recipe: BaseModel, *, loaded: LoadedModel | None = None, quiet: boo
     allows replacing an earlier d2compiler output (see `export.output_dir`)."""
     out_path = user_path(recipe.output.path) if recipe.output.path else None
     if out_path is None:
-        return _compress(recipe, loaded, quiet, None, False)
-    check_output_path(out_path, overwrite, protected_paths(recipe))
+        return _compress(recipe, loaded, quiet, None, False, [])
+    protected = protected_paths(recipe)
+    check_output_path(out_path, overwrite, protected)
     with output_lock(out_path):
-        return _compress(recipe, loaded, quiet, out_path, overwrite)
+        return _compress(recipe, loaded, quiet, out_path, overwrite, protected)
 
 
-def _compress(recipe: BaseModel, loaded: LoadedModel | None, quiet: bool, out_path: Path | None, overwrite: bool) -> RunSummary:
+def _compress(recipe: BaseModel, loaded: LoadedModel | None, quiet: bool, out_path: Path | None, overwrite: bool,
+              protected: list[Path]) -> RunSummary:
     start = time.perf_counter()
     device = resolve_device(recipe.model.device)
     manager = PassManager(list(recipe.passes))
@@ -233,10 +235,10 @@ def _compress(recipe: BaseModel, loaded: LoadedModel | None, quiet: bool, out_pa
         if streamed is not None:
             generation = getattr(model, "generation_config", None) if model.can_generate() else None
             write_sharded_output(out_path, streamed.outside_state(), [checkpoints.path(i) for i in range(len(streamed.blocks))],
-                                 model.config, generation, tokenizer, record, overwrite=overwrite, protected=protected_paths(recipe))
+                                 model.config, generation, tokenizer, record, overwrite=overwrite, protected=protected)
         else:
             write_output(out_path, model, tokenizer, record, overwrite=overwrite, fmt=recipe.output.format,
-                         protected=protected_paths(recipe))
+                         protected=protected)
         if checkpoints is not None:
             checkpoints.discard()
     return RunSummary(

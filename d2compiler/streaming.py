@@ -6,15 +6,14 @@ memory-mapped safetensors files; each block's parameters are read when its turn 
 (back to the meta device) once it is done. Used by `d2c run` when `model.streaming = true`; the pruned
 blocks go to shard files and the output folder is assembled from them (`export.sharded`).
 
-`BlockWeights` is where a block's tensors come from: the source folder (dense) or the run's block
-files (pruned). `streamed_forward` runs a whole causal LM over token windows block by block, for
+A block's tensors come from `WeightSource` (the source folder: dense) or `file_reader` (a run's block
+file: pruned). `streamed_logits` runs a whole causal LM over token windows block by block, for
 streaming evaluation.
 """
 
 from __future__ import annotations
 
 import ctypes
-import gc
 import json
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -53,8 +52,7 @@ class WeightSource:
         return set(self.files)
 
     def read(self, key: str) -> torch.Tensor:
-        with safe_open(str(self.files[key]), "pt") as f:
-            return f.get_tensor(key)
+        return _read(self.files[key], key)
 
     def shape(self, key: str) -> tuple[int, ...]:
         with safe_open(str(self.files[key]), "pt") as f:
@@ -107,9 +105,7 @@ def _libc() -> Any:
 
 
 def trim_heap() -> None:
-    """Collect reference cycles (a finished block's statistics may sit in one until the collector runs)
-    and `malloc_trim(0)` where glibc provides it: freed memory goes back to the OS."""
-    gc.collect()
+    """`malloc_trim(0)` where glibc provides it: freed memory goes back to the OS."""
     if _libc():
         _LIBC.malloc_trim(0)
 
@@ -123,6 +119,16 @@ def map_large_allocations() -> None:
 
 
 _LIBC: Any = None
+
+
+def _release(root: nn.Module, chosen: Callable[[nn.Parameter], bool]) -> None:
+    """Replace the `chosen` loaded parameters under `root` by meta tensors of the same shape (their
+    memory is freed) and return the freed heap to the OS."""
+    for module in root.modules():
+        for name, param in list(module._parameters.items()):
+            if param is not None and not param.is_meta and chosen(param):
+                module._parameters[name] = nn.Parameter(torch.empty_like(param, device="meta"), requires_grad=False)
+    trim_heap()
 
 
 class StreamedModel:
@@ -157,14 +163,11 @@ class StreamedModel:
     def block_prefix(self, index: int) -> str:
         return f"{self.blocks_path}.{index}."
 
-    def _assign(self, module: nn.Module, prefix: str, read: Callable[[str], torch.Tensor]) -> None:
+    def _set(self, module: nn.Module, name: str, value: torch.Tensor) -> None:
+        """Put `value` (floating tensors cast to the working dtype) on the CPU as `module`'s `name`."""
         from accelerate.utils import set_module_tensor_to_device
 
-        for name in module.state_dict():  # parameters and persistent buffers
-            value = read(prefix + name)
-            if value.is_floating_point():
-                value = value.to(self.dtype)
-            set_module_tensor_to_device(module, name, "cpu", value=value)
+        set_module_tensor_to_device(module, name, "cpu", value=value.to(self.dtype) if value.is_floating_point() else value)
 
     def ensure_outside(self) -> None:
         """Load the parameters outside the blocks if `release_outside` gave them back."""
@@ -175,46 +178,32 @@ class StreamedModel:
         """Give back the parameters outside the blocks (embeddings, head): pruning needs them only to
         capture the first block's inputs; evaluation and the output read them again."""
         inside = {id(p) for p in self.blocks.parameters()}
-        for module in self.model.modules():
-            for name, param in list(module._parameters.items()):
-                if param is not None and id(param) not in inside and not param.is_meta:
-                    module._parameters[name] = nn.Parameter(torch.empty_like(param, device="meta"), requires_grad=False)
+        _release(self.model, lambda param: id(param) not in inside)
         if self.tied:
             self.model.tie_weights()
         self.outside_loaded = False
-        trim_heap()
 
     def load_outside_blocks(self) -> None:
         """Read every parameter and persistent buffer that is not inside the blocks, and tie what the
         model ties."""
-        inside = {id(p) for p in self.blocks.parameters()}
-        from accelerate.utils import set_module_tensor_to_device
-
-        state = self.model.state_dict(keep_vars=True)
-        for name, tensor in state.items():
-            if id(tensor) in inside or name in self.tied or name.startswith(self.blocks_path + "."):
-                continue
-            value = self.source.read(name)
-            set_module_tensor_to_device(self.model, name, "cpu", value=value.to(self.dtype) if value.is_floating_point() else value)
+        for name in self.model.state_dict():
+            if name not in self.tied and not name.startswith(self.blocks_path + "."):
+                self._set(self.model, name, self.source.read(name))
         if self.tied:
             self.model.tie_weights()
         self.outside_loaded = True
 
     def load_block(self, index: int, read: Callable[[str], torch.Tensor] | None = None) -> nn.Module:
         """Materialise block `index` on the CPU from `read` (default: the source files)."""
-        block = self.blocks[index]
-        self._assign(block, self.block_prefix(index), read or self.source.read)
+        block, read, prefix = self.blocks[index], read or self.source.read, self.block_prefix(index)
+        for name in block.state_dict():  # parameters and persistent buffers
+            self._set(block, name, read(prefix + name))
         return block
 
     def release_block(self, index: int) -> None:
         """Give block `index`'s parameters back (they return to the meta device) and hand the freed
         heap back to the operating system, so that the peak follows one block."""
-        for module in self.blocks[index].modules():
-            for name, param in list(module._parameters.items()):
-                if param is not None:
-                    module._parameters[name] = nn.Parameter(torch.empty_like(param, device="meta"), requires_grad=False)
-        trim_heap()
-
+        _release(self.blocks[index], lambda _param: True)
 
     def outside_state(self) -> dict[str, torch.Tensor]:
         """The tensors outside the blocks, by full name (tied copies left out, as transformers saves)."""
@@ -247,12 +236,15 @@ class StreamedModel:
             self.release_block(index)
 
 
+def _read(path: Path, key: str) -> torch.Tensor:
+    """One tensor of a safetensors file, copied out of the memory-mapped file."""
+    with safe_open(str(path), "pt") as f:
+        return f.get_tensor(key)
+
+
 def file_reader(path: Path) -> Callable[[str], torch.Tensor]:
     """Read tensors by full name from one safetensors file (a block file of the run)."""
-    def read(key: str) -> torch.Tensor:
-        with safe_open(str(path), "pt") as f:
-            return f.get_tensor(key)
-    return read
+    return lambda key: _read(path, key)
 
 
 class _Replay(nn.Module):

@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..packing import QUANT_BUFFERS, Packed24Linear
-from .output_dir import OWNER, OWNER_KEY, RECORD_FILE, atomic_output_dir
+from .output_dir import atomic_output_dir, write_record
 from .packed import write_packed
 from .report import write_report
 
@@ -46,8 +46,13 @@ def write_output(path: Path, model: nn.Module, tokenizer: Any, record: dict[str,
             model.save_pretrained(tmp, safe_serialization=True, state_dict={k: v for k, v in state.items() if k not in quant})
             if quant:
                 save_file(quant, str(tmp / QUANT_FILE))
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        (tmp / RECORD_FILE).write_text(json.dumps({**record, OWNER_KEY: OWNER}, indent=2, default=str) + "\n")
-        write_report(tmp, json.loads(json.dumps(record, default=str)))
+        write_metadata(tmp, tokenizer, record)
     return path
+
+
+def write_metadata(folder: Path, tokenizer: Any, record: dict[str, Any]) -> None:
+    """The tokenizer (or image processor), `sparsity.json` and `report.html` of an output being assembled."""
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    write_record(folder, record)
+    write_report(folder, json.loads(json.dumps(record, default=str)))

@@ -30,7 +30,7 @@ from torch import nn
 
 from ..errors import OutputError
 from ..packing import Packed24Linear, carry_quant_buffers
-from .output_dir import OWNER, OWNER_KEY, RECORD_FILE, atomic_output_dir
+from .output_dir import atomic_output_dir, write_record
 
 OPSET = 21
 
@@ -160,6 +160,6 @@ def export_onnx(model: nn.Module, record: dict[str, Any], path: Path, *, overwri
         file = tmp / "model.onnx"
         onnx.save_model(proto, str(file))
         onnx.checker.check_model(str(file), full_check=False)
-        (tmp / RECORD_FILE).write_text(json.dumps({**record, OWNER_KEY: OWNER}, indent=2, default=str) + "\n")
+        write_record(tmp, record)
     return {"path": str(path / "model.onnx"), "bytes": (path / "model.onnx").stat().st_size, "quantized": len(done),
             "sparse_initializers": moved, "opset": OPSET}

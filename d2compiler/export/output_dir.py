@@ -21,6 +21,7 @@ import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from ..errors import OutputError
 
@@ -45,6 +46,11 @@ def owned_by_us(path: Path) -> bool:
     except (OSError, ValueError):
         return False
     return isinstance(record, dict) and record.get(OWNER_KEY) == OWNER
+
+
+def write_record(folder: Path, record: dict[str, Any]) -> None:
+    """Write `sparsity.json` into an output being assembled, with the marker that makes it ours."""
+    (folder / RECORD_FILE).write_text(json.dumps({**record, OWNER_KEY: OWNER}, indent=2, default=str) + "\n")
 
 
 def _related(a: Path, b: Path) -> str | None:

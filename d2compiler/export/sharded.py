@@ -17,10 +17,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .output_dir import OWNER, OWNER_KEY, RECORD_FILE, atomic_output_dir
-from .report import write_report
-
-INDEX = "model.safetensors.index.json"
+from ..streaming import INDEX
+from .hf import write_metadata
+from .output_dir import atomic_output_dir
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
@@ -54,8 +53,5 @@ def write_sharded_output(path: Path, outside: dict[str, torch.Tensor], block_fil
         config.save_pretrained(tmp)
         if generation_config is not None:
             generation_config.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        (tmp / RECORD_FILE).write_text(json.dumps({**record, OWNER_KEY: OWNER}, indent=2, default=str) + "\n")
-        write_report(tmp, json.loads(json.dumps(record, default=str)))
+        write_metadata(tmp, tokenizer, record)
     return path
