@@ -64,7 +64,7 @@ def attention_calls(model: torch.nn.Module, windows: list[torch.Tensor]) -> list
 def fidelity(dense: list[list[AttentionCall]], pruned: list[list[AttentionCall]]) -> dict[str, list[float]]:
     kl, rmse = [], []
     for d_calls, p_calls in zip(dense, pruned):
-        kl.append(sum(attention_kl(d, p) for d, p in zip(d_calls, p_calls)) / len(d_calls))
+        kl.append(float(sum(attention_kl(d, p) for d, p in zip(d_calls, p_calls))) / len(d_calls))
         sq = sum(float((d.output - p.output).pow(2).mean()) for d, p in zip(d_calls, p_calls)) / len(d_calls)
         rmse.append(sq**0.5)
     return {"kl": kl, "rmse": rmse}

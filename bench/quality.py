@@ -73,6 +73,7 @@ def worker(cfg: dict[str, Any]) -> dict[str, Any]:
     from d2compiler.models import load_model
     from d2compiler.pipeline import compress, peak_rss_mb
     from d2compiler.recipe import validate_recipe
+    from d2compiler.runner import ModelRunner
 
     torch.manual_seed(0)
     cal_source = calibration_source(cfg["calibration"])
@@ -85,7 +86,7 @@ def worker(cfg: dict[str, Any]) -> dict[str, Any]:
         ids = tokenize(loaded.tokenizer, load_text(eval_source, "evaluation"))
         windows = evaluation_windows(ids, length, cfg["windows"])
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        ppl, wall, sparsity = perplexity(loaded.model, windows, device, quiet=True), 0.0, 0.0
+        ppl, wall, sparsity = perplexity(ModelRunner(loaded.model, device), windows, quiet=True), 0.0, 0.0
     else:
         recipe = validate_recipe({
             "version": 1,

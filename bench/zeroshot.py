@@ -26,6 +26,7 @@ def main() -> int:
     import torch
 
     from d2compiler.models import load_model
+    from d2compiler.runner import ModelRunner
     from d2compiler.zeroshot import DEFAULT_FILES, evaluate_task, load_task
 
     args = [a for a in sys.argv[1:] if a not in ("--no-dense", "--smoke")]
@@ -40,7 +41,7 @@ def main() -> int:
         for task, rel in DEFAULT_FILES.items():
             begin = time.perf_counter()
             items = load_task(task, SHARED / rel)[:limit]
-            result = evaluate_task(loaded.model, tokenizer, items, torch.device("cpu"), quiet=True)
+            result = evaluate_task(ModelRunner(loaded.model, torch.device("cpu")), tokenizer, items, quiet=True)
             rows.append(stamp({"model": name, "task": task, **result, "seconds": round(time.perf_counter() - begin, 1),
                                "measured": time.strftime("%Y-%m-%d")}))
             print(json.dumps(rows[-1]), flush=True)

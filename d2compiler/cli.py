@@ -99,28 +99,41 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval_runner(args: argparse.Namespace, source: str) -> tuple[Any, Any]:
+    """(the model, a `ModelRunner` over it) for `d2c eval`: loaded whole, or with --streaming read block by
+    block from its files. Either way one block is on the device at a time."""
+    from .models import load_model, load_streamed, resolve_device
+    from .runner import ModelRunner
+
+    device = resolve_device(args.device)
+    if args.streaming:
+        loaded, streamed = load_streamed(source, args.dtype, args.device)
+        return loaded, ModelRunner(loaded.model, device, streamed=streamed)
+    loaded = load_model(source, args.dtype, args.device)
+    return loaded, ModelRunner(loaded.model, device)
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     from .evaluate import make_metric
-    from .models import load_model, resolve_device
     from .recipe import EvaluationData
 
-    loaded = load_model(args.model, args.dtype, args.device)
+    loaded, runner = _eval_runner(args, args.model)
     if args.task:
-        return _zero_shot(args, loaded)
+        return _zero_shot(args, loaded, runner)
     try:
         spec = EvaluationData(source=args.data, config=args.config, split=args.split, field=args.field, seq_len=args.seq_len,
                               max_windows=args.max_windows, metric=args.metric)
     except ValidationError as exc:
         first = exc.errors(include_url=False)[0]
         raise D2Error(f"--{str(first['loc'][0]).replace('_', '-')}: {first['msg']}") from None
-    metric = make_metric(spec, loaded.model, loaded.tokenizer, resolve_device(args.device), quiet=args.quiet)
+    metric = make_metric(spec, loaded.model, loaded.tokenizer, quiet=args.quiet)
     if metric.needs_dense:
         if not args.reference:
             raise D2Error(f"--reference: {metric.name} compares {args.model} with a dense model; name it with --reference")
-        metric.dense(load_model(args.reference, args.dtype, args.device).model)
-    value = metric.measure(loaded.model)
+        metric.dense(_eval_runner(args, args.reference)[1])
+    value = metric.measure(runner)
     out = {"model": args.model, "data": args.data, "metric": metric.name, "value": value, "count": metric.count}
     if metric.name == "perplexity":
         out |= {"seq_len": args.seq_len, "windows": metric.count, "ppl": value}
@@ -128,12 +141,13 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _zero_shot(args: argparse.Namespace, loaded) -> int:
+def _zero_shot(args: argparse.Namespace, loaded: Any, runner: Any) -> int:
     from pathlib import Path
 
-    from .models import resolve_device
     from .zeroshot import DEFAULT_FILES, evaluate_task, load_task, run_lm_eval
 
+    if args.harness and args.streaming:
+        raise D2Error("--harness: lm-eval runs the whole model; drop --streaming")
     if args.harness and args.data == "hub":
         result = run_lm_eval(loaded.model, loaded.tokenizer, args.task, args.limit)
     else:
@@ -142,8 +156,7 @@ def _zero_shot(args: argparse.Namespace, loaded) -> int:
         if args.harness:
             result = run_lm_eval(loaded.model, loaded.tokenizer, args.task, None, items)
         else:
-            result = evaluate_task(loaded.model, loaded.tokenizer, items, resolve_device(args.device), quiet=args.quiet,
-                                   desc=args.task)
+            result = evaluate_task(runner, loaded.tokenizer, items, quiet=args.quiet, desc=args.task)
         result["data"] = str(path)
     print(json.dumps({"model": args.model, "task": args.task, **result}))
     return 0
@@ -228,6 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--max-windows", type=_at_least(1), default=None)
     ev.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "auto"])
     ev.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    ev.add_argument("--streaming", action="store_true", help="never hold the whole model in memory: read each block "
+                    "from the safetensors files when its turn comes (a GGUF or hub model is converted once)")
     ev.set_defaults(func=_cmd_eval)
     return parser
 

@@ -8,14 +8,15 @@
   similarity of the compressed model's embeddings to the dense model's (1.0 = unchanged);
 - `accuracy` (image classifiers): top-1 accuracy on a labelled image set.
 
-A metric measures the dense model first (`dense`), then the compressed one (`measure`).
+A metric measures the dense model first (`dense`), then the compressed one (`measure`), through a
+`runner.ModelRunner`: the model runs with one block on the compute device at a time, whether it is
+in memory or streamed from its files, so evaluation never needs the whole model on the device.
 """
 
 from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -23,29 +24,20 @@ from torch import nn
 
 from .data import evaluation_windows, is_token_windows_file, load_rows, load_text, load_token_windows, select_windows, tokenize
 from .errors import DataError
-from .executor import model_call_kwargs
 from .images import fit_to_model, is_image_source, load_images
 from .inputs import check_seq_len, check_source_fits, model_task
-from .progress import progress
-from .streaming import StreamedModel, streamed_logits
+from .runner import ModelRunner
 
 MIN_PARAGRAPH_WORDS = 8
 EMBED_BATCH = 16
 IMAGE_BATCH = 256
 
 
-@torch.no_grad()
-def perplexity(model: nn.Module, windows: list[torch.Tensor], device: torch.device, *, quiet: bool = False,
-               desc: str = "perplexity") -> float:
-    """Perplexity of a causal LM on token windows shaped (1, seq_len). The model is moved to
-    `device` for the evaluation and left there."""
-    model.to(device)
-    model.eval()
-    extra = model_call_kwargs(model)
+def perplexity(runner: ModelRunner, windows: list[torch.Tensor], *, quiet: bool = False, desc: str = "perplexity") -> float:
+    """Perplexity of a causal LM on token windows shaped (1, seq_len), one block on the device at a
+    time (see `runner`)."""
     total = _NLL()
-    for ids in progress(windows, desc=desc, disable=quiet):
-        ids = ids.to(device)
-        total.add(ids, model(ids, **extra).logits)
+    runner.run([{"input_ids": ids} for ids in windows], lambda i, out: total.add(windows[i], out.logits), desc=desc, quiet=quiet)
     return total.perplexity()
 
 
@@ -64,42 +56,35 @@ class _NLL:
         return math.exp(self.nll / self.tokens)
 
 
-def streamed_perplexity(streamed: StreamedModel, windows: list[torch.Tensor], device: torch.device,
-                        readers: list[Callable[[str], torch.Tensor]]) -> float:
-    """The same perplexity with one block in memory at a time (block i read through `readers[i]`)."""
-    total = _NLL()
-    streamed_logits(streamed, windows, device, readers, total.add)
-    return total.perplexity()
-
-
 class Metric(ABC):
-    """One evaluation: `dense(model)` before compressing, `measure(model)` after. Models are moved to
-    `device` and left there. `count`: windows, paragraphs or images evaluated."""
+    """One evaluation: `dense(runner)` before compressing, `measure(runner)` after. A runner
+    (`runner.ModelRunner`) runs the model with one block on the device at a time, from memory or
+    streamed from its files. `count`: windows, paragraphs or images evaluated."""
 
     name: str
     higher_is_better: bool
     count: int
     needs_dense = False  # True when `dense` records the reference that `measure` compares with
 
-    def __init__(self, device: torch.device, quiet: bool):
-        self.device, self.quiet = device, quiet
+    def __init__(self, quiet: bool):
+        self.quiet = quiet
 
-    def dense(self, model: nn.Module) -> float:
-        return self.measure(model, desc=f"dense {self.name}")
+    def dense(self, runner: ModelRunner) -> float:
+        return self.measure(runner, desc=f"dense {self.name}")
 
     @abstractmethod
-    def measure(self, model: nn.Module, desc: str | None = None) -> float: ...
+    def measure(self, runner: ModelRunner, desc: str | None = None) -> float: ...
 
 
 class Perplexity(Metric):
     name, higher_is_better = "perplexity", False
 
-    def __init__(self, windows: list[torch.Tensor], device: torch.device, quiet: bool):
-        super().__init__(device, quiet)
+    def __init__(self, windows: list[torch.Tensor], quiet: bool):
+        super().__init__(quiet)
         self.windows, self.count = windows, len(windows)
 
-    def measure(self, model: nn.Module, desc: str | None = None) -> float:
-        return perplexity(model, self.windows, self.device, quiet=self.quiet, desc=desc or self.name)
+    def measure(self, runner: ModelRunner, desc: str | None = None) -> float:
+        return perplexity(runner, self.windows, quiet=self.quiet, desc=desc or self.name)
 
 
 def paragraphs(rows: list[str], limit: int | None) -> list[str]:
@@ -115,59 +100,59 @@ def paragraphs(rows: list[str], limit: int | None) -> list[str]:
     return out
 
 
-@torch.no_grad()
-def sentence_embeddings(model: nn.Module, batches: list[dict[str, torch.Tensor]], device: torch.device, *,
-                        quiet: bool = False, desc: str = "embeddings") -> torch.Tensor:
+def sentence_embeddings(runner: ModelRunner, batches: list[dict[str, torch.Tensor]], *, quiet: bool = False,
+                        desc: str = "embeddings") -> torch.Tensor:
     """Mean-pooled last hidden states, one row per text, float32 on the CPU."""
-    model.to(device)
-    model.eval()
-    out = []
-    for batch in progress(batches, desc=desc, disable=quiet):
-        batch = {k: v.to(device) for k, v in batch.items()}
-        result = model(**batch, output_hidden_states=True)
+    out: list[torch.Tensor] = []
+
+    def pool(i: int, result: Any) -> None:
         hidden = getattr(result, "last_hidden_state", None)
         hidden = (hidden if hidden is not None else result.hidden_states[-1]).float()
-        mask = batch["attention_mask"].unsqueeze(-1).float()
+        mask = batches[i]["attention_mask"].to(hidden.device).unsqueeze(-1).float()
         out.append(((hidden * mask).sum(1) / mask.sum(1).clamp(min=1)).cpu())
+
+    runner.run([b | {"output_hidden_states": True} for b in batches], pool, desc=desc, quiet=quiet)
     return torch.cat(out)
 
 
 class EmbeddingCosine(Metric):
     name, higher_is_better, needs_dense = "embedding_cosine", True, True
 
-    def __init__(self, batches: list[dict[str, torch.Tensor]], device: torch.device, quiet: bool):
-        super().__init__(device, quiet)
+    def __init__(self, batches: list[dict[str, torch.Tensor]], quiet: bool):
+        super().__init__(quiet)
         self.batches = batches
         self.count = sum(len(b["input_ids"]) for b in batches)
         self.reference: torch.Tensor | None = None
 
-    def dense(self, model: nn.Module) -> float:
-        self.reference = sentence_embeddings(model, self.batches, self.device, quiet=self.quiet, desc="dense embeddings")
+    def dense(self, runner: ModelRunner) -> float:
+        self.reference = sentence_embeddings(runner, self.batches, quiet=self.quiet, desc="dense embeddings")
         return 1.0
 
-    def measure(self, model: nn.Module, desc: str | None = None) -> float:
+    def measure(self, runner: ModelRunner, desc: str | None = None) -> float:
         if self.reference is None:
             raise RuntimeError("embedding_cosine needs the dense model's embeddings first (call dense)")
-        emb = sentence_embeddings(model, self.batches, self.device, quiet=self.quiet, desc=desc or "embeddings")
+        emb = sentence_embeddings(runner, self.batches, quiet=self.quiet, desc=desc or "embeddings")
         return float(nn.functional.cosine_similarity(emb, self.reference, dim=-1).mean())
 
 
 class Accuracy(Metric):
     name, higher_is_better = "accuracy", True
 
-    def __init__(self, pixels: torch.Tensor, labels: torch.Tensor, device: torch.device, quiet: bool):
-        super().__init__(device, quiet)
+    def __init__(self, pixels: torch.Tensor, labels: torch.Tensor, quiet: bool):
+        super().__init__(quiet)
         self.pixels, self.labels, self.count = pixels, labels, len(labels)
 
-    @torch.no_grad()
-    def measure(self, model: nn.Module, desc: str | None = None) -> float:
-        model.to(self.device)
-        model.eval()
-        correct = 0
-        for start in progress(range(0, len(self.labels), IMAGE_BATCH), desc=desc or self.name, disable=self.quiet):
-            logits = model(self.pixels[start : start + IMAGE_BATCH].to(self.device)).logits
-            correct += int((logits.argmax(-1).cpu() == self.labels[start : start + IMAGE_BATCH]).sum())
-        return correct / len(self.labels)
+    def measure(self, runner: ModelRunner, desc: str | None = None) -> float:
+        starts = list(range(0, len(self.labels), IMAGE_BATCH))
+        hits = []
+
+        def score(i: int, result: Any) -> None:
+            labels = self.labels[starts[i] : starts[i] + IMAGE_BATCH]
+            hits.append((result.logits.argmax(-1).cpu() == labels).sum())
+
+        runner.run([{"pixel_values": self.pixels[s : s + IMAGE_BATCH]} for s in starts], score, desc=desc or self.name,
+                   quiet=self.quiet)
+        return int(sum(hits)) / len(self.labels)
 
 
 def _text_batches(tokenizer: Any, texts: list[str], seq_len: int) -> list[dict[str, torch.Tensor]]:
@@ -194,7 +179,7 @@ def pick_metric(spec: Any, model: nn.Module) -> str:
     return wanted
 
 
-def make_metric(spec: Any, model: nn.Module, tokenizer: Any, device: torch.device, *, quiet: bool = False) -> Metric:
+def make_metric(spec: Any, model: nn.Module, tokenizer: Any, *, quiet: bool = False) -> Metric:
     """The metric for `spec` (an `EvaluationData`) with its data loaded."""
     check_source_fits(model, spec.source, "data.evaluation.source")
     name = pick_metric(spec, model)
@@ -203,19 +188,19 @@ def make_metric(spec: Any, model: nn.Module, tokenizer: Any, device: torch.devic
         if images.labels is None:
             raise DataError(f"data.evaluation.source: {spec.source} has no `labels`, so accuracy cannot be measured")
         count = spec.max_windows or len(images.labels)
-        return Accuracy(fit_to_model(images.pixels[:count], model.config, tokenizer), images.labels[:count], device, quiet)
+        return Accuracy(fit_to_model(images.pixels[:count], model.config, tokenizer), images.labels[:count], quiet)
     check_seq_len(model, spec.seq_len, "data.evaluation.seq_len")
     if name == "embedding_cosine":
         texts = paragraphs(load_rows(spec.source, "evaluation", config=spec.config, split=spec.split, field=spec.field),
                            spec.max_windows)
         if not texts:
             raise DataError(f"data.evaluation.source: {spec.source} has no paragraph of {MIN_PARAGRAPH_WORDS}+ words")
-        return EmbeddingCosine(_text_batches(tokenizer, texts, spec.seq_len), device, quiet)
+        return EmbeddingCosine(_text_batches(tokenizer, texts, spec.seq_len), quiet)
     if is_token_windows_file(spec.source):
         ids = load_token_windows(spec.source, spec.seq_len, getattr(model.config, "vocab_size", None))
         windows = select_windows(ids, min(ids.shape[0], spec.max_windows or ids.shape[0]), source=spec.source)
         if not windows:
             raise DataError(f"{spec.source}: no windows")
-        return Perplexity(windows, device, quiet)
+        return Perplexity(windows, quiet)
     ids = tokenize(tokenizer, load_text(spec.source, "evaluation", config=spec.config, split=spec.split, field=spec.field))
-    return Perplexity(evaluation_windows(ids, spec.seq_len, spec.max_windows), device, quiet)
+    return Perplexity(evaluation_windows(ids, spec.seq_len, spec.max_windows), quiet)

@@ -13,8 +13,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -28,7 +28,6 @@ from .graph import (
     LinearLayer,
     bind_linears,
     block_signature,
-    find_blocks,
     matches,
     split_slice_name,
     structure_from_roles,
@@ -36,6 +35,7 @@ from .graph import (
 )
 from .memory import current_rss_mb, peak_rss_mb
 from .passmanager import Pass, PassResult, TargetedParams
+from .placement import Placement, Reader
 from .progress import progress
 
 if TYPE_CHECKING:
@@ -71,29 +71,26 @@ def _to(value: Any, device: torch.device) -> Any:
     return value
 
 
-def _move_outside_blocks(model: nn.Module, blocks: nn.ModuleList, device: torch.device) -> None:
-    """Move every parameter and buffer that is not inside `blocks` to `device`."""
-    inside = {id(m) for m in blocks.modules()}
-    for module in model.modules():
-        if id(module) in inside:
-            continue
-        for param in module._parameters.values():
-            if param is not None and param.device != device:
-                param.data = param.data.to(device)
-        for key, buf in module._buffers.items():
-            if buf is not None and buf.device != device:
-                module._buffers[key] = buf.to(device)
-
-
 def model_call_kwargs(model: nn.Module) -> dict[str, Any]:
     """Extra kwargs for a full-model forward: no KV cache for generative models."""
     return {"use_cache": False} if getattr(getattr(model, "config", None), "use_cache", None) is not None else {}
 
 
+Call = torch.Tensor | dict[str, Any]  # one model input: the first positional argument (token ids, pixels) or keyword arguments
+
+
+def invoke(model: nn.Module, call: Call, device: torch.device) -> Any:
+    """`model(call)` or `model(**call)`, the call's tensors moved to `device`, without a KV cache."""
+    extra = model_call_kwargs(model)
+    if isinstance(call, torch.Tensor):
+        return model(call.to(device), **extra)
+    return model(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in call.items()}, **extra)
+
+
 @torch.no_grad()
-def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, windows: list[torch.Tensor], device: torch.device) -> list[BlockInput]:
-    """Run the model up to the first block for each window and record that block's call."""
-    _move_outside_blocks(model, blocks, device)
+def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, calls: list[Call], device: torch.device) -> list[BlockInput]:
+    """Run the model up to the first block for each call and record that block's call. The parameters
+    outside the blocks must be on `device` (`Placement.outside_on`)."""
     captured: list[BlockInput] = []
 
     def hook(_module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
@@ -104,17 +101,16 @@ def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, windows: list[
         raise _StopForward
 
     handle = blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
-    extra = model_call_kwargs(model)
     try:
-        for ids in windows:
+        for call in calls:
             try:
-                model(ids.to(device), **extra)
+                invoke(model, call, device)
             except _StopForward:
                 pass
     finally:
         handle.remove()
-    if len(captured) != len(windows):
-        raise D2Error(f"captured {len(captured)} block inputs for {len(windows)} windows")
+    if len(captured) != len(calls):
+        raise D2Error(f"captured {len(captured)} block inputs for {len(calls)} calls")
     return captured
 
 
@@ -180,19 +176,29 @@ def select_layers(layers: list[LinearLayer], targets: list[str], ignore: list[st
     return [layer for layer in layers if matches(layer, targets) and not matches(layer, ignore)]
 
 
-def check_invariants(ctx: BlockContext, pass_: Pass) -> None:
-    """No recorded mask was revived, and every weight in the block is finite."""
+def settle(ctx: BlockContext, pass_: Pass, result: PassResult) -> None:
+    """After a pass, in one host sync: check that no recorded mask was revived and that every weight
+    of the block is finite, and turn the pass's tensor metrics into Python numbers (in place)."""
     by_name = {layer.name: layer for layer in ctx.layers}
+    checks = []
     for name, keep in ctx.masks.items():
         weight = by_name[name].weight_matrix()
-        revived = int(((weight != 0) & ~keep.to(weight.device)).sum())
-        if revived:
-            raise PassError(
-                f"pass '{pass_.name}' revived {revived} pruned weights of {name} (block {ctx.index})"
-            )
-    for layer in ctx.layers:
-        if not torch.isfinite(layer.module.weight).all():
+        checks.append(((weight != 0) & ~keep.to(weight.device)).sum())
+    checks += [(~torch.isfinite(layer.module.weight)).sum() for layer in ctx.layers]
+    slots = [(metrics, key) for metrics in result.layers.values() for key, value in metrics.items()
+             if isinstance(value, torch.Tensor)]
+    values = [*checks, *(metrics[key] for metrics, key in slots)]
+    numbers = torch.stack([v.detach().to(ctx.device, torch.float64) for v in values]).tolist() if values else []
+    revived, nonfinite = numbers[: len(ctx.masks)], numbers[len(ctx.masks) : len(checks)]
+    for name, count in zip(ctx.masks, revived):
+        if count:
+            raise PassError(f"pass '{pass_.name}' revived {int(count)} pruned weights of {name} (block {ctx.index})")
+    for layer, count in zip(ctx.layers, nonfinite):
+        if count:
             raise PassError(f"pass '{pass_.name}' left NaN or Inf in {layer.name} (block {ctx.index})")
+    for (metrics, key), number in zip(slots, numbers[len(checks) :]):
+        integral = not metrics[key].is_floating_point()
+        metrics[key] = int(number) if integral else number
 
 
 def _tensors(value: Any) -> Iterator[torch.Tensor]:
@@ -212,13 +218,17 @@ def _tensors(value: Any) -> Iterator[torch.Tensor]:
 
 
 def check_statistics(ctx: BlockContext) -> None:
-    """Every statistic the passes recorded in the dense forward is finite; stops naming the layer."""
-    for artifact, per_layer in ctx.artifacts.items():
-        for layer, value in per_layer.items():
-            for tensor in _tensors(value):
-                if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-                    raise PassError(f"{layer}: the '{artifact}' statistic has NaN or Inf (block {ctx.index}); "
-                                    "check the model's weights and the calibration data")
+    """Every statistic the passes recorded in the dense forward is finite (one host sync); stops
+    naming the layer."""
+    found = [(artifact, layer, tensor) for artifact, per_layer in ctx.artifacts.items() for layer, value in per_layer.items()
+             for tensor in _tensors(value) if tensor.is_floating_point()]
+    if not found:
+        return
+    finite = torch.stack([torch.isfinite(t).all().to(ctx.device) for _a, _l, t in found]).tolist()
+    for (artifact, layer, _tensor), ok in zip(found, finite):
+        if not ok:
+            raise PassError(f"{layer}: the '{artifact}' statistic has NaN or Inf (block {ctx.index}); "
+                            "check the model's weights and the calibration data")
 
 
 @dataclass
@@ -297,26 +307,14 @@ class BlockExecutor:
         self.role_overrides = role_overrides or {}
         self.quiet = quiet
         self.streamed = streamed
-        self.blocks_path, self.blocks = find_blocks(model)
+        self.placement = Placement(model, device, streamed)
+        self.blocks_path, self.blocks = self.placement.blocks_path, self.placement.blocks
         self._structures: dict[tuple, BlockStructure] = {}
 
-    @contextmanager
-    def on_device(self, index: int, read: Callable[[str], torch.Tensor] | None = None) -> Iterator[nn.Module]:
-        """The one place that decides where a block lives. Inside: block `index` on the compute device
-        (read from the weight files first when streaming; `read` overrides where from). After: back on
-        the CPU, or released to the meta device when streaming. Captured inputs, statistics and
-        Hessians are made on the compute device by the passes; everything else stays on the CPU."""
-        block = self.blocks[index]
-        if self.streamed is not None:
-            self.streamed.load_block(index, read)
-        block.to(self.device)
-        try:
-            yield block
-        finally:
-            if self.streamed is not None:
-                self.streamed.release_block(index)
-            else:
-                block.to("cpu")
+    def on_device(self, index: int, read: Reader | None = None) -> AbstractContextManager[nn.Module]:
+        """Block `index` on the compute device for the duration (see `placement.Placement`, the one
+        place that decides where tensors live)."""
+        return self.placement.block(index, read)
 
     def structure(self, index: int, sample: BlockInput | None) -> BlockStructure:
         """The traced structure of block `index` (traced once per distinct block signature, with the
@@ -356,9 +354,8 @@ class BlockExecutor:
         """Prune block by block. With `checkpoints`, every finished block is saved, and the blocks a
         previous (killed) run of the same job finished are restored instead of recomputed."""
         needed = {a for p in self.schedule for a in p.requires | p.optional}
-        if self.streamed is not None:
-            self.streamed.ensure_outside()
-        inputs = capture_block_inputs(self.model, self.blocks, windows, self.device)
+        with self.placement.outside_on():
+            inputs = capture_block_inputs(self.model, self.blocks, windows, self.device)
         if self.streamed is not None:
             self.streamed.release_outside()  # only the blocks are needed from here on
         all_layers = []
@@ -407,7 +404,7 @@ class BlockExecutor:
         roles = {layer.name: layer.role for layer in all_layers}
         return ExecutionReport(self.blocks_path, len(self.blocks), reports, roles)
 
-    def _propagate(self, index: int, inputs: list[BlockInput], read: Callable[[str], torch.Tensor] | None = None) -> list[BlockInput]:
+    def _propagate(self, index: int, inputs: list[BlockInput], read: Reader | None = None) -> list[BlockInput]:
         """Block `index`'s outputs as the next block's inputs."""
         with self.on_device(index, read) as block:
             outputs = forward_block(block, inputs)
@@ -431,7 +428,9 @@ class BlockExecutor:
         layers = self.layers_of(index, structure)
         names = {layer.name for layer in layers}
         targeted = set().union(*(t & names for t in targets.values())) if targets else set()
-        nonfinite = [pname for pname, param in block.named_parameters() if not torch.isfinite(param).all()]
+        named = list(block.named_parameters())
+        finite = torch.stack([torch.isfinite(param).all() for _n, param in named]).tolist() if named else []
+        nonfinite = [pname for (pname, _param), ok in zip(named, finite) if not ok]
         if nonfinite:  # one host sync per block, not one per parameter
             raise PassError(f"{self.blocks_path}.{index}.{nonfinite[0]}: the model's weights hold NaN or Inf before pruning")
         ctx = BlockContext(index, f"{self.blocks_path}.{index}", block, layers, structure, self.device,
@@ -452,7 +451,7 @@ class BlockExecutor:
             t0 = time.perf_counter()
             if targeted:
                 result = p.apply(ctx)
-                check_invariants(ctx, p)
+                settle(ctx, p, result)
                 results.append((p.name, result))
                 modified |= result.modified
             times[p.name] = times.get(p.name, 0.0) + time.perf_counter() - t0

@@ -162,17 +162,22 @@ class LinearLayer:
         target.copy_(value.to(dtype=target.dtype, device=target.device))
 
 
+def _computes_linear(module: nn.Module) -> bool:
+    """A linear, or a module that stands in for one (`replaces_linear`, e.g. a packed 2:4 linear)."""
+    return is_linear_module(module) or getattr(type(module), "replaces_linear", False)
+
+
 def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     """The repeated blocks: the ModuleList of same-class modules holding linears with the most
-    parameters (decoder layers, encoder layers, ViT layers)."""
+    parameters and buffers (decoder layers, encoder layers, ViT layers; also after packing)."""
     best: tuple[int, str, nn.ModuleList] | None = None
     for name, module in model.named_modules():
         if not isinstance(module, nn.ModuleList) or len(module) == 0:
             continue
         classes = {type(child) for child in module}
-        if len(classes) != 1 or not any(is_linear_module(m) for m in module[0].modules()):
+        if len(classes) != 1 or not any(_computes_linear(m) for m in module[0].modules()):
             continue
-        count = sum(p.numel() for p in module.parameters())
+        count = sum(t.numel() for t in (*module.parameters(), *module.buffers()))
         if best is None or count > best[0]:
             best = (count, name, module)
     if best is None:

@@ -4,6 +4,7 @@ through `gguf_file`, bare safetensors with a config beside them, and the embedde
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import logging
 import os
@@ -95,28 +96,54 @@ def _strip_gguf_quantizer(model: nn.Module) -> None:
 
 
 def builtin_smollm2_folder() -> Path:
-    """Convert the shipped GGUF to a safetensors folder once (about 20-40 s), then reuse it."""
-    target = cache_dir() / "smollm2-135m-instruct"
-    if (target / "model.safetensors").is_file() and (target / "config.json").is_file():
+    """The shipped GGUF as a safetensors folder (converted once, about 20-40 s, then reused)."""
+    return gguf_folder(smollm2_gguf_path())
+
+
+def gguf_folder(gguf: Path) -> Path:
+    """A GGUF file converted once into a safetensors folder in the cache (dequantized weights in the
+    dtype transformers gives them, tokenizer, config), keyed by the file's path, size and mtime, so an
+    edited file is converted again. The conversion loads the whole model: transformers cannot read a
+    GGUF tensor by tensor."""
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    target = cache_dir() / "converted" / f"{gguf.stem}-{key}"
+    if (target / "config.json").is_file():
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    gguf = smollm2_gguf_path()
     log.info("converting %s to safetensors in %s (once)", gguf.name, target)
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ModelLoadError(f"{gguf}: cannot read this GGUF file: {exc}") from None
     _strip_gguf_quantizer(model)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=target.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, max_shard_size="1GB")
         tokenizer.save_pretrained(tmp)
-        if target.exists():
-            shutil.rmtree(target)
+        if target.exists():  # a concurrent conversion finished first
+            return target
         tmp.rename(target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+HUB_STREAMING_FILES = ["*.safetensors", "*.safetensors.index.json", "*.json", "*.txt", "*.model", "*.tiktoken"]
+
+
+def hub_folder(repo_id: str, revision: str | None) -> Path:
+    """A hub model's safetensors, config and tokenizer files in the local hub cache (downloaded once by
+    huggingface_hub, never a pickle): a folder streaming reads in place."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=HUB_STREAMING_FILES))
+    except Exception as exc:  # huggingface_hub raises many kinds: offline, not found, gated, ...
+        raise ModelLoadError(f"{repo_id}: cannot fetch the model from the hub: {type(exc).__name__}: {exc}") from None
 
 
 def _model_class(config: Any, source: str) -> Any:
@@ -257,18 +284,24 @@ def resolve_source(source: str) -> tuple[str, str | None, list[Path]]:
     return folder, gguf_file, files
 
 
-def load_streamed(source: str, dtype: str = "float32", device: str = "auto",
-                  attn_implementation: str | None = None) -> tuple[LoadedModel, StreamedModel]:
+def load_streamed(source: str, dtype: str = "float32", device: str = "auto", attn_implementation: str | None = None,
+                  revision: str | None = None) -> tuple[LoadedModel, StreamedModel]:
     """Load a model for streaming (see `streaming`): parameters on the meta device except those
-    outside the blocks, which are read once; blocks are read when their turn comes."""
+    outside the blocks, which are read once; blocks are read when their turn comes. A GGUF file is
+    converted once into a cached safetensors folder (`gguf_folder`); a hub id is read from the hub
+    cache's safetensors (`hub_folder`)."""
     from transformers import AutoConfig
 
     from .streaming import StreamedModel, WeightSource, empty_model
 
     folder, gguf_file, files = resolve_source(source)
-    if gguf_file or not Path(folder).is_dir():
-        raise ModelLoadError(f"{source}: streaming reads a local safetensors folder; convert a GGUF or hub model once "
-                             "(load it without streaming and save it with save_pretrained), then stream that folder")
+    if gguf_file:
+        folder = str(gguf_folder(Path(folder) / gguf_file))
+    elif not Path(folder).is_dir():
+        folder = str(hub_folder(folder, revision))
+    if gguf_file or not files:
+        files = weight_files(Path(folder))
+        check_weight_files(Path(folder), source)
     if is_packed_folder(Path(folder)):
         raise ModelLoadError(f"{source}: a d2c-packed folder cannot be streamed")
     torch_dtype = resolve_dtype(dtype, resolve_device(device))

@@ -64,6 +64,8 @@ def unpack_2_4(values: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
 class Packed24Linear(nn.Module):
     """A linear layer stored as packed 2:4 (see the module docstring)."""
 
+    replaces_linear = True  # `graph.find_blocks` still finds the blocks that hold it
+
     def __init__(self, in_features: int, out_features: int, values: torch.Tensor, meta: torch.Tensor,
                  bias: torch.Tensor | None, transposed: bool = False):
         super().__init__()

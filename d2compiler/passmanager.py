@@ -74,7 +74,9 @@ class TargetedParams(PassParams):
 @dataclass
 class PassResult:
     """What a pass did to one block: `modified` says whether any weight changed; `layers` maps a
-    full module name to its metrics (sparsity, reconstruction error, time, ...)."""
+    full module name to its metrics (sparsity, reconstruction error, time, ...). A metric may be a
+    0-dim tensor on the compute device: the executor turns all of a pass's tensor metrics into Python
+    numbers at once, in the one host sync it makes per pass (integer tensors become ints)."""
 
     modified: bool
     layers: dict[str, dict[str, Any]] = field(default_factory=dict)

@@ -15,7 +15,7 @@ from pydantic import BaseModel
 
 from .checkpoint import CheckpointStore, file_sha256, fingerprint, work_dir_for
 from .errors import D2Error, PassError
-from .evaluate import make_metric, streamed_perplexity
+from .evaluate import make_metric
 from .executor import BlockExecutor, ExecutionReport
 from .export.hf import write_output
 from .export.metadata import overall_sparsity, package_versions, sparsity_record, weights_sha256
@@ -26,6 +26,7 @@ from .memory import peak_rss_mb
 from .models import LoadedModel, load_model, load_streamed, resolve_device
 from .packing import QUANT_BUFFERS
 from .passmanager import PassManager
+from .runner import ModelRunner
 from .streaming import StreamedModel
 
 log = logging.getLogger(__name__)
@@ -155,7 +156,7 @@ def _compress(recipe: BaseModel, loaded: LoadedModel | None, quiet: bool, out_pa
     if loaded is None:
         log.info("loading %s%s", m.source, " (streaming)" if m.streaming else "")
         if m.streaming:
-            loaded, streamed = load_streamed(m.source, m.dtype, m.device, m.attn_implementation)
+            loaded, streamed = load_streamed(m.source, m.dtype, m.device, m.attn_implementation, m.revision)
         else:
             loaded = load_model(m.source, m.dtype, m.device, m.revision, m.attn_implementation)
     model, tokenizer = loaded.model, loaded.tokenizer
@@ -167,17 +168,10 @@ def _compress(recipe: BaseModel, loaded: LoadedModel | None, quiet: bool, out_pa
         check_free_space(out_path, output_bytes_needed(model, windows, int(hidden)))
 
     ev = recipe.data.evaluation
-    metric = None if ev is None else make_metric(ev, model, tokenizer, device, quiet=quiet)
-    if streamed is not None and metric is not None and metric.name != "perplexity":
-        raise D2Error(f"data.evaluation: model.streaming evaluates perplexity only, and this model's metric is {metric.name}; "
-                      "drop the evaluation or run without streaming")
+    metric = None if ev is None else make_metric(ev, model, tokenizer, quiet=quiet)
     dense_value = None
     if metric is not None and (ev.compare_dense or metric.needs_dense):
-        if streamed is not None:
-            dense_value = streamed_perplexity(streamed, metric.windows, device, [streamed.source.read] * len(streamed.blocks))
-        else:
-            dense_value = metric.dense(model)
-            model.to("cpu")
+        dense_value = metric.dense(ModelRunner(model, device, streamed=streamed))
 
     prune_start = time.perf_counter()
     executor = BlockExecutor(model, manager.schedule, device=device, role_overrides=recipe.model.roles, quiet=quiet,
@@ -197,12 +191,9 @@ def _compress(recipe: BaseModel, loaded: LoadedModel | None, quiet: bool, out_pa
         raise
     prune_s = time.perf_counter() - prune_start
 
-    if streamed is not None:
-        block_readers = [checkpoints.reader(i) for i in range(len(streamed.blocks))]
-        pruned_value = None if metric is None else streamed_perplexity(streamed, metric.windows, device, block_readers)
-    else:
-        pruned_value = None if metric is None else metric.measure(model, desc=f"pruned {metric.name}")
-        model.to("cpu")
+    block_readers = None if streamed is None else [checkpoints.reader(i) for i in range(len(streamed.blocks))]
+    runner = ModelRunner(model, device, streamed=streamed, readers=block_readers)
+    pruned_value = None if metric is None else metric.measure(runner, desc=f"pruned {metric.name}")
 
     layers = execution.layer_metrics()
     patterns = sorted({p.params.mask_structure for p in manager.schedule if hasattr(p.params, "mask_structure")})

@@ -112,7 +112,7 @@ def make_plan(recipe: BaseModel) -> Plan:
     m = recipe.model
     streamed = None
     if m.streaming:
-        loaded, streamed = load_streamed(m.source, m.dtype, "cpu", m.attn_implementation)
+        loaded, streamed = load_streamed(m.source, m.dtype, "cpu", m.attn_implementation, m.revision)
     else:
         loaded = load_model(m.source, m.dtype, "cpu", m.revision, m.attn_implementation)
     model = loaded.model

@@ -14,3 +14,8 @@ def progress(items: Iterable[T], *, desc: str, disable: bool = False, total: int
              initial: int = 0) -> Iterable[T]:
     """Wrap an iterable in a progress bar unless `disable`."""
     return tqdm(items, desc=desc, disable=disable, total=total, initial=initial, leave=False, dynamic_ncols=True)
+
+
+def counter(total: int, *, desc: str, disable: bool = False) -> tqdm:
+    """A progress bar advanced by hand (`.update(1)`); close it when done."""
+    return tqdm(total=total, desc=desc, disable=disable, leave=False, dynamic_ncols=True)

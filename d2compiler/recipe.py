@@ -55,9 +55,10 @@ class ModelSpec(_Strict):
     streaming: bool = Field(
         default=False, description="Never hold the whole model in memory: build it without weights, read each "
         "block from the memory-mapped safetensors files when its turn comes, write the pruned blocks as output "
-        "shards (sharded safetensors + index) and release them. Needs a local safetensors folder (or a builtin), "
-        "an `output.path`, format `hf`, perplexity evaluation (if any), and passes that keep each layer's storage "
-        "(not quantization or `pack_2_4`). Peak memory then follows one block, not the model.",
+        "shards (sharded safetensors + index) and release them; evaluation streams the blocks the same way. A "
+        "safetensors folder is read in place; a GGUF file or hub id is first converted once into a safetensors "
+        "folder in the cache (`~/.cache/d2compiler/streaming`). Needs an `output.path`, format `hf`, and passes "
+        "that keep each layer's storage (not quantization or `pack_2_4`). Peak memory then follows one block.",
     )
     revision: str | None = Field(default=None, description="Hub revision (branch, tag or commit).")
     attn_implementation: Literal["sdpa", "eager"] | None = Field(
@@ -350,9 +351,6 @@ def _check_streaming(recipe: BaseModel, source: str) -> None:
         problems.append(("output.path", "model.streaming writes the pruned blocks as output shards: set an output path"))
     if recipe.output.format != "hf":
         problems.append(("output.format", "model.streaming writes the `hf` format only"))
-    ev = recipe.data.evaluation
-    if ev is not None and ev.metric not in ("auto", "perplexity"):
-        problems.append(("data.evaluation.metric", "model.streaming evaluates perplexity only"))
     for p in PassManager(list(recipe.passes)).schedule:
         if p.quantizes or p.final:
             index = next(j for j, q in enumerate(recipe.passes) if q is p.params)

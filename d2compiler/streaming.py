@@ -7,8 +7,8 @@ memory-mapped safetensors files; each block's parameters are read when its turn 
 blocks go to shard files and the output folder is assembled from them (`export.sharded`).
 
 A block's tensors come from `WeightSource` (the source folder: dense) or `file_reader` (a run's block
-file: pruned). `streamed_logits` runs a whole causal LM over token windows block by block, for
-streaming evaluation.
+file: pruned); `placement.Placement` loads and releases them, for pruning and for evaluation
+(`runner.ModelRunner`) alike.
 """
 
 from __future__ import annotations
@@ -245,49 +245,3 @@ def _read(path: Path, key: str) -> torch.Tensor:
 def file_reader(path: Path) -> Callable[[str], torch.Tensor]:
     """Read tensors by full name from one safetensors file (a block file of the run)."""
     return lambda key: _read(path, key)
-
-
-class _Replay(nn.Module):
-    """Stands in for a block during the head pass: returns the stored output of the current window."""
-
-    def __init__(self, outputs: list[torch.Tensor] | None, as_tuple: bool):
-        super().__init__()
-        self.outputs, self.as_tuple, self.window = outputs, as_tuple, 0
-
-    def forward(self, hidden: torch.Tensor, *_args: Any, **_kwargs: Any) -> Any:
-        out = hidden if self.outputs is None else self.outputs[self.window]
-        return (out,) if self.as_tuple else out
-
-
-@torch.no_grad()
-def streamed_logits(streamed: StreamedModel, windows: list[torch.Tensor], device: torch.device,
-                    readers: list[Callable[[str], torch.Tensor]], each: Callable[[torch.Tensor, torch.Tensor], None]) -> None:
-    """Run the causal LM over `windows` block by block (block i's tensors from `readers[i]`, only one
-    block in memory), then call `each(ids, logits)` for every window."""
-    from .executor import BlockInput, capture_block_inputs, model_call_kwargs
-
-    model, blocks = streamed.model, streamed.blocks
-    streamed.ensure_outside()
-    inputs: list[BlockInput] = capture_block_inputs(model, blocks, windows, device)
-    as_tuple = False
-    for index in range(len(blocks)):
-        with streamed.block(index, readers[index]) as block:
-            block.to(device)
-            outputs = []
-            for inp in inputs:
-                out = block(*inp.args, **inp.kwargs)
-                as_tuple = isinstance(out, (tuple, list))
-                outputs.append(out[0] if as_tuple else out)
-        inputs = [inp.with_hidden(h) for inp, h in zip(inputs, outputs)]
-    final = [inp.args[0] for inp in inputs]
-    originals = list(blocks)
-    replays = [_Replay(None, as_tuple) for _ in originals[:-1]] + [_Replay(final, as_tuple)]
-    try:
-        for i, replay in enumerate(replays):
-            blocks[i] = replay
-        for window, ids in enumerate(windows):
-            replays[-1].window = window
-            each(ids, model(ids.to(device), **model_call_kwargs(model)).logits)
-    finally:
-        for i, original in enumerate(originals):
-            blocks[i] = original

@@ -24,8 +24,7 @@ import torch
 from torch import nn
 
 from .errors import DataError
-from .executor import model_call_kwargs
-from .progress import progress
+from .runner import ModelRunner
 
 DEFAULT_FILES = {"piqa": "zeroshot/piqa/valid.jsonl", "arc_easy": "zeroshot/arc/ARC-Easy-test.jsonl"}
 
@@ -103,35 +102,44 @@ def _encode_pair(tokenizer: Any, context: str, continuation: str) -> tuple[list[
     return ctx, whole[len(ctx):]
 
 
-@torch.no_grad()
-def loglikelihoods(model: nn.Module, pairs: list[tuple[list[int], list[int]]], device: torch.device) -> list[float]:
-    """Sum of log P(continuation | context) for each (context, continuation) token pair, in one
-    right-padded batch (causal attention never looks at the padding after a sequence)."""
+def choice_batch(pairs: list[tuple[list[int], list[int]]]) -> torch.Tensor:
+    """The (context + continuation) token pairs of one item as one right-padded batch of inputs
+    (causal attention never looks at the padding after a sequence), the last token left out."""
     seqs = [ctx + cont for ctx, cont in pairs]
-    width = max(len(s) for s in seqs) - 1
-    ids = torch.zeros(len(seqs), width, dtype=torch.long)
+    ids = torch.zeros(len(seqs), max(len(s) for s in seqs) - 1, dtype=torch.long)
     for row, seq in enumerate(seqs):
         ids[row, : len(seq) - 1] = torch.tensor(seq[:-1])
-    logprobs = torch.log_softmax(model(ids.to(device), **model_call_kwargs(model)).logits.float(), dim=-1)
-    out = []
+    return ids
+
+
+def loglikelihoods(logits: torch.Tensor, pairs: list[tuple[list[int], list[int]]]) -> list[float]:
+    """Sum of log P(continuation | context) for each (context, continuation) token pair, from the
+    logits of `choice_batch(pairs)` (one host sync)."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    sums = []
     for row, (ctx, cont) in enumerate(pairs):
         positions = torch.arange(len(ctx) - 1, len(ctx) - 1 + len(cont), device=logprobs.device)
-        out.append(float(logprobs[row, positions, torch.tensor(cont, device=logprobs.device)].sum()))
-    return out
+        sums.append(logprobs[row, positions, torch.tensor(cont, device=logprobs.device)].sum())
+    return torch.stack(sums).tolist()
 
 
-def evaluate_task(model: nn.Module, tokenizer: Any, items: list[Item], device: torch.device, *,
-                  quiet: bool = False, desc: str = "zero-shot") -> dict[str, float]:
-    """acc and acc_norm (lm-eval conventions) over `items`, with their standard errors."""
+def evaluate_task(runner: ModelRunner, tokenizer: Any, items: list[Item], *, quiet: bool = False,
+                  desc: str = "zero-shot") -> dict[str, float]:
+    """acc and acc_norm (lm-eval conventions) over `items`, with their standard errors. The model runs
+    with one block on the device at a time (`runner`)."""
     if tokenizer is None:
         raise DataError("zero-shot evaluation needs the model's tokenizer")
-    model.to(device).eval()
+    pairs = [[_encode_pair(tokenizer, item.context, " " + c) for c in item.choices] for item in items]
     hits = norm_hits = 0
-    for item in progress(items, desc=desc, disable=quiet):
-        scores = loglikelihoods(model, [_encode_pair(tokenizer, item.context, " " + c) for c in item.choices], device)
+
+    def score(i: int, out: Any) -> None:
+        nonlocal hits, norm_hits
+        item, scores = items[i], loglikelihoods(out.logits, pairs[i])
         hits += int(max(range(len(scores)), key=scores.__getitem__) == item.gold)
         normed = [s / max(len(c), 1) for s, c in zip(scores, item.choices)]
         norm_hits += int(max(range(len(normed)), key=normed.__getitem__) == item.gold)
+
+    runner.run([{"input_ids": choice_batch(p)} for p in pairs], score, desc=desc, quiet=quiet)
     n = len(items)
     acc, acc_norm = hits / n, norm_hits / n
     return {"acc": acc, "acc_stderr": math.sqrt(acc * (1 - acc) / max(n - 1, 1)),

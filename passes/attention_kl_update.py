@@ -21,6 +21,7 @@ from d2compiler.attention import AttentionCall, AttentionRecorder, attention_kl
 from d2compiler.errors import PassError
 from d2compiler.passmanager import Pass, PassParams, PassResult, register_pass
 
+from .gram import add_gram, finish_gram
 from .pruning import relative_error
 
 QKV = ("q", "k", "v")
@@ -115,10 +116,8 @@ class AttentionKLUpdatePass(Pass):
         acc["seen"] += 1
         if acc["seen"] - 1 < first_held:
             return
-        x = x.reshape(-1, x.shape[-1]).float()
-        acc["tokens"] += x.shape[0]
-        outer = x.t() @ x
-        acc["h"] = outer if acc["h"] is None else acc["h"] + outer
+        acc["tokens"] += x.reshape(-1, x.shape[-1]).shape[0]
+        acc["h"] = add_gram(acc["h"], x)
 
     def end_observe(self, ctx: Any) -> None:
         for handle in self._handles:
@@ -131,7 +130,7 @@ class AttentionKLUpdatePass(Pass):
         for acc in self._held.values():
             if acc["h"] is not None:
                 for name in acc["names"]:
-                    ctx.publish("holdout_hessian", name, (acc["h"] / acc["tokens"], acc["tokens"]))
+                    ctx.publish("holdout_hessian", name, (finish_gram(acc["h"], acc["tokens"]), acc["tokens"]))
         self._held = {}
 
     def _projections(self, ctx: Any, consumer: Pass | None) -> dict[str, Any]:
@@ -195,21 +194,31 @@ class AttentionKLUpdatePass(Pass):
         m = self._holdout_size(ctx)
         holdout = p.selection == "holdout" and m > 0
         variant, scoring = self._fitted_variants(ctx, consumer, proj, holdout)
-        recon: dict[tuple[str, bool], float] = {}
+        recon: dict[tuple[str, bool], torch.Tensor] = {}
         for role, layer in proj.items():
             dense = layer.weight_matrix().to(ctx.device, torch.float32)
             for update in (True, False):
-                recon[(role, update)] = relative_error(dense, variant(role, update), scoring[role]) or 0.0
+                error = relative_error(dense, variant(role, update), scoring[role])
+                recon[(role, update)] = torch.zeros((), device=ctx.device) if error is None else error
         dense_calls: list[AttentionCall] = ctx.artifact("dense_attention", ctx.name) or []
         first = len(ctx.inputs) - m if holdout else 0
         samples = list(zip(ctx.inputs[first:first + m], dense_calls))
         candidates = self._candidates(list(proj))
         keys = sorted({_qk_updates(cand) for cand in candidates}, reverse=True)
         kls = self._attention_kls(ctx, proj, variant, keys, samples) if samples and p.rho > 0 else {}
+        # one host sync for every number the choice needs; sums in Python floats
+        recon_keys, kl_keys = list(recon), list(kls)
+        flat = [recon[k] for k in recon_keys] + [t.to(ctx.device) for k in kl_keys for t in kls[k]]
+        numbers = torch.stack(flat).tolist()
+        recon_of = dict(zip(recon_keys, numbers))
+        kl_of, at = {}, len(recon_keys)
+        for key in kl_keys:
+            kl_of[key] = sum(numbers[at : at + len(kls[key])]) / len(kls[key])
+            at += len(kls[key])
         table = {}
         for cand in candidates:
-            r = sum(recon[(role, role not in cand)] for role in proj)
-            kl = kls.get(_qk_updates(cand), 0.0)
+            r = sum(recon_of[(role, role not in cand)] for role in proj)
+            kl = kl_of.get(_qk_updates(cand), 0.0)
             table[_label(cand)] = {"recon": r, "kl": kl, "objective": r + p.rho * kl}
         best = min(table, key=lambda c: table[c]["objective"])
         info = {"candidates": table, "kl_samples": len(samples), "selection": "holdout" if holdout else "calibration"}
@@ -217,14 +226,14 @@ class AttentionKLUpdatePass(Pass):
 
     @torch.no_grad()
     def _attention_kls(self, ctx: Any, proj: dict[str, Any], variant: Any, keys: list[tuple[bool, bool]],
-                       samples: list[tuple[Any, AttentionCall]]) -> dict[tuple[bool, bool], float]:
-        """Mean attention KL over `samples` for each (q updated, k updated) key. With fused attention
+                       samples: list[tuple[Any, AttentionCall]]) -> dict[tuple[bool, bool], list[torch.Tensor]]:
+        """The attention KL of each of `samples` (0-dim tensors) for each (q updated, k updated) key. With fused attention
         the query and key of a candidate come from separate projections, so two prefix runs (all
         updated, none updated) serve every candidate; eager attention runs one prefix per key."""
         fused = ctx.structure.attention[0].kind == "sdpa"
         runs = {(q, q) for q, _ in keys} | {(k, k) for _, k in keys} if fused else set(keys)
         captured = {run: self._prefix_calls(ctx, proj, variant, run, samples) for run in runs}
-        totals = dict.fromkeys(keys, 0.0)
+        per_sample: dict[tuple[bool, bool], list[torch.Tensor]] = {key: [] for key in keys}
         for i, (_inp, dense) in enumerate(samples):
             dense_lp = dense.log_probs()
             for q_upd, k_upd in keys:
@@ -232,8 +241,8 @@ class AttentionKLUpdatePass(Pass):
                     call = captured[(q_upd, q_upd)][i].with_key_of(captured[(k_upd, k_upd)][i])
                 else:
                     call = captured[(q_upd, k_upd)][i]
-                totals[(q_upd, k_upd)] += attention_kl(dense_lp, call)
-        return {key: total / len(samples) for key, total in totals.items()}
+                per_sample[(q_upd, k_upd)].append(attention_kl(dense_lp, call))
+        return per_sample
 
     def _prefix_calls(self, ctx: Any, proj: dict[str, Any], variant: Any, updates: tuple[bool, bool],
                       samples: list[tuple[Any, AttentionCall]]) -> list[AttentionCall]:

@@ -1,5 +1,5 @@
 """Calibration statistics, streamed over the samples while the dense block runs once:
-the fp32 Hessian H = XXᵀ/n (mean over calibration tokens) and the input-channel RMS norms
+the fp32 Hessian H = XXᵀ/n (its upper triangle accumulated, see `gram`) (mean over calibration tokens) and the input-channel RMS norms
 ‖x_j‖ = sqrt(H_jj). Linears that read the same tensor (q/k/v, gate/up) share one accumulator.
 Only what later passes require is computed."""
 
@@ -11,6 +11,8 @@ import torch
 from pydantic import Field
 
 from d2compiler.passmanager import Pass, PassParams, PassResult, register_pass
+
+from .gram import add_gram, finish_gram
 
 
 class CalibrateParams(PassParams):
@@ -35,15 +37,14 @@ class _Accumulator:
         x = x.reshape(-1, x.shape[-1]).to(torch.float32)
         self.tokens += x.shape[0]
         if self.want_hessian:
-            outer = x.t() @ x
-            self.hessian = outer if self.hessian is None else self.hessian.add_(outer)
+            self.hessian = add_gram(self.hessian, x)
         else:
             sq = x.pow(2).sum(0)
             self.sq = sq if self.sq is None else self.sq.add_(sq)
 
     def finish(self) -> tuple[torch.Tensor | None, torch.Tensor]:
         if self.hessian is not None:
-            h = self.hessian / self.tokens
+            h = finish_gram(self.hessian, self.tokens)
             return h, torch.sqrt(torch.diag(h))
         assert self.sq is not None
         return None, torch.sqrt(self.sq / self.tokens)

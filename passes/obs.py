@@ -32,26 +32,25 @@ def inverse_hessian_factor(hessian: torch.Tensor, weight: torch.Tensor, damping:
     the damping is multiplied by 10 (up to 5 times) with a warning naming the layer."""
     h = hessian.clone()
     dead = torch.diag(h) == 0
-    h[dead, dead] = 1.0
-    weight[:, dead] = 0.0
+    h.diagonal().masked_fill_(dead, 1.0)  # masked fills: boolean indexing would sync with the host on CUDA
+    weight.masked_fill_(dead.unsqueeze(0), 0.0)
     diagonal = h.diagonal().clone()
-    mean_diag = torch.mean(diagonal).item()
+    mean_diag = diagonal.mean()  # stays on the device: one host sync per attempt, below
     current = damping
     for attempt in range(6):  # at most two n x n matrices alive at a time (no identity, no sums)
         h.diagonal().copy_(diagonal + current * mean_diag)
-        chol, info = torch.linalg.cholesky_ex(h)
-        if info.item() == 0:
-            del h
-            inv = torch.cholesky_inverse(chol)
-            del chol
-            upper, info = torch.linalg.cholesky_ex(inv, upper=True)
-            del inv
-            if info.item() == 0:
-                if attempt:
-                    log.warning("%s: Hessian not positive definite; damping raised to %g", layer, current)
-                return upper, current
-            h = hessian.clone()
-            h[dead, dead] = 1.0
+        chol, failed = torch.linalg.cholesky_ex(h)
+        del h
+        inv = torch.cholesky_inverse(chol)  # garbage when the factorisation failed; then unused
+        del chol
+        upper, failed_inverse = torch.linalg.cholesky_ex(inv, upper=True)
+        del inv
+        if not bool(failed | failed_inverse):  # the one host sync: the retry needs the answer
+            if attempt:
+                log.warning("%s: Hessian not positive definite; damping raised to %g", layer, current)
+            return upper, current
+        h = hessian.clone()
+        h.diagonal().masked_fill_(dead, 1.0)
         current *= 10.0
     raise PassError(f"{layer}: Hessian is not positive definite even with damping {current / 10:g}")
 
@@ -131,5 +130,5 @@ def obs_prune(
         return torch.where(prune[:, i1 + j], torch.zeros_like(col), col)
 
     obs_sweep(w, upper, block_size, project)
-    w[prune] = 0.0
+    w.masked_fill_(prune, 0.0)  # not w[prune] = 0, which syncs with the host on CUDA
     return ObsResult(weight=w, keep=~prune, damping=used_damping)

@@ -74,14 +74,16 @@ class SparsityParams(TargetedParams):
         return nm[0] / nm[1] if nm else float(self.sparsity or 0.0)
 
 
-def relative_error(before: torch.Tensor, after: torch.Tensor, hessian: torch.Tensor | None) -> float | None:
-    """‖(W − W′)X‖² / ‖WX‖² over the calibration tokens, from H = XXᵀ/n (None without H)."""
+def relative_error(before: torch.Tensor, after: torch.Tensor, hessian: torch.Tensor | None) -> torch.Tensor | None:
+    """‖(W − W′)X‖² / ‖WX‖² over the calibration tokens, from H = XXᵀ/n (None without H), as a 0-dim
+    tensor on the weights' device (no host sync; the executor reads a pass's metrics at once)."""
     if hessian is None:
         return None
+    hessian = hessian.to(before.device)
     delta = before - after
     num = torch.sum((delta @ hessian) * delta)
     den = torch.sum((before @ hessian) * before)
-    return float(num / den) if den > 0 else 0.0
+    return torch.where(den > 0, num / den, torch.zeros_like(num))
 
 
 class PruningPass(Pass):
@@ -111,8 +113,8 @@ class PruningPass(Pass):
             result.layers[layer.name] = {
                 "role": layer.role,
                 "shape": list(layer.shape),
-                "sparsity": float((stored == 0).sum()) / stored.numel(),
-                "pruned": int((~keep).sum()),
+                "sparsity": (stored == 0).sum() / stored.numel(),
+                "pruned": (~keep).sum(),
                 "pattern": params.mask_structure,
                 "recon_error": relative_error(weight, new_weight, ctx.artifact("hessian", layer.name)),
                 "time_s": round(time.perf_counter() - start, 4),

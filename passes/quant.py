@@ -138,7 +138,7 @@ class QuantizationPass(Pass):
                 "role": layer.role, "shape": list(layer.shape),
                 "quant": {"bits": p.bits, "group_size": p.group_size, "symmetric": p.symmetric, "method": self.name},
                 "quant_error": relative_error(weight, new_weight, ctx.artifact("hessian", layer.name)),
-                "sparsity": float((new_weight == 0).sum()) / new_weight.numel(),
+                "sparsity": (new_weight == 0).sum() / new_weight.numel(),
                 "quant_time_s": round(time.perf_counter() - start, 4), **extra,
             }
             result.modified = True

@@ -64,3 +64,21 @@ def test_packed_2_4_matmul_matches_dense(dtype):
     assert packed._sparse_weight() is not None, "the CUDA semi-structured path was not taken"
     expected = torch.nn.functional.linear(x.float(), weight.cuda(), packed.bias.float())
     assert torch.allclose(packed(x).float(), expected, rtol=2e-2, atol=2e-1)
+
+
+def test_block_by_block_evaluation_on_cuda(tiny_models):
+    """Evaluation on CUDA places one block at a time and leaves every weight back on the CPU; its
+    logits match the CPU's."""
+    from d2compiler.models import load_model
+    from d2compiler.runner import ModelRunner
+
+    model = load_model(str(tiny_models["llama"]), "float32", "cpu").model
+    calls = [{"input_ids": torch.randint(0, 500, (1, 40))} for _ in range(3)]
+    logits = {}
+    for device in ("cpu", "cuda"):
+        got = []
+        ModelRunner(model, torch.device(device)).run(calls, lambda i, out, got=got: got.append(out.logits.cpu()), quiet=True)
+        logits[device] = got
+        assert all(t.device.type == "cpu" for t in (*model.parameters(), *model.buffers()))
+    for a, b in zip(logits["cpu"], logits["cuda"]):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)

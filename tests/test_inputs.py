@@ -15,6 +15,7 @@ from d2compiler.images import digits, fit_to_model, load_images
 from d2compiler.inputs import calibration_inputs, dummy_input, model_task, takes_images
 from d2compiler.models import load_model
 from d2compiler.recipe import CalibrationData, EvaluationData
+from d2compiler.runner import ModelRunner
 
 
 def test_digits_parts_are_disjoint_and_fixed():
@@ -76,19 +77,20 @@ def test_source_and_model_must_match(tiny_models):
     with pytest.raises(DataError, match="data.calibration.seq_len: 1024 tokens is more than the model's max_position"):
         calibration_inputs(CalibrationData(seq_len=1024), bert.model, bert.tokenizer)
     with pytest.raises(DataError, match="perplexity needs a causal LM; BertModel"):
-        make_metric(EvaluationData(metric="perplexity"), bert.model, bert.tokenizer, torch.device("cpu"))
+        make_metric(EvaluationData(metric="perplexity"), bert.model, bert.tokenizer)
     with pytest.raises(DataError, match="accuracy needs an image classifier"):
-        make_metric(EvaluationData(metric="accuracy"), bert.model, bert.tokenizer, torch.device("cpu"))
+        make_metric(EvaluationData(metric="accuracy"), bert.model, bert.tokenizer)
 
 
 def test_embedding_cosine_is_one_for_the_same_model(tiny_models):
     bert = load_model(str(tiny_models["bert"]), "float32", "cpu")
-    metric = make_metric(EvaluationData(seq_len=64, max_windows=5), bert.model, bert.tokenizer, torch.device("cpu"), quiet=True)
-    assert metric.name == "embedding_cosine" and metric.dense(bert.model) == 1.0
-    assert metric.measure(bert.model) == pytest.approx(1.0, abs=1e-6)
+    metric = make_metric(EvaluationData(seq_len=64, max_windows=5), bert.model, bert.tokenizer, quiet=True)
+    runner = ModelRunner(bert.model, torch.device("cpu"))
+    assert metric.name == "embedding_cosine" and metric.dense(runner) == 1.0
+    assert metric.measure(runner) == pytest.approx(1.0, abs=1e-6)
     with torch.no_grad():
         bert.model.encoder.layer[0].output.dense.weight.mul_(0.0)
-    assert metric.measure(bert.model) < 0.9999
+    assert metric.measure(runner) < 0.9999
 
 
 def test_paragraphs_split_and_filter():

@@ -37,12 +37,12 @@ def _run(tmp_path: Path, model: Path, name: str, streaming: bool, passes: str = 
 def test_streaming_equals_in_memory(arch, tmp_path, tiny_models):
     import transformers
 
-    evaluation = "" if arch == "bert" else EVAL  # streaming evaluates perplexity only
-    dense = _run(tmp_path, tiny_models[arch], "in-memory", False, evaluation=evaluation)
-    streamed = _run(tmp_path, tiny_models[arch], "streamed", True, evaluation=evaluation)
+    dense = _run(tmp_path, tiny_models[arch], "in-memory", False)
+    streamed = _run(tmp_path, tiny_models[arch], "streamed", True)
     a, b = _record(dense), _record(streamed)
     assert a["weights_sha256"] == b["weights_sha256"]
-    assert a["results"]["dense_ppl"] == b["results"]["dense_ppl"] and a["results"]["pruned_ppl"] == b["results"]["pruned_ppl"]
+    assert a["results"]["metric"] == ("embedding_cosine" if arch == "bert" else "perplexity")  # any metric streams
+    assert a["results"]["dense"] == b["results"]["dense"] and a["results"]["pruned"] == b["results"]["pruned"]
     index = json.loads((streamed / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) == 1 + len(b["blocks"]) or arch == "bert"
     cls = transformers.AutoModel if arch == "bert" else transformers.AutoModelForCausalLM
@@ -110,3 +110,50 @@ def test_peak_memory_follows_the_block_not_the_layer_count(tmp_path, tokenizer):
     growth, size_difference = peaks[16] - peaks[8], sizes[16] - sizes[8]
     assert size_difference > 80
     assert growth < 0.5 * size_difference, (peaks, sizes)
+
+
+def test_eval_streams_any_metric_and_task(tmp_path, tiny_models, capsys):
+    """`d2c eval --streaming` gives the in-memory numbers: perplexity, embedding cosine, zero-shot."""
+    from .conftest import SHARED_DATA
+
+    arc = str(SHARED_DATA / "zeroshot/arc/ARC-Easy-test.jsonl")
+    cases = [[str(tiny_models["llama"]), "--seq-len", "32", "--max-windows", "3"],
+             [str(tiny_models["bert"]), "--reference", str(tiny_models["bert"]), "--seq-len", "32", "--max-windows", "4"],
+             [str(tiny_models["llama"]), "--task", "arc_easy", "--limit", "6", "--data", arc]]
+    for case in cases:
+        results = []
+        for flags in ([], ["--streaming"]):
+            assert main(["--quiet", "eval", *case, "--device", "cpu", *flags]) == 0
+            results.append(json.loads(capsys.readouterr().out))
+        assert results[0] == results[1]
+
+
+def test_gguf_streams_from_a_converted_folder(monkeypatch, tmp_path):
+    """A GGUF source is converted once into a cached safetensors folder, which is then streamed."""
+    from d2compiler import models
+
+    gguf = models.smollm2_gguf_path()
+    folder = models.gguf_folder(gguf)
+    assert folder == models.builtin_smollm2_folder() and (folder / "config.json").is_file()
+    loaded, streamed = models.load_streamed(str(gguf), "float32", "cpu")
+    assert streamed.source.folder == folder and all(p.parent == folder for p in loaded.files)
+    assert all(p.is_meta for p in streamed.blocks.parameters())
+
+
+def test_hub_ids_stream_from_the_hub_cache(monkeypatch, tiny_models):
+    """A hub id streams from huggingface_hub's snapshot of its safetensors (never a pickle)."""
+    import huggingface_hub
+
+    from d2compiler import models
+
+    asked = {}
+
+    def snapshot(repo_id, revision=None, allow_patterns=None):
+        asked.update(repo=repo_id, revision=revision, patterns=allow_patterns)
+        return str(tiny_models["llama"])
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot)
+    loaded, streamed = models.load_streamed("someone/tiny-llama", "float32", "cpu", revision="v1")
+    assert asked["repo"] == "someone/tiny-llama" and asked["revision"] == "v1"
+    assert not [p for p in asked["patterns"] if p.endswith((".bin", ".pt", ".pth", ".ckpt", ".pkl", "*"))]
+    assert streamed.source.folder == tiny_models["llama"]

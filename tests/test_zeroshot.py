@@ -9,6 +9,7 @@ import torch
 
 from d2compiler.cli import main
 from d2compiler.errors import DataError
+from d2compiler.runner import ModelRunner
 from d2compiler.zeroshot import Item, _encode_pair, evaluate_task, load_task
 
 from .conftest import SHARED_DATA
@@ -37,16 +38,27 @@ def test_encode_pair_moves_trailing_space(tokenizer):
     assert tokenizer.decode(ctx) == "Question: x\nAnswer:" and tokenizer.decode(cont) == " yes"
 
 
+class _Block(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(1, 1)
+
+    def forward(self, hidden):
+        return hidden
+
+
 class _Oracle(torch.nn.Module):
-    """A 'model' that puts all probability on one fixed token: choices made of it win."""
+    """A 'model' (one pass-through block) that puts all probability on one fixed token: choices made
+    of it win."""
 
     def __init__(self, vocab: int, token: int):
         super().__init__()
         self.vocab, self.token = vocab, token
-        self.dummy = torch.nn.Parameter(torch.zeros(1))
+        self.layers = torch.nn.ModuleList([_Block()])
 
-    def forward(self, ids, **_):
-        logits = torch.full((*ids.shape, self.vocab), -20.0)
+    def forward(self, input_ids, **_):
+        hidden = self.layers[0](torch.zeros(*input_ids.shape, 1))
+        logits = torch.full((*input_ids.shape, self.vocab), -20.0) + hidden
         logits[..., self.token] = 20.0
         return type("Out", (), {"logits": logits})()
 
@@ -55,7 +67,7 @@ def test_acc_and_acc_norm_follow_the_scores(tokenizer):
     token = tokenizer(" def", add_special_tokens=False).input_ids[0]
     items = [Item("Question: q\nAnswer:", ["zzzz qqqq", "def"], 1), Item("Question: q\nAnswer:", ["def", "xx yy zz"], 0),
              Item("Question: q\nAnswer:", ["def", "ww"], 1)]
-    scores = evaluate_task(_Oracle(len(tokenizer), token), tokenizer, items, torch.device("cpu"), quiet=True)
+    scores = evaluate_task(ModelRunner(_Oracle(len(tokenizer), token), torch.device("cpu")), tokenizer, items, quiet=True)
     assert scores["acc"] == pytest.approx(2 / 3) and scores["items"] == 3
 
 
