@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import math
 import statistics
@@ -42,8 +43,6 @@ from protocol import (  # noqa: E402
     write_json,
 )
 
-D2C = [sys.executable, "-m", "d2compiler.cli", "--quiet"]
-
 
 def smoke_overrides() -> list[str]:
     """In a smoke run: the tiny model and a few short windows of the builtin corpus."""
@@ -56,10 +55,17 @@ def smoke_overrides() -> list[str]:
 
 
 def d2c(*args: str) -> str:
-    proc = subprocess.run([*D2C, *args], capture_output=True, text=True, cwd=ROOT)
-    if proc.returncode:
-        raise SystemExit(f"d2c {' '.join(args)} failed:\n{proc.stderr[-3000:]}")
-    return proc.stdout
+    """`d2c --quiet ARGS` in this process (no interpreter start per command); its standard output."""
+    from contextlib import chdir, redirect_stderr, redirect_stdout
+
+    from d2compiler.cli import main as d2c_main
+
+    out, err = io.StringIO(), io.StringIO()
+    with chdir(ROOT), redirect_stdout(out), redirect_stderr(err):  # recipes name data paths relative to the repository
+        status = d2c_main(["--quiet", *args])
+    if status:
+        raise SystemExit(f"d2c {' '.join(args)} failed:\n{err.getvalue()[-3000:]}")
+    return out.getvalue()
 
 
 def weight_bytes(folder: Path) -> int:

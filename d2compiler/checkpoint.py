@@ -90,9 +90,10 @@ class Resumed:
 class CheckpointStore:
     """Reads and writes a run's work folder (see the module docstring)."""
 
-    def __init__(self, folder: Path, key: str):
+    def __init__(self, folder: Path, key: str, processes: int = 1):
         self.folder = folder
         self.key = key
+        self.processes = processes  # the run's process count: a resume needs the same
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="d2c-checkpoint")
         self._pending: Future | None = None
         self._files: dict[str, str] = {}
@@ -111,7 +112,8 @@ class CheckpointStore:
         return digest
 
     def _write_state(self, blocks_done: int, reports: list[dict[str, Any]]) -> None:
-        state = {"format": FORMAT, "key": self.key, "blocks_done": blocks_done, "reports": reports, "files": self._files}
+        state = {"format": FORMAT, "key": self.key, "processes": self.processes, "blocks_done": blocks_done,
+                 "reports": reports, "files": self._files}
         self._write_atomic(STATE, lambda p: p.write_text(json.dumps(state, default=str)))
 
     def _state(self) -> dict[str, Any] | None:
@@ -133,9 +135,18 @@ class CheckpointStore:
             return False
         return True
 
+    def check_processes(self) -> None:
+        """Refuse (keeping them) checkpoints of this job written by a run with another process count."""
+        state = self._state()
+        if state is not None and state.get("key") == self.key and state.get("processes", 1) != self.processes:
+            raise OutputError(f"{self.folder}: these checkpoints are from a run with {state.get('processes', 1)} processes and "
+                              f"this run has {self.processes}: the split changes how sums are rounded, so resume with "
+                              f"--nproc {state.get('processes', 1)}, or start over with --restart")
+
     def start(self) -> Resumed | None:
         """Open the work folder. Returns what an earlier run of the same job finished and that
         verifies, or None (a folder from another job, or with nothing usable, is discarded)."""
+        self.check_processes()
         state = self._state()
         if state is not None and state.get("key") != self.key:
             log.warning("%s: checkpoints of a different recipe, model, calibration data or package version; "

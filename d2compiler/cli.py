@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from .errors import D2Error
+from .launch import report_error
 
 log = logging.getLogger("d2compiler")
 
@@ -49,18 +50,27 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from .pipeline import compress
+    from .distributed import launched_size
+    from .launch import launch, without_nproc
+    from .pipeline import compress, preflight
 
+    if args.nproc > 1 and launched_size() == 1:
+        preflight(_load(args), args.overwrite)  # a bad recipe or output path is reported once, before any process starts
+        return launch(args.nproc, without_nproc(args.argv))
     recipe = _load(args)
     summary = compress(recipe, quiet=args.quiet, overwrite=args.overwrite)
-    print(summary.table())
+    if summary.rank == 0:
+        print(summary.table())
     return 0
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
     from .plan import make_plan
 
-    print(make_plan(_load(args)).render())
+    plan = make_plan(_load(args))
+    if args.nproc > 1:
+        plan.project(args.nproc, args.link_gbs)
+    print(plan.render())
     return 0
 
 
@@ -204,9 +214,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--output", help="override output.path")
     run.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     run.add_argument("--restart", action="store_true", help="ignore checkpoints of an earlier killed run (output.resume=false)")
+    run.add_argument("--nproc", type=_at_least(1), default=1, help="run in N processes on this machine (torchrun; gloo on the "
+                     "CPU, one GPU each with NCCL): calibration windows and layer solves are shared; see docs/distributed.md")
 
-    recipe_cmd("plan", "without running: the pass schedule per block, the linears each pass touches, "
-               "and an estimate of peak memory and time", _cmd_plan)
+    plan = recipe_cmd("plan", "without running: the pass schedule per block, the linears each pass touches, "
+                      "and an estimate of peak memory and time", _cmd_plan)
+    plan.add_argument("--nproc", type=_at_least(1), default=1, help="also project the time for N processes (d2c run --nproc N)")
+    plan.add_argument("--link-gbs", type=float, default=100.0, help="--nproc: bandwidth between processes assumed by the "
+                      "projection, GB/s (default 100: NVLink-class; ~25 for PCIe)")
 
     exp = sub.add_parser("export", help="convert a d2c output folder: ONNX, the packed 2:4 checkpoint, or a dense folder")
     exp.add_argument("output_dir", help="a folder written by `d2c run`")
@@ -250,7 +265,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line. Exit status: 0 done, 2 a problem with the input or environment (one
     located line on stderr), 1 a bug in d2compiler (a traceback under a one-line summary)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     level = logging.DEBUG if args.verbose else (logging.WARNING if args.quiet else logging.INFO)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("transformers", "datasets", "httpx", "huggingface_hub"):
@@ -262,7 +279,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             hf_logging.disable_progress_bar()
         return args.func(args)
     except D2Error as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(report_error(2, f"error: {exc}"), file=sys.stderr)
         return 2
     except RecursionError:
         print("error: input nested too deeply to process", file=sys.stderr)
@@ -275,7 +292,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(devnull, sys.stdout.fileno())
         return 141
     except Exception:
-        print("internal error: this is a bug in d2compiler; please report it with the traceback below", file=sys.stderr)
+        print(report_error(1, "internal error: this is a bug in d2compiler; please report it with the traceback below"),
+              file=sys.stderr)
         traceback.print_exc()
         return 1
 

@@ -38,7 +38,7 @@ def perplexity(runner: ModelRunner, windows: list[torch.Tensor], *, quiet: bool 
     time (see `runner`)."""
     total = _NLL()
     runner.run([{"input_ids": ids} for ids in windows], lambda i, out: total.add(windows[i], out.logits), desc=desc, quiet=quiet)
-    return total.perplexity()
+    return math.exp(runner.group.total(total.nll) / runner.group.total(total.tokens))
 
 
 class _NLL:
@@ -51,9 +51,6 @@ class _NLL:
         ids = ids.to(logits.device)
         self.nll += float(nn.functional.cross_entropy(logits.float()[0, :-1], ids[0, 1:], reduction="sum"))
         self.tokens += ids.shape[1] - 1
-
-    def perplexity(self) -> float:
-        return math.exp(self.nll / self.tokens)
 
 
 class Metric(ABC):
@@ -102,7 +99,7 @@ def paragraphs(rows: list[str], limit: int | None) -> list[str]:
 
 def sentence_embeddings(runner: ModelRunner, batches: list[dict[str, torch.Tensor]], *, quiet: bool = False,
                         desc: str = "embeddings") -> torch.Tensor:
-    """Mean-pooled last hidden states, one row per text, float32 on the CPU."""
+    """Mean-pooled last hidden states, one row per text (of this process's share), float32 on the CPU."""
     out: list[torch.Tensor] = []
 
     def pool(i: int, result: Any) -> None:
@@ -112,7 +109,7 @@ def sentence_embeddings(runner: ModelRunner, batches: list[dict[str, torch.Tenso
         out.append(((hidden * mask).sum(1) / mask.sum(1).clamp(min=1)).cpu())
 
     runner.run([b | {"output_hidden_states": True} for b in batches], pool, desc=desc, quiet=quiet)
-    return torch.cat(out)
+    return torch.cat(out) if out else torch.zeros(0, 0)
 
 
 class EmbeddingCosine(Metric):
@@ -132,7 +129,8 @@ class EmbeddingCosine(Metric):
         if self.reference is None:
             raise RuntimeError("embedding_cosine needs the dense model's embeddings first (call dense)")
         emb = sentence_embeddings(runner, self.batches, quiet=self.quiet, desc=desc or "embeddings")
-        return float(nn.functional.cosine_similarity(emb, self.reference, dim=-1).mean())
+        cosines = nn.functional.cosine_similarity(emb, self.reference, dim=-1) if len(emb) else torch.zeros(0)
+        return runner.group.total(float(cosines.sum())) / runner.group.total(len(cosines))
 
 
 class Accuracy(Metric):
@@ -152,7 +150,7 @@ class Accuracy(Metric):
 
         runner.run([{"pixel_values": self.pixels[s : s + IMAGE_BATCH]} for s in starts], score, desc=desc or self.name,
                    quiet=self.quiet)
-        return int(sum(hits)) / len(self.labels)
+        return runner.group.total(int(sum(hits))) / len(self.labels)
 
 
 def _text_batches(tokenizer: Any, texts: list[str], seq_len: int) -> list[dict[str, torch.Tensor]]:

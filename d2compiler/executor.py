@@ -13,15 +13,16 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 from torch import nn
 
 from .checkpoint import CheckpointStore
+from .distributed import SINGLE, Group
 from .errors import D2Error, PassError
 from .graph import (
     BlockStructure,
@@ -140,6 +141,47 @@ class BlockContext:
     masks: dict[str, torch.Tensor] = field(default_factory=dict)
     dense_outputs: list[torch.Tensor] | None = None
     schedule: list[Pass] = field(default_factory=list)
+    group: Group = field(default_factory=Group)  # the run's processes; `inputs` are this process's share of the samples
+    sample_offset: int = 0  # global index of inputs[0] among all processes' calibration samples
+    sample_count: int = 0  # calibration samples over all processes (0: len(inputs))
+
+    @property
+    def total_samples(self) -> int:
+        return self.sample_count or len(self.inputs)
+
+    def reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum a statistic over the processes' samples, in place (identity with one process). Passes
+        reduce raw sums and counts before normalising, so the result is that of one process over all
+        samples."""
+        return self.group.all_reduce(tensor)
+
+    def map_layers(self, layers: list[LinearLayer], compute: Callable[[LinearLayer], LayerWork]
+                   ) -> Iterator[tuple[LinearLayer, tuple[torch.Tensor, ...], dict[str, Any]]]:
+        """(layer, tensors, info) for `compute(layer) -> (tensors, info)` over `layers`, in order. With
+        several processes each layer is computed by one of them (spread by cost, in_features² x
+        (in + out), the OBS work) and its tensors and JSON-able info are broadcast to the others."""
+        return self.share_work(layers, compute, [obs_cost(layer) for layer in layers])
+
+    def share_work(self, items: list[T], compute: Callable[[T], LayerWork], costs: list[float]
+                   ) -> Iterator[tuple[T, tuple[torch.Tensor, ...], dict[str, Any]]]:
+        """`map_layers` for any items with their costs: each item computed by one process, every
+        process gets every result, in order."""
+        group = self.group
+        if group.size == 1:
+            for item in items:
+                yield (item, *compute(item))
+            return
+        owners = group.owners(costs)
+        mine = {i: compute(item) for i, item in enumerate(items) if owners[i] == group.rank}
+        for i, item in enumerate(items):
+            tensors, info = mine.get(i, ((), {}))
+            header = group.broadcast_json({"info": info, "tensors": [[list(t.shape), str(t.dtype).removeprefix("torch.")]
+                                                                     for t in tensors]} if i in mine else None, owners[i])
+            if i not in mine:
+                tensors = tuple(torch.empty(shape, dtype=getattr(torch, dtype), device=self.device) for shape, dtype in header["tensors"])
+            for tensor in tensors:
+                group.broadcast(tensor, owners[i])
+            yield item, tuple(tensors), header["info"]
 
     def consumers(self, artifact: str) -> list[Pass]:
         """Scheduled passes that require or optionally use `artifact`."""
@@ -170,6 +212,16 @@ class BlockContext:
         old = self.masks.get(layer)
         self.masks[layer] = keep if old is None else (old & keep.to(old.device))
         self.publish("mask", layer, self.masks[layer])
+
+
+LayerWork = tuple[tuple[torch.Tensor, ...], dict[str, Any]]  # what `BlockContext.map_layers` computes per layer
+T = TypeVar("T")
+
+
+def obs_cost(layer: LinearLayer) -> float:
+    """The relative cost of an OBS solve of `layer`: in_features² x (in_features + out_features)."""
+    out_f, in_f = layer.shape
+    return float(in_f) ** 2 * (in_f + out_f)
 
 
 def select_layers(layers: list[LinearLayer], targets: list[str], ignore: list[str]) -> list[LinearLayer]:
@@ -300,13 +352,16 @@ class BlockExecutor:
     """Runs a pass schedule over a model's repeated blocks (see the module docstring)."""
 
     def __init__(self, model: nn.Module, schedule: list[Pass], *, device: torch.device,
-                 role_overrides: dict[str, str] | None = None, quiet: bool = False, streamed: StreamedModel | None = None):
+                 role_overrides: dict[str, str] | None = None, quiet: bool = False, streamed: StreamedModel | None = None,
+                 group: Group = SINGLE):
         self.model = model
         self.schedule = schedule
         self.device = device
         self.role_overrides = role_overrides or {}
         self.quiet = quiet
         self.streamed = streamed
+        self.group = group
+        self._samples = (0, 0)  # (global index of this process's first window, windows over all processes)
         self.placement = Placement(model, device, streamed)
         self.blocks_path, self.blocks = self.placement.blocks_path, self.placement.blocks
         self._structures: dict[tuple, BlockStructure] = {}
@@ -354,8 +409,12 @@ class BlockExecutor:
         """Prune block by block. With `checkpoints`, every finished block is saved, and the blocks a
         previous (killed) run of the same job finished are restored instead of recomputed."""
         needed = {a for p in self.schedule for a in p.requires | p.optional}
+        share = self.group.share(len(windows))  # this process's calibration windows
+        if not share:
+            raise D2Error(f"{len(windows)} calibration samples for {self.group.size} processes: each process needs at least one")
+        self._samples = (share.start, len(windows))
         with self.placement.outside_on():
-            inputs = capture_block_inputs(self.model, self.blocks, windows, self.device)
+            inputs = capture_block_inputs(self.model, self.blocks, windows[share.start : share.stop], self.device)
         if self.streamed is not None:
             self.streamed.release_outside()  # only the blocks are needed from here on
         all_layers = []
@@ -370,17 +429,21 @@ class BlockExecutor:
         reports: list[BlockReport] = []
         first = 0
         streaming = self.streamed is not None
-        resumed = checkpoints.start() if checkpoints is not None else None
-        if resumed is not None and 0 < resumed.blocks_done <= (len(self.blocks) if streaming else last):
-            first = resumed.blocks_done
+        writes = checkpoints is not None and self.group.is_main  # one process writes the checkpoints
+        resumed = checkpoints.start() if writes else None
+        done = resumed.blocks_done if resumed is not None else 0
+        if self.group.size > 1 and checkpoints is not None:  # the others read what the first one verified
+            done = int(self.group.broadcast(torch.tensor([done], dtype=torch.int64), 0).item())
+        if 0 < done <= (len(self.blocks) if streaming else last):
+            first = done
             log.info("resuming at block %d of %d from %s", first, last + 1, checkpoints.folder)
             if not streaming:  # a streaming run's finished blocks stay in their files
                 for index in range(first):
                     checkpoints.restore_block(index, self.blocks[index], self.prefix(index))
-            reports = [BlockReport.from_json(r) for r in resumed.reports]
+            reports = [BlockReport.from_json(r) for r in resumed.reports] if resumed is not None else []
             if first > last:
                 pass  # every targeted block is done; only copies remain
-            elif resumed.hidden is not None and len(resumed.hidden) == len(inputs):
+            elif resumed is not None and resumed.hidden is not None and len(resumed.hidden) == len(inputs):
                 inputs = [inp.with_hidden(h.to(inp.args[0].device)) for inp, h in zip(inputs, resumed.hidden)]
             else:  # hidden states lost or altered: replay the restored blocks (the same computation)
                 for index in range(first):
@@ -391,16 +454,19 @@ class BlockExecutor:
                 with self.on_device(index) as block:
                     report, outputs = self._run_block(index, block, inputs, needed, targets, last)
                     reports.append(report)
-                    if checkpoints is not None and (index < last or streaming):
-                        checkpoints.save_block(index, block, outputs, [r.to_json() for r in reports], self.prefix(index))
+                    if writes and (index < last or streaming):  # with several processes, no hidden states: a resume replays
+                        hidden = outputs if self.group.size == 1 else []
+                        checkpoints.save_block(index, block, hidden, [r.to_json() for r in reports], self.prefix(index))
                 inputs = [inp.with_hidden(h) for inp, h in zip(inputs, outputs)]
-            if streaming and checkpoints is not None:  # untouched blocks after the last targeted one: copied as they are
+            if streaming and writes:  # untouched blocks after the last targeted one: copied as they are
                 for index in range(max(first, last + 1), len(self.blocks)):
                     with self.streamed.block(index) as block:
                         checkpoints.save_block(index, block, [], [r.to_json() for r in reports], self.prefix(index))
         finally:  # an interrupted run still leaves its last finished block durable
-            if checkpoints is not None:
+            if writes:
                 checkpoints.flush()
+        if checkpoints is not None:
+            self.group.barrier()  # every checkpoint file is written before any process reads one
         roles = {layer.name: layer.role for layer in all_layers}
         return ExecutionReport(self.blocks_path, len(self.blocks), reports, roles)
 
@@ -434,7 +500,8 @@ class BlockExecutor:
         if nonfinite:  # one host sync per block, not one per parameter
             raise PassError(f"{self.blocks_path}.{index}.{nonfinite[0]}: the model's weights hold NaN or Inf before pruning")
         ctx = BlockContext(index, f"{self.blocks_path}.{index}", block, layers, structure, self.device,
-                           inputs, needed, targeted, schedule=self.schedule)
+                           inputs, needed, targeted, schedule=self.schedule, group=self.group,
+                           sample_offset=self._samples[0], sample_count=self._samples[1])
         times: dict[str, float] = {}
         results: list[tuple[str, PassResult]] = []
         start = time.perf_counter()

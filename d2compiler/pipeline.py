@@ -14,6 +14,7 @@ import torch
 from pydantic import BaseModel
 
 from .checkpoint import CheckpointStore, file_sha256, fingerprint, work_dir_for
+from .distributed import Group, join, leave
 from .errors import D2Error, PassError
 from .evaluate import make_metric
 from .executor import BlockExecutor, ExecutionReport
@@ -48,6 +49,7 @@ class RunSummary:
     layers: dict[str, dict[str, Any]]
     execution: ExecutionReport
     record: dict[str, Any] = field(default_factory=dict)
+    rank: int = 0  # this process's rank (the first process reports)
 
     @property
     def dense_ppl(self) -> float | None:
@@ -128,23 +130,44 @@ def check_finite(model: torch.nn.Module) -> None:
             raise PassError(f"{name}: contains NaN or Inf after pruning; nothing was written")
 
 
+def preflight(recipe: BaseModel, overwrite: bool) -> None:
+    """The checks of the output path that `compress` makes first (for a launcher, before any process
+    starts)."""
+    if recipe.output.path:
+        check_output_path(user_path(recipe.output.path), overwrite, protected_paths(recipe))
+
+
 def compress(recipe: BaseModel, *, loaded: LoadedModel | None = None, quiet: bool = False, overwrite: bool = False) -> RunSummary:
     """Run `recipe`. A caller may pass an already loaded model (any transformers-style module with
     a tokenizer) instead of `recipe.model.source`. `overwrite` (the command line's `--overwrite`)
-    allows replacing an earlier d2compiler output (see `export.output_dir`)."""
+    allows replacing an earlier d2compiler output (see `export.output_dir`).
+
+    Started by torchrun in several processes, the processes share the work (`distributed`): each
+    calibrates on its share of the windows, the statistics are summed, the layers' solves are spread,
+    and the first process alone checks, locks and writes the output and the checkpoints. An error
+    ends this process with its message; torchrun then stops the others."""
+    group = join(resolve_device(recipe.model.device))
     out_path = user_path(recipe.output.path) if recipe.output.path else None
     if out_path is None:
-        return _compress(recipe, loaded, quiet, None, False, [])
-    protected = protected_paths(recipe)
-    check_output_path(out_path, overwrite, protected)
-    with output_lock(out_path):
-        return _compress(recipe, loaded, quiet, out_path, overwrite, protected)
+        summary = _compress(recipe, loaded, quiet, None, False, [], group)
+    else:
+        protected = protected_paths(recipe)
+        if group.is_main:
+            check_output_path(out_path, overwrite, protected)
+            with output_lock(out_path):
+                summary = _compress(recipe, loaded, quiet, out_path, overwrite, protected, group)
+        else:
+            summary = _compress(recipe, loaded, quiet, out_path, overwrite, protected, group)
+    leave(group)
+    return summary
 
 
 def _compress(recipe: BaseModel, loaded: LoadedModel | None, quiet: bool, out_path: Path | None, overwrite: bool,
-              protected: list[Path]) -> RunSummary:
+              protected: list[Path], group: Group) -> RunSummary:
     start = time.perf_counter()
-    device = resolve_device(recipe.model.device)
+    device = group.device
+    quiet = quiet or not group.is_main
+    main = group.is_main
     manager = PassManager(list(recipe.passes))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -163,7 +186,7 @@ def _compress(recipe: BaseModel, loaded: LoadedModel | None, quiet: bool, out_pa
 
     cal = recipe.data.calibration
     windows = calibration_inputs(cal, model, tokenizer)
-    if out_path is not None:
+    if out_path is not None and main:
         hidden = getattr(getattr(model, "config", None), "hidden_size", 0) or 0
         check_free_space(out_path, output_bytes_needed(model, windows, int(hidden)))
 
@@ -171,28 +194,32 @@ def _compress(recipe: BaseModel, loaded: LoadedModel | None, quiet: bool, out_pa
     metric = None if ev is None else make_metric(ev, model, tokenizer, quiet=quiet)
     dense_value = None
     if metric is not None and (ev.compare_dense or metric.needs_dense):
-        dense_value = metric.dense(ModelRunner(model, device, streamed=streamed))
+        dense_value = metric.dense(ModelRunner(model, device, streamed=streamed, group=group))
 
     prune_start = time.perf_counter()
     executor = BlockExecutor(model, manager.schedule, device=device, role_overrides=recipe.model.roles, quiet=quiet,
-                             streamed=streamed)
+                             streamed=streamed, group=group)
     checkpoints = None
     if out_path is not None:
-        checkpoints = CheckpointStore(work_dir_for(out_path), job_fingerprint(recipe, source_digest(loaded), windows))
-        if not recipe.output.resume:
-            checkpoints.discard()
+        checkpoints = CheckpointStore(work_dir_for(out_path), job_fingerprint(recipe, source_digest(loaded), windows),
+                                      processes=group.size)
+        if main:
+            if recipe.output.resume:
+                checkpoints.check_processes()
+            else:
+                checkpoints.discard()
     try:
         execution = executor.run(windows, checkpoints)
         if streamed is None:
             check_finite(model)
     except D2Error:
-        if checkpoints is not None:  # a deterministic failure: a rerun would fail the same way
+        if checkpoints is not None and main:  # a deterministic failure: a rerun would fail the same way
             checkpoints.discard()
         raise
     prune_s = time.perf_counter() - prune_start
 
     block_readers = None if streamed is None else [checkpoints.reader(i) for i in range(len(streamed.blocks))]
-    runner = ModelRunner(model, device, streamed=streamed, readers=block_readers)
+    runner = ModelRunner(model, device, streamed=streamed, readers=block_readers, group=group)
     pruned_value = None if metric is None else metric.measure(runner, desc=f"pruned {metric.name}")
 
     layers = execution.layer_metrics()
@@ -220,7 +247,11 @@ def _compress(recipe: BaseModel, loaded: LoadedModel | None, quiet: bool, out_pa
     if choices:
         record["attention_choices"] = choices
     peak_cuda = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None
-    if out_path is not None:
+    if group.size > 1:
+        record["results"]["processes"] = group.size
+        record["results"]["bytes_all_reduced"] = group.bytes_reduced
+        record["results"]["bytes_broadcast"] = group.bytes_broadcast
+    if out_path is not None and main:
         record["results"]["wall_s"] = round(time.perf_counter() - start, 3)
         record["results"]["peak_rss_mb"] = round(peak_rss_mb(), 1)
         if streamed is not None:
@@ -233,7 +264,7 @@ def _compress(recipe: BaseModel, loaded: LoadedModel | None, quiet: bool, out_pa
         if checkpoints is not None:
             checkpoints.discard()
     return RunSummary(
-        output=out_path, metric=metric_name, dense_value=dense_value, pruned_value=pruned_value, sparsity=overall_sparsity(layers),
+        output=out_path if main else None, metric=metric_name, dense_value=dense_value, pruned_value=pruned_value, sparsity=overall_sparsity(layers),
         wall_s=time.perf_counter() - start, prune_s=prune_s, peak_rss_mb=peak_rss_mb(), peak_cuda_mb=peak_cuda,
-        layers=layers, execution=execution, record=record,
+        layers=layers, execution=execution, record=record, rank=group.rank,
     )

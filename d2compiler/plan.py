@@ -51,6 +51,15 @@ class Plan:
     estimate_mb: dict[str, float] = field(default_factory=dict)
     estimate_disk_mb: dict[str, float] = field(default_factory=dict)
     rates: dict[str, float] = field(default_factory=dict)
+    costs: list[BlockCost] = field(default_factory=list)
+    projections: dict[int, dict[str, float]] = field(default_factory=dict)
+    link_gbs: float = 0.0
+
+    def project(self, nproc: int, link_gbs: float) -> dict[str, float]:
+        """The time projected for `nproc` processes (kept for `render`)."""
+        self.link_gbs = link_gbs
+        self.projections[nproc] = project(self.costs, nproc, link_gbs)
+        return self.projections[nproc]
 
     def render(self) -> str:
         lines = [f"model: {self.model} ({self.blocks_path} x {self.num_blocks})",
@@ -75,6 +84,10 @@ class Plan:
         for k, v in self.estimate_disk_mb.items():
             lines.append(f"  disk   {k:<56} {v:9.0f} MiB")
         lines.append(f"  measured here: matmul {self.rates['gflops']:.1f} GFLOP/s, OBS loop {self.rates['column_us']:.0f} µs/column")
+        for nproc, parts in self.projections.items():
+            lines += ["", f"projection for {nproc} processes (a projection, not a measurement: the same device rates in "
+                      f"every process, {self.link_gbs:g} GB/s between them; docs/distributed.md gives the formula):"]
+            lines += [f"  time   {k:<56} {v:9.1f} s" for k, v in parts.items()]
         return "\n".join(lines)
 
 
@@ -176,42 +189,94 @@ def _estimate_storage(plan: Plan, model: torch.nn.Module, executor: BlockExecuto
     plan.estimate_disk_mb["peak (sum)"] = total + hidden_mb + (0 if streaming else checkpoint_blocks)
 
 
+@dataclass
+class BlockCost:
+    """One block's work in the cost model, split by how several processes share it (`project`)."""
+
+    forward_s: float = 0.0  # the two block forwards (observe, re-forward): data-parallel
+    stats_s: float = 0.0  # Gram products of the statistics: data-parallel
+    solves_s: list[float] = field(default_factory=list)  # one OBS solve per targeted layer: layer-parallel
+    kl_forward_s: float = 0.0  # attention-KL candidates' prefix runs and KL: data-parallel
+    kl_solve_s: float = 0.0  # the candidates' pruned variants: every process
+    reduce_bytes: int = 0  # statistics summed over the processes (all-reduce)
+    broadcast_bytes: int = 0  # each solved layer's weight and mask, sent by the process that solved it
+
+
+def block_cost(shapes: list[tuple[str, int, int]], groups: list[int], *, tokens: int, seq: int, hidden: int, heads: int,
+               rates: dict[str, float], obs: bool, kl: Any | None) -> BlockCost:
+    """The cost of one block from its targeted linears' (role, out, in) `shapes`, the input widths of
+    its statistics accumulators (`groups`), the calibration token count and the device `rates`
+    (`gflops`: float32 matmuls; `forward_gflops`, default the same: the block forwards in the working
+    dtype; `column_us`: the OBS loop's overhead per column). `kl`: the attention_kl_update params when
+    it scores candidates by KL."""
+    flop_s = rates["gflops"] * 1e9  # float32: statistics and solves
+    forward_flop_s = rates.get("forward_gflops", rates["gflops"]) * 1e9  # the working dtype's matmuls
+    linear_params = sum(o * i for _r, o, i in shapes)
+    attn = 4 * tokens * seq * hidden  # QKᵀ and AV over all calibration tokens
+    cost = BlockCost(forward_s=2 * (2 * linear_params * tokens + attn) / forward_flop_s,
+                     stats_s=sum(2 * tokens * i * i for i in groups) / flop_s,
+                     reduce_bytes=sum(4 * i * i for i in groups))
+    if obs:
+        cost.solves_s = [(2 * i**3 + 3 * o * i * i) / flop_s + i * rates["column_us"] / 1e6 for _r, o, i in shapes]
+    cost.broadcast_bytes = sum(5 * o * i for _r, o, i in shapes)  # fp32 weight + bool mask
+    if kl is not None:
+        count = tokens // seq
+        samples = count if kl.kl_samples == 0 else min(kl.kl_samples, count)
+        qkv = sum(o * i for r, o, i in shapes if r in ("q", "k", "v"))
+        cost.kl_forward_s = samples * (2 * 2 * qkv * seq + 3 * (2 * seq * seq * hidden + 10 * heads * seq * seq)) / forward_flop_s
+        cost.kl_solve_s = sum(i * rates["column_us"] / 1e6 for r, _o, i in shapes if r in ("q", "k", "v"))
+    return cost
+
+
+def project(costs: list[BlockCost], nproc: int, link_gbs: float) -> dict[str, float]:
+    """Seconds for `nproc` processes (see docs/distributed.md for the formula): the data-parallel work
+    divided by N, per block the largest share of the layers' solves when they are spread by cost, the
+    KL candidates' solves undivided, and the all-reduce (ring: 2(N-1)/N x bytes) and broadcasts at
+    `link_gbs` GB/s."""
+    from .distributed import Group
+
+    link = link_gbs * 1e9
+    out = {"data-parallel forwards and statistics": sum(c.forward_s + c.stats_s + c.kl_forward_s for c in costs) / nproc}
+    solves = 0.0
+    for c in costs:
+        owners = Group(size=nproc).owners(c.solves_s)
+        solves += max([sum(s for s, o in zip(c.solves_s, owners) if o == r) for r in range(nproc)], default=0.0)
+    out["layer solves (largest share per block)"] = solves
+    out["attention-KL candidate solves (every process)"] = sum(c.kl_solve_s for c in costs)
+    out["communication"] = sum(2 * (nproc - 1) / nproc * c.reduce_bytes + (nproc > 1) * c.broadcast_bytes for c in costs) / link
+    out["total"] = sum(out.values())
+    return out
+
+
 def _estimate(plan: Plan, blocks: list[list[LinearLayer]], block_groups: list[set[tuple[str, ...]]], targeted: set[str],
               seq: int, model: torch.nn.Module, hidden: int, baseline_mb: float) -> None:
     tokens = plan.tokens
-    flop_s = plan.rates["gflops"] * 1e9
     names = {p.name for p in plan.schedule}
     params = {p.name: p.params for p in plan.schedule}
-    fwd = obs = stats = kl = 0.0
+    kl = params["attention_kl_update"] if "attention_kl_update" in names and params["attention_kl_update"].strategy == "kl" else None
+    heads = getattr(model.config, "num_attention_heads", 1) or 1
     working = 0.0
     for layers, input_groups in zip(blocks, block_groups):
-        linear_params = sum(la.shape[0] * la.shape[1] for la in layers)
-        attn = 4 * tokens * seq * hidden  # QKᵀ and AV over all calibration tokens
-        fwd += 2 * (2 * linear_params * tokens + attn) / flop_s
         chosen = [la for la in layers if la.name in targeted]
         by_owner = {la.owner: la for la in layers}
         groups = [by_owner[g[0]].shape[1] for g in input_groups if g[0] in by_owner]  # one Hessian per shared input
-        stats += sum(2 * tokens * i * i for i in groups) / flop_s
-        for la in chosen:
-            out_f, in_f = la.shape
-            if names & OBS_PASSES:
-                obs += (2 * in_f**3 + 3 * out_f * in_f * in_f) / flop_s + in_f * plan.rates["column_us"] / 1e6
-        if "attention_kl_update" in names and params["attention_kl_update"].strategy == "kl":
-            p = params["attention_kl_update"]
-            count = tokens // seq
-            samples = count if p.kl_samples == 0 else min(p.kl_samples, count)
-            qkv = sum(la.shape[0] * la.shape[1] for la in chosen if la.role in ("q", "k", "v"))
-            heads = getattr(model.config, "num_attention_heads", 1) or 1
-            kl += samples * (2 * 2 * qkv * seq + 3 * (2 * seq * seq * hidden + 10 * heads * seq * seq)) / flop_s
-            kl += sum(la.shape[1] * plan.rates["column_us"] / 1e6 for la in chosen if la.role in ("q", "k", "v"))
+        cost = block_cost([(la.role, *la.shape) for la in chosen], groups, tokens=tokens, seq=seq, hidden=hidden, heads=heads,
+                          rates=plan.rates, obs=bool(names & OBS_PASSES), kl=kl)
+        cost.forward_s = block_cost([(la.role, *la.shape) for la in layers], [], tokens=tokens, seq=seq, hidden=hidden,
+                                    heads=heads, rates=plan.rates, obs=False, kl=None).forward_s  # every linear runs
+        plan.costs.append(cost)
         block_mb = (sum(i * i for i in groups) * 4 * (2 if "attention_kl_update" in names else 1)
                     + max((3 * la.shape[1] ** 2 + 4 * la.shape[0] * la.shape[1]) * 4 for la in chosen or layers)) / 2**20
         working = max(working, block_mb)
+    fwd = sum(c.forward_s for c in plan.costs)
+    stats = sum(c.stats_s for c in plan.costs)
+    obs = sum(sum(c.solves_s) for c in plan.costs)
+    kl_s = sum(c.kl_forward_s + c.kl_solve_s for c in plan.costs)
     plan.estimate_s = {"block forwards (observe + re-forward)": fwd, "statistics": stats}
     if names & OBS_PASSES:
         plan.estimate_s["masks and OBS updates"] = obs
-    if kl:
-        plan.estimate_s["attention-KL candidates"] = kl
+    if kl_s:
+        plan.estimate_s["attention-KL candidates"] = kl_s
     plan.estimate_s["total"] = sum(plan.estimate_s.values())
     weight_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
     hidden_mb = 3 * tokens * hidden * 4 / 2**20

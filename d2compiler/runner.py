@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from .distributed import SINGLE, Group
 from .executor import Call, capture_block_inputs, invoke
 from .placement import Placement, Reader
 from .progress import counter
@@ -89,9 +90,10 @@ class ModelRunner:
     weights are read through `readers[i]` (default: the source files)."""
 
     def __init__(self, model: nn.Module, device: torch.device, *, streamed: StreamedModel | None = None,
-                 readers: list[Reader] | None = None):
+                 readers: list[Reader] | None = None, group: Group = SINGLE):
         self.placement = Placement(model, device, streamed)
         self.readers = readers
+        self.group = group
 
     @property
     def model(self) -> nn.Module:
@@ -103,10 +105,13 @@ class ModelRunner:
 
     @torch.no_grad()
     def run(self, calls: list[Call], each: Callable[[int, Any], None], *, desc: str = "forward", quiet: bool = False) -> None:
-        """`each(i, model(**calls[i]))` for every i, in order (tensors of a call are moved to the device)."""
+        """`each(i, model(**calls[i]))` for every i, in order (tensors of a call are moved to the device).
+        With several processes, each runs its contiguous share of the calls (`Group.share`); the
+        caller sums what it measured over the processes (`Group.total`)."""
         model, blocks = self.model, self.placement.blocks
         model.eval()
-        parts = list(chunks(calls))
+        share = self.group.share(len(calls))
+        parts = [range(share.start + r.start, share.start + r.stop) for r in chunks(calls[share.start : share.stop])]
         bar = counter(len(parts) * (len(blocks) + 1), desc=desc, disable=quiet)
         with bar, self.placement.outside_on():
             for part in parts:

@@ -87,7 +87,7 @@ class AttentionKLUpdatePass(Pass):
         self._held: dict[tuple[str, ...], dict[str, Any]] = {}
 
     def _holdout_size(self, ctx: Any) -> int:
-        n = len(ctx.inputs)
+        n = ctx.total_samples  # over all processes
         m = n if self.params.kl_samples == 0 else min(self.params.kl_samples, n)
         if self.params.selection == "holdout":
             m = min(m, n - 1)  # keep at least one sample to fit on
@@ -98,18 +98,24 @@ class AttentionKLUpdatePass(Pass):
             return
         self._recorder = AttentionRecorder(ctx.structure.attention[0].kind)
         m = self._holdout_size(ctx)
-        first_scored = len(ctx.inputs) - m if self.params.selection == "holdout" else 0
-        self._recorder.attach(ctx.module, record=lambda i: first_scored <= i < first_scored + m)
+        first_scored = self._first_scored(ctx, m)
+        offset = ctx.sample_offset  # forward call i of this process is sample offset + i of the run
+        self._recorder.attach(ctx.module, record=lambda i: first_scored <= offset + i < first_scored + m)
         if self.params.selection == "holdout":
             first_held = first_scored
             self._held = {}
             for layer in ctx.layers:
                 if layer.role in QKV:
-                    acc = self._held.setdefault(tuple(ctx.structure.group_of(layer.owner)), {"seen": 0, "tokens": 0, "h": None, "names": []})
+                    acc = self._held.setdefault(tuple(ctx.structure.group_of(layer.owner)),
+                                                {"seen": offset, "tokens": 0, "h": None, "names": [], "width": layer.shape[1]})
                     acc["names"].append(layer.name)
                     if len(acc["names"]) == 1:
                         self._handles.append(layer.module.register_forward_hook(
                             lambda _m, inp, _o, acc=acc, first=first_held: self._add_held(acc, inp[0], first)))
+
+    def _first_scored(self, ctx: Any, m: int) -> int:
+        """The run-wide index of the first sample the KL term scores (the last m with `holdout`)."""
+        return ctx.total_samples - m if self.params.selection == "holdout" else 0
 
     @staticmethod
     def _add_held(acc: dict[str, Any], x: torch.Tensor, first_held: int) -> None:
@@ -128,7 +134,12 @@ class AttentionKLUpdatePass(Pass):
             ctx.publish("dense_attention", ctx.name, self._recorder.calls)
             self._recorder = None
         for acc in self._held.values():
-            if acc["h"] is not None:
+            if ctx.group.size > 1:  # every process takes part, with or without held-out samples of its own
+                if acc["h"] is None:
+                    acc["h"] = torch.zeros(acc["width"], acc["width"], device=ctx.device)
+                ctx.reduce(acc["h"])
+                acc["tokens"] = int(ctx.group.total(acc["tokens"]))
+            if acc["tokens"]:
                 for name in acc["names"]:
                     ctx.publish("holdout_hessian", name, (finish_gram(acc["h"], acc["tokens"]), acc["tokens"]))
         self._held = {}
@@ -143,7 +154,7 @@ class AttentionKLUpdatePass(Pass):
 
     def apply(self, ctx: Any) -> PassResult:
         p: AttentionKLParams = self.params  # type: ignore[assignment]
-        consumers = [c for c in ctx.consumers("update_plan") if hasattr(c, "variant")]
+        consumers = [c for c in ctx.consumers("update_plan") if hasattr(c, "prepare_variants")]
         consumer = consumers[0] if consumers else None
         proj = self._projections(ctx, consumer)
         if not proj:
@@ -171,7 +182,7 @@ class AttentionKLUpdatePass(Pass):
 
     def _fitted_variants(self, ctx: Any, consumer: Any, proj: dict[str, Any], holdout: bool):
         """(variant(role, update) -> weight, the Hessian per role that scores reconstruction)."""
-        total_tokens = sum(inp.args[0].shape[:-1].numel() for inp in ctx.inputs)
+        total_tokens = int(ctx.group.total(sum(inp.args[0].shape[:-1].numel() for inp in ctx.inputs)))
         scoring, fit = {}, {}
         for role, layer in proj.items():
             full = ctx.artifact("hessian", layer.name).to(ctx.device)
@@ -183,9 +194,13 @@ class AttentionKLUpdatePass(Pass):
                 h_b = h_b.to(ctx.device)
                 scoring[role], fit[role] = h_b, (full * total_tokens - h_b * n_b) / (total_tokens - n_b)
 
+        def tag(role: str) -> str:
+            return "all" if fit[role] is None else "fit"
+
+        consumer.prepare_variants(ctx, [(proj[role], update, fit[role], tag(role)) for role in proj for update in (True, False)])
+
         def variant(role: str, update: bool) -> torch.Tensor:
-            tag = "all" if fit[role] is None else "fit"
-            return consumer.variant(ctx, proj[role], update, hessian=fit[role], tag=tag)[0]
+            return consumer.variant(ctx, proj[role], update, hessian=fit[role], tag=tag(role))[0]
 
         return variant, scoring
 
@@ -201,19 +216,21 @@ class AttentionKLUpdatePass(Pass):
                 error = relative_error(dense, variant(role, update), scoring[role])
                 recon[(role, update)] = torch.zeros((), device=ctx.device) if error is None else error
         dense_calls: list[AttentionCall] = ctx.artifact("dense_attention", ctx.name) or []
-        first = len(ctx.inputs) - m if holdout else 0
-        samples = list(zip(ctx.inputs[first:first + m], dense_calls))
+        first = self._first_scored(ctx, m) if holdout else 0
+        mine = [g - ctx.sample_offset for g in range(first, first + m) if 0 <= g - ctx.sample_offset < len(ctx.inputs)]
+        samples = list(zip([ctx.inputs[i] for i in mine], dense_calls))  # this process's scored samples
         candidates = self._candidates(list(proj))
         keys = sorted({_qk_updates(cand) for cand in candidates}, reverse=True)
-        kls = self._attention_kls(ctx, proj, variant, keys, samples) if samples and p.rho > 0 else {}
-        # one host sync for every number the choice needs; sums in Python floats
-        recon_keys, kl_keys = list(recon), list(kls)
-        flat = [recon[k] for k in recon_keys] + [t.to(ctx.device) for k in kl_keys for t in kls[k]]
+        scored = m > 0 and p.rho > 0 and bool(ctx.structure.attention)  # the same answer on every process
+        kls = self._attention_kls(ctx, proj, variant, keys, samples) if samples and scored else {key: [] for key in keys}
+        # one host sync for every number the choice needs; sums in Python floats, then over the processes
+        recon_keys = list(recon)
+        flat = [recon[k] for k in recon_keys] + [t.to(ctx.device) for k in keys for t in kls[k]]
         numbers = torch.stack(flat).tolist()
         recon_of = dict(zip(recon_keys, numbers))
         kl_of, at = {}, len(recon_keys)
-        for key in kl_keys:
-            kl_of[key] = sum(numbers[at : at + len(kls[key])]) / len(kls[key])
+        for key in keys if scored else []:
+            kl_of[key] = ctx.group.total(sum(numbers[at : at + len(kls[key])])) / m
             at += len(kls[key])
         table = {}
         for cand in candidates:
@@ -221,7 +238,7 @@ class AttentionKLUpdatePass(Pass):
             kl = kl_of.get(_qk_updates(cand), 0.0)
             table[_label(cand)] = {"recon": r, "kl": kl, "objective": r + p.rho * kl}
         best = min(table, key=lambda c: table[c]["objective"])
-        info = {"candidates": table, "kl_samples": len(samples), "selection": "holdout" if holdout else "calibration"}
+        info = {"candidates": table, "kl_samples": m if scored else 0, "selection": "holdout" if holdout else "calibration"}
         return (tuple() if best == "none" else tuple(best.split(","))), info
 
     @torch.no_grad()

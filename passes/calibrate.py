@@ -42,6 +42,14 @@ class _Accumulator:
             sq = x.pow(2).sum(0)
             self.sq = sq if self.sq is None else self.sq.add_(sq)
 
+    def reduce(self, ctx: Any) -> None:
+        """Sum the raw accumulators and the token count over the run's processes."""
+        for acc in (self.hessian, self.sq):
+            if acc is not None:
+                ctx.reduce(acc)
+        if ctx.group.size > 1:
+            self.tokens = int(ctx.group.total(self.tokens))
+
     def finish(self) -> tuple[torch.Tensor | None, torch.Tensor]:
         if self.hessian is not None:
             h = finish_gram(self.hessian, self.tokens)
@@ -76,6 +84,7 @@ class CalibratePass(Pass):
             handle.remove()
         self._handles.clear()
         for acc, names in self._accs.values():
+            acc.reduce(ctx)
             if acc.tokens == 0:
                 continue
             hessian, norms = acc.finish()

@@ -22,8 +22,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
+
+from d2compiler.errors import PassError
 
 from .masks import lowest_n_of_m, lowest_per_row, row_counts
 from .obs import obs_prune
@@ -84,6 +87,18 @@ class LayerStats:
         for name, step in steps.items():
             acc = self.ref.get(name)
             self.ref[name] = step.clone() if acc is None else acc * ((k - 1) / k) + step
+
+    def reduce(self, ctx: Any) -> None:
+        """Sum the mean-mode accumulators over the run's processes. The reference accumulators weigh
+        each sample by its position in one sequence, so they cannot be split (refused)."""
+        if ctx.group.size == 1:
+            return
+        if self.reference:
+            raise PassError("dual_taylor_mask: stats = 'reference' accumulates in sample order and cannot be split "
+                            "across processes; use stats = 'mean' or one process")
+        assert self.y_sq is not None
+        ctx.reduce(self.y_sq)
+        self.samples, self.tokens = int(ctx.group.total(self.samples)), int(ctx.group.total(self.tokens))
 
     @property
     def tokens_per_sample(self) -> float:

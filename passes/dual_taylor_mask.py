@@ -62,8 +62,20 @@ class DualTaylorMaskPass(PruningPass):
             handle.remove()
         self._handles.clear()
         for name, stats in self._stats.items():
+            stats.reduce(ctx)
             ctx.publish("d2_stats", name, stats)
         self._stats = {}
+
+    def prepare_variants(self, ctx: Any, requests: list[tuple[Any, bool, torch.Tensor | None, str]]) -> None:
+        """Compute the (layer, update, hessian, tag) variants not cached yet, each by one of the run's
+        processes (spread by cost), so that `variant` finds them all cached on every process."""
+        from d2compiler.executor import obs_cost
+
+        cache = ctx.artifacts.setdefault("d2_variants", {})
+        todo = [r for r in requests if (r[0].name, r[1], r[3]) not in cache]
+        work = ctx.share_work(todo, lambda r: (self.variant(ctx, *r), {}), [obs_cost(r[0]) for r in todo])
+        for (layer, update, _hessian, tag), (weight, keep), _info in work:
+            cache[(layer.name, update, tag)] = (weight, keep)
 
     def variant(self, ctx: Any, layer: Any, update: bool, hessian: torch.Tensor | None = None,
                 tag: str = "all") -> tuple[torch.Tensor, torch.Tensor]:

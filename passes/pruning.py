@@ -99,7 +99,8 @@ class PruningPass(Pass):
     def apply(self, ctx: BlockContext) -> PassResult:
         params: SparsityParams = self.params  # type: ignore[assignment]
         result = PassResult(modified=False)
-        for layer in ctx.select(params):
+
+        def compute(layer: LinearLayer) -> tuple[tuple[torch.Tensor, ...], dict[str, Any]]:
             start = time.perf_counter()
             weight = layer.weight_matrix().to(device=ctx.device, dtype=torch.float32, copy=True)
             new_weight, keep, extra = self.prune_layer(layer, weight, ctx)
@@ -107,6 +108,10 @@ class PruningPass(Pass):
             if earlier is not None:  # an earlier pass's pruned weights stay pruned
                 keep = keep & earlier.to(keep.device)
             new_weight = new_weight.masked_fill(~keep, 0.0)  # one new tensor (no zeros tensor beside it)
+            return (new_weight, keep), {**extra, "time_s": round(time.perf_counter() - start, 4)}
+
+        for layer, (new_weight, keep), info in ctx.map_layers(ctx.select(params), compute):
+            weight = layer.weight_matrix().to(device=ctx.device, dtype=torch.float32, copy=True)
             layer.set_weight_matrix(new_weight)
             ctx.record_mask(layer.name, keep)
             stored = layer.weight_matrix()
@@ -117,8 +122,8 @@ class PruningPass(Pass):
                 "pruned": (~keep).sum(),
                 "pattern": params.mask_structure,
                 "recon_error": relative_error(weight, new_weight, ctx.artifact("hessian", layer.name)),
-                "time_s": round(time.perf_counter() - start, 4),
-                **extra,
+                "time_s": info.pop("time_s"),
+                **info,
             }
             result.modified = True
         return result

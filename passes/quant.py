@@ -121,7 +121,8 @@ class QuantizationPass(Pass):
 
         p: QuantParams = self.params  # type: ignore[assignment]
         result = PassResult(modified=False)
-        for layer in ctx.select(p):
+
+        def compute(layer: LinearLayer) -> tuple[tuple[torch.Tensor, ...], dict[str, Any]]:
             start = time.perf_counter()
             weight = layer.weight_matrix().to(device=ctx.device, dtype=torch.float32, copy=True)
             keep = weight != 0
@@ -130,16 +131,21 @@ class QuantizationPass(Pass):
                 keep &= earlier.to(keep.device)
             new_weight, scale, zero, extra = self.quantize_layer(layer, weight, keep, ctx)
             new_weight = torch.where(keep, new_weight, torch.zeros_like(new_weight))
+            return (new_weight, keep, scale.to(torch.float32), zero.to(torch.float32)), {
+                **extra, "quant_time_s": round(time.perf_counter() - start, 4)}
+
+        for layer, (new_weight, keep, scale, zero), info in ctx.map_layers(ctx.select(p), compute):
+            weight = layer.weight_matrix().to(device=ctx.device, dtype=torch.float32, copy=True)
             layer.set_weight_matrix(new_weight)
-            layer.set_row_buffer("weight_scale", scale.to(torch.float32))
-            layer.set_row_buffer("weight_zero_point", zero.to(torch.float32))
+            layer.set_row_buffer("weight_scale", scale)
+            layer.set_row_buffer("weight_zero_point", zero)
             ctx.record_mask(layer.name, keep)
             result.layers[layer.name] = {
                 "role": layer.role, "shape": list(layer.shape),
                 "quant": {"bits": p.bits, "group_size": p.group_size, "symmetric": p.symmetric, "method": self.name},
                 "quant_error": relative_error(weight, new_weight, ctx.artifact("hessian", layer.name)),
                 "sparsity": (new_weight == 0).sum() / new_weight.numel(),
-                "quant_time_s": round(time.perf_counter() - start, 4), **extra,
+                "quant_time_s": info.pop("quant_time_s"), **info,
             }
             result.modified = True
         return result

@@ -29,11 +29,13 @@ SCRIPTS = {
     "scale.py": [PY, "bench/scale.py", "--smoke"],
     "dtypes.py": [PY, "bench/dtypes.py", "--smoke"],
     "gpu_check.py": [PY, "bench/gpu_check.py", "--smoke"],
+    "distributed.py": [PY, "bench/distributed.py", "--smoke"],
 }
 WRITES = {"quality.py": ["quality.json", "quality.md"], "attention_fidelity.py": ["attention_fidelity.json", "attention_fidelity.png"],
           "arch.py": ["arch.json", "arch.md"], "cost.py": ["cost.json", "cost.md"], "deploy.py": ["deploy.json", "deploy.md"],
           "zeroshot.py": ["zeroshot.json", "zeroshot.md"], "tune_d2prune.sh": ["tuning.json"], "scale.py": ["scale.json", "scale.md"],
-          "dtypes.py": ["dtypes.json", "dtypes.md"], "gpu_check.py": ["gpu.json", "gpu.md"]}
+          "dtypes.py": ["dtypes.json", "dtypes.md"], "gpu_check.py": ["gpu.json", "gpu.md"],
+          "distributed.py": ["distributed.json", "distributed.md"]}
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,7 @@
+"""`python -m d2compiler ...` is `d2c ...` (what `torchrun -m d2compiler run RECIPE` starts in each process)."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
