@@ -116,20 +116,21 @@ def dense_forward_s(model_dir: str, ids_file: str) -> float:
 def gram_s(model_dir: str, ids_file: str) -> dict[str, float]:
     """The statistics' own arithmetic: the Gram products XᵀX a SparseGPT job accumulates (per decoder
     layer: q/k/v's, o's and gate/up's inputs of width hidden, down's of width intermediate), over
-    random inputs of the calibration windows' shape; as `passes.gram` computes them (upper block
-    triangle) and as one full product."""
+    random inputs of the calibration windows' shape; as `passes.gram.Gram` computes them (upper block
+    triangle per sample, summed in float64) and as one full float32 product accumulated in place."""
     import torch
     from transformers import AutoConfig
 
-    from passes.gram import add_gram
+    from passes.gram import Gram
 
     config = AutoConfig.from_pretrained(model_dir)
     rows, length = _windows_shape(ids_file)
     widths = [config.hidden_size] * 3 + [config.intermediate_size]
     inputs = {d: torch.randn(length, d) for d in set(widths)}
     out = {}
-    for name, step in (("triangle", lambda g, x: add_gram(g, x)), ("full", lambda g, x: g.addmm_(x.t(), x))):
-        grams = {d: torch.zeros(d, d) for d in set(widths)}
+    makers = {"triangle": (Gram, lambda g, x: g.add(x)), "full": (lambda d: torch.zeros(d, d), lambda g, x: g.addmm_(x.t(), x))}
+    for name, (make, step) in makers.items():
+        grams = {d: make(d) for d in set(widths)}
         start = time.perf_counter()
         for _layer in range(config.num_hidden_layers):
             for _window in range(rows):

@@ -17,7 +17,6 @@ Results: bench/results/distributed.{json,md}.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -120,10 +119,7 @@ def markdown(r: dict[str, Any]) -> str:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    protocol.add_smoke_flag(parser)
-    args = parser.parse_args()
-    protocol.start(args.smoke)
+    protocol.parse(__doc__)
     samples, windows = protocol.pick(32, 4), protocol.pick(32, 3)
     work = protocol.work_dir("distributed")
     work.mkdir(parents=True, exist_ok=True)

@@ -18,7 +18,6 @@ results in a temporary folder, so the script cannot rot where there is no GPU.
 
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
@@ -131,10 +130,7 @@ def markdown(r: dict[str, Any]) -> str:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    protocol.add_smoke_flag(parser)
-    args = parser.parse_args()
-    protocol.start(args.smoke)
+    args = protocol.parse(__doc__)
     import torch
 
     if not args.smoke and not torch.cuda.is_available():

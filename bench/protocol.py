@@ -41,6 +41,18 @@ def add_smoke_flag(parser: Any) -> None:
                         "tokens; results go to a temporary folder, never to bench/results/")
 
 
+def parse(doc: str | None, parser: Any = None) -> Any:
+    """A script's arguments: `parser` (default: one described by `doc`) with --smoke added, parsed,
+    and the run started (`start`)."""
+    import argparse
+
+    parser = parser or argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_smoke_flag(parser)
+    args = parser.parse_args()
+    start(args.smoke)
+    return args
+
+
 def start(smoke: bool) -> None:
     """Call first in a script's main: with `smoke`, make a temporary folder for this run (children inherit it)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

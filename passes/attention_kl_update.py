@@ -21,7 +21,7 @@ from d2compiler.attention import AttentionCall, AttentionRecorder, attention_kl
 from d2compiler.errors import PassError
 from d2compiler.passmanager import Pass, PassParams, PassResult, register_pass
 
-from .gram import add_gram, finish_gram
+from .gram import Gram
 from .pruning import relative_error
 
 QKV = ("q", "k", "v")
@@ -107,7 +107,7 @@ class AttentionKLUpdatePass(Pass):
             for layer in ctx.layers:
                 if layer.role in QKV:
                     acc = self._held.setdefault(tuple(ctx.structure.group_of(layer.owner)),
-                                                {"seen": offset, "tokens": 0, "h": None, "names": [], "width": layer.shape[1]})
+                                                {"seen": offset, "gram": Gram(layer.shape[1], ctx.device), "names": []})
                     acc["names"].append(layer.name)
                     if len(acc["names"]) == 1:
                         self._handles.append(layer.module.register_forward_hook(
@@ -122,8 +122,7 @@ class AttentionKLUpdatePass(Pass):
         acc["seen"] += 1
         if acc["seen"] - 1 < first_held:
             return
-        acc["tokens"] += x.reshape(-1, x.shape[-1]).shape[0]
-        acc["h"] = add_gram(acc["h"], x)
+        acc["gram"].add(x)
 
     def end_observe(self, ctx: Any) -> None:
         for handle in self._handles:
@@ -134,14 +133,11 @@ class AttentionKLUpdatePass(Pass):
             ctx.publish("dense_attention", ctx.name, self._recorder.calls)
             self._recorder = None
         for acc in self._held.values():
-            if ctx.group.size > 1:  # every process takes part, with or without held-out samples of its own
-                if acc["h"] is None:
-                    acc["h"] = torch.zeros(acc["width"], acc["width"], device=ctx.device)
-                ctx.reduce(acc["h"])
-                acc["tokens"] = int(ctx.group.total(acc["tokens"]))
-            if acc["tokens"]:
+            gram = acc["gram"]
+            gram.reduce(ctx)  # every process takes part, with or without held-out samples of its own
+            if gram.tokens:
                 for name in acc["names"]:
-                    ctx.publish("holdout_hessian", name, (finish_gram(acc["h"], acc["tokens"]), acc["tokens"]))
+                    ctx.publish("holdout_hessian", name, (gram.mean(), gram.tokens))
         self._held = {}
 
     def _projections(self, ctx: Any, consumer: Pass | None) -> dict[str, Any]:
@@ -223,14 +219,14 @@ class AttentionKLUpdatePass(Pass):
         keys = sorted({_qk_updates(cand) for cand in candidates}, reverse=True)
         scored = m > 0 and p.rho > 0 and bool(ctx.structure.attention)  # the same answer on every process
         kls = self._attention_kls(ctx, proj, variant, keys, samples) if samples and scored else {key: [] for key in keys}
-        # one host sync for every number the choice needs; sums in Python floats, then over the processes
+        # one host sync for every number the choice needs; sums in Python floats, in the one-process order
         recon_keys = list(recon)
         flat = [recon[k] for k in recon_keys] + [t.to(ctx.device) for k in keys for t in kls[k]]
         numbers = torch.stack(flat).tolist()
         recon_of = dict(zip(recon_keys, numbers))
         kl_of, at = {}, len(recon_keys)
         for key in keys if scored else []:
-            kl_of[key] = ctx.group.total(sum(numbers[at : at + len(kls[key])])) / m
+            kl_of[key] = sum(self._all_samples(ctx, numbers[at : at + len(kls[key])], [i + ctx.sample_offset - first for i in mine], m)) / m
             at += len(kls[key])
         table = {}
         for cand in candidates:
@@ -240,6 +236,16 @@ class AttentionKLUpdatePass(Pass):
         best = min(table, key=lambda c: table[c]["objective"])
         info = {"candidates": table, "kl_samples": m if scored else 0, "selection": "holdout" if holdout else "calibration"}
         return (tuple() if best == "none" else tuple(best.split(","))), info
+
+    @staticmethod
+    def _all_samples(ctx: Any, values: list[float], slots: list[int], m: int) -> list[float]:
+        """Every process's per-sample `values` in the run's sample order (they sit at `slots` of m),
+        so that every process sums them in the one-process order."""
+        if ctx.group.size == 1:
+            return values
+        everything = torch.zeros(m, dtype=torch.float64)
+        everything[slots] = torch.tensor(values, dtype=torch.float64)
+        return ctx.reduce(everything).tolist()
 
     @torch.no_grad()
     def _attention_kls(self, ctx: Any, proj: dict[str, Any], variant: Any, keys: list[tuple[bool, bool]],

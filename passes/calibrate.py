@@ -1,5 +1,5 @@
 """Calibration statistics, streamed over the samples while the dense block runs once:
-the fp32 Hessian H = XXᵀ/n (its upper triangle accumulated, see `gram`) (mean over calibration tokens) and the input-channel RMS norms
+the fp32 Hessian H = XXᵀ/n (per-sample products summed in float64, see `gram`) (mean over calibration tokens) and the input-channel RMS norms
 ‖x_j‖ = sqrt(H_jj). Linears that read the same tensor (q/k/v, gate/up) share one accumulator.
 Only what later passes require is computed."""
 
@@ -12,7 +12,7 @@ from pydantic import Field
 
 from d2compiler.passmanager import Pass, PassParams, PassResult, register_pass
 
-from .gram import add_gram, finish_gram
+from .gram import Gram
 
 
 class CalibrateParams(PassParams):
@@ -27,35 +27,36 @@ class CalibrateParams(PassParams):
 
 
 class _Accumulator:
-    def __init__(self, want_hessian: bool):
-        self.want_hessian = want_hessian
+    """One shared input's statistics: its Gram matrix, or only the squared norms (summed in float64
+    per sample, like the Gram: see `gram`)."""
+
+    def __init__(self, want_hessian: bool, width: int, device: torch.device):
+        self.gram = Gram(width, device) if want_hessian else None
         self.tokens = 0
-        self.hessian: torch.Tensor | None = None
-        self.sq: torch.Tensor | None = None
+        self.sq = torch.zeros(width, dtype=torch.float64, device=device)
 
     def add(self, x: torch.Tensor) -> None:
-        x = x.reshape(-1, x.shape[-1]).to(torch.float32)
-        self.tokens += x.shape[0]
-        if self.want_hessian:
-            self.hessian = add_gram(self.hessian, x)
+        if self.gram is not None:
+            self.gram.add(x)
         else:
-            sq = x.pow(2).sum(0)
-            self.sq = sq if self.sq is None else self.sq.add_(sq)
+            x = x.reshape(-1, x.shape[-1]).to(torch.float32)
+            self.tokens += x.shape[0]
+            self.sq.add_(x.pow(2).sum(0))
 
     def reduce(self, ctx: Any) -> None:
         """Sum the raw accumulators and the token count over the run's processes."""
-        for acc in (self.hessian, self.sq):
-            if acc is not None:
-                ctx.reduce(acc)
-        if ctx.group.size > 1:
+        if self.gram is not None:
+            self.gram.reduce(ctx)
+            self.tokens = self.gram.tokens
+        else:
+            ctx.reduce(self.sq)
             self.tokens = int(ctx.group.total(self.tokens))
 
     def finish(self) -> tuple[torch.Tensor | None, torch.Tensor]:
-        if self.hessian is not None:
-            h = finish_gram(self.hessian, self.tokens)
+        if self.gram is not None:
+            h = self.gram.mean()
             return h, torch.sqrt(torch.diag(h))
-        assert self.sq is not None
-        return None, torch.sqrt(self.sq / self.tokens)
+        return None, torch.sqrt(self.sq / self.tokens).to(torch.float32)
 
 
 @register_pass
@@ -74,8 +75,8 @@ class CalibratePass(Pass):
     def begin_observe(self, ctx: Any) -> None:
         want_hessian = "hessian" in ctx.needed or self.params.hessian
         for group in ctx.observed_groups():
-            acc = _Accumulator(want_hessian)
             first = group[0]
+            acc = _Accumulator(want_hessian, first.shape[1], ctx.device)
             self._accs[first.name] = (acc, [layer.name for layer in group])
             self._handles.append(first.module.register_forward_hook(lambda _m, inp, _o, acc=acc: acc.add(inp[0])))
 

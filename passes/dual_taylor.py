@@ -63,7 +63,7 @@ class LayerStats:
     reference: bool = True  # also keep the reference accumulators (needed only for stats = "reference")
     samples: int = 0
     tokens: int = 0
-    y_sq: torch.Tensor | None = None  # Σ y_i² over tokens (mean mode)
+    y_sq: torch.Tensor | None = None  # Σ y_i² over tokens (mean mode), float64
     ref: dict[str, torch.Tensor] = field(default_factory=dict)  # reference accumulators
 
     def add(self, x: torch.Tensor, y: torch.Tensor) -> None:
@@ -74,7 +74,7 @@ class LayerStats:
         self.tokens += x.shape[0]
         k = self.samples
         y2 = y.pow(2).sum(0)
-        self.y_sq = y2 if self.y_sq is None else self.y_sq + y2
+        self.y_sq = y2.double() if self.y_sq is None else self.y_sq.add_(y2)  # float64 across samples (see `gram`)
         if not self.reference:
             return
         a, b = y2.sqrt(), x.pow(2).sum(0).sqrt()  # per-sample L2 norms over tokens
@@ -106,7 +106,7 @@ class LayerStats:
 
     def y_rms(self) -> torch.Tensor:
         assert self.y_sq is not None
-        return (self.y_sq / self.tokens).sqrt()
+        return (self.y_sq / self.tokens).sqrt().to(torch.float32)
 
 
 def obs_extra_score(stats: LayerStats, x_rms: torch.Tensor, cfg: DualTaylorSettings):

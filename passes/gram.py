@@ -1,9 +1,12 @@
-"""Gram matrices XᵀX of layer inputs, accumulated over calibration samples in float32.
+"""Gram matrices XᵀX of layer inputs, accumulated over calibration samples.
 
-XᵀX is symmetric, so only its upper block triangle is computed (`add_gram`): the columns are cut into
-up to 8 bands and band i is multiplied with bands i.. only, about 5/8 of the full product's work;
-`finish_gram` mirrors it. For SmolLM2's shapes this takes the statistics of a block from about 0.7x
-to 0.4x the cost of its forward pass (`bench/cost.py` reports the observe/forward ratio)."""
+Each sample's XᵀX is computed in float32 and only its upper block triangle (the columns are cut into
+up to 8 bands and band i is multiplied with bands i.. only: about 5/8 of the full product's work for
+wide inputs; `mean` mirrors it). The per-sample products are summed in float64. In float64 that sum
+of float32 terms is exact in practice, so its value does not depend on the order of the samples or
+on how they are split over processes: N processes give the one-process Hessian, bit for bit, after
+the final rounding to float32 (see docs/distributed.md). `bench/cost.py` reports the observe/forward
+ratio and the Gram products' own time."""
 
 from __future__ import annotations
 
@@ -13,22 +16,36 @@ MAX_BANDS = 8
 BAND_WIDTH = 192  # narrower bands lose more to small matrix products than the triangle saves
 
 
-def add_gram(gram: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
-    """`gram` (or a new zero matrix) plus the upper block triangle of xᵀx, for x of shape (..., d) cast
-    to float32. Entries below the diagonal bands are left as they were: read the result through
-    `finish_gram`."""
-    x = x.reshape(-1, x.shape[-1]).to(torch.float32)
-    d = x.shape[1]
-    if gram is None:
-        gram = x.new_zeros(d, d)
-    bands = min(MAX_BANDS, max(1, d // BAND_WIDTH))
-    edges = [round(i * d / bands) for i in range(bands + 1)]
-    for start, stop in zip(edges, edges[1:]):
-        gram[start:stop, start:].addmm_(x[:, start:stop].t(), x[:, start:])
-    return gram
+class Gram:
+    """Σ XᵀX over the samples added (see the module docstring), with the token count."""
 
+    def __init__(self, width: int, device: torch.device | str = "cpu"):
+        self.width = width
+        self.tokens = 0
+        self.total = torch.zeros(width, width, dtype=torch.float64, device=device)
+        self._sample: torch.Tensor | None = None  # float32 scratch for one sample's product
 
-def finish_gram(gram: torch.Tensor, tokens: int) -> torch.Tensor:
-    """The symmetric mean Gram matrix XᵀX / tokens from `add_gram`'s upper triangle."""
-    upper = torch.triu(gram)
-    return (upper + torch.triu(gram, 1).t()) / tokens
+    def add(self, x: torch.Tensor) -> None:
+        """Add the upper block triangle of one sample's xᵀx, x of shape (..., width)."""
+        x = x.reshape(-1, x.shape[-1]).to(torch.float32)
+        if self._sample is None:
+            self._sample = torch.zeros(self.width, self.width, device=x.device)
+            self.total = self.total.to(x.device)
+        d = self.width
+        bands = min(MAX_BANDS, max(1, d // BAND_WIDTH))
+        edges = [round(i * d / bands) for i in range(bands + 1)]
+        for start, stop in zip(edges, edges[1:]):  # beta=0: overwrite this band (the lower part stays zero)
+            self._sample[start:stop, start:].addmm_(x[:, start:stop].t(), x[:, start:], beta=0)
+        self.total.add_(self._sample)
+        self.tokens += x.shape[0]
+
+    def reduce(self, ctx: object) -> None:
+        """Sum over the run's processes (`BlockContext.reduce` and `group.total`)."""
+        ctx.reduce(self.total)  # type: ignore[attr-defined]
+        self.tokens = int(ctx.group.total(self.tokens))  # type: ignore[attr-defined]
+        self._sample = None
+
+    def mean(self) -> torch.Tensor:
+        """The symmetric mean XᵀX / tokens, float32."""
+        upper = torch.triu(self.total)
+        return ((upper + torch.triu(self.total, 1).t()) / self.tokens).to(torch.float32)

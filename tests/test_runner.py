@@ -11,7 +11,7 @@ import torch
 from d2compiler import runner as runner_module
 from d2compiler.models import load_model
 from d2compiler.runner import ModelRunner, chunks
-from passes.gram import add_gram, finish_gram
+from passes.gram import Gram
 
 CPU = torch.device("cpu")
 
@@ -83,10 +83,23 @@ def test_chunks_respect_the_budget():
 @pytest.mark.parametrize("width", [5, 191, 576, 1536])
 def test_gram_triangle_equals_the_full_product(width):
     x = torch.randn(3, 64, width)
-    gram = None
+    gram = Gram(width)
     for part in x:
-        gram = add_gram(gram, part)
-    mean = finish_gram(gram, 3 * 64)
+        gram.add(part)
+    mean = gram.mean()
     flat = x.reshape(-1, width).double()
-    assert torch.equal(mean, mean.t())
+    assert gram.tokens == 3 * 64 and mean.dtype == torch.float32 and torch.equal(mean, mean.t())
     torch.testing.assert_close(mean.double(), flat.t() @ flat / (3 * 64), rtol=1e-5, atol=1e-5)
+
+
+def test_gram_does_not_depend_on_the_order_or_split_of_samples():
+    """What makes N processes give the one-process Hessian: float64 sums of the per-sample products."""
+    x = torch.randn(8, 64, 200) * torch.logspace(-2, 2, 8).view(8, 1, 1)
+    one, halves = Gram(200), [Gram(200), Gram(200)]
+    for part in x:
+        one.add(part)
+    for i, part in enumerate(reversed(x)):
+        halves[i % 2].add(part)
+    halves[0].total += halves[1].total
+    halves[0].tokens += halves[1].tokens
+    assert torch.equal(one.mean(), halves[0].mean())
