@@ -198,7 +198,7 @@ class BlockCost:
     solves_s: list[float] = field(default_factory=list)  # one OBS solve per targeted layer: layer-parallel
     kl_forward_s: float = 0.0  # attention-KL candidates' prefix runs and KL: data-parallel
     kl_solve_s: float = 0.0  # the candidates' pruned variants: every process
-    reduce_bytes: int = 0  # statistics summed over the processes (all-reduce)
+    reduce_bytes: int = 0  # statistics summed over the processes (all-reduce, float64)
     broadcast_bytes: int = 0  # each solved layer's weight and mask, sent by the process that solved it
 
 
@@ -215,7 +215,7 @@ def block_cost(shapes: list[tuple[str, int, int]], groups: list[int], *, tokens:
     attn = 4 * tokens * seq * hidden  # QKᵀ and AV over all calibration tokens
     cost = BlockCost(forward_s=2 * (2 * linear_params * tokens + attn) / forward_flop_s,
                      stats_s=sum(2 * tokens * i * i for i in groups) / flop_s,
-                     reduce_bytes=sum(4 * i * i for i in groups))
+                     reduce_bytes=sum(8 * i * i for i in groups))  # the float64 sums of passes/gram.py
     if obs:
         cost.solves_s = [(2 * i**3 + 3 * o * i * i) / flop_s + i * rates["column_us"] / 1e6 for _r, o, i in shapes]
     cost.broadcast_bytes = sum(5 * o * i for _r, o, i in shapes)  # fp32 weight + bool mask
