@@ -266,9 +266,9 @@ def _estimate(plan: Plan, blocks: list[list[LinearLayer]], block_groups: list[se
                                     heads=heads, rates=plan.rates, obs=False, kl=None).forward_s  # every linear runs
         plan.costs.append(cost)
         # statistics: a float64 sum and a float32 scratch per accumulator (passes/gram.py), doubled by the KL
-        # update's held-out Hessians; the OBS solve: two float64 n x n factors, the float32 Hessian and U, weights
+        # update's held-out Hessians; the OBS solve: three float32 n x n matrices and the weights
         block_mb = (sum(i * i for i in groups) * 12 * (2 if "attention_kl_update" in names else 1)
-                    + max(24 * la.shape[1] ** 2 + 16 * la.shape[0] * la.shape[1] for la in chosen or layers)) / 2**20
+                    + max(12 * la.shape[1] ** 2 + 16 * la.shape[0] * la.shape[1] for la in chosen or layers)) / 2**20
         working = max(working, block_mb)
     fwd = sum(c.forward_s for c in plan.costs)
     stats = sum(c.stats_s for c in plan.costs)

@@ -4,6 +4,7 @@ by `sparsegpt` and `dual_taylor_mask`. A caller may add its own term to the OBS 
 from __future__ import annotations
 
 import logging
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -42,18 +43,31 @@ def _one_thread(device: torch.device) -> Iterator[None]:
 
 
 def inverse_hessian_factor(hessian: torch.Tensor, weight: torch.Tensor, damping: float, layer: str) -> tuple[torch.Tensor, float]:
-    """Upper Cholesky factor U of the damped inverse Hessian (H⁻¹ = UᵀU), float32. Dead inputs (zero
+    """Upper Cholesky factor U of the damped inverse Hessian (H⁻¹ = UᵀU). Dead inputs (zero
     diagonal) get H_jj = 1 and their weight column zeroed, in place. If H is not positive definite
     the damping is multiplied by 10 (up to 5 times) with a warning naming the layer.
 
-    The factorisations run in float64, on one CPU thread, and U is rounded to float32: LAPACK's
-    results depend on the thread count in their last bits, and those bits would otherwise make a run
-    with N processes (fewer threads each) differ from a one-process run (about 3% of a SparseGPT
-    job's time on SmolLM2 here; CUDA solvers do not depend on a thread count)."""
-    h = hessian.to(torch.float64)  # a copy
+    The factorisations run on one CPU thread: LAPACK's results depend on the thread count in their
+    last bits, which would make a run with N processes (fewer threads each) differ from a one-process
+    run. The factor is computed once per Hessian tensor and damping (q/k/v and gate/up share one
+    Hessian) and forgotten when the Hessian is."""
+    key = (id(hessian), damping)
+    if key not in _FACTORS:
+        _FACTORS[key] = _factor(hessian, damping, layer)
+        weakref.finalize(hessian, _FACTORS.pop, key, None)
+    upper, used, dead = _FACTORS[key]
+    weight.masked_fill_(dead.unsqueeze(0), 0.0)  # masked fills: boolean indexing would sync with the host on CUDA
+    return upper, used
+
+
+_FACTORS: dict[tuple[int, float], tuple[torch.Tensor, float, torch.Tensor]] = {}
+
+
+def _factor(hessian: torch.Tensor, damping: float, layer: str) -> tuple[torch.Tensor, float, torch.Tensor]:
+    """(U, the damping used, the dead inputs) for `inverse_hessian_factor`."""
+    h = hessian.clone()
     dead = torch.diag(h) == 0
-    h.diagonal().masked_fill_(dead, 1.0)  # masked fills: boolean indexing would sync with the host on CUDA
-    weight.masked_fill_(dead.unsqueeze(0), 0.0)
+    h.diagonal().masked_fill_(dead, 1.0)
     diagonal = h.diagonal().clone()
     mean_diag = diagonal.mean()  # stays on the device: one host sync per attempt, below
     current = damping
@@ -69,8 +83,8 @@ def inverse_hessian_factor(hessian: torch.Tensor, weight: torch.Tensor, damping:
         if not bool(failed | failed_inverse):  # the one host sync: the retry needs the answer
             if attempt:
                 log.warning("%s: Hessian not positive definite; damping raised to %g", layer, current)
-            return upper.to(torch.float32), current
-        h = hessian.to(torch.float64)
+            return upper, current, dead
+        h = hessian.clone()
         h.diagonal().masked_fill_(dead, 1.0)
         current *= 10.0
     raise PassError(f"{layer}: Hessian is not positive definite even with damping {current / 10:g}")
