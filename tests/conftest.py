@@ -100,3 +100,32 @@ seq_len = {seq_len}
 {out}"""
     )
     return path
+
+
+def kill_after_blocks(cmd: list[str], state_file: Path, blocks: int, *, group: bool = False) -> int:
+    """Start `cmd`, SIGKILL it (its whole process group with `group`) once its checkpoint state says
+    `blocks` blocks are finished, and return the blocks finished then. Fails if it ends first."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import time
+
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=group,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            done = json.loads(state_file.read_text())["blocks_done"]
+        except (OSError, ValueError, KeyError):
+            done = 0
+        if done >= blocks:
+            if group:
+                os.killpg(proc.pid, signal.SIGKILL)
+            else:
+                proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.005)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    return json.loads(state_file.read_text())["blocks_done"]

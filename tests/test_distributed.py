@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -19,7 +18,7 @@ from safetensors.torch import load_file
 from d2compiler.checkpoint import work_dir_for
 from d2compiler.cli import main
 
-from .conftest import write_recipe
+from .conftest import kill_after_blocks, write_recipe
 
 EVAL = '[data.evaluation]\nsource = "builtin:python-docs"\nseq_len = 32\nmax_windows = 5\n'
 METHODS = {
@@ -69,20 +68,7 @@ def test_killed_two_process_run_resumes_with_two(tmp_path, tiny_models):
 
     state = work_dir_for(output) / "state.json"
     cmd = [sys.executable, "-m", "d2compiler", "--quiet", "run", str(recipe), "--output", str(output), "--nproc", "2"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            finished = json.loads(state.read_text())["blocks_done"]
-        except (OSError, ValueError, KeyError):
-            finished = 0
-        if finished >= 2:
-            os.killpg(proc.pid, signal.SIGKILL)  # the launcher, torchrun and both processes
-            break
-        time.sleep(0.005)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
-    killed_at = json.loads(state.read_text())["blocks_done"]
+    killed_at = kill_after_blocks(cmd, state, 2, group=True)  # the launcher, torchrun and both processes
     assert 2 <= killed_at < 6 and json.loads(state.read_text())["processes"] == 2
 
     start = time.monotonic()

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -16,7 +14,7 @@ import torch
 from d2compiler.checkpoint import work_dir_for
 from d2compiler.cli import main
 
-from .conftest import write_recipe
+from .conftest import kill_after_blocks, write_recipe
 
 SPARSEGPT = '[[passes]]\ntype = "calibrate"\n[[passes]]\ntype = "sparsegpt"\nsparsity = 0.5\n'
 
@@ -51,22 +49,8 @@ def test_kill_and_resume_is_byte_identical(tmp_path, deep_llama, streaming):
     cmd = [sys.executable, "-m", "d2compiler.cli", "run", str(recipe), "--output", str(output),
            "--set", f"model.streaming={str(streaming).lower()}"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-    deadline = time.monotonic() + 300
-    done = 0
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            done = json.loads(state_file.read_text())["blocks_done"]
-        except (OSError, ValueError, KeyError):
-            done = 0
-        if done >= 3:
-            proc.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.005)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    killed_at = kill_after_blocks(cmd, state_file, 3)
     assert not output.exists(), "a killed run left something at the output path"
-    killed_at = json.loads(state_file.read_text())["blocks_done"]
     assert 3 <= killed_at < 8
 
     rerun = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
