@@ -115,13 +115,19 @@ def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, calls: list[Ca
     return captured
 
 
-def _hidden(output: Any) -> torch.Tensor:
-    return output[0] if isinstance(output, (tuple, list)) else output
-
-
 @torch.no_grad()
+def block_outputs(block: nn.Module, inputs: list[BlockInput]) -> tuple[list[torch.Tensor], bool]:
+    """The block's output hidden states for each input, and whether the block returns a tuple."""
+    outputs, as_tuple = [], False
+    for inp in inputs:
+        out = block(*inp.args, **inp.kwargs)
+        as_tuple = isinstance(out, (tuple, list))
+        outputs.append(out[0] if as_tuple else out)
+    return outputs, as_tuple
+
+
 def forward_block(block: nn.Module, inputs: list[BlockInput]) -> list[torch.Tensor]:
-    return [_hidden(block(*inp.args, **inp.kwargs)) for inp in inputs]
+    return block_outputs(block, inputs)[0]
 
 
 @dataclass

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -154,9 +155,7 @@ def compress(recipe: BaseModel, *, loaded: LoadedModel | None = None, quiet: boo
         protected = protected_paths(recipe)
         if group.is_main:
             check_output_path(out_path, overwrite, protected)
-            with output_lock(out_path):
-                summary = _compress(recipe, loaded, quiet, out_path, overwrite, protected, group)
-        else:
+        with output_lock(out_path) if group.is_main else nullcontext():  # only the first process writes
             summary = _compress(recipe, loaded, quiet, out_path, overwrite, protected, group)
     leave(group)
     return summary
@@ -223,8 +222,18 @@ def _compress(recipe: BaseModel, loaded: LoadedModel | None, quiet: bool, out_pa
     pruned_value = None if metric is None else metric.measure(runner, desc=f"pruned {metric.name}")
 
     layers = execution.layer_metrics()
-    patterns = sorted({p.params.mask_structure for p in manager.schedule if hasattr(p.params, "mask_structure")})
     metric_name = None if metric is None else metric.name
+
+    def summary(record: dict[str, Any]) -> RunSummary:
+        peak_cuda = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None
+        return RunSummary(
+            output=out_path if main else None, metric=metric_name, dense_value=dense_value, pruned_value=pruned_value,
+            sparsity=overall_sparsity(layers), wall_s=time.perf_counter() - start, prune_s=prune_s, peak_rss_mb=peak_rss_mb(),
+            peak_cuda_mb=peak_cuda, layers=layers, execution=execution, record=record, rank=group.rank)
+
+    if not main:  # the first process records and writes; hashing the weights again here would be wasted work
+        return summary({})
+    patterns = sorted({p.params.mask_structure for p in manager.schedule if hasattr(p.params, "mask_structure")})
     results = {
         "metric": metric_name,
         "dense": dense_value,
@@ -246,12 +255,11 @@ def _compress(recipe: BaseModel, loaded: LoadedModel | None, quiet: bool, out_pa
     choices = {b["index"]: b["passes"]["attention_kl_update"]["choice"] for b in blocks if "attention_kl_update" in b["passes"]}
     if choices:
         record["attention_choices"] = choices
-    peak_cuda = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None
     if group.size > 1:
         record["results"]["processes"] = group.size
         record["results"]["bytes_all_reduced"] = group.bytes_reduced
         record["results"]["bytes_broadcast"] = group.bytes_broadcast
-    if out_path is not None and main:
+    if out_path is not None:
         record["results"]["wall_s"] = round(time.perf_counter() - start, 3)
         record["results"]["peak_rss_mb"] = round(peak_rss_mb(), 1)
         if streamed is not None:
@@ -263,8 +271,4 @@ def _compress(recipe: BaseModel, loaded: LoadedModel | None, quiet: bool, out_pa
                          protected=protected)
         if checkpoints is not None:
             checkpoints.discard()
-    return RunSummary(
-        output=out_path if main else None, metric=metric_name, dense_value=dense_value, pruned_value=pruned_value, sparsity=overall_sparsity(layers),
-        wall_s=time.perf_counter() - start, prune_s=prune_s, peak_rss_mb=peak_rss_mb(), peak_cuda_mb=peak_cuda,
-        layers=layers, execution=execution, record=record, rank=group.rank,
-    )
+    return summary(record)

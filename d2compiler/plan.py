@@ -197,21 +197,22 @@ class BlockCost:
     stats_s: float = 0.0  # Gram products of the statistics: data-parallel
     solves_s: list[float] = field(default_factory=list)  # one OBS solve per targeted layer: layer-parallel
     kl_forward_s: float = 0.0  # attention-KL candidates' prefix runs and KL: data-parallel
-    kl_solve_s: float = 0.0  # the candidates' pruned variants: every process
+    kl_solves_s: list[float] = field(default_factory=list)  # the candidates' pruned variants: spread like the solves
     reduce_bytes: int = 0  # statistics summed over the processes (all-reduce, float64)
     broadcast_bytes: int = 0  # each solved layer's weight and mask, sent by the process that solved it
 
 
 def block_cost(shapes: list[tuple[str, int, int]], groups: list[int], *, tokens: int, seq: int, hidden: int, heads: int,
-               rates: dict[str, float], obs: bool, kl: Any | None) -> BlockCost:
+               rates: dict[str, float], obs: bool, kl: Any | None, forward_params: int | None = None) -> BlockCost:
     """The cost of one block from its targeted linears' (role, out, in) `shapes`, the input widths of
     its statistics accumulators (`groups`), the calibration token count and the device `rates`
     (`gflops`: float32 matmuls; `forward_gflops`, default the same: the block forwards in the working
     dtype; `column_us`: the OBS loop's overhead per column). `kl`: the attention_kl_update params when
-    it scores candidates by KL."""
+    it scores candidates by KL. `forward_params`: the parameters of all the block's linears, which the
+    forwards run (default: those of `shapes`)."""
     flop_s = rates["gflops"] * 1e9  # float32: statistics and solves
     forward_flop_s = rates.get("forward_gflops", rates["gflops"]) * 1e9  # the working dtype's matmuls
-    linear_params = sum(o * i for _r, o, i in shapes)
+    linear_params = sum(o * i for _r, o, i in shapes) if forward_params is None else forward_params
     attn = 4 * tokens * seq * hidden  # QKᵀ and AV over all calibration tokens
     cost = BlockCost(forward_s=2 * (2 * linear_params * tokens + attn) / forward_flop_s,
                      stats_s=sum(2 * tokens * i * i for i in groups) / flop_s,
@@ -224,26 +225,26 @@ def block_cost(shapes: list[tuple[str, int, int]], groups: list[int], *, tokens:
         samples = count if kl.kl_samples == 0 else min(kl.kl_samples, count)
         qkv = sum(o * i for r, o, i in shapes if r in ("q", "k", "v"))
         cost.kl_forward_s = samples * (2 * 2 * qkv * seq + 3 * (2 * seq * seq * hidden + 10 * heads * seq * seq)) / forward_flop_s
-        cost.kl_solve_s = sum(i * rates["column_us"] / 1e6 for r, _o, i in shapes if r in ("q", "k", "v"))
+        cost.kl_solves_s = [i * rates["column_us"] / 1e6 for r, _o, i in shapes if r in ("q", "k", "v") for _update in (0, 1)]
     return cost
 
 
 def project(costs: list[BlockCost], nproc: int, link_gbs: float) -> dict[str, float]:
     """Seconds for `nproc` processes (see docs/distributed.md for the formula): the data-parallel work
-    divided by N, per block the largest share of the layers' solves when they are spread by cost, the
-    KL candidates' solves undivided, and the all-reduce (ring: 2(N-1)/N x bytes) and broadcasts at
+    divided by N, per block the largest share of the layers' solves and of the KL candidates' solves
+    when they are spread by cost, and the all-reduce (ring: 2(N-1)/N x bytes) and broadcasts at
     `link_gbs` GB/s."""
     from .distributed import Group
 
+    def largest_share(work: list[float]) -> float:
+        owners = Group(size=nproc).owners(work)
+        return max([sum(s for s, o in zip(work, owners) if o == r) for r in range(nproc)], default=0.0)
+
     link = link_gbs * 1e9
-    out = {"data-parallel forwards and statistics": sum(c.forward_s + c.stats_s + c.kl_forward_s for c in costs) / nproc}
-    solves = 0.0
-    for c in costs:
-        owners = Group(size=nproc).owners(c.solves_s)
-        solves += max([sum(s for s, o in zip(c.solves_s, owners) if o == r) for r in range(nproc)], default=0.0)
-    out["layer solves (largest share per block)"] = solves
-    out["attention-KL candidate solves (every process)"] = sum(c.kl_solve_s for c in costs)
-    out["communication"] = sum(2 * (nproc - 1) / nproc * c.reduce_bytes + (nproc > 1) * c.broadcast_bytes for c in costs) / link
+    out = {"data-parallel forwards and statistics": sum(c.forward_s + c.stats_s + c.kl_forward_s for c in costs) / nproc,
+           "layer solves (largest share per block)": sum(largest_share(c.solves_s) for c in costs),
+           "attention-KL candidate solves (largest share per block)": sum(largest_share(c.kl_solves_s) for c in costs),
+           "communication": sum(2 * (nproc - 1) / nproc * c.reduce_bytes + (nproc > 1) * c.broadcast_bytes for c in costs) / link}
     out["total"] = sum(out.values())
     return out
 
@@ -261,9 +262,8 @@ def _estimate(plan: Plan, blocks: list[list[LinearLayer]], block_groups: list[se
         by_owner = {la.owner: la for la in layers}
         groups = [by_owner[g[0]].shape[1] for g in input_groups if g[0] in by_owner]  # one Hessian per shared input
         cost = block_cost([(la.role, *la.shape) for la in chosen], groups, tokens=tokens, seq=seq, hidden=hidden, heads=heads,
-                          rates=plan.rates, obs=bool(names & OBS_PASSES), kl=kl)
-        cost.forward_s = block_cost([(la.role, *la.shape) for la in layers], [], tokens=tokens, seq=seq, hidden=hidden,
-                                    heads=heads, rates=plan.rates, obs=False, kl=None).forward_s  # every linear runs
+                          rates=plan.rates, obs=bool(names & OBS_PASSES), kl=kl,
+                          forward_params=sum(la.shape[0] * la.shape[1] for la in layers))
         plan.costs.append(cost)
         # statistics: a float64 sum and a float32 scratch per accumulator (passes/gram.py), doubled by the KL
         # update's held-out Hessians; the OBS solve: three float32 n x n matrices and the weights
@@ -273,7 +273,7 @@ def _estimate(plan: Plan, blocks: list[list[LinearLayer]], block_groups: list[se
     fwd = sum(c.forward_s for c in plan.costs)
     stats = sum(c.stats_s for c in plan.costs)
     obs = sum(sum(c.solves_s) for c in plan.costs)
-    kl_s = sum(c.kl_forward_s + c.kl_solve_s for c in plan.costs)
+    kl_s = sum(c.kl_forward_s + sum(c.kl_solves_s) for c in plan.costs)
     plan.estimate_s = {"block forwards (observe + re-forward)": fwd, "statistics": stats}
     if names & OBS_PASSES:
         plan.estimate_s["masks and OBS updates"] = obs

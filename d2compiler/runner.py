@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .distributed import SINGLE, Group
-from .executor import Call, capture_block_inputs, invoke
+from .executor import Call, block_outputs, capture_block_inputs, invoke
 from .placement import Placement, Reader
 from .progress import counter
 
@@ -116,15 +116,10 @@ class ModelRunner:
         with bar, self.placement.outside_on():
             for part in parts:
                 inputs = capture_block_inputs(model, blocks, [calls[i] for i in part], self.device)
-                as_tuple = False
                 for index in range(len(blocks)):
                     read = self.readers[index] if self.readers is not None else None
                     with self.placement.block(index, read) as block:
-                        outputs = []
-                        for inp in inputs:
-                            out = block(*inp.args, **inp.kwargs)
-                            as_tuple = isinstance(out, (tuple, list))
-                            outputs.append(out[0] if as_tuple else out)
+                        outputs, as_tuple = block_outputs(block, inputs)
                     inputs = [inp.with_hidden(h) for inp, h in zip(inputs, outputs)]
                     bar.update(1)
                 final: list[torch.Tensor] = [inp.args[0] for inp in inputs]

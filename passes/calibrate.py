@@ -1,5 +1,6 @@
 """Calibration statistics, streamed over the samples while the dense block runs once:
-the fp32 Hessian H = XXᵀ/n (per-sample products summed in float64, see `gram`) (mean over calibration tokens) and the input-channel RMS norms
+the fp32 Hessian H = XXᵀ/n, the mean over calibration tokens (per-sample products summed in float64,
+see `gram`), and the input-channel RMS norms
 ‖x_j‖ = sqrt(H_jj). Linears that read the same tensor (q/k/v, gate/up) share one accumulator.
 Only what later passes require is computed."""
 
@@ -33,7 +34,7 @@ class _Accumulator:
     def __init__(self, want_hessian: bool, width: int, device: torch.device):
         self.gram = Gram(width, device) if want_hessian else None
         self.tokens = 0
-        self.sq = torch.zeros(width, dtype=torch.float64, device=device)
+        self.sq = None if want_hessian else torch.zeros(width, dtype=torch.float64, device=device)
 
     def add(self, x: torch.Tensor) -> None:
         if self.gram is not None:

@@ -65,13 +65,12 @@ _FACTORS: dict[tuple[int, float], tuple[torch.Tensor, float, torch.Tensor]] = {}
 
 def _factor(hessian: torch.Tensor, damping: float, layer: str) -> tuple[torch.Tensor, float, torch.Tensor]:
     """(U, the damping used, the dead inputs) for `inverse_hessian_factor`."""
-    h = hessian.clone()
-    dead = torch.diag(h) == 0
-    h.diagonal().masked_fill_(dead, 1.0)
-    diagonal = h.diagonal().clone()
+    dead = torch.diag(hessian) == 0
+    diagonal = torch.diag(hessian).masked_fill(dead, 1.0)  # dead inputs get H_jj = 1
     mean_diag = diagonal.mean()  # stays on the device: one host sync per attempt, below
     current = damping
     for attempt in range(6):  # at most two n x n matrices alive at a time (no identity, no sums)
+        h = hessian.clone()
         h.diagonal().copy_(diagonal + current * mean_diag)
         with _one_thread(h.device):
             chol, failed = torch.linalg.cholesky_ex(h)
@@ -84,8 +83,6 @@ def _factor(hessian: torch.Tensor, damping: float, layer: str) -> tuple[torch.Te
             if attempt:
                 log.warning("%s: Hessian not positive definite; damping raised to %g", layer, current)
             return upper, current, dead
-        h = hessian.clone()
-        h.diagonal().masked_fill_(dead, 1.0)
         current *= 10.0
     raise PassError(f"{layer}: Hessian is not positive definite even with damping {current / 10:g}")
 
