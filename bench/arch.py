@@ -43,10 +43,10 @@ from protocol import (  # noqa: E402
     pick,
     provenance,
     provenance_line,
+    publish,
     results_dir,
     start,
     work_dir,
-    write_json,
 )
 from quality import method_passes  # noqa: E402
 
@@ -186,9 +186,7 @@ def main() -> int:
                                    "count": count, "calibration": setup["calibration"],
                                    "evaluation": setup["evaluation"], "d2prune_options": options,
                                    "lambda1_sweep_valid_60": sweep, "runs": runs, "provenance": provenance()}
-    write_json(path, results)
-    (results_dir() / "arch.md").write_text(markdown(results))
-    print(markdown(results))
+    publish("arch", results, markdown(results))
     return 0
 
 

@@ -277,10 +277,7 @@ def main() -> int:
         record |= {"ratio_wall": ours["wall_s"] / theirs["wall_s"], "ratio_compress": ours["compress_s"] / theirs["oneshot_s"]}
     else:
         record["llm_compressor_skipped"] = f"{LLMC_VENV.name} is absent"
-    out = protocol.results_dir()
-    protocol.write_json(out / "cost.json", record)
-    (out / "cost.md").write_text(markdown(record))
-    print(markdown(record))
+    protocol.publish("cost", record, markdown(record))
     return 0
 
 

@@ -36,11 +36,10 @@ from protocol import (  # noqa: E402
     pick,
     provenance,
     provenance_line,
-    results_dir,
+    publish,
     smoke,
     start,
     work_dir,
-    write_json,
 )
 
 
@@ -194,9 +193,7 @@ def main() -> int:
         "exactness_max_abs_diff": exact, "onnx": onnx_rows,
     }
     record["provenance"] = provenance()
-    write_json(results_dir() / "deploy.json", record)
-    (results_dir() / "deploy.md").write_text(markdown(record))
-    print(markdown(record))
+    publish("deploy", record, markdown(record))
     return 0
 
 

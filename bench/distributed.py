@@ -129,9 +129,7 @@ def main() -> int:
               "evaluation": f"{protocol.pick('WikiText-2 test', 'python-docs')} first {windows} x {protocol.seq_len()}",
               "runs": runs, "comparison": compare(runs[0]["output"], runs[1]["output"]), "projection": projection(),
               "provenance": protocol.provenance()}
-    protocol.write_json(protocol.results_dir() / "distributed.json", record)
-    (protocol.results_dir() / "distributed.md").write_text(markdown(record))
-    print(markdown(record))
+    protocol.publish("distributed", record, markdown(record))
     return 0
 
 

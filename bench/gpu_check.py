@@ -153,9 +153,7 @@ def main() -> int:
             print(json.dumps(runs[-1]), flush=True)
     record = {"device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu (smoke)", "cuda_tests": tests, "runs": runs,
               "matmul": matmul_times(device), "wall_s": time.perf_counter() - started, "provenance": protocol.provenance()}
-    protocol.write_json(protocol.results_dir() / "gpu.json", record)
-    (protocol.results_dir() / "gpu.md").write_text(markdown(record))
-    print(markdown(record))
+    protocol.publish("gpu", record, markdown(record))
     off = [r for r in runs if abs(r["ratio"] - 1) > 0.01]
     if off:
         print(f"error: CUDA perplexity is more than 1% away from the CPU run for {[(r['method'], r['dtype']) for r in off]}",

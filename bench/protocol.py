@@ -158,6 +158,13 @@ def write_json(path: Path, data: Any) -> None:
     path.write_text(json.dumps(data, indent=1) + "\n")
 
 
+def publish(name: str, record: dict[str, Any], text: str) -> None:
+    """Write results NAME.json (with provenance) and NAME.md (`text`), and print the markdown."""
+    write_json(results_dir() / f"{name}.json", record)
+    (results_dir() / f"{name}.md").write_text(text)
+    print(text)
+
+
 def stamp(record: dict[str, Any]) -> dict[str, Any]:
     """A record of an accumulating results list, with this run's provenance."""
     return {**record, "provenance": provenance()}

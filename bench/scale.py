@@ -163,9 +163,7 @@ def main() -> int:
         print(json.dumps(runs[-1]), flush=True)
     record = {"calibration": f"{protocol.pick('c4', 'python-docs')} first {samples} x {seq_len} tokens", "runs": runs,
               "provenance": protocol.provenance()}
-    protocol.write_json(protocol.results_dir() / "scale.json", record)
-    (protocol.results_dir() / "scale.md").write_text(markdown(record))
-    print(markdown(record))
+    protocol.publish("scale", record, markdown(record))
     return 0
 
 
