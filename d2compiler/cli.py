@@ -78,7 +78,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from .export.convert import export_output
 
     summary = export_output(args.output_dir, args.format, args.to, dtype=args.dtype, overwrite=args.overwrite,
-                            sparse_initializers=args.sparse_initializers)
+                            sparse_initializers=args.sparse_initializers,
+                            external_data={"auto": None, "always": True, "never": False}[args.external_data])
     print(json.dumps(summary))
     return 0
 
@@ -223,12 +224,16 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--link-gbs", type=float, default=100.0, help="--nproc: bandwidth between processes assumed by the "
                       "projection, GB/s (default 100: NVLink-class; ~25 for PCIe)")
 
-    exp = sub.add_parser("export", help="convert a d2c output folder: ONNX, the packed 2:4 checkpoint, or a dense folder")
+    exp = sub.add_parser("export", help="convert a d2c output folder: ONNX, the packed 2:4 checkpoint, compressed-tensors, or a dense folder")
     exp.add_argument("output_dir", help="a folder written by `d2c run`")
-    exp.add_argument("--format", required=True, choices=["onnx", "d2c-packed", "hf"])
+    exp.add_argument("--format", required=True, choices=["onnx", "d2c-packed", "hf", "compressed-tensors"],
+                     help="compressed-tensors: the int4/int8 checkpoint vLLM and transformers load (needs quantized layers)")
     exp.add_argument("--to", required=True, help="destination folder (written atomically)")
     exp.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"], help="cast floating weights (not for onnx)")
     exp.add_argument("--sparse-initializers", action="store_true", help="onnx: store pruned weights as sparse_initializer")
+    exp.add_argument("--external-data", choices=["auto", "always", "never"], default="auto",
+                     help="onnx: store the weights in model.onnx.data beside model.onnx (auto: when they pass 1 GiB; "
+                     "a single protobuf cannot hold more than 2 GiB)")
     exp.add_argument("--overwrite", action="store_true", help="replace an existing destination")
     exp.set_defaults(func=_cmd_export)
 

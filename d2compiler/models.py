@@ -10,6 +10,7 @@ import logging
 import os
 import shutil
 import tempfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -229,6 +230,20 @@ def _load_image_processor(folder_or_id: str, **kwargs: Any) -> Any:
         return None
 
 
+def _compressed_tensors_load(config: Any, source: str) -> dict[str, Any]:
+    """For a compressed-tensors checkpoint: the `from_pretrained` argument that decompresses it into a
+    dense float model at load (needs the package)."""
+    quant = getattr(config, "quantization_config", None)
+    method = quant.get("quant_method") if isinstance(quant, dict) else getattr(quant, "quant_method", None)
+    if str(method) != "compressed-tensors":
+        return {}
+    from .export.compressed import INSTALL_HINT, available, load_config
+
+    if not available():
+        raise ModelLoadError(f"{source}: a compressed-tensors checkpoint needs the compressed-tensors package; {INSTALL_HINT}")
+    return {"quantization_config": load_config()}
+
+
 def _attach_quantization(model: nn.Module, path: Path) -> None:
     """Register the scales and zero points a d2c output keeps beside its weights (if any)."""
     if not path.is_file():
@@ -339,8 +354,11 @@ def load_model(source: str, dtype: str = "float32", device: str = "auto", revisi
         cls = _model_class(config, source)
         attn = {"attn_implementation": attn_implementation} if attn_implementation else {}
         safe = {} if gguf_file else {"use_safetensors": True}  # never unpickle, from a folder or the hub
-        model, info = cls.from_pretrained(folder, dtype=torch_dtype, output_loading_info=True, ignore_mismatched_sizes=True,
-                                          **safe, **attn, **extra)
+        quant = _compressed_tensors_load(config, source)
+        with warnings.catch_warnings():  # transformers warns that the folder's own quantization_config is used
+            warnings.filterwarnings("ignore", message="You passed `quantization_config`")
+            model, info = cls.from_pretrained(folder, dtype=torch_dtype, output_loading_info=True, ignore_mismatched_sizes=True,
+                                              **safe, **attn, **quant, **extra)
     except OSError as exc:
         raise ModelLoadError(f"{source}: cannot load the model: {exc}") from None
     except (ValueError, KeyError, TypeError) as exc:

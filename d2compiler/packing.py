@@ -122,3 +122,16 @@ class Packed24Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, packed=2:4"
+
+
+def unpack_linears(model: nn.Module) -> None:
+    """Replace every `Packed24Linear` of `model` by a plain `nn.Linear` holding its dense weight
+    (float32) and its quantization buffers, for the exporters that store dense weights."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, Packed24Linear):
+            linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
+            linear.weight = nn.Parameter(module.dense_weight().float(), requires_grad=False)
+            if module.bias is not None:
+                linear.bias = nn.Parameter(module.bias.detach().float(), requires_grad=False)
+            carry_quant_buffers(module, linear)
+            model.set_submodule(name, linear)

@@ -139,10 +139,12 @@ class OutputSpec(_Strict):
         "replaced only with `d2c run --overwrite`, and only if d2compiler wrote it or it is empty; it may not be the "
         "working directory or be, contain or lie inside the model source or a data file. Omit to write nothing."
     )
-    format: Literal["hf", "d2c-packed"] = Field(
+    format: Literal["hf", "d2c-packed", "compressed-tensors"] = Field(
         default="hf", description="`hf`: a plain transformers folder (config, tokenizer, dense safetensors; "
         "quantization scales in `quantization.safetensors`). `d2c-packed`: packed 2:4 layers (kept values, or "
-        "int4/int8 levels, + 2-bit positions; docs/format.md), loaded with `d2compiler.load`; needs a `pack_2_4` pass."
+        "int4/int8 levels, + 2-bit positions; docs/format.md), loaded with `d2compiler.load`; needs a `pack_2_4` pass. "
+        "`compressed-tensors`: the int4/int8 weight-only checkpoint that vLLM and transformers load "
+        "(`pack-quantized`; docs/deploy.md); needs a quantization pass and the `deploy` extra."
     )
     resume: bool = Field(
         default=True, description="Checkpoint every finished block in a work folder beside the output "
@@ -339,9 +341,24 @@ def validate_recipe(data: dict[str, Any], source: str = "<recipe>") -> BaseModel
         raise RecipeError(source, [("passes", str(exc))]) from None
     if recipe.output.format == "d2c-packed" and not any(p.type == "pack_2_4" for p in recipe.passes):
         raise RecipeError(source, [("output.format", "'d2c-packed' stores packed 2:4 layers: add a pass of type 'pack_2_4' last")])
+    if recipe.output.format == "compressed-tensors":
+        _check_compressed_tensors(recipe, source)
     if recipe.model.streaming:
         _check_streaming(recipe, source)
     return recipe
+
+
+def _check_compressed_tensors(recipe: BaseModel, source: str) -> None:
+    """The compressed-tensors format stores quantized weights and needs its package: both checked
+    before anything is loaded."""
+    import importlib.util
+
+    if not any(p.quantizes for p in PassManager(list(recipe.passes)).schedule):
+        raise RecipeError(source, [("output.format", "'compressed-tensors' stores int4/int8 weights: add a quantize_rtn "
+                                    "or gptq pass, or write format 'hf'")])
+    if importlib.util.find_spec("compressed_tensors") is None:
+        raise RecipeError(source, [("output.format", "'compressed-tensors' needs the compressed-tensors package: pip install "
+                                    "'d2compiler[deploy]' (Python >= 3.11)")])
 
 
 def _check_streaming(recipe: BaseModel, source: str) -> None:

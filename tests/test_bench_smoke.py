@@ -30,6 +30,7 @@ SCRIPTS = {
     "dtypes.py": [PY, "bench/dtypes.py", "--smoke"],
     "gpu_check.py": [PY, "bench/gpu_check.py", "--smoke"],
     "distributed.py": [PY, "bench/distributed.py", "--smoke"],
+    "onnx_large.py": [PY, "bench/onnx_large.py", "--smoke"],
 }
 WRITES = {"quality.py": ["quality.json", "quality.md"], "attention_fidelity.py": ["attention_fidelity.json", "attention_fidelity.png"],
           "arch.py": ["arch.json", "arch.md"], "cost.py": ["cost.json", "cost.md"], "deploy.py": ["deploy.json", "deploy.md"],

@@ -175,6 +175,35 @@ def test_onnx_export_matches_torch(quantize, tmp_path, tiny_models, tokenizer):
     assert abs(default - want).max() < (1e-4 if not quantize else 2e-2)  # default: int8 activations in MatMulNBits
 
 
+@pytest.mark.parametrize("sparse", [False, True], ids=["dense", "sparse-initializers"])
+def test_onnx_external_data_path_checks_and_matches_torch(sparse, tmp_path, tiny_models, tokenizer):
+    """The path a model past 2 GB takes (weights in model.onnx.data), forced on the tiny model: the
+    checker passes by path, and ONNX Runtime matches torch with fp32 activations."""
+    import onnx
+    import onnxruntime as ort
+
+    passes = '[[passes]]\ntype = "sparsegpt"\nmask_structure = "2:4"\n[[passes]]\ntype = "gptq"\nbits = 4\ngroup_size = 32\n'
+    out = _run(tmp_path, tiny_models["llama"], passes if not sparse else PASSES["sparsegpt"], "pruned")
+    flags = ["--sparse-initializers"] if sparse else []
+    assert main(["--quiet", "export", str(out), "--format", "onnx", "--to", str(tmp_path / "onnx"), "--external-data", "always", *flags]) == 0
+    path = tmp_path / "onnx" / "model.onnx"
+    data = tmp_path / "onnx" / "model.onnx.data"
+    onnx.checker.check_model(str(path))
+    proto = onnx.load(str(path), load_external_data=False)
+    outside = [t.name for t in proto.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    assert any(name.endswith("_q" if not sparse else "embed_tokens.weight") for name in outside)
+    assert len(proto.graph.sparse_initializer) == (14 if sparse else 0)
+    assert all(len(t.raw_data) <= 1024 for t in proto.graph.initializer if t.name not in outside)  # only small ones inline
+    assert data.stat().st_size > 100_000
+    ids = tokenizer("for i in range(10): print(i)", return_tensors="pt").input_ids
+    with torch.no_grad():
+        want = d2compiler.load(out)(ids).logits.numpy()
+    exact = ort.SessionOptions()
+    exact.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
+    got = ort.InferenceSession(str(path), exact, providers=["CPUExecutionProvider"]).run(None, {"input_ids": ids.numpy()})[0]
+    assert abs(got - want).max() < 1e-4
+
+
 def test_onnx_sparse_initializer_variant(tmp_path, tiny_models):
     import onnx
     import onnxruntime as ort

@@ -42,7 +42,7 @@ def pack_model(model: torch.nn.Module, layers: dict[str, dict[str, Any]]) -> int
 
 
 def export_output(source: str, fmt: str, dest: str, *, dtype: str | None = None, overwrite: bool = False,
-                  sparse_initializers: bool = False) -> dict[str, Any]:
+                  sparse_initializers: bool = False, external_data: bool | None = None) -> dict[str, Any]:
     """Convert the output folder `source` into `dest` (checked, locked and written atomically; `dest`
     may not be `source`, inside it or contain it)."""
     folder, target = user_path(source), user_path(dest)
@@ -51,10 +51,11 @@ def export_output(source: str, fmt: str, dest: str, *, dtype: str | None = None,
         raise OutputError(f"{source}: not a d2c output folder (no {RECORD_FILE})")
     check_output_path(target, overwrite, [folder])
     with output_lock(target):
-        return _export(folder, fmt, target, dtype, overwrite, sparse_initializers)
+        return _export(folder, fmt, target, dtype, overwrite, sparse_initializers, external_data)
 
 
-def _export(folder: Path, fmt: str, dest: Path, dtype: str | None, overwrite: bool, sparse_initializers: bool) -> dict[str, Any]:
+def _export(folder: Path, fmt: str, dest: Path, dtype: str | None, overwrite: bool, sparse_initializers: bool,
+            external_data: bool | None) -> dict[str, Any]:
     from ..models import load_model
 
     try:
@@ -67,7 +68,7 @@ def _export(folder: Path, fmt: str, dest: Path, dtype: str | None, overwrite: bo
         if dtype not in (None, "float32"):
             raise OutputError("--dtype applies to the safetensors formats; the ONNX graph is exported in float32")
         return export_onnx(model, record, dest, overwrite=overwrite, sparse_initializers=sparse_initializers,
-                           protected=[folder])
+                           external_data=external_data, protected=[folder])
     if dtype is not None:
         for module in model.modules():  # cast weights and packed values, not quantization scales
             tensors = [*module._parameters.values(), module._buffers.get("values")]

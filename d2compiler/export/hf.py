@@ -12,7 +12,9 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from ..packing import QUANT_BUFFERS, Packed24Linear
+from ..packing import QUANT_BUFFERS, Packed24Linear, unpack_linears
+from .compressed import FORMAT as COMPRESSED_TENSORS
+from .compressed import write_compressed_tensors
 from .output_dir import atomic_output_dir, write_record
 from .packed import write_packed
 from .report import write_report
@@ -33,12 +35,16 @@ def dense_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def write_output(path: Path, model: nn.Module, tokenizer: Any, record: dict[str, Any], *, overwrite: bool,
                  fmt: str = "hf", protected: Iterable[Path] = ()) -> Path:
-    """Write the output folder (`hf`: plain transformers folder; `d2c-packed`: packed 2:4 checkpoint)
-    with the tokenizer, `sparsity.json` and `report.html`; nothing appears at `path` until complete."""
+    """Write the output folder (`hf`: plain transformers folder; `d2c-packed`: packed 2:4 checkpoint;
+    `compressed-tensors`: quantized checkpoint for vLLM / transformers, which consumes `model`) with
+    the tokenizer, `sparsity.json` and `report.html`; nothing appears at `path` until complete."""
     with atomic_output_dir(path, overwrite, protected) as tmp:
         model.to("cpu")
         if fmt == "d2c-packed":
             write_packed(tmp, model, record.get("layers", {}))
+        elif fmt == COMPRESSED_TENSORS:
+            unpack_linears(model)
+            write_compressed_tensors(tmp, model, record.get("layers", {}))
         else:
             state = dense_state(model)
             quant = {k: v.contiguous() for k, v in state.items() if k.rpartition(".")[2] in QUANT_BUFFERS}
