@@ -155,21 +155,19 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 def _zero_shot(args: argparse.Namespace, loaded: Any, runner: Any) -> int:
     from pathlib import Path
 
-    from .zeroshot import DEFAULT_FILES, evaluate_task, load_task, run_lm_eval
+    from .zeroshot import DEFAULT_FILES, evaluate_task, load_task
 
-    if args.harness and args.streaming:
-        raise D2Error("--harness: lm-eval runs the whole model; drop --streaming")
-    if args.harness and args.data == "hub":
-        result = run_lm_eval(loaded.model, loaded.tokenizer, args.task, args.limit)
-    else:
+    options = {"include_path": args.include_path, "limit": args.limit, "num_fewshot": args.num_fewshot,
+               "batch_size": args.batch_size, "quiet": args.quiet}
+    extra = {}
+    if args.task in DEFAULT_FILES and args.data != "hub" and not args.include_path:
         path = Path(args.data) if args.data != "builtin:python-docs" else Path("../shared/data") / DEFAULT_FILES[args.task]
         items = load_task(args.task, path)[: args.limit]
-        if args.harness:
-            result = run_lm_eval(loaded.model, loaded.tokenizer, args.task, None, items)
-        else:
-            result = evaluate_task(runner, loaded.tokenizer, items, quiet=args.quiet, desc=args.task)
-        result["data"] = str(path)
-    print(json.dumps({"model": args.model, "task": args.task, **result}))
+        result = evaluate_task(runner, loaded.model, loaded.tokenizer, args.task, items=items, **{**options, "limit": None})
+        extra["data"] = str(path)
+    else:
+        result = evaluate_task(runner, loaded.model, loaded.tokenizer, args.task, **options)
+    print(json.dumps({"model": args.model, "task": args.task, **result, **extra}))
     return 0
 
 
@@ -250,10 +248,13 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--metric", default="auto", choices=["auto", "perplexity", "embedding_cosine", "accuracy"],
                     help="auto: perplexity for causal LMs, accuracy for image classifiers, embedding_cosine for encoders")
     ev.add_argument("--reference", default=None, help="embedding_cosine: the dense model to compare with")
-    ev.add_argument("--task", choices=["piqa", "arc_easy"], help="zero-shot multiple choice (acc, acc_norm) instead of perplexity")
+    ev.add_argument("--task", help="an lm-eval-harness task, scored by lm-eval (acc, acc_norm, ...) instead of "
+                    "perplexity: piqa and arc_easy read the local files (--data; default ../shared/data/zeroshot/...), "
+                    "any other name is a task YAML under --include-path or one of lm-eval's registered tasks")
+    ev.add_argument("--include-path", default=None, help="--task: a folder of lm-eval task YAMLs (e.g. over local files, offline)")
     ev.add_argument("--limit", type=_at_least(1), default=None, help="--task: score only the first N items")
-    ev.add_argument("--harness", action="store_true", help="--task: score with lm-eval-harness (if installed) instead: the "
-                    "same local items as a local lm-eval task, or with --data hub lm-eval's own task from the hub")
+    ev.add_argument("--num-fewshot", type=_at_least(0), default=None, help="--task: few-shot examples per item (lm-eval)")
+    ev.add_argument("--batch-size", type=_at_least(1), default=8, help="--task: requests per forward (lm-eval)")
     ev.add_argument("--config", default=None)
     ev.add_argument("--split", default="test")
     ev.add_argument("--field", default="text")

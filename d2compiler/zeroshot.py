@@ -1,11 +1,8 @@
-"""Zero-shot multiple choice by log-likelihood, with lm-eval-harness conventions.
+"""`d2c eval --task`: lm-eval-harness tasks, scored by lm-eval itself (`HFLM`, `simple_evaluate`),
+with the model's forward run block by block through `ModelRunner` (so streamed models work too).
 
-Each item is a context and 2+ continuations; the model scores each continuation by the sum of its
-tokens' log-probabilities given the context (tokenized as lm-eval does: the context alone, and the
-continuation as the tokens of context + continuation beyond the context's tokens). `acc` takes the
-argmax of the sums; `acc_norm` divides each sum by the continuation's length in characters first.
-
-Tasks read local files (no download):
+The local PIQA and ARC-Easy files are read here (no download) and run as local lm-eval tasks with
+the prompts of lm-eval's own `piqa` and `arc_easy`:
 - `piqa`: `valid.jsonl` (goal, sol1, sol2) + `valid-labels.lst` beside it. Context
   "Question: {goal}\\nAnswer:", continuations " {sol}";
 - `arc_easy`: a JSONL of HF `ai2_arc` rows (question, choices.text/label, answerKey). Context
@@ -15,7 +12,6 @@ Tasks read local files (no download):
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -92,60 +88,6 @@ def _arc_item(row: dict[str, Any]) -> Item:
                 list(row["choices"]["label"]).index(row["answerKey"]))
 
 
-def _encode_pair(tokenizer: Any, context: str, continuation: str) -> tuple[list[int], list[int]]:
-    """lm-eval's split: trailing spaces of the context move to the continuation."""
-    spaces = len(context) - len(context.rstrip(" "))
-    if spaces:
-        context, continuation = context[:-spaces], context[-spaces:] + continuation
-    whole = tokenizer(context + continuation, add_special_tokens=False).input_ids
-    ctx = tokenizer(context, add_special_tokens=False).input_ids
-    return ctx, whole[len(ctx):]
-
-
-def choice_batch(pairs: list[tuple[list[int], list[int]]]) -> torch.Tensor:
-    """The (context + continuation) token pairs of one item as one right-padded batch of inputs
-    (causal attention never looks at the padding after a sequence), the last token left out."""
-    seqs = [ctx + cont for ctx, cont in pairs]
-    ids = torch.zeros(len(seqs), max(len(s) for s in seqs) - 1, dtype=torch.long)
-    for row, seq in enumerate(seqs):
-        ids[row, : len(seq) - 1] = torch.tensor(seq[:-1])
-    return ids
-
-
-def loglikelihoods(logits: torch.Tensor, pairs: list[tuple[list[int], list[int]]]) -> list[float]:
-    """Sum of log P(continuation | context) for each (context, continuation) token pair, from the
-    logits of `choice_batch(pairs)` (one host sync)."""
-    logprobs = torch.log_softmax(logits.float(), dim=-1)
-    sums = []
-    for row, (ctx, cont) in enumerate(pairs):
-        positions = torch.arange(len(ctx) - 1, len(ctx) - 1 + len(cont), device=logprobs.device)
-        sums.append(logprobs[row, positions, torch.tensor(cont, device=logprobs.device)].sum())
-    return torch.stack(sums).tolist()
-
-
-def evaluate_task(runner: ModelRunner, tokenizer: Any, items: list[Item], *, quiet: bool = False,
-                  desc: str = "zero-shot") -> dict[str, float]:
-    """acc and acc_norm (lm-eval conventions) over `items`, with their standard errors. The model runs
-    with one block on the device at a time (`runner`)."""
-    if tokenizer is None:
-        raise DataError("zero-shot evaluation needs the model's tokenizer")
-    pairs = [[_encode_pair(tokenizer, item.context, " " + c) for c in item.choices] for item in items]
-    hits = norm_hits = 0
-
-    def score(i: int, out: Any) -> None:
-        nonlocal hits, norm_hits
-        item, scores = items[i], loglikelihoods(out.logits, pairs[i])
-        hits += int(max(range(len(scores)), key=scores.__getitem__) == item.gold)
-        normed = [s / max(len(c), 1) for s, c in zip(scores, item.choices)]
-        norm_hits += int(max(range(len(normed)), key=normed.__getitem__) == item.gold)
-
-    runner.run([{"input_ids": choice_batch(p)} for p in pairs], score, desc=desc, quiet=quiet)
-    n = len(items)
-    acc, acc_norm = hits / n, norm_hits / n
-    return {"acc": acc, "acc_stderr": math.sqrt(acc * (1 - acc) / max(n - 1, 1)),
-            "acc_norm": acc_norm, "acc_norm_stderr": math.sqrt(acc_norm * (1 - acc_norm) / max(n - 1, 1)), "items": n}
-
-
 LOCAL_TASK_YAML = """task: {name}
 dataset_path: json
 dataset_kwargs:
@@ -166,30 +108,90 @@ metric_list:
 """
 
 
-def run_lm_eval(model: nn.Module, tokenizer: Any, task: str, limit: int | None, items: list[Item] | None = None,
-                batch_size: int = 8) -> dict[str, Any]:
-    """Score with lm-eval-harness through its HFLM wrapper (needs the `lm_eval` package). With
-    `items`, lm-eval runs them as a local task (a JSON file and task YAML in a temporary folder,
-    no download), which cross-checks this module's scorer; without, lm-eval's own registered
-    `task`, whose data it fetches from the hub. `limit`: the first N items only."""
+def _runner_lm(runner: ModelRunner, model: nn.Module, tokenizer: Any, batch_size: int, quiet: bool) -> Any:
+    """lm-eval's `HFLM` around the loaded model, whose forward goes through `runner` (one block on the
+    device at a time; the model may be a streamed skeleton): the same requests, batching and scoring
+    as lm-eval's own runs, with our placement."""
+    from lm_eval.models.huggingface import HFLM
+
+    class RunnerLM(HFLM):
+        def _model_call(self, inps: torch.Tensor, attn_mask: torch.Tensor | None = None,
+                        labels: torch.Tensor | None = None) -> torch.Tensor:
+            if attn_mask is not None or labels is not None:
+                raise DataError("lm-eval asked for a sequence-to-sequence call; d2c eval --task runs causal models")
+            logits: list[torch.Tensor] = []
+            runner.run([{"input_ids": inps.cpu()}], lambda _i, out: logits.append(out.logits), quiet=True)
+            return logits[0]
+
+        def loglikelihood(self, requests: Any, disable_tqdm: bool = False) -> Any:
+            return super().loglikelihood(requests, disable_tqdm=disable_tqdm or quiet)
+
+        def loglikelihood_rolling(self, requests: Any, disable_tqdm: bool = False) -> Any:
+            return super().loglikelihood_rolling(requests, disable_tqdm=disable_tqdm or quiet)
+
+        def generate_until(self, requests: Any, disable_tqdm: bool = False) -> Any:
+            return super().generate_until(requests, disable_tqdm=disable_tqdm or quiet)
+
+    lm = RunnerLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    lm._device = torch.device("cpu")  # inputs start on the CPU; the runner places every block
+    return lm
+
+
+def _metrics(values: dict[str, Any]) -> dict[str, Any]:
+    """lm-eval's `metric,filter` keys as `metric` (filter `none`) or `metric[filter]`."""
+    out = {}
+    for key, value in values.items():
+        metric, _, filt = key.partition(",")
+        if filt:
+            out[metric if filt == "none" else f"{metric}[{filt}]"] = value
+    return out
+
+
+def evaluate_task(runner: ModelRunner, model: nn.Module, tokenizer: Any, task: str, *, items: list[Item] | None = None,
+                  include_path: str | None = None, limit: int | None = None, num_fewshot: int | None = None,
+                  batch_size: int = 8, quiet: bool = False) -> dict[str, Any]:
+    """Run lm-eval task `task` with lm-eval's `simple_evaluate` on `model` (through `runner`).
+
+    With `items` (local piqa / arc_easy files), they run as a local lm-eval task with the task's own
+    prompt ("Question: ...\\nAnswer:", continuations " choice"), no download. Otherwise `task` is an
+    lm-eval task: a YAML under `include_path` (which may read local files, offline), or one of
+    lm-eval's registered tasks (its data from the hub or the datasets cache). Returns the task's
+    metrics (`acc`, `acc_stderr`, ...) and `items`; a group task adds its subtasks under `subtasks`."""
+    import contextlib
+    import io
+    import logging
     import tempfile
 
+    if tokenizer is None:
+        raise DataError("lm-eval tasks need the model's tokenizer")
     try:
         from lm_eval import simple_evaluate
-        from lm_eval.models.huggingface import HFLM
         from lm_eval.tasks import TaskManager
-    except ImportError as exc:
-        raise DataError("--harness needs the lm-eval package (pip install lm-eval)") from exc
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-    if items is None:
-        results = simple_evaluate(model=lm, tasks=[task], limit=limit)
-        return results["results"][task]
-    name, items = f"d2c_local_{task}", items[:limit]
+    except ImportError:
+        raise DataError("d2c eval --task runs lm-eval-harness: install it with pip install 'd2compiler[eval]'") from None
+    logging.getLogger("lm_eval").setLevel(logging.ERROR if quiet else logging.WARNING)
+    lm = _runner_lm(runner, model, tokenizer, batch_size, quiet)
     with tempfile.TemporaryDirectory() as tmp:
-        data = Path(tmp) / "items.jsonl"
-        data.write_text("".join(json.dumps({"context": i.context, "choices": i.choices, "gold": i.gold}) + "\n"
-                                for i in items))
-        (Path(tmp) / f"{name}.yaml").write_text(LOCAL_TASK_YAML.format(name=name, data=json.dumps(str(data))))
-        results = simple_evaluate(model=lm, tasks=[name], task_manager=TaskManager(include_path=tmp))
-    metrics = results["results"][name]
-    return {key.split(",")[0]: value for key, value in metrics.items() if key.startswith("acc")} | {"items": len(items)}
+        paths = [include_path] if include_path else []
+        name = task
+        if items is not None:
+            name = f"d2c_local_{task}"
+            data = Path(tmp) / "items.jsonl"
+            data.write_text("".join(json.dumps({"context": i.context, "choices": i.choices, "gold": i.gold}) + "\n"
+                                    for i in items))
+            (Path(tmp) / f"{name}.yaml").write_text(LOCAL_TASK_YAML.format(name=name, data=json.dumps(str(data))))
+            paths.append(tmp)
+        manager = TaskManager(include_path=paths or None, include_defaults=items is None)
+        if name not in manager.all_tasks:
+            where = f" or under {include_path}" if include_path else " (add --include-path DIR for your own task YAMLs)"
+            raise DataError(f"--task {task}: no such lm-eval task among lm-eval's registered tasks{where}")
+        try:  # quiet: lm-eval's and datasets' progress bars (tqdm, on sys.stderr) go nowhere; log records still show
+            with contextlib.redirect_stderr(io.StringIO()) if quiet else contextlib.nullcontext():
+                results = simple_evaluate(model=lm, tasks=[name], task_manager=manager, limit=limit, num_fewshot=num_fewshot,
+                                          log_samples=False, bootstrap_iters=1000)
+        except (FileNotFoundError, ConnectionError) as exc:
+            raise DataError(f"--task {task}: lm-eval could not read the task's data ({type(exc).__name__}: {str(exc)[:300]}); "
+                            "offline, point a task YAML at local files with --include-path") from None
+    out = _metrics(results["results"][name]) | {"items": results["n-samples"].get(name, {}).get("effective")}
+    others = {sub: _metrics(values) for sub, values in results["results"].items() if sub != name}
+    return out | ({"subtasks": others} if others else {})

@@ -1,16 +1,14 @@
-"""Zero-shot multiple choice (lm-eval conventions) on the local PIQA / ARC-Easy files."""
+"""`d2c eval --task`: lm-eval tasks (the local PIQA / ARC-Easy files, and any task YAML over local files)."""
 
 from __future__ import annotations
 
 import json
 
 import pytest
-import torch
 
 from d2compiler.cli import main
 from d2compiler.errors import DataError
-from d2compiler.runner import ModelRunner
-from d2compiler.zeroshot import Item, _encode_pair, evaluate_task, load_task
+from d2compiler.zeroshot import LOCAL_TASK_YAML, load_task
 
 from .conftest import SHARED_DATA
 
@@ -33,60 +31,93 @@ def test_bad_files(tmp_path):
         load_task("arc_easy", tmp_path / "arc.jsonl")
 
 
-def test_encode_pair_moves_trailing_space(tokenizer):
-    ctx, cont = _encode_pair(tokenizer, "Question: x\nAnswer: ", "yes")
-    assert tokenizer.decode(ctx) == "Question: x\nAnswer:" and tokenizer.decode(cont) == " yes"
-
-
-class _Block(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.proj = torch.nn.Linear(1, 1)
-
-    def forward(self, hidden):
-        return hidden
-
-
-class _Oracle(torch.nn.Module):
-    """A 'model' (one pass-through block) that puts all probability on one fixed token: choices made
-    of it win."""
-
-    def __init__(self, vocab: int, token: int):
-        super().__init__()
-        self.vocab, self.token = vocab, token
-        self.layers = torch.nn.ModuleList([_Block()])
-
-    def forward(self, input_ids, **_):
-        hidden = self.layers[0](torch.zeros(*input_ids.shape, 1))
-        logits = torch.full((*input_ids.shape, self.vocab), -20.0) + hidden
-        logits[..., self.token] = 20.0
-        return type("Out", (), {"logits": logits})()
-
-
-def test_acc_and_acc_norm_follow_the_scores(tokenizer):
-    token = tokenizer(" def", add_special_tokens=False).input_ids[0]
-    items = [Item("Question: q\nAnswer:", ["zzzz qqqq", "def"], 1), Item("Question: q\nAnswer:", ["def", "xx yy zz"], 0),
-             Item("Question: q\nAnswer:", ["def", "ww"], 1)]
-    scores = evaluate_task(ModelRunner(_Oracle(len(tokenizer), token), torch.device("cpu")), tokenizer, items, quiet=True)
-    assert scores["acc"] == pytest.approx(2 / 3) and scores["items"] == 3
-
-
 def test_cli_task_on_tiny_model(tiny_models, capsys):
+    pytest.importorskip("lm_eval")
     assert main(["--quiet", "eval", str(tiny_models["llama"]), "--task", "arc_easy", "--limit", "5",
                  "--data", str(SHARED_DATA / "zeroshot/arc/ARC-Easy-test.jsonl")]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["items"] == 5 and 0 <= result["acc"] <= 1 and 0 <= result["acc_norm"] <= 1
+    assert result["acc_stderr"] >= 0
 
 
 @pytest.mark.parametrize("task,rel", [("piqa", "zeroshot/piqa/valid.jsonl"), ("arc_easy", "zeroshot/arc/ARC-Easy-test.jsonl")])
-def test_scores_match_lm_eval_harness(task, rel, tiny_models, capsys):
-    """The same items scored by this module and by lm-eval-harness (a local task) agree exactly."""
+def test_block_by_block_scores_equal_plain_hflm(task, rel, tiny_models, tmp_path, capsys):
+    """`d2c eval --task` (lm-eval's HFLM with the forward run block by block) scores exactly as plain
+    lm-eval on the whole model, on the same local items."""
     pytest.importorskip("lm_eval")
-    path = str(SHARED_DATA / rel)
-    common = ["--quiet", "eval", str(tiny_models["llama"]), "--task", task, "--data", path, "--limit", "24", "--device", "cpu"]
-    assert main(common) == 0
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    from d2compiler.models import load_model
+
+    path = SHARED_DATA / rel
+    assert main(["--quiet", "eval", str(tiny_models["llama"]), "--task", task, "--data", str(path), "--limit", "24",
+                 "--device", "cpu"]) == 0
     ours = json.loads(capsys.readouterr().out)
-    assert main([*common, "--harness"]) == 0
-    harness = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert harness["items"] == ours["items"] == 24
-    assert harness["acc"] == pytest.approx(ours["acc"]) and harness["acc_norm"] == pytest.approx(ours["acc_norm"])
+    items = load_task(task, path)[:24]
+    (tmp_path / "items.jsonl").write_text("".join(json.dumps({"context": i.context, "choices": i.choices, "gold": i.gold}) + "\n"
+                                                  for i in items))
+    (tmp_path / "t.yaml").write_text(LOCAL_TASK_YAML.format(name="plain", data=json.dumps(str(tmp_path / "items.jsonl"))))
+    loaded = load_model(str(tiny_models["llama"]), "float32", "cpu")
+    plain = simple_evaluate(model=HFLM(pretrained=loaded.model, tokenizer=loaded.tokenizer, batch_size=8), tasks=["plain"],
+                            task_manager=TaskManager(include_path=str(tmp_path), include_defaults=False), log_samples=False)
+    want = plain["results"]["plain"]
+    assert ours["items"] == 24
+    assert ours["acc"] == want["acc,none"] and ours["acc_norm"] == want["acc_norm,none"]
+
+
+ROLLING_TASK = """task: local_wikitext_lines
+dataset_path: text
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: loglikelihood_rolling
+doc_to_text: ""
+doc_to_target: "{{{{text}}}}"
+process_docs: !function utils.non_empty
+metric_list:
+  - metric: word_perplexity
+  - metric: byte_perplexity
+  - metric: bits_per_byte
+"""
+
+MC_TASK = """task: local_odd_one_out
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+fewshot_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{question}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: answer
+metric_list:
+  - metric: acc
+"""
+
+
+def test_any_lm_eval_task_from_local_files_offline(tiny_models, tmp_path, capsys):
+    """Two user tasks from local files through --include-path: a rolling log-likelihood over the local
+    WikiText-2 valid file, and a few-shot multiple choice over a JSONL; no network (HF_HUB_OFFLINE)."""
+    pytest.importorskip("lm_eval")
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "rolling.yaml").write_text(ROLLING_TASK.format(data=json.dumps(str(SHARED_DATA / "wikitext-2-raw-v1/wiki.valid.raw"))))
+    (tasks / "utils.py").write_text("def non_empty(dataset):\n    return dataset.filter(lambda d: len(d['text'].split()) > 20)\n")
+    rows = [{"question": f"Which is not a number: {a}, {b} or {c}?", "choices": [a, b, c], "answer": 2}
+            for a, b, c in [("one", "two", "red"), ("three", "four", "blue"), ("five", "six", "green"), ("seven", "ten", "cat")]]
+    (tmp_path / "mc.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tasks / "mc.yaml").write_text(MC_TASK.format(data=json.dumps(str(tmp_path / "mc.jsonl"))))
+    base = ["--quiet", "eval", str(tiny_models["llama"]), "--include-path", str(tasks), "--device", "cpu"]
+    assert main([*base, "--task", "local_wikitext_lines", "--limit", "3"]) == 0
+    rolling = json.loads(capsys.readouterr().out)
+    assert rolling["items"] == 3 and rolling["word_perplexity"] > 1 and rolling["bits_per_byte"] > 0
+    assert main([*base, "--task", "local_odd_one_out", "--num-fewshot", "2", "--batch-size", "2"]) == 0
+    few = json.loads(capsys.readouterr().out)
+    assert few["items"] == 4 and 0 <= few["acc"] <= 1
+    assert main([*base, "--task", "no_such_task"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: --task no_such_task: no such lm-eval task among lm-eval's registered tasks or under {tasks}"]
