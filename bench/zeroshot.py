@@ -32,7 +32,10 @@ def main() -> int:
 
     tasks = next((a.split("=", 1)[1].split(",") for a in sys.argv if a.startswith("--tasks=")), list(DEFAULT_FILES))
     args = [a for a in sys.argv[1:] if a not in ("--no-dense", "--smoke") and not a.startswith("--tasks=")]
-    outputs = args or ([] if smoke_run else [str(work_dir("deploy") / "d2prune-2of4")])
+    default = work_dir("deploy") / "d2prune-2of4"
+    outputs = args or ([str(default)] if not smoke_run and default.is_dir() else [])
+    if not args and not outputs and not smoke_run:
+        print(f"{default} not found (run bench/deploy.py first): scoring the dense model only", flush=True)
     models = ({} if "--no-dense" in sys.argv else {"dense": lm_source()}) | {Path(o).name: o for o in outputs}
     limit = pick(None, 5)
     path = results_dir() / "zeroshot.json"
