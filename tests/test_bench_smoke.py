@@ -31,12 +31,14 @@ SCRIPTS = {
     "gpu_check.py": [PY, "bench/gpu_check.py", "--smoke"],
     "distributed.py": [PY, "bench/distributed.py", "--smoke"],
     "onnx_large.py": [PY, "bench/onnx_large.py", "--smoke"],
+    "compressed_export.py": [PY, "bench/compressed_export.py", "--smoke"],
 }
 WRITES = {"quality.py": ["quality.json", "quality.md"], "attention_fidelity.py": ["attention_fidelity.json", "attention_fidelity.png"],
           "arch.py": ["arch.json", "arch.md"], "cost.py": ["cost.json", "cost.md"], "deploy.py": ["deploy.json", "deploy.md"],
           "zeroshot.py": ["zeroshot.json", "zeroshot.md"], "tune_d2prune.sh": ["tuning.json"], "scale.py": ["scale.json", "scale.md"],
           "dtypes.py": ["dtypes.json", "dtypes.md"], "gpu_check.py": ["gpu.json", "gpu.md"],
-          "distributed.py": ["distributed.json", "distributed.md"]}
+          "distributed.py": ["distributed.json", "distributed.md"], "onnx_large.py": ["onnx_large.json", "onnx_large.md"],
+          "compressed_export.py": ["compressed_tensors.json", "compressed_tensors.md"]}
 
 
 @pytest.fixture(scope="module")
