@@ -39,5 +39,17 @@ class PassError(D2Error):
     """A pass failed or broke an invariant. The message names the pass, the block and the layer."""
 
 
+class PreconditionError(PassError):
+    """The block does not satisfy what a pass needs before it runs (`Pass.precondition`)."""
+
+
+class PostconditionError(PassError):
+    """A pass left the block breaking one of its postconditions (`Pass.postconditions`)."""
+
+
 class OutputError(D2Error):
     """The output path cannot be written."""
+
+
+class PluginError(D2Error):
+    """A pass plugin (entry point `d2compiler.passes`) could not be loaded or registered."""

@@ -23,7 +23,7 @@ from torch import nn
 
 from .checkpoint import CheckpointStore
 from .distributed import SINGLE, Group
-from .errors import D2Error, PassError
+from .errors import D2Error, PassError, PostconditionError, PreconditionError
 from .graph import (
     BlockStructure,
     LinearLayer,
@@ -234,27 +234,37 @@ def select_layers(layers: list[LinearLayer], targets: list[str], ignore: list[st
     return [layer for layer in layers if matches(layer, targets) and not matches(layer, ignore)]
 
 
+def ran_before(ctx: BlockContext, pass_: Pass) -> str:
+    """Where an error happened: the block and the passes that ran on it before `pass_`."""
+    earlier = [p.name for p in ctx.schedule[: next(i for i, p in enumerate(ctx.schedule) if p is pass_)]]
+    return f"block {ctx.index}; passes run before: {', '.join(earlier) or 'none'}"
+
+
+def check_precondition(ctx: BlockContext, pass_: Pass) -> None:
+    """`pass_.precondition(ctx)`, its error located (the block and the passes that ran before)."""
+    try:
+        pass_.precondition(ctx)
+    except PreconditionError as exc:
+        raise PreconditionError(f"{exc} ({ran_before(ctx, pass_)})") from None
+
+
 def settle(ctx: BlockContext, pass_: Pass, result: PassResult) -> None:
-    """After a pass, in one host sync: check that no recorded mask was revived and that every weight
-    of the block is finite, and turn the pass's tensor metrics into Python numbers (in place)."""
-    by_name = {layer.name: layer for layer in ctx.layers}
-    checks = []
-    for name, keep in ctx.masks.items():
-        weight = by_name[name].weight_matrix()
-        checks.append(((weight != 0) & ~keep.to(weight.device)).sum())
-    checks += [(~torch.isfinite(layer.module.weight)).sum() for layer in ctx.layers]
+    """After a pass, in one host sync: check its postconditions (by default: no recorded mask was
+    revived, every weight of the block is finite) and turn the pass's tensor metrics into Python
+    numbers (in place). Every layer the pass reports gets its role and shape."""
+    for layer in ctx.layers:
+        if layer.name in result.layers:
+            result.layers[layer.name].setdefault("role", layer.role)
+            result.layers[layer.name].setdefault("shape", list(layer.shape))
+    conditions = pass_.postconditions(ctx, result)
     slots = [(metrics, key) for metrics in result.layers.values() for key, value in metrics.items()
              if isinstance(value, torch.Tensor)]
-    values = [*checks, *(metrics[key] for metrics, key in slots)]
+    values = [*(count for count, _m in conditions), *(metrics[key] for metrics, key in slots)]
     numbers = torch.stack([v.detach().to(ctx.device, torch.float64) for v in values]).tolist() if values else []
-    revived, nonfinite = numbers[: len(ctx.masks)], numbers[len(ctx.masks) : len(checks)]
-    for name, count in zip(ctx.masks, revived):
-        if count:
-            raise PassError(f"pass '{pass_.name}' revived {int(count)} pruned weights of {name} (block {ctx.index})")
-    for layer, count in zip(ctx.layers, nonfinite):
-        if count:
-            raise PassError(f"pass '{pass_.name}' left NaN or Inf in {layer.name} (block {ctx.index})")
-    for (metrics, key), number in zip(slots, numbers[len(checks) :]):
+    for (_count, message), number in zip(conditions, numbers):
+        if number:
+            raise PostconditionError(f"pass '{pass_.name}' {message.format(int(number))} ({ran_before(ctx, pass_)})")
+    for (metrics, key), number in zip(slots, numbers[len(conditions) :]):
         integral = not metrics[key].is_floating_point()
         metrics[key] = int(number) if integral else number
 
@@ -523,6 +533,7 @@ class BlockExecutor:
         for p in self.schedule:
             t0 = time.perf_counter()
             if targeted:
+                check_precondition(ctx, p)
                 result = p.apply(ctx)
                 settle(ctx, p, result)
                 results.append((p.name, result))

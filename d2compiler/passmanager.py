@@ -21,9 +21,10 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import networkx as nx
+import torch
 from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 
-from .errors import PassOrderError
+from .errors import PassOrderError, PluginError
 
 if TYPE_CHECKING:
     from .executor import BlockContext
@@ -83,6 +84,9 @@ class PassResult:
     info: dict[str, Any] = field(default_factory=dict)
 
 
+Condition = tuple[torch.Tensor, str]  # (count that must be 0, message with {} for the count)
+
+
 class Pass(ABC):
     """Base class of every pass. Subclasses set the class attributes and implement `apply`."""
 
@@ -116,6 +120,24 @@ class Pass(ABC):
     def end_observe(self, ctx: BlockContext) -> None:
         """Publish the artifacts recorded since `begin_observe`. Default: nothing."""
 
+    def precondition(self, ctx: BlockContext) -> None:
+        """Check what this pass needs of the block before `apply`; raise `PreconditionError` with what
+        is wrong (the executor adds the block and the passes that ran before). Default: nothing."""
+
+    def postconditions(self, ctx: BlockContext, result: PassResult) -> list[Condition]:
+        """What must hold after `apply`, as (count, message) pairs: each count (a 0-dim tensor, read
+        with all the others in one host sync) must be 0, and `message` (with `{}` for the count) says
+        what broke. Default: no recorded mask was revived and every weight of the block is finite.
+        A pass extends them with `super().postconditions(ctx, result) + [...]`."""
+        by_name = {layer.name: layer for layer in ctx.layers}
+        conditions = []
+        for name, keep in ctx.masks.items():
+            weight = by_name[name].weight_matrix()
+            conditions.append((((weight != 0) & ~keep.to(weight.device)).sum(), f"revived {{}} pruned weights of {name}"))
+        conditions += [((~torch.isfinite(layer.module.weight)).sum(), f"left {{}} NaN or Inf values in {layer.name}")
+                       for layer in ctx.layers]
+        return conditions
+
     @abstractmethod
     def apply(self, ctx: BlockContext) -> PassResult:
         """Transform the block and report what changed."""
@@ -127,7 +149,11 @@ PASS_REGISTRY: dict[str, type[Pass]] = {}
 def register_pass(cls: type[Pass]) -> type[Pass]:
     """Class decorator: make `cls` available to recipes under `cls.name`."""
     if cls.name in PASS_REGISTRY and PASS_REGISTRY[cls.name] is not cls:
-        raise ValueError(f"pass name {cls.name!r} registered twice")
+        first = PASS_REGISTRY[cls.name]
+        raise ValueError(f"pass name {cls.name!r} registered twice ({first.__module__}.{first.__qualname__} and "
+                         f"{cls.__module__}.{cls.__qualname__})")
+    if PASS_REGISTRY.get(cls.name) is cls:
+        return cls
     # Each pass gets its own params model whose `type` is the literal pass name, so recipes
     # validate as a discriminated union and `d2c schema` documents each pass separately.
     title = "".join(part.capitalize() for part in cls.name.split("_")) + "Pass"
@@ -141,10 +167,42 @@ def register_pass(cls: type[Pass]) -> type[Pass]:
     return cls
 
 
+PLUGIN_GROUP = "d2compiler.passes"
+_plugins_loaded = False
+
+
+def load_plugins() -> None:
+    """Import the passes other packages declare in the `d2compiler.passes` entry-point group (once).
+    An entry point names a module that registers its passes on import, or a `Pass` subclass, which is
+    registered here. A plugin that fails to load is a `PluginError` naming it."""
+    global _plugins_loaded
+    if _plugins_loaded:
+        return
+    _plugins_loaded = True
+    from importlib.metadata import entry_points
+
+    for point in entry_points(group=PLUGIN_GROUP):
+        where = f"plugin {point.name!r} ({PLUGIN_GROUP}: {point.value}"
+        dist = getattr(point, "dist", None)
+        where += f", from {dist.name} {dist.version})" if dist is not None else ")"
+        try:
+            loaded = point.load()
+        except Exception as exc:  # a third party's import error, whatever its type
+            raise PluginError(f"{where} failed to load: {type(exc).__name__}: {exc}") from None
+        if isinstance(loaded, type):
+            if not issubclass(loaded, Pass):
+                raise PluginError(f"{where} is a class but not a d2compiler Pass")
+            try:
+                register_pass(loaded)
+            except (ValueError, AttributeError) as exc:
+                raise PluginError(f"{where}: {exc}") from None
+
+
 def registered_passes() -> dict[str, type[Pass]]:
-    """All registered passes, importing the shipped `passes` package first."""
+    """All registered passes: the shipped `passes` package and the plugins' (entry points)."""
     import passes  # noqa: F401  (registers the shipped passes on import)
 
+    load_plugins()
     return dict(sorted(PASS_REGISTRY.items()))
 
 

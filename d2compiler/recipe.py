@@ -163,8 +163,13 @@ def _recipe_base() -> type[BaseModel]:
     return RecipeBase
 
 
-@cache
 def recipe_model() -> type[BaseModel]:
+    """The recipe schema over the passes registered now (plugins included; rebuilt if the registry grew)."""
+    return _recipe_model(tuple(registered_passes()))
+
+
+@cache
+def _recipe_model(_pass_names: tuple[str, ...]) -> type[BaseModel]:
     """The Recipe model, with `passes` a discriminated union over every registered pass."""
     param_models = [cls.Params for cls in registered_passes().values()]
     union = Annotated[Union[tuple(param_models)], Field(discriminator="type")]  # noqa: UP007

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from d2compiler.errors import PassError
+from d2compiler.errors import PassError, PreconditionError
 from d2compiler.packing import Packed24Linear, violations_2_4
 from d2compiler.passmanager import Pass, PassResult, TargetedParams, register_pass
 
@@ -28,15 +28,20 @@ class Pack24Pass(Pass):
         if bad:
             raise PassError(f"pack_2_4: in_features must be a multiple of 8 to pack; not so for {', '.join(bad)}")
 
-    def apply(self, ctx: Any) -> PassResult:
-        layers = list({layer.owner: layer.whole() for layer in ctx.select(self.params)}.values())  # a fused linear packs whole
-        bad = {layer.name: violations_2_4(layer.weight_matrix()) for layer in layers}
+    def _layers(self, ctx: Any) -> list[Any]:
+        return list({layer.owner: layer.whole() for layer in ctx.select(self.params)}.values())  # a fused linear packs whole
+
+    def precondition(self, ctx: Any) -> None:
+        """Every targeted weight is exactly 2:4 along its input dimension."""
+        bad = {layer.name: violations_2_4(layer.weight_matrix()) for layer in self._layers(ctx)}
         bad = {name: count for name, count in bad.items() if count}
         if bad:
             listing = "; ".join(f"{name}: {count} groups of 4 with more than 2 nonzeros" for name, count in bad.items())
-            raise PassError(f"pack_2_4: not exactly 2:4 ({listing}); prune them with mask_structure = \"2:4\" first")
+            raise PreconditionError(f"pack_2_4: not exactly 2:4 ({listing}); prune them with mask_structure = \"2:4\" first")
+
+    def apply(self, ctx: Any) -> PassResult:
         result = PassResult(modified=False)
-        for layer in layers:
+        for layer in self._layers(ctx):
             ctx.module.set_submodule(layer.local_name, Packed24Linear.replacing(layer.module, layer.weight_matrix(), layer.transposed))
             result.layers[layer.name] = {"packed": "2:4"}
             result.modified = True

@@ -83,7 +83,8 @@ def _figures(record: dict[str, Any], folder: Path) -> list[tuple[str, str]]:
                     ax.set_yscale("log")
                 handles = [plt.Rectangle((0, 0), 1, 1, color=c) for r, c in ROLE_COLOURS.items() if any(layers[n].get("role") == r for n in names)]
                 labels = [r for r in ROLE_COLOURS if any(layers[n].get("role") == r for n in names)]
-                ax.legend(handles, labels, ncol=len(labels), fontsize=8, loc="lower right", framealpha=0.9)
+                if labels:
+                    ax.legend(handles, labels, ncol=len(labels), fontsize=8, loc="lower right", framealpha=0.9)
                 save(fig, title, file)
     kl = [(b["index"], b["passes"]["attention_kl_update"]) for b in blocks if "attention_kl_update" in b.get("passes", {})]
     kl = [(i, info["candidates"][",".join(info["choice"]) or "none"]["kl"]) for i, info in kl if info.get("candidates")]

@@ -1,0 +1,145 @@
+"""Pass plugins from other distributions (entry-point group `d2compiler.passes`): the example of
+docs/writing-a-pass.md, installed into a temporary site folder on the path, runs from a recipe."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from .conftest import write_recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def doc_example() -> str:
+    """The pass source in docs/writing-a-pass.md (its first python block)."""
+    return re.search(r"```python\n(.*?)```", (ROOT / "docs" / "writing-a-pass.md").read_text(), re.S)[1]
+
+
+def install(site: Path, dist: str, module: str, source: str, entry: str) -> None:
+    """A minimal installed distribution: the module and its dist-info with the entry point."""
+    site.mkdir(parents=True, exist_ok=True)
+    (site / f"{module}.py").write_text(source)
+    info = site / f"{dist.replace('-', '_')}-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text(f"[d2compiler.passes]\n{entry}\n")
+
+
+def d2c(site: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run([sys.executable, "-m", "d2compiler", *args], env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_plugin_pass_runs_from_a_recipe(tmp_path, tiny_models):
+    site = tmp_path / "site"
+    install(site, "d2c-row-magnitude", "d2c_row_magnitude", doc_example(), "row_magnitude = d2c_row_magnitude:RowMagnitudePass")
+    schema = d2c(site, "schema")
+    assert schema.returncode == 0, schema.stderr
+    assert "row_magnitude" in json.dumps(json.loads(schema.stdout))
+
+    passes = '[[passes]]\ntype = "row_magnitude"\nsparsity = 0.25\nignore = ["role:down"]\n'
+    out = tmp_path / "out"
+    recipe = write_recipe(tmp_path / "r.toml", str(tiny_models["llama"]), passes, output=out)
+    run = d2c(site, "--quiet", "run", str(recipe))
+    assert run.returncode == 0, run.stderr
+    from safetensors.torch import load_file
+
+    weights = load_file(str(out / "model.safetensors"))
+    up = weights["model.layers.0.mlp.up_proj.weight"]
+    assert ((up == 0).sum(dim=1) == 16).all()  # 25% of each row of 64 inputs
+    assert (weights["model.layers.0.mlp.down_proj.weight"] != 0).all()  # ignored
+    record = json.loads((out / "sparsity.json").read_text())
+    assert record["layers"]["model.layers.1.self_attn.q_proj"]["passes"] == ["row_magnitude"]
+
+    bad = write_recipe(tmp_path / "b.toml", str(tiny_models["llama"]), '[[passes]]\ntype = "row_magnitude"\nsparsity = 1.5\n')
+    checked = d2c(site, "validate", str(bad))
+    assert checked.returncode == 2 and "b.toml: passes[0].sparsity: Input should be less than 1" in checked.stderr
+    assert "Traceback" not in checked.stderr
+    without = d2c(tmp_path / "empty-site", "validate", str(recipe))  # not installed: an unknown type
+    assert without.returncode == 2 and "row_magnitude" in without.stderr
+
+
+def test_broken_or_clashing_plugin_is_one_located_line(tmp_path, tiny_models):
+    recipe = write_recipe(tmp_path / "r.toml", str(tiny_models["llama"]), '[[passes]]\ntype = "magnitude"\nsparsity = 0.5\n')
+    broken = tmp_path / "broken"
+    install(broken, "d2c-broken", "d2c_broken", "import no_such_module\n", "broken = d2c_broken")
+    result = d2c(broken, "validate", str(recipe))
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    assert "plugin 'broken' (d2compiler.passes: d2c_broken, from d2c-broken 0.1) failed to load: ModuleNotFoundError" in lines[0]
+
+    clash = tmp_path / "clash"
+    source = doc_example().replace('name = "row_magnitude"', 'name = "magnitude"').replace("@register_pass\n", "")
+    install(clash, "d2c-clash", "d2c_clash", source, "magnitude = d2c_clash:RowMagnitudePass")
+    result = d2c(clash, "validate", str(recipe))
+    assert result.returncode == 2 and "pass name 'magnitude' registered twice" in result.stderr, result.stderr
+
+
+class _Breaks:
+    """Passes registered for one test (and removed after): each breaks a default postcondition or
+    adds its own."""
+
+    @staticmethod
+    def define():
+        import torch
+
+        from d2compiler.contract import Pass, PassResult, TargetedParams
+
+        class Revive(Pass):
+            name = "test_revive"
+            Params = TargetedParams
+
+            def apply(self, ctx):
+                for layer in ctx.select(self.params):
+                    layer.set_weight_matrix(torch.ones_like(layer.weight_matrix()))
+                return PassResult(modified=True)
+
+        class Poison(Revive):
+            name = "test_poison"
+
+            def apply(self, ctx):
+                layer = ctx.select(self.params)[0]
+                weight = layer.weight_matrix().clone()
+                weight[0, 0] = float("nan")
+                layer.set_weight_matrix(weight)
+                return PassResult(modified=True)
+
+        class Strict(Revive):
+            name = "test_strict"
+
+            def apply(self, ctx):
+                return PassResult(modified=False)
+
+            def postconditions(self, ctx, result):
+                layer = ctx.select(self.params)[0]
+                return super().postconditions(ctx, result) + [((layer.weight_matrix() != 0).sum(), f"kept {{}} nonzeros in {layer.name}")]
+
+        return [Revive, Poison, Strict]
+
+
+def test_postconditions_name_the_pass_the_block_and_what_ran_before(tmp_path, tiny_models, capsys):
+    from d2compiler.cli import main
+    from d2compiler.passmanager import PASS_REGISTRY, register_pass
+
+    classes = [register_pass(c) for c in _Breaks.define()]
+    try:
+        expected = {"test_revive": "pass 'test_revive' revived 2048 pruned weights of model.layers.0.self_attn.q_proj "
+                                   "(block 0; passes run before: magnitude)",
+                    "test_poison": "pass 'test_poison' left 1 NaN or Inf values in model.layers.0.self_attn.q_proj "
+                                   "(block 0; passes run before: magnitude)",
+                    "test_strict": "pass 'test_strict' kept 2048 nonzeros in model.layers.0.self_attn.q_proj "
+                                   "(block 0; passes run before: magnitude)"}
+        for name, message in expected.items():
+            passes = f'[[passes]]\ntype = "magnitude"\nsparsity = 0.5\n[[passes]]\ntype = "{name}"\ntargets = ["re:.*q_proj"]\n'
+            recipe = write_recipe(tmp_path / f"{name}.toml", str(tiny_models["llama"]), passes, output=tmp_path / name)
+            assert main(["--quiet", "run", str(recipe)]) == 2
+            assert capsys.readouterr().err.strip() == f"error: {message}"
+            assert not (tmp_path / name).exists()
+    finally:
+        for cls in classes:
+            PASS_REGISTRY.pop(cls.name)
