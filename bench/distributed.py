@@ -83,7 +83,7 @@ def projection() -> list[dict[str, Any]]:
               ("gate", inter, hidden), ("up", inter, hidden), ("down", hidden, inter)]
     groups = [hidden, hidden, hidden, inter]  # q/k/v share an input, gate/up too
     cost = block_cost(shapes, groups, tokens=128 * 2048, seq=2048, hidden=hidden, heads=c["heads"], rates=GPU_RATES,
-                      obs=True, kl=None)
+                      obs=True, kl_samples=None)
     rows = []
     for gpus, link in GPU_CASES:
         rows.append({"gpus": gpus, "link_gbs": link, **project([cost] * c["blocks"], gpus, link)})

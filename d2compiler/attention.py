@@ -130,12 +130,18 @@ class AttentionRecorder:
         self._handles = []
 
     @torch.no_grad()
-    def run_prefix(self, block: nn.Module, args: tuple, kwargs: dict[str, Any]) -> AttentionCall:
-        """Run `block` only as far as its first attention op and return that call."""
+    def run_prefix(self, block: nn.Module, args: tuple, kwargs: dict[str, Any],
+                   weights: dict[str, torch.Tensor] | None = None) -> AttentionCall:
+        """Run `block` only as far as its first attention op and return that call. `weights`: tensors
+        that stand in for the block's parameters of those names in this call only
+        (`torch.func.functional_call`; the block itself is never modified)."""
         sink: list[AttentionCall] = []
         try:
             with _Capture(self.kind, True, sink):
-                block(*args, **kwargs)
+                if weights:
+                    torch.func.functional_call(block, weights, args, kwargs, strict=False)
+                else:
+                    block(*args, **kwargs)
         except _StopAtAttention:
             pass
         if not sink:

@@ -8,15 +8,25 @@ these names may move.
   `record_mask`, `map_layers`, `reduce`);
 - `LinearLayer`: one prunable linear (`weight_matrix`, `set_weight_matrix`, `role`, `shape`);
 - `PassError`: the error a pass raises for a problem the user can act on (exit status 2);
-  `PreconditionError` from `Pass.precondition`; `Condition` is what `Pass.postconditions` returns.
+  `PreconditionError` from `Pass.precondition`; `Condition` is what `Pass.postconditions` returns;
+  `PassOrderError` from `Pass.check_schedule`;
+- `ArtifactKind`, `register_artifact`: declare an artifact kind a pass exchanges (`artifacts`);
+- `UpdateVariants`: the interface of a pruning pass that honours an update plan;
+- helpers the shipped passes share with the core: `obs_cost`, attention capture (`AttentionRecorder`,
+  `AttentionCall`, `attention_kl`) and 2:4 storage (`Packed24Linear`, `violations_2_4`).
 """
 
 from __future__ import annotations
 
-from .errors import PassError, PostconditionError, PreconditionError
-from .executor import BlockContext
+from .artifacts import ArtifactKind, register_artifact
+from .attention import AttentionCall, AttentionRecorder, attention_kl
+from .errors import PassError, PassOrderError, PostconditionError, PreconditionError
+from .executor import BlockContext, obs_cost
 from .graph import LinearLayer
-from .passmanager import Condition, Pass, PassParams, PassResult, TargetedParams, register_pass
+from .packing import Packed24Linear, violations_2_4
+from .passmanager import Condition, Pass, PassParams, PassResult, PlanCost, TargetedParams, UpdateVariants, register_pass
 
-__all__ = ["BlockContext", "Condition", "LinearLayer", "Pass", "PassError", "PassParams", "PassResult", "PostconditionError",
-           "PreconditionError", "TargetedParams", "register_pass"]
+__all__ = ["ArtifactKind", "AttentionCall", "AttentionRecorder", "BlockContext", "Condition", "LinearLayer", "Packed24Linear",
+           "Pass", "PassError", "PassOrderError", "PassParams", "PassResult", "PlanCost", "PostconditionError", "PreconditionError",
+           "TargetedParams", "UpdateVariants", "attention_kl", "obs_cost", "register_artifact", "register_pass",
+           "violations_2_4"]

@@ -150,6 +150,7 @@ class BlockContext:
     group: Group = field(default_factory=Group)  # the run's processes; `inputs` are this process's share of the samples
     sample_offset: int = 0  # global index of inputs[0] among all processes' calibration samples
     sample_count: int = 0  # calibration samples over all processes (0: len(inputs))
+    active: Pass | None = None  # the pass the executor is running (its declarations govern `publish`)
 
     @property
     def total_samples(self) -> int:
@@ -206,7 +207,28 @@ class BlockContext:
                 groups.setdefault(tuple(self.structure.group_of(layer.owner)), []).append(layer)
         return list(groups.values())
 
-    def publish(self, artifact: str, layer: str, value: Any) -> None:
+    def targets_of(self, pass_: Pass) -> list[LinearLayer]:
+        """The layers of this block that another scheduled pass acts on (all, for a pass without targets)."""
+        patterns = pass_.target_patterns()
+        return list(self.layers) if patterns is None else select_layers(self.layers, *patterns)
+
+    def publish(self, artifact: str, layer: str, value: Any, *, by: Pass | None = None) -> None:
+        """Make `value` the `artifact` of `layer` (a block-scoped kind: of the block's name). Refused
+        unless the publishing pass (`by`, else the running one) declares it in `provides` or
+        `writes`, and unless the value has the kind's type (`artifacts.ARTIFACTS`)."""
+        from .artifacts import ARTIFACTS
+
+        writer = by or self.active
+        kind = ARTIFACTS.get(artifact)
+        if kind is None or kind.scope == "marker":
+            raise PassError(f"pass '{writer.name if writer else '?'}' published '{artifact}', which is not an artifact "
+                            f"kind that carries values (block {self.index})")
+        if writer is not None and artifact not in writer.provides | writer.writes:
+            raise PassError(f"pass '{writer.name}' wrote the artifact '{artifact}' without declaring it (add it to "
+                            f"`provides` or `writes`) (block {self.index})")
+        if not isinstance(value, kind.types):
+            raise PassError(f"pass '{writer.name if writer else '?'}' published '{artifact}' of {layer} as "
+                            f"{type(value).__name__}; the kind holds {' or '.join(t.__name__ for t in kind.types)}")
         self.artifacts.setdefault(artifact, {})[layer] = value
 
     def artifact(self, artifact: str, layer: str) -> Any:
@@ -523,19 +545,25 @@ class BlockExecutor:
         start = time.perf_counter()
         if targeted and any(p.observes for p in self.schedule):
             for p in self.schedule:
+                ctx.active = p
                 p.begin_observe(ctx)
+            ctx.active = None
             ctx.dense_outputs = forward_block(block, inputs)
             for p in self.schedule:
+                ctx.active = p
                 p.end_observe(ctx)
+            ctx.active = None
             check_statistics(ctx)
             times["observe"] = time.perf_counter() - start
         modified = False
         for p in self.schedule:
             t0 = time.perf_counter()
             if targeted:
+                ctx.active = p
                 check_precondition(ctx, p)
                 result = p.apply(ctx)
                 settle(ctx, p, result)
+                ctx.active = None
                 results.append((p.name, result))
                 modified |= result.modified
             times[p.name] = times.get(p.name, 0.0) + time.perf_counter() - t0

@@ -132,6 +132,16 @@ class LinearLayer:
             return self
         return LinearLayer(split_slice_name(self.name)[0], self.owner, self.module, "qkv")
 
+    def replaced_weight(self, value: torch.Tensor, base: torch.Tensor | None = None) -> torch.Tensor:
+        """The module's weight with this layer's (out, in) matrix replaced by `value`, as a new tensor
+        in the parameter's layout (the module is not touched; `base`: start from this tensor instead of
+        the parameter, to compose the slices of a fused weight)."""
+        full = (self.module.weight.detach() if base is None else base).clone()
+        target = full.t() if self.transposed else full
+        target = target[self.rows[0] : self.rows[1]] if self.rows else target
+        target.copy_(value.to(dtype=target.dtype, device=target.device))
+        return full
+
     def weight_matrix(self) -> torch.Tensor:
         """The weight as an (out, in) view of the parameter data (no copy); a slice's rows only."""
         w = self.module.weight.data

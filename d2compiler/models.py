@@ -22,6 +22,7 @@ from .errors import ModelLoadError
 from .export.hf import QUANT_FILE
 from .export.packed import is_packed_folder, load_packed
 from .inputs import takes_images
+from .model_class import model_class
 
 if TYPE_CHECKING:
     from .streaming import StreamedModel
@@ -145,23 +146,6 @@ def hub_folder(repo_id: str, revision: str | None) -> Path:
         return Path(snapshot_download(repo_id, revision=revision, allow_patterns=HUB_STREAMING_FILES))
     except Exception as exc:  # huggingface_hub raises many kinds: offline, not found, gated, ...
         raise ModelLoadError(f"{repo_id}: cannot fetch the model from the hub: {type(exc).__name__}: {exc}") from None
-
-
-def _model_class(config: Any, source: str) -> Any:
-    """The transformers model class named by the config's `architectures` (refused when that names
-    anything but a `PreTrainedModel` subclass), else AutoModelForCausalLM."""
-    import transformers
-
-    names = getattr(config, "architectures", None) or []
-    if isinstance(names, str) or not all(isinstance(n, str) for n in names):
-        raise ModelLoadError(f"{source}: config.json: `architectures` must be a list of class names")
-    for arch in names:
-        cls = getattr(transformers, arch, None) if arch.isidentifier() else None
-        if isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel):
-            return cls
-    if names:
-        raise ModelLoadError(f"{source}: config.json: architectures {names} names no transformers model class")
-    return transformers.AutoModelForCausalLM
 
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -351,7 +335,7 @@ def load_model(source: str, dtype: str = "float32", device: str = "auto", revisi
         extra["gguf_file"] = gguf_file
     try:
         config = AutoConfig.from_pretrained(folder, **extra)
-        cls = _model_class(config, source)
+        cls = model_class(config, source)
         attn = {"attn_implementation": attn_implementation} if attn_implementation else {}
         safe = {} if gguf_file else {"use_safetensors": True}  # never unpickle, from a folder or the hub
         quant = _compressed_tensors_load(config, source)

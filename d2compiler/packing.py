@@ -33,7 +33,7 @@ def violations_2_4(weight: torch.Tensor) -> int:
     return int(((weight != 0).reshape(out_f, in_f // 4, 4).sum(-1) > 2).sum())
 
 
-def pack_2_4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def pack_two_of_four(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(values (out, in/2) in the weight's dtype, meta (out, in/8) uint8) of an exactly 2:4 weight.
     A group with fewer than 2 nonzeros stores zeros at unused positions."""
     out_f, in_f = weight.shape
@@ -50,7 +50,7 @@ def pack_2_4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return values.contiguous(), meta.contiguous()
 
 
-def unpack_2_4(values: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
+def unpack_two_of_four(values: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
     """The dense (out, in) weight of packed 2:4 storage."""
     out_f, half = values.shape
     in_f = half * 2
@@ -79,7 +79,7 @@ class Packed24Linear(nn.Module):
     @classmethod
     def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None, transposed: bool = False) -> Packed24Linear:
         """Pack an (out, in) weight (exactly 2:4)."""
-        values, meta = pack_2_4(weight.detach())
+        values, meta = pack_two_of_four(weight.detach())
         return cls(weight.shape[1], weight.shape[0], values, meta, bias, transposed)
 
     @classmethod
@@ -92,7 +92,7 @@ class Packed24Linear(nn.Module):
 
     def dense_weight(self) -> torch.Tensor:
         """The (out, in) weight."""
-        return unpack_2_4(self.values, self.meta)
+        return unpack_two_of_four(self.values, self.meta)
 
     def original_weight(self) -> torch.Tensor:
         """The weight in the layout of the layer it replaced (for dense exports)."""

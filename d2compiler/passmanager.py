@@ -87,6 +87,15 @@ class PassResult:
 Condition = tuple[torch.Tensor, str]  # (count that must be 0, message with {} for the count)
 
 
+@dataclass(frozen=True)
+class PlanCost:
+    """What a pass adds to `d2c plan`'s cost model, beyond the block forwards and statistics."""
+
+    solves: bool = False  # one OBS-style solve per targeted layer (costed with the `column_us` rate)
+    kl_samples: int | None = None  # scores attention candidates over this many calibration samples (0: all)
+    statistics_copies: int = 1  # statistics accumulators it keeps per input (held-out Hessians: 2)
+
+
 class Pass(ABC):
     """Base class of every pass. Subclasses set the class attributes and implement `apply`."""
 
@@ -95,6 +104,8 @@ class Pass(ABC):
     requires: ClassVar[frozenset[str]] = frozenset()
     optional: ClassVar[frozenset[str]] = frozenset()  # used when some pass provides it
     provides: ClassVar[frozenset[str]] = frozenset()
+    writes: ClassVar[frozenset[str]] = frozenset()  # artifacts it publishes for itself (not scheduled on)
+    consumed: ClassVar[frozenset[str]] = frozenset()  # provided artifacts that are meaningless unless a later pass uses them
     summary: ClassVar[str] = ""
     observes: ClassVar[bool] = False  # True when begin/end_observe record something
     updates_weights: ClassVar[bool] = False  # moves kept weights (an OBS update), not only zeroes them
@@ -113,6 +124,29 @@ class Pass(ABC):
     def check_layers(self, layers: list[LinearLayer]) -> None:
         """Refuse, before any block runs, targeted layers this pass cannot handle (raise PassError
         naming them). Default: accept all."""
+
+    def plan_cost(self) -> PlanCost:
+        """What `d2c plan` should count for this pass. Default: nothing beyond forwards and statistics."""
+        return PlanCost()
+
+    def measure_rates(self, device: torch.device) -> dict[str, float]:
+        """Rates the cost model needs for this pass, measured on `device` in a fraction of a second
+        (e.g. `column_us`, the OBS loop's overhead per column). Default: none."""
+        return {}
+
+    def record_fields(self, blocks: list[dict[str, Any]]) -> dict[str, Any]:
+        """Fields this pass adds to `sparsity.json`, from the run's per-block records (`blocks[i]
+        ["passes"][name]` is this pass's `PassResult.info` in block i). Default: none."""
+        return {}
+
+    def report_figures(self, blocks: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Per-block figures this pass adds to `report.html`: dicts with `title`, `ylabel` and `points`
+        ([[block, value], ...]); they are stored in `sparsity.json` (`figures`). Default: none."""
+        return []
+
+    def check_schedule(self, schedule: list[Pass]) -> None:
+        """Refuse (raise `PassOrderError`) a recipe in which this pass cannot do what it was asked,
+        given the other scheduled passes. Default: accept."""
 
     def begin_observe(self, ctx: BlockContext) -> None:
         """Register what should be recorded while the dense block runs. Default: nothing."""
@@ -198,12 +232,33 @@ def load_plugins() -> None:
                 raise PluginError(f"{where}: {exc}") from None
 
 
-def registered_passes() -> dict[str, type[Pass]]:
-    """All registered passes: the shipped `passes` package and the plugins' (entry points)."""
-    import passes  # noqa: F401  (registers the shipped passes on import)
+SHIPPED_PASSES = "passes"  # the package of the passes that ship with d2compiler, discovered like a plugin
 
+
+def registered_passes() -> dict[str, type[Pass]]:
+    """All registered passes: the shipped `passes` package and the plugins' (entry points), both found
+    by name at run time, so that the core never imports a pass."""
+    import importlib
+
+    importlib.import_module(SHIPPED_PASSES)  # registers the shipped passes on import
     load_plugins()
     return dict(sorted(PASS_REGISTRY.items()))
+
+
+class UpdateVariants(ABC):
+    """A pruning pass that honours an update plan: it prunes each layer with or without the OBS
+    weight update, as the `update_plan` artifact says, and computes either variant on request (so
+    that the pass providing the plan can score them before choosing)."""
+
+    @abstractmethod
+    def prepare_variants(self, ctx: BlockContext, requests: list[tuple[LinearLayer, bool, torch.Tensor | None, str]]) -> None:
+        """Compute the (layer, update, hessian, tag) variants ahead, spread over the run's processes."""
+
+    @abstractmethod
+    def variant(self, ctx: BlockContext, layer: LinearLayer, update: bool, hessian: torch.Tensor | None = None,
+                tag: str = "all") -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+        """The pruned (weight, keep, metrics) of `layer` with or without the update; `hessian` replaces
+        the calibration Hessian under `tag`."""
 
 
 class PassManager:
@@ -212,6 +267,7 @@ class PassManager:
     def __init__(self, params_list: list[PassParams]):
         registry = registered_passes()
         self.passes: list[Pass] = [registry[p.type](p) for p in params_list]
+        _check_artifact_kinds(self.passes)
         self.schedule: list[Pass] = self._order()
 
     def _order(self) -> list[Pass]:
@@ -241,7 +297,32 @@ class PassManager:
             raise PassOrderError(f"the passes' requirements form a cycle: {exc}") from exc
         schedule = [self.passes[i] for i in order]
         _check_quantization_last(schedule)
+        _check_artifacts(schedule)
+        for p in schedule:
+            p.check_schedule(schedule)
         return schedule
+
+
+def _check_artifact_kinds(passes: list[Pass]) -> None:
+    """Every artifact a pass names is a registered kind."""
+    from .artifacts import ARTIFACTS
+
+    for p in passes:
+        for name in sorted(p.requires | p.optional | p.provides | p.writes | p.consumed):
+            if name not in ARTIFACTS:
+                raise PassOrderError(f"pass '{p.name}' names the artifact '{name}', which is not a registered kind "
+                                     f"(known: {', '.join(sorted(ARTIFACTS))}); register it with d2compiler.contract.register_artifact")
+
+
+def _check_artifacts(schedule: list[Pass]) -> None:
+    """What a pass provides to be `consumed` is used by a later pass."""
+    for i, p in enumerate(schedule):
+        for name in sorted(p.consumed):
+            users = [q.name for q in schedule[i + 1 :] if name in q.requires | q.optional]
+            if not users:
+                makers = [n for n, cls in registered_passes().items() if name in cls.requires | cls.optional]
+                raise PassOrderError(f"pass '{p.name}' provides '{name}', but no later pass uses it, so it would do nothing; "
+                                     f"add a pass of type {' or '.join(repr(n) for n in makers)} after it")
 
 
 def _check_quantization_last(schedule: list[Pass]) -> None:

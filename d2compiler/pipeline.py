@@ -1,4 +1,4 @@
-"""`compress`: run a validated recipe end to end (load, calibrate, prune block by block, evaluate,
+"""`compress`: run a validated recipe end to end (load, gather calibration statistics, prune block by block, evaluate,
 write the output) and return a summary."""
 
 from __future__ import annotations
@@ -233,7 +233,8 @@ def _compress(recipe: BaseModel, loaded: LoadedModel | None, quiet: bool, out_pa
 
     if not main:  # the first process records and writes; hashing the weights again here would be wasted work
         return summary({})
-    patterns = sorted({p.params.mask_structure for p in manager.schedule if hasattr(p.params, "mask_structure")})
+    entries = [*layers.values(), *(part for entry in layers.values() for part in entry.get("slices", {}).values())]
+    patterns = sorted({entry["pattern"] for entry in entries if "pattern" in entry})  # as the pruning passes report them
     results = {
         "metric": metric_name,
         "dense": dense_value,
@@ -252,9 +253,9 @@ def _compress(recipe: BaseModel, loaded: LoadedModel | None, quiet: bool, out_pa
     sha256 = None if streamed is None else streamed.weights_sha256(block_readers)
     record = sparsity_record(model=model, recipe=recipe.model_dump(mode="json"), layers=layers, patterns=patterns,
                              blocks=blocks, results=results, sha256=sha256)
-    choices = {b["index"]: b["passes"]["attention_kl_update"]["choice"] for b in blocks if "attention_kl_update" in b["passes"]}
-    if choices:
-        record["attention_choices"] = choices
+    for p in manager.schedule:  # what each pass adds to the record and to the report's figures
+        record.update(p.record_fields(blocks))
+        record.setdefault("figures", []).extend(p.report_figures(blocks))
     if group.size > 1:
         record["results"]["processes"] = group.size
         record["results"]["bytes_all_reduced"] = group.bytes_reduced

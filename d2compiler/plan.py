@@ -29,8 +29,6 @@ from .memory import current_rss_mb
 from .models import load_model, load_streamed, resolve_device
 from .passmanager import Pass, PassManager
 
-OBS_PASSES = {"sparsegpt", "dual_taylor_mask"}
-
 
 @dataclass
 class BlockPlan:
@@ -83,7 +81,8 @@ class Plan:
             lines.append(f"  memory {k:<56} {v:9.0f} MiB")
         for k, v in self.estimate_disk_mb.items():
             lines.append(f"  disk   {k:<56} {v:9.0f} MiB")
-        lines.append(f"  measured here: matmul {self.rates['gflops']:.1f} GFLOP/s, OBS loop {self.rates['column_us']:.0f} µs/column")
+        obs = f", OBS loop {self.rates['column_us']:.0f} µs/column" if "column_us" in self.rates else ""
+        lines.append(f"  measured here: matmul {self.rates['gflops']:.1f} GFLOP/s{obs}")
         for nproc, parts in self.projections.items():
             lines += ["", f"projection for {nproc} processes (a projection, not a measurement: the same device rates in "
                       f"every process, {self.link_gbs:g} GB/s between them; docs/distributed.md gives the formula):"]
@@ -91,10 +90,8 @@ class Plan:
         return "\n".join(lines)
 
 
-def _measure_rates(device: torch.device, hidden: int) -> dict[str, float]:
-    """Matmul throughput and the per-column overhead of the OBS loop on `device`."""
-    from passes.obs import obs_prune
-
+def _measure_rates(device: torch.device, hidden: int, schedule: list[Pass]) -> dict[str, float]:
+    """Matmul throughput on `device`, and the rates the scheduled passes measure (`Pass.measure_rates`)."""
     a = torch.randn(512, hidden, device=device)
     b = torch.randn(hidden, hidden, device=device)
     a @ b
@@ -104,13 +101,10 @@ def _measure_rates(device: torch.device, hidden: int) -> dict[str, float]:
         reps += 1
     if device.type == "cuda":
         torch.cuda.synchronize()
-    gflops = 2 * 512 * hidden * hidden * reps / (time.perf_counter() - start) / 1e9
-    w, x = torch.randn(64, 256, device=device), torch.randn(512, 256, device=device)
-    h = x.t() @ x / 512
-    start = time.perf_counter()
-    obs_prune(w, h, sparsity=0.5, n_of_m=None, block_size=128, damping=0.01, layer="probe")
-    column_us = (time.perf_counter() - start) / 256 * 1e6
-    return {"gflops": gflops, "column_us": column_us}
+    rates = {"gflops": 2 * 512 * hidden * hidden * reps / (time.perf_counter() - start) / 1e9}
+    for p in schedule:
+        rates.update(p.measure_rates(device))
+    return rates
 
 
 def _label(layer: LinearLayer) -> str:
@@ -156,7 +150,7 @@ def make_plan(recipe: BaseModel) -> Plan:
     seq = sample.args[0].shape[-2] if takes_images(model) else cal.seq_len  # an image is its patch tokens
     tokens = cal.samples * seq
     hidden = sample.args[0].shape[-1]
-    rates = _measure_rates(device, hidden)
+    rates = _measure_rates(device, hidden, manager.schedule)
     plan = Plan(m.source, executor.blocks_path, len(executor.blocks), manager.schedule, blocks, tokens, rates=rates)
     groups = [{tuple(executor.structure(i, sample).group_of(la.owner)) for la in layers if la.name in targeted}
               for i, layers in enumerate(per_block[: last + 1])]
@@ -203,12 +197,12 @@ class BlockCost:
 
 
 def block_cost(shapes: list[tuple[str, int, int]], groups: list[int], *, tokens: int, seq: int, hidden: int, heads: int,
-               rates: dict[str, float], obs: bool, kl: Any | None, forward_params: int | None = None) -> BlockCost:
+               rates: dict[str, float], obs: bool, kl_samples: int | None, forward_params: int | None = None) -> BlockCost:
     """The cost of one block from its targeted linears' (role, out, in) `shapes`, the input widths of
     its statistics accumulators (`groups`), the calibration token count and the device `rates`
     (`gflops`: float32 matmuls; `forward_gflops`, default the same: the block forwards in the working
-    dtype; `column_us`: the OBS loop's overhead per column). `kl`: the attention_kl_update params when
-    it scores candidates by KL. `forward_params`: the parameters of all the block's linears, which the
+    dtype; `column_us`: the OBS loop's overhead per column). `kl_samples`: the calibration samples over
+    which a pass scores attention candidates by KL (0: all; None: no such pass). `forward_params`: the parameters of all the block's linears, which the
     forwards run (default: those of `shapes`)."""
     flop_s = rates["gflops"] * 1e9  # float32: statistics and solves
     forward_flop_s = rates.get("forward_gflops", rates["gflops"]) * 1e9  # the working dtype's matmuls
@@ -220,12 +214,12 @@ def block_cost(shapes: list[tuple[str, int, int]], groups: list[int], *, tokens:
     if obs:
         cost.solves_s = [(2 * i**3 + 3 * o * i * i) / flop_s + i * rates["column_us"] / 1e6 for _r, o, i in shapes]
     cost.broadcast_bytes = sum(5 * o * i for _r, o, i in shapes)  # fp32 weight + bool mask
-    if kl is not None:
+    if kl_samples is not None:
         count = tokens // seq
-        samples = count if kl.kl_samples == 0 else min(kl.kl_samples, count)
+        samples = count if kl_samples == 0 else min(kl_samples, count)
         qkv = sum(o * i for r, o, i in shapes if r in ("q", "k", "v"))
         cost.kl_forward_s = samples * (2 * 2 * qkv * seq + 3 * (2 * seq * seq * hidden + 10 * heads * seq * seq)) / forward_flop_s
-        cost.kl_solves_s = [i * rates["column_us"] / 1e6 for r, _o, i in shapes if r in ("q", "k", "v") for _update in (0, 1)]
+        cost.kl_solves_s = [i * rates.get("column_us", 0.0) / 1e6 for r, _o, i in shapes if r in ("q", "k", "v") for _update in (0, 1)]
     return cost
 
 
@@ -252,9 +246,10 @@ def project(costs: list[BlockCost], nproc: int, link_gbs: float) -> dict[str, fl
 def _estimate(plan: Plan, blocks: list[list[LinearLayer]], block_groups: list[set[tuple[str, ...]]], targeted: set[str],
               seq: int, model: torch.nn.Module, hidden: int, baseline_mb: float) -> None:
     tokens = plan.tokens
-    names = {p.name for p in plan.schedule}
-    params = {p.name: p.params for p in plan.schedule}
-    kl = params["attention_kl_update"] if "attention_kl_update" in names and params["attention_kl_update"].strategy == "kl" else None
+    costs = [p.plan_cost() for p in plan.schedule]
+    solves = any(c.solves for c in costs)
+    kl_samples = next((c.kl_samples for c in costs if c.kl_samples is not None), None)
+    copies = max(c.statistics_copies for c in costs)
     heads = getattr(model.config, "num_attention_heads", 1) or 1
     working = 0.0
     for layers, input_groups in zip(blocks, block_groups):
@@ -262,12 +257,12 @@ def _estimate(plan: Plan, blocks: list[list[LinearLayer]], block_groups: list[se
         by_owner = {la.owner: la for la in layers}
         groups = [by_owner[g[0]].shape[1] for g in input_groups if g[0] in by_owner]  # one Hessian per shared input
         cost = block_cost([(la.role, *la.shape) for la in chosen], groups, tokens=tokens, seq=seq, hidden=hidden, heads=heads,
-                          rates=plan.rates, obs=bool(names & OBS_PASSES), kl=kl,
+                          rates=plan.rates, obs=solves, kl_samples=kl_samples,
                           forward_params=sum(la.shape[0] * la.shape[1] for la in layers))
         plan.costs.append(cost)
-        # statistics: a float64 sum and a float32 scratch per accumulator (passes/gram.py), doubled by the KL
-        # update's held-out Hessians; the OBS solve: three float32 n x n matrices and the weights
-        block_mb = (sum(i * i for i in groups) * 12 * (2 if "attention_kl_update" in names else 1)
+        # statistics: a float64 sum and a float32 scratch per accumulator (passes/gram.py), times the copies a
+        # pass keeps (held-out Hessians); the OBS solve: three float32 n x n matrices and the weights
+        block_mb = (sum(i * i for i in groups) * 12 * copies
                     + max(12 * la.shape[1] ** 2 + 16 * la.shape[0] * la.shape[1] for la in chosen or layers)) / 2**20
         working = max(working, block_mb)
     fwd = sum(c.forward_s for c in plan.costs)
@@ -275,7 +270,7 @@ def _estimate(plan: Plan, blocks: list[list[LinearLayer]], block_groups: list[se
     obs = sum(sum(c.solves_s) for c in plan.costs)
     kl_s = sum(c.kl_forward_s + sum(c.kl_solves_s) for c in plan.costs)
     plan.estimate_s = {"block forwards (observe + re-forward)": fwd, "statistics": stats}
-    if names & OBS_PASSES:
+    if solves:
         plan.estimate_s["masks and OBS updates"] = obs
     if kl_s:
         plan.estimate_s["attention-KL candidates"] = kl_s

@@ -58,7 +58,7 @@ class ModelSpec(_Strict):
         "shards (sharded safetensors + index) and release them; evaluation streams the blocks the same way. A "
         "safetensors folder is read in place; a GGUF file or hub id is first converted once into a safetensors "
         "folder in the cache (`~/.cache/d2compiler/streaming`). Needs an `output.path`, format `hf`, and passes "
-        "that keep each layer's storage (not quantization or `pack_2_4`). Peak memory then follows one block.",
+        "that keep each layer's storage (not quantization or packing). Peak memory then follows one block.",
     )
     revision: str | None = Field(default=None, description="Hub revision (branch, tag or commit).")
     attn_implementation: Literal["sdpa", "eager"] | None = Field(
@@ -142,7 +142,7 @@ class OutputSpec(_Strict):
     format: Literal["hf", "d2c-packed", "compressed-tensors"] = Field(
         default="hf", description="`hf`: a plain transformers folder (config, tokenizer, dense safetensors; "
         "quantization scales in `quantization.safetensors`). `d2c-packed`: packed 2:4 layers (kept values, or "
-        "int4/int8 levels, + 2-bit positions; docs/format.md), loaded with `d2compiler.load`; needs a `pack_2_4` pass. "
+        "int4/int8 levels, + 2-bit positions; docs/format.md), loaded with `d2compiler.load`; needs a packing pass (one that provides `packed`) last. "
         "`compressed-tensors`: the int4/int8 weight-only checkpoint that vLLM and transformers load "
         "(`pack-quantized`; docs/deploy.md); needs a quantization pass and the `deploy` extra."
     )
@@ -344,13 +344,20 @@ def validate_recipe(data: dict[str, Any], source: str = "<recipe>") -> BaseModel
         PassManager(list(recipe.passes))
     except PassOrderError as exc:
         raise RecipeError(source, [("passes", str(exc))]) from None
-    if recipe.output.format == "d2c-packed" and not any(p.type == "pack_2_4" for p in recipe.passes):
-        raise RecipeError(source, [("output.format", "'d2c-packed' stores packed 2:4 layers: add a pass of type 'pack_2_4' last")])
+    schedule = PassManager(list(recipe.passes)).schedule
+    if recipe.output.format == "d2c-packed" and not any("packed" in p.provides for p in schedule):
+        raise RecipeError(source, [("output.format", f"'d2c-packed' stores packed 2:4 layers: add a pass of type "
+                                    f"{_passes_that(lambda cls: 'packed' in cls.provides)} last")])
     if recipe.output.format == "compressed-tensors":
         _check_compressed_tensors(recipe, source)
     if recipe.model.streaming:
         _check_streaming(recipe, source)
     return recipe
+
+
+def _passes_that(test: Any) -> str:
+    """The registered pass types for which `test(cls)` holds, for a message ('a' or 'b')."""
+    return " or ".join(repr(name) for name, cls in registered_passes().items() if test(cls)) or "(none registered)"
 
 
 def _check_compressed_tensors(recipe: BaseModel, source: str) -> None:
@@ -359,8 +366,8 @@ def _check_compressed_tensors(recipe: BaseModel, source: str) -> None:
     import importlib.util
 
     if not any(p.quantizes for p in PassManager(list(recipe.passes)).schedule):
-        raise RecipeError(source, [("output.format", "'compressed-tensors' stores int4/int8 weights: add a quantize_rtn "
-                                    "or gptq pass, or write format 'hf'")])
+        raise RecipeError(source, [("output.format", f"'compressed-tensors' stores int4/int8 weights: add a pass of type "
+                                    f"{_passes_that(lambda cls: cls.quantizes)}, or write format 'hf'")])
     if importlib.util.find_spec("compressed_tensors") is None:
         raise RecipeError(source, [("output.format", "'compressed-tensors' needs the compressed-tensors package: pip install "
                                     "'d2compiler[deploy]' (Python >= 3.11)")])

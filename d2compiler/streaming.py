@@ -64,12 +64,12 @@ def empty_model(folder: Path, dtype: torch.dtype, attn_implementation: str | Non
     from accelerate import init_empty_weights
     from transformers import AutoConfig
 
-    from .models import _model_class
+    from .model_class import model_class
 
     config = AutoConfig.from_pretrained(str(folder))
     if attn_implementation:
         config._attn_implementation = attn_implementation
-    cls = _model_class(config, str(folder))
+    cls = model_class(config, str(folder))
     with init_empty_weights():
         model = cls._from_config(config, dtype=dtype)
     model.tie_weights()  # tied parameters share one meta tensor, as they will share the loaded one

@@ -6,8 +6,10 @@ calibration inputs by
 
 where the attention distributions are recomputed from the query and key tensors captured at the
 attention op (after rotary embedding, with the mask, grouped-query heads expanded). Only the
-block's prefix up to attention is re-run per candidate. The plan is consumed by the pruning pass
-that follows (`dual_taylor_mask`), which reuses the pruned weights computed here."""
+block's prefix up to attention is re-run per candidate, with the candidate's q/k weights passed
+functionally (the live block is never written). The plan is consumed by the pruning pass that
+follows (`sparsegpt` or `dual_taylor_mask`: any `UpdateVariants` pass), which reuses the pruned
+weights computed here."""
 
 from __future__ import annotations
 
@@ -17,9 +19,18 @@ from typing import Any, Literal
 import torch
 from pydantic import Field, field_validator
 
-from d2compiler.attention import AttentionCall, AttentionRecorder, attention_kl
-from d2compiler.errors import PassError
-from d2compiler.passmanager import Pass, PassParams, PassResult, register_pass
+from d2compiler.contract import (
+    AttentionCall,
+    AttentionRecorder,
+    Pass,
+    PassOrderError,
+    PassParams,
+    PassResult,
+    PlanCost,
+    UpdateVariants,
+    attention_kl,
+    register_pass,
+)
 
 from .gram import Gram
 from .pruning import relative_error
@@ -77,6 +88,8 @@ class AttentionKLUpdatePass(Pass):
     Params = AttentionKLParams
     requires = frozenset({"hessian"})
     provides = frozenset({"update_plan"})
+    consumed = frozenset({"update_plan"})
+    writes = frozenset({"dense_attention", "holdout_hessian"})
     observes = True
     summary = "Choose per block which of q/k/v get the OBS update: reconstruction + ρ·KL(dense‖pruned attention)."
 
@@ -85,6 +98,30 @@ class AttentionKLUpdatePass(Pass):
         self._recorder: AttentionRecorder | None = None
         self._handles: list[Any] = []
         self._held: dict[tuple[str, ...], dict[str, Any]] = {}
+
+    def plan_cost(self) -> PlanCost:
+        p: AttentionKLParams = self.params  # type: ignore[assignment]
+        return PlanCost(kl_samples=p.kl_samples if p.strategy == "kl" else None, statistics_copies=2)
+
+    def record_fields(self, blocks: list[dict[str, Any]]) -> dict[str, Any]:
+        """`attention_choices`: block -> the projections left without the update."""
+        choices = {b["index"]: b["passes"][self.name]["choice"] for b in blocks if self.name in b["passes"]}
+        return {"attention_choices": choices} if choices else {}
+
+    def report_figures(self, blocks: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The attention KL of the chosen plan per block (when candidates were scored)."""
+        infos = [(b["index"], b["passes"][self.name]) for b in blocks if self.name in b.get("passes", {})]
+        points = [[i, info["candidates"][",".join(info["choice"]) or "none"]["kl"]] for i, info in infos if info.get("candidates")]
+        return [{"title": "Attention KL of the chosen update plan per block (calibration samples)",
+                 "ylabel": "KL(dense ‖ pruned) [nats]", "points": points}] if points else []
+
+    def check_schedule(self, schedule: list[Pass]) -> None:
+        """`strategy = "kl"` scores the candidates with the pruning pass that applies the plan."""
+        users = [p for p in schedule[schedule.index(self) + 1 :] if "update_plan" in p.requires | p.optional]
+        if self.params.strategy == "kl" and users and not any(isinstance(p, UpdateVariants) for p in users):
+            raise PassOrderError(f"attention_kl_update: strategy 'kl' scores candidates with the pruning pass that applies "
+                                 f"the plan, and {', '.join(repr(p.name) for p in users)} cannot compute them; use "
+                                 "sparsegpt or dual_taylor_mask after it, or strategy 'fixed' or 'outlier'")
 
     def _holdout_size(self, ctx: Any) -> int:
         n = ctx.total_samples  # over all processes
@@ -141,7 +178,7 @@ class AttentionKLUpdatePass(Pass):
         self._held = {}
 
     def _projections(self, ctx: Any, consumer: Pass | None) -> dict[str, Any]:
-        targeted = {layer.name for layer in ctx.select(consumer.params)} if consumer is not None else None
+        targeted = {layer.name for layer in ctx.targets_of(consumer)} if consumer is not None else None
         found = {}
         for layer in ctx.layers:
             if layer.role in QKV and (targeted is None or layer.name in targeted):
@@ -150,7 +187,7 @@ class AttentionKLUpdatePass(Pass):
 
     def apply(self, ctx: Any) -> PassResult:
         p: AttentionKLParams = self.params  # type: ignore[assignment]
-        consumers = [c for c in ctx.consumers("update_plan") if hasattr(c, "prepare_variants")]
+        consumers = [c for c in ctx.consumers("update_plan") if isinstance(c, UpdateVariants)]
         consumer = consumers[0] if consumers else None
         proj = self._projections(ctx, consumer)
         if not proj:
@@ -164,8 +201,6 @@ class AttentionKLUpdatePass(Pass):
                 ratios[role] = float((magnitude > magnitude.mean()).float().mean())
             choice, info = (max(ratios, key=ratios.get),), {"outlier_ratio": ratios}
         else:
-            if consumer is None:
-                raise PassError("attention_kl_update: strategy 'kl' needs a following dual_taylor_mask pass to score candidates")
             choice, info = self._choose_by_kl(ctx, consumer, proj)
         for role, layer in proj.items():
             ctx.publish("update_plan", layer.name, role not in choice)
@@ -269,15 +304,13 @@ class AttentionKLUpdatePass(Pass):
 
     def _prefix_calls(self, ctx: Any, proj: dict[str, Any], variant: Any, updates: tuple[bool, bool],
                       samples: list[tuple[Any, AttentionCall]]) -> list[AttentionCall]:
-        """The attention captures of `samples` with q and k replaced by their pruned variants."""
-        saved = {}
+        """The attention captures of `samples` with q and k replaced by their pruned variants, passed
+        to the block functionally (the live block is never written)."""
+        weights: dict[str, torch.Tensor] = {}
         for role, update in zip(("q", "k"), updates):
             if role in proj:
-                saved[role] = proj[role].weight_matrix().clone()
-                proj[role].set_weight_matrix(variant(role, update))
-        try:
-            recorder = AttentionRecorder(ctx.structure.attention[0].kind)
-            return [recorder.run_prefix(ctx.module, inp.args, inp.kwargs) for inp, _dense in samples]
-        finally:
-            for role, weight in saved.items():
-                proj[role].set_weight_matrix(weight)
+                layer = proj[role]
+                key = f"{layer.owner}.weight"
+                weights[key] = layer.replaced_weight(variant(role, update), base=weights.get(key))
+        recorder = AttentionRecorder(ctx.structure.attention[0].kind)
+        return [recorder.run_prefix(ctx.module, inp.args, inp.kwargs, weights) for inp, _dense in samples]

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from pydantic import Field
 
-from d2compiler.passmanager import Pass, PassParams, PassResult, register_pass
+from d2compiler.contract import Pass, PassParams, PassResult, register_pass
 
 from .gram import Gram
 

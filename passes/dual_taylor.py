@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from d2compiler.errors import PassError
+from d2compiler.contract import ArtifactKind, PassError, register_artifact
 
 from .masks import lowest_n_of_m, lowest_per_row, row_counts
 from .obs import obs_prune
@@ -163,3 +163,6 @@ def prune_layer(weight: torch.Tensor, hessian: torch.Tensor, stats: LayerStats, 
     else:
         prune = lowest_per_row(score, row_counts(*weight.shape, cfg.sparsity))
     return torch.where(prune, torch.zeros_like(weight), weight), ~prune
+
+
+register_artifact(ArtifactKind("d2_stats", "layer", (LayerStats,), "D²Prune's per-layer activation statistics (x̄, ȳ)"))

@@ -10,10 +10,10 @@ from typing import Any, Literal
 import torch
 from pydantic import Field
 
-from d2compiler.passmanager import register_pass
+from d2compiler.contract import register_pass
 
 from .dual_taylor import DualTaylorSettings, LayerStats, prune_layer
-from .pruning import PruningPass
+from .pruning import PlannedPruningPass
 from .sparsegpt import SparseGPTParams
 
 
@@ -30,12 +30,10 @@ class DualTaylorParams(SparseGPTParams):
 
 
 @register_pass
-class DualTaylorMaskPass(PruningPass):
+class DualTaylorMaskPass(PlannedPruningPass):
     name = "dual_taylor_mask"
     Params = DualTaylorParams
     requires = frozenset({"hessian", "act_norms"})
-    optional = frozenset({"update_plan"})
-    updates_weights = True
     provides = frozenset({"mask", "d2_stats"})
     observes = True
     summary = "D²Prune dual-Taylor mask: D²-SparseGPT (OBS update) or D²-Wanda (mask only) per layer."
@@ -66,32 +64,8 @@ class DualTaylorMaskPass(PruningPass):
             ctx.publish("d2_stats", name, stats)
         self._stats = {}
 
-    def prepare_variants(self, ctx: Any, requests: list[tuple[Any, bool, torch.Tensor | None, str]]) -> None:
-        """Compute the (layer, update, hessian, tag) variants not cached yet, each by one of the run's
-        processes (spread by cost), so that `variant` finds them all cached on every process."""
-        from d2compiler.executor import obs_cost
-
-        cache = ctx.artifacts.setdefault("d2_variants", {})
-        todo = [r for r in requests if (r[0].name, r[1], r[3]) not in cache]
-        work = ctx.share_work(todo, lambda r: (self.variant(ctx, *r), {}), [obs_cost(r[0]) for r in todo])
-        for (layer, update, _hessian, tag), (weight, keep), _info in work:
-            cache[(layer.name, update, tag)] = (weight, keep)
-
-    def variant(self, ctx: Any, layer: Any, update: bool, hessian: torch.Tensor | None = None,
-                tag: str = "all") -> tuple[torch.Tensor, torch.Tensor]:
-        """The pruned (weight, keep) of `layer` with or without the OBS update, cached per block under
-        `tag`. `hessian` replaces the calibration Hessian (e.g. one fitted on a subset of samples)."""
-        cache = ctx.artifacts.setdefault("d2_variants", {})
-        key = (layer.name, update, tag)
-        if key not in cache:
-            weight = layer.weight_matrix().to(device=ctx.device, dtype=torch.float32, copy=True)
-            h = ctx.artifact("hessian", layer.name) if hessian is None else hessian
-            cache[key] = prune_layer(weight, h, ctx.artifact("d2_stats", layer.name), ctx.artifact("act_norms", layer.name),
-                                     self.settings, update=update, layer=layer.name)
-        return cache[key]
-
-    def prune_layer(self, layer: Any, weight: torch.Tensor, ctx: Any) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
-        plan = ctx.artifact("update_plan", layer.name)
-        update = True if plan is None else bool(plan)
-        new_weight, keep = self.variant(ctx, layer, update)
+    def compute_variant(self, ctx: Any, layer: Any, weight: torch.Tensor, hessian: torch.Tensor,
+                        update: bool) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+        new_weight, keep = prune_layer(weight, hessian, ctx.artifact("d2_stats", layer.name), ctx.artifact("act_norms", layer.name),
+                                       self.settings, update=update, layer=layer.name)
         return new_weight, keep, {"update": update, "score": "d2-sparsegpt" if update else "d2-wanda"}

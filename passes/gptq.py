@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from pydantic import Field
 
-from d2compiler.passmanager import register_pass
+from d2compiler.contract import register_pass
 
 from .obs import inverse_hessian_factor, obs_sweep
 from .quant import QuantizationPass, QuantParams, layer_params

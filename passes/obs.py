@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from d2compiler.errors import PassError
+from d2compiler.contract import PassError
 
 from .masks import lowest_k, lowest_n_of_m, prune_count, split_count
 

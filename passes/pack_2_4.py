@@ -6,9 +6,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from d2compiler.errors import PassError, PreconditionError
-from d2compiler.packing import Packed24Linear, violations_2_4
-from d2compiler.passmanager import Pass, PassResult, TargetedParams, register_pass
+from d2compiler.contract import (
+    Packed24Linear,
+    Pass,
+    PassError,
+    PassResult,
+    PreconditionError,
+    TargetedParams,
+    register_pass,
+    violations_2_4,
+)
 
 
 class Pack24Params(TargetedParams):

@@ -11,11 +11,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 from pydantic import Field, field_validator, model_validator
 
-from d2compiler.passmanager import Pass, PassResult, TargetedParams
+from d2compiler.contract import Pass, PassResult, PlanCost, TargetedParams, UpdateVariants
 
 if TYPE_CHECKING:
-    from d2compiler.executor import BlockContext
-    from d2compiler.graph import LinearLayer
+    from d2compiler.contract import BlockContext, LinearLayer
 
 _NM = re.compile(r"^(\d+):(\d+)$")
 
@@ -127,6 +126,71 @@ class PruningPass(Pass):
             }
             result.modified = True
         return result
+
+
+class PlannedPruningPass(PruningPass, UpdateVariants):
+    """A pruning pass with an OBS weight update that honours an update plan (`attention_kl_update`):
+    each layer is pruned with or without the update, as the plan says (with the update where there is
+    no plan). Both variants are cached per block (`update_variants`), so a candidate scored by the
+    plan's pass is not recomputed when the plan is applied."""
+
+    optional = frozenset({"update_plan"})
+    writes = frozenset({"update_variants"})
+    updates_weights = True
+
+    def plan_cost(self) -> PlanCost:
+        return PlanCost(solves=True)
+
+    def measure_rates(self, device: torch.device) -> dict[str, float]:
+        """`column_us`: the OBS loop's overhead per column, from one small solve."""
+        from .obs import obs_prune
+
+        w, x = torch.randn(64, 256, device=device), torch.randn(512, 256, device=device)
+        h = x.t() @ x / 512
+        start = time.perf_counter()
+        obs_prune(w, h, sparsity=0.5, n_of_m=None, block_size=128, damping=0.01, layer="probe")
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return {"column_us": (time.perf_counter() - start) / 256 * 1e6}
+
+    @abstractmethod
+    def compute_variant(self, ctx: BlockContext, layer: LinearLayer, weight: torch.Tensor, hessian: torch.Tensor,
+                        update: bool) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+        """(pruned weight, keep, metrics) of one (out, in) fp32 weight, with or without the update."""
+
+    def prepare_variants(self, ctx: BlockContext, requests: list[tuple[LinearLayer, bool, torch.Tensor | None, str]]) -> None:
+        from d2compiler.contract import obs_cost
+
+        todo = [r for r in requests if (r[1], r[3]) not in (ctx.artifact("update_variants", r[0].name) or {})]
+        def compute(request: tuple[LinearLayer, bool, torch.Tensor | None, str]) -> tuple[tuple[torch.Tensor, ...], dict[str, Any]]:
+            weight, keep, info = self.variant(ctx, *request)
+            return (weight, keep), info
+
+        work = ctx.share_work(todo, compute, [obs_cost(r[0]) for r in todo])
+        for (layer, update, _hessian, tag), (weight, keep), info in work:
+            self._cache(ctx, layer)[(update, tag)] = (weight, keep, info)
+
+    def _cache(self, ctx: BlockContext, layer: LinearLayer) -> dict[tuple[bool, str], Any]:
+        cache = ctx.artifact("update_variants", layer.name)
+        if cache is None:
+            cache = {}
+            ctx.publish("update_variants", layer.name, cache, by=self)
+        return cache
+
+    def variant(self, ctx: BlockContext, layer: LinearLayer, update: bool, hessian: torch.Tensor | None = None,
+                tag: str = "all") -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+        cache = self._cache(ctx, layer)
+        if (update, tag) not in cache:
+            weight = layer.weight_matrix().to(device=ctx.device, dtype=torch.float32, copy=True)
+            h = ctx.artifact("hessian", layer.name) if hessian is None else hessian
+            cache[(update, tag)] = self.compute_variant(ctx, layer, weight, h.to(weight.device), update)
+        return cache[(update, tag)]
+
+    def prune_layer(self, layer: LinearLayer, weight: torch.Tensor, ctx: BlockContext) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+        plan = ctx.artifact("update_plan", layer.name)
+        update = True if plan is None else bool(plan)
+        new_weight, keep, info = self.variant(ctx, layer, update)
+        return new_weight, keep, {**info, **({"update": update} if plan is not None else {})}
 
 
 def select_mask(score: torch.Tensor, params: SparsityParams, row_wise: bool) -> torch.Tensor:

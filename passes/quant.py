@@ -17,12 +17,10 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from pydantic import Field
 
-from d2compiler.errors import PassError
-from d2compiler.passmanager import Pass, PassResult, TargetedParams
+from d2compiler.contract import Pass, PassError, PassResult, TargetedParams
 
 if TYPE_CHECKING:
-    from d2compiler.executor import BlockContext
-    from d2compiler.graph import LinearLayer
+    from d2compiler.contract import BlockContext, LinearLayer
 
 
 @dataclass(frozen=True)
@@ -103,6 +101,7 @@ class QuantizationPass(Pass):
     Params = QuantParams
     quantizes = True
     provides = frozenset({"quantized"})
+    writes = frozenset({"mask"})  # the keep mask it preserves
 
     @abstractmethod
     def quantize_layer(self, layer: LinearLayer, weight: torch.Tensor, keep: torch.Tensor, ctx: BlockContext

@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from d2compiler.passmanager import register_pass
+from d2compiler.contract import register_pass
 
 from .quant import QuantizationPass, fake_quantize, layer_params
 

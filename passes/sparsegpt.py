@@ -7,10 +7,10 @@ from typing import Any
 import torch
 from pydantic import Field
 
-from d2compiler.passmanager import register_pass
+from d2compiler.contract import register_pass
 
 from .obs import obs_prune
-from .pruning import PruningPass, SparsityParams
+from .pruning import PlannedPruningPass, SparsityParams
 
 
 class SparseGPTParams(SparsityParams):
@@ -23,18 +23,17 @@ class SparseGPTParams(SparsityParams):
 
 
 @register_pass
-class SparseGPTPass(PruningPass):
+class SparseGPTPass(PlannedPruningPass):
     name = "sparsegpt"
     Params = SparseGPTParams
     requires = frozenset({"hessian"})
-    updates_weights = True
-    summary = "Blocked OBS pruning with weight reconstruction (Frantar & Alistarh 2023)."
+    summary = ("Blocked OBS pruning with weight reconstruction (Frantar & Alistarh 2023); where an update plan says "
+               "no update, the same mask without the reconstruction.")
 
-    def prune_layer(self, layer: Any, weight: torch.Tensor, ctx: Any) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+    def compute_variant(self, ctx: Any, layer: Any, weight: torch.Tensor, hessian: torch.Tensor,
+                        update: bool) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
         p: SparseGPTParams = self.params  # type: ignore[assignment]
-        res = obs_prune(
-            weight, ctx.artifact("hessian", layer.name).to(weight.device),
-            sparsity=p.target_sparsity, n_of_m=p.n_of_m, block_size=p.block_size,
-            damping=p.dampening_frac, layer=layer.name,
-        )
-        return res.weight, res.keep, {"damping": res.damping}
+        res = obs_prune(weight, hessian, sparsity=p.target_sparsity, n_of_m=p.n_of_m, block_size=p.block_size,
+                        damping=p.dampening_frac, layer=layer.name)
+        pruned = res.weight if update else weight.masked_fill(~res.keep, 0.0)
+        return pruned, res.keep, {"damping": res.damping}

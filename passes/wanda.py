@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from d2compiler.passmanager import register_pass
+from d2compiler.contract import register_pass
 
 from .pruning import PruningPass, select_mask
 

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 import d2compiler
 from d2compiler.cli import main
 from d2compiler.errors import RecipeError
-from d2compiler.packing import Packed24Linear, pack_2_4, unpack_2_4, violations_2_4
+from d2compiler.packing import Packed24Linear, pack_two_of_four, unpack_two_of_four, violations_2_4
 from d2compiler.recipe import validate_recipe
 from passes.quant import QuantSpec, fake_quantize, layer_params
 
@@ -96,8 +96,8 @@ def test_pack_unpack_roundtrip_and_size():
     keep[..., :2] = True
     w = torch.where(keep[:, :, torch.randperm(4)].reshape(16, 64), w, torch.zeros_like(w))
     w[0, :4] = 0  # a group with fewer than 2 nonzeros
-    values, meta = pack_2_4(w)
-    assert torch.equal(unpack_2_4(values, meta), w)
+    values, meta = pack_two_of_four(w)
+    assert torch.equal(unpack_two_of_four(values, meta), w)
     ratio = (values.numel() * values.element_size() + meta.numel()) / (w.numel() * w.element_size())
     assert ratio == pytest.approx(0.5625)
     layer = Packed24Linear.from_weight(w.float(), None)

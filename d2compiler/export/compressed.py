@@ -52,7 +52,7 @@ def quantized_layers(model: nn.Module, layers: dict[str, dict[str, Any]]) -> dic
         found[name] = quant
     if not found:
         raise OutputError("compressed-tensors stores quantized weights and this output has no quantized layer: add a "
-                          "quantize_rtn or gptq pass to the recipe, or write format hf")
+                          "quantization pass to the recipe, or write format hf")
     return found
 
 

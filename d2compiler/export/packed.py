@@ -107,7 +107,7 @@ def load_packed(folder: Path) -> nn.Module:
     """Rebuild the model of a packed checkpoint, with `Packed24Linear` layers."""
     from transformers import AutoConfig
 
-    from ..models import _model_class
+    from ..model_class import model_class
 
     path = folder / "model.safetensors"
     with safe_open(str(path), "pt") as f:
@@ -117,7 +117,7 @@ def load_packed(folder: Path) -> nn.Module:
     entries = json.loads(meta["packed"])
     tensors = load_file(str(path))
     config = AutoConfig.from_pretrained(folder)
-    model = _model_class(config, str(folder))(config)  # float32: stored fp16/bf16 tensors are widened exactly
+    model = model_class(config, str(folder))(config)  # float32: stored fp16/bf16 tensors are widened exactly
     dtype = next(model.parameters()).dtype
     for entry in entries:
         name = entry["name"]

@@ -86,8 +86,6 @@ def _figures(record: dict[str, Any], folder: Path) -> list[tuple[str, str]]:
                 if labels:
                     ax.legend(handles, labels, ncol=len(labels), fontsize=8, loc="lower right", framealpha=0.9)
                 save(fig, title, file)
-    kl = [(b["index"], b["passes"]["attention_kl_update"]) for b in blocks if "attention_kl_update" in b.get("passes", {})]
-    kl = [(i, info["candidates"][",".join(info["choice"]) or "none"]["kl"]) for i, info in kl if info.get("candidates")]
     def per_block(points: list[tuple[int, float]], ylabel: str, title: str, file: str, height: float, marker: str) -> None:
         fig, ax = plt.subplots(figsize=(11, height))
         ax.plot([i for i, _ in points], [v for _, v in points], marker=marker)
@@ -95,9 +93,9 @@ def _figures(record: dict[str, Any], folder: Path) -> list[tuple[str, str]]:
         ax.set_ylabel(ylabel)
         save(fig, title, file)
 
-    if kl:
-        per_block(kl, "KL(dense ‖ pruned) [nats]", "Attention KL of the chosen update plan per block (calibration samples)",
-                  "attention_kl.png", 3, "o")
+    for number, figure in enumerate(record.get("figures", [])):  # declared by the passes (Pass.report_figures)
+        per_block([(int(i), float(v)) for i, v in figure["points"]], figure["ylabel"], figure["title"],
+                  f"pass_figure_{number}.png", 3, "o")
     if blocks:
         phases = [k for k in dict.fromkeys(k for b in blocks for k in b.get("times_s", {})) if k != "total"]
         fig, ax = plt.subplots(figsize=(11, 3.2))
