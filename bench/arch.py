@@ -98,9 +98,9 @@ def setups(names: list[str]) -> dict[str, dict[str, Any]]:
 
 def run_one(setup: dict[str, Any], method: str, sparsity: float, options: dict[str, Any],
             split: str = "evaluation") -> dict[str, Any]:
-    from d2compiler.models import load_model
-    from d2compiler.pipeline import compress
-    from d2compiler.recipe import validate_recipe
+    from d2compiler.driver.pipeline import compress
+    from d2compiler.loading.models import load_model
+    from d2compiler.recipe.schema import validate_recipe
 
     recipe = validate_recipe({
         "version": 1,
@@ -156,7 +156,7 @@ def markdown(results: dict[str, Any]) -> str:
 
 
 def main() -> int:
-    from d2compiler.images import digits
+    from d2compiler.evaluation.images import digits
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="minilm,digits-vit,digits-deit")

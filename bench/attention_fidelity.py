@@ -37,12 +37,12 @@ from protocol import (  # noqa: E402
 )
 from quality import method_passes  # noqa: E402
 
-from d2compiler.attention import AttentionCall, AttentionRecorder, attention_kl  # noqa: E402
-from d2compiler.data import evaluation_windows, load_text, tokenize  # noqa: E402
-from d2compiler.graph import find_blocks  # noqa: E402
-from d2compiler.models import load_model  # noqa: E402
-from d2compiler.pipeline import compress  # noqa: E402
-from d2compiler.recipe import validate_recipe  # noqa: E402
+from d2compiler.driver.pipeline import compress  # noqa: E402
+from d2compiler.evaluation.data import evaluation_windows, load_text, tokenize  # noqa: E402
+from d2compiler.graph.attention import AttentionCall, AttentionRecorder, attention_kl  # noqa: E402
+from d2compiler.graph.structure import find_blocks  # noqa: E402
+from d2compiler.loading.models import load_model  # noqa: E402
+from d2compiler.recipe.schema import validate_recipe  # noqa: E402
 
 
 @torch.no_grad()

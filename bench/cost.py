@@ -50,7 +50,7 @@ def setup_llmc() -> None:
 
 def job_recipe(model_dir: str, ids_file: str, samples: int, length: int, out_dir: str) -> Any:
     """The d2compiler job: calibration from the pre-tokenized windows file both tools read."""
-    from d2compiler.recipe import validate_recipe
+    from d2compiler.recipe.schema import validate_recipe
 
     return validate_recipe({
         "version": 1, "model": {"source": model_dir, "dtype": "float32", "device": "cpu"},
@@ -71,7 +71,7 @@ def _windows_shape(ids_file: str) -> tuple[int, int]:
 
 def plan_job(model_dir: str, ids_file: str, out_dir: str) -> None:
     """`d2c plan`'s estimate of the same job, in a fresh process (so its memory baseline is clean)."""
-    from d2compiler.plan import make_plan, plan_summary
+    from d2compiler.driver.plan import make_plan, plan_summary
 
     print("RESULT " + json.dumps(plan_summary(make_plan(job_recipe(model_dir, ids_file, *_windows_shape(ids_file), out_dir)))),
           flush=True)
@@ -82,8 +82,8 @@ def d2c_job(model_dir: str, ids_file: str, out_dir: str) -> None:
     start = time.perf_counter()
     import torch
 
-    from d2compiler.models import load_model
-    from d2compiler.pipeline import compress
+    from d2compiler.driver.pipeline import compress
+    from d2compiler.loading.models import load_model
 
     recipe = job_recipe(model_dir, ids_file, *_windows_shape(ids_file), out_dir)
     loaded = load_model(model_dir, "float32", "cpu")
@@ -101,7 +101,7 @@ def dense_forward_s(model_dir: str, ids_file: str) -> float:
     import torch
     from safetensors.torch import load_file
 
-    from d2compiler.models import load_model
+    from d2compiler.loading.models import load_model
 
     model = load_model(model_dir, "float32", "cpu").model.eval()
     ids = load_file(ids_file)["input_ids"]
@@ -143,9 +143,9 @@ def gram_s(model_dir: str, ids_file: str) -> dict[str, float]:
 def perplexity_of(folder: str, windows: list[Any]) -> float:
     import torch
 
-    from d2compiler.evaluate import perplexity
-    from d2compiler.models import load_model
-    from d2compiler.runner import ModelRunner
+    from d2compiler.evaluation.evaluate import perplexity
+    from d2compiler.execution.runner import ModelRunner
+    from d2compiler.loading.models import load_model
 
     return perplexity(ModelRunner(load_model(folder, "float32", "cpu").model, torch.device("cpu")), windows, quiet=True)
 
@@ -232,13 +232,13 @@ def main() -> int:
     from safetensors.torch import save_file
 
     import d2compiler
-    from d2compiler.data import calibration_windows, evaluation_windows, load_text, tokenize
-    from d2compiler.models import load_model
+    from d2compiler.evaluation.data import calibration_windows, evaluation_windows, load_text, tokenize
+    from d2compiler.loading.models import load_model
 
     samples, windows_n, length = protocol.pick(32, 4), protocol.pick(32, 2), protocol.seq_len()
     model_dir = protocol.lm_source()
     if model_dir.startswith("builtin:"):
-        from d2compiler.models import builtin_smollm2_folder
+        from d2compiler.loading.models import builtin_smollm2_folder
 
         model_dir = str(builtin_smollm2_folder())
     tokenizer = load_model(model_dir, "float32", "cpu").tokenizer

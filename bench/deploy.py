@@ -110,7 +110,7 @@ def main() -> int:
     import torch
 
     import d2compiler
-    from d2compiler.models import load_model
+    from d2compiler.loading.models import load_model
 
     OUT = work_dir("deploy")
     pruned, w4 = OUT / "d2prune-2of4", OUT / "d2prune-2of4-w4"

@@ -2,7 +2,7 @@
 about a minute on one CPU thread (used by bench/arch.py; not run in CI).
 
 The training images are the `builtin:digits` calibration part and the test images its evaluation
-part (d2compiler.images), so calibration never sees a test image. Same seed, same thread count,
+part (d2compiler.evaluation.images), so calibration never sees a test image. Same seed, same thread count,
 same torch build -> bit-identical weights (bench/arch.py checks this by training twice).
 
     python bench/digits_vit.py vit out/arch/digits-vit [--smoke]
@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 import transformers
 
-from d2compiler.images import digits, fit_to_model
+from d2compiler.evaluation.images import digits, fit_to_model
 
 ARCHITECTURES = {"vit": (transformers.ViTConfig, transformers.ViTForImageClassification),
                  "deit": (transformers.DeiTConfig, transformers.DeiTForImageClassification)}

@@ -6,7 +6,7 @@ perplexity on the first 32 x 512 WikiText-2 test windows, run by `d2c run --npro
 pruning time per phase (process 0's), the bytes all-reduced and broadcast per block, perplexity,
 and how the two outputs compare (identical masks; largest weight difference).
 
-Projected (not measured): `d2compiler.plan.project` on a Llama-70B-shaped model (80 blocks, hidden
+Projected (not measured): `d2compiler.driver.plan.project` on a Llama-70B-shaped model (80 blocks, hidden
 8192, intermediate 28672, 64 heads, 8 KV heads) pruned by SparseGPT on 128 x 2048 calibration tokens,
 with 1, 8 and 16 GPUs at the device rates and link bandwidths stated in the table.
 
@@ -75,7 +75,7 @@ def compare(a: str, b: str) -> dict[str, Any]:
 
 def projection() -> list[dict[str, Any]]:
     """Projected SparseGPT time for a Llama-70B-shaped model on 1, 8 and 16 GPUs (see the module docstring)."""
-    from d2compiler.plan import block_cost, project
+    from d2compiler.driver.plan import block_cost, project
 
     c = LLAMA_70B
     hidden, inter, kv = c["hidden"], c["intermediate"], c["kv_heads"] * c["head_dim"]
@@ -108,7 +108,7 @@ def markdown(r: dict[str, Any]) -> str:
               f"{r['comparison']['max_abs_weight_diff']:.2e}; pruned perplexity ratio N=2/N=1 "
               f"{two['pruned_ppl'] / one['pruned_ppl']:.5f}.", "",
               "## Projection: a Llama-70B-shaped model (not a measurement)", "",
-              "`d2compiler.plan.project` with 80 blocks of hidden 8192 / intermediate 28672 (GQA, 8 KV heads), SparseGPT on "
+              "`d2compiler.driver.plan.project` with 80 blocks of hidden 8192 / intermediate 28672 (GQA, 8 KV heads), SparseGPT on "
               f"128 x 2048 calibration tokens, assumed device rates {GPU_RATES['gflops'] / 1000:.0f} TFLOP/s fp32 (statistics, "
               f"solves), {GPU_RATES['forward_gflops'] / 1000:.0f} TFLOP/s for the bf16 forwards, {GPU_RATES['column_us']:.0f} µs "
               "per OBS column; the formula is in docs/distributed.md.", "",

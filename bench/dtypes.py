@@ -26,8 +26,8 @@ DTYPES = ("float32", "bfloat16")
 
 
 def job(dtype: str, samples: int, windows: int) -> dict[str, Any]:
-    from d2compiler.pipeline import compress
-    from d2compiler.recipe import validate_recipe
+    from d2compiler.driver.pipeline import compress
+    from d2compiler.recipe.schema import validate_recipe
 
     length = protocol.seq_len()
     recipe = validate_recipe({

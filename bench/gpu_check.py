@@ -43,7 +43,7 @@ TOKENS = [1, 16, 2048]
 def synthetic_model() -> Path:
     import transformers
 
-    from d2compiler.synthetic import save_random_model, tiny_tokenizer
+    from d2compiler.evaluation.synthetic import save_random_model, tiny_tokenizer
 
     shape = protocol.pick(SMOLLM2_SHAPE, TINY_SHAPE)
     folder = protocol.work_dir("gpu") / "synthetic-smollm2-shape"
@@ -64,8 +64,8 @@ def cuda_tests() -> dict[str, Any]:
 
 
 def prune(model: Path, method: str, dtype: str, device: str, out: Path) -> dict[str, Any]:
-    from d2compiler.pipeline import compress
-    from d2compiler.recipe import validate_recipe
+    from d2compiler.driver.pipeline import compress
+    from d2compiler.recipe.schema import validate_recipe
 
     samples, seq = protocol.pick(16, 2), protocol.pick(256, 32)
     recipe = validate_recipe({
@@ -83,7 +83,7 @@ def prune(model: Path, method: str, dtype: str, device: str, out: Path) -> dict[
 def matmul_times(device: str) -> list[dict[str, Any]]:
     import torch
 
-    from d2compiler.packing import Packed24Linear
+    from d2compiler.graph.packing import Packed24Linear
 
     rows = []
     dtype = torch.float16 if device == "cuda" else torch.float32

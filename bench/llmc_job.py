@@ -23,7 +23,7 @@ from transformers import AutoModelForCausalLM  # noqa: E402
 
 
 def peak_rss_mb() -> float:
-    """VmHWM, as d2compiler.memory measures it (ru_maxrss would count the parent's memory at fork)."""
+    """VmHWM, as d2compiler.execution.memory measures it (ru_maxrss would count the parent's memory at fork)."""
     for line in open("/proc/self/status").read().splitlines():
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024

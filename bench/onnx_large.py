@@ -33,9 +33,9 @@ TOKENS = 16
 
 def prune_job(source: str, out: str) -> None:
     """Streaming 2:4 magnitude pruning; prints `RESULT {...}`."""
-    from d2compiler.memory import peak_rss_mb
-    from d2compiler.pipeline import compress
-    from d2compiler.recipe import validate_recipe
+    from d2compiler.driver.pipeline import compress
+    from d2compiler.execution.memory import peak_rss_mb
+    from d2compiler.recipe.schema import validate_recipe
 
     start = time.perf_counter()
     recipe = validate_recipe({
@@ -52,7 +52,7 @@ def prune_job(source: str, out: str) -> None:
 def export_job(pruned: str, onnx_dir: str) -> None:
     """`d2c export --format onnx`; prints `RESULT {...}` with the export's summary."""
     from d2compiler.cli import main
-    from d2compiler.memory import peak_rss_mb
+    from d2compiler.execution.memory import peak_rss_mb
 
     start = time.perf_counter()
     from contextlib import redirect_stdout
@@ -75,7 +75,7 @@ def check_job(pruned: str, onnx_dir: str) -> None:
     import torch
 
     import d2compiler
-    from d2compiler.memory import peak_rss_mb
+    from d2compiler.execution.memory import peak_rss_mb
 
     model = d2compiler.load(pruned)
     ids = torch.randint(0, model.config.vocab_size, (1, TOKENS), generator=torch.Generator().manual_seed(0))
@@ -88,6 +88,20 @@ def check_job(pruned: str, onnx_dir: str) -> None:
     got = session.run(None, {"input_ids": ids.numpy()})[0]
     print("RESULT " + json.dumps({"ort_load_s": load_s, "max_abs_diff": float(np.abs(got - want).max()),
                                   "logit_scale": float(np.abs(want).max()), "peak_rss_mb": peak_rss_mb()}), flush=True)
+
+
+def step(flag: str, job: Any, *args: str) -> dict[str, Any]:
+    """One step in its own process (its own wall time and peak RSS); in a smoke run, in this one (the
+    same code, without an interpreter start per step)."""
+    if not protocol.smoke():
+        return protocol.run_job([sys.executable, __file__, flag, *args])[0]
+    from contextlib import redirect_stdout
+    from io import StringIO
+
+    out = StringIO()
+    with redirect_stdout(out):
+        job(*args)
+    return json.loads(out.getvalue().strip().splitlines()[-1].removeprefix("RESULT "))
 
 
 def markdown(record: dict[str, Any]) -> str:
@@ -122,9 +136,9 @@ def main() -> None:
     work = protocol.work_dir("onnx-large")
     pruned, onnx_dir = str(work / "pruned"), str(work / "onnx")
     record: dict[str, Any] = {"model": sizes(folder)}
-    record["prune"] = protocol.run_job([sys.executable, __file__, "--prune-job", str(folder), pruned])[0]
-    record["export"] = protocol.run_job([sys.executable, __file__, "--export-job", pruned, onnx_dir])[0]
-    record["check"] = protocol.run_job([sys.executable, __file__, "--check-job", pruned, onnx_dir])[0]
+    record["prune"] = step("--prune-job", prune_job, str(folder), pruned)
+    record["export"] = step("--export-job", export_job, pruned, onnx_dir)
+    record["check"] = step("--check-job", check_job, pruned, onnx_dir)
     record["provenance"] = protocol.provenance()
     protocol.publish("onnx_large", record, markdown(record))
 

@@ -95,7 +95,7 @@ def _tiny(name: str) -> str:
     if not (folder / "config.json").is_file():
         import transformers
 
-        from d2compiler.synthetic import save_random_model, tiny_llama_config, tiny_tokenizer
+        from d2compiler.evaluation.synthetic import save_random_model, tiny_llama_config, tiny_tokenizer
 
         tokenizer = tiny_tokenizer()
         if name == "llama":

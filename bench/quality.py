@@ -68,12 +68,12 @@ def worker(cfg: dict[str, Any]) -> dict[str, Any]:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
 
-    from d2compiler.data import evaluation_windows, load_text, tokenize
-    from d2compiler.evaluate import perplexity
-    from d2compiler.models import load_model
-    from d2compiler.pipeline import compress, peak_rss_mb
-    from d2compiler.recipe import validate_recipe
-    from d2compiler.runner import ModelRunner
+    from d2compiler.driver.pipeline import compress, peak_rss_mb
+    from d2compiler.evaluation.data import evaluation_windows, load_text, tokenize
+    from d2compiler.evaluation.evaluate import perplexity
+    from d2compiler.execution.runner import ModelRunner
+    from d2compiler.loading.models import load_model
+    from d2compiler.recipe.schema import validate_recipe
 
     torch.manual_seed(0)
     cal_source = calibration_source(cfg["calibration"])

@@ -39,8 +39,8 @@ def synthetic_folder(name: str) -> Path:
     import torch
     import transformers
 
-    from d2compiler.models import cache_dir
-    from d2compiler.synthetic import save_random_model, tiny_tokenizer
+    from d2compiler.evaluation.synthetic import save_random_model, tiny_tokenizer
+    from d2compiler.loading.models import cache_dir
 
     shape = protocol.pick(SHAPES, SMOKE_SHAPES)[name]
     root = protocol.work_dir("scale") if protocol.smoke() else cache_dir() / "bench"
@@ -59,7 +59,7 @@ def synthetic_folder(name: str) -> Path:
 
 def sizes(folder: Path) -> dict[str, float]:
     """Disk size, fp32 model size and one block's fp32 size, from the safetensors headers."""
-    from d2compiler.streaming import WeightSource
+    from d2compiler.execution.streaming import WeightSource
 
     source = WeightSource(folder)
     numel = {key: 1 for key in source.keys()}
@@ -73,7 +73,7 @@ def sizes(folder: Path) -> dict[str, float]:
 
 
 def job_recipe(source: str, out: str, samples: int, seq_len: int) -> Any:
-    from d2compiler.recipe import validate_recipe
+    from d2compiler.recipe.schema import validate_recipe
 
     return validate_recipe({
         "version": 1, "model": {"source": source, "dtype": "float32", "device": "cpu", "streaming": True},
@@ -85,7 +85,7 @@ def job_recipe(source: str, out: str, samples: int, seq_len: int) -> Any:
 
 def plan_job(source: str, out: str, samples: int, seq_len: int) -> None:
     """`d2c plan`'s estimate of the same run, in its own process; prints `RESULT {...}`."""
-    from d2compiler.plan import make_plan, plan_summary
+    from d2compiler.driver.plan import make_plan, plan_summary
 
     print("RESULT " + json.dumps(plan_summary(make_plan(job_recipe(source, out, samples, seq_len)))), flush=True)
 
@@ -93,8 +93,8 @@ def plan_job(source: str, out: str, samples: int, seq_len: int) -> None:
 def job(source: str, out: str, samples: int, seq_len: int) -> None:
     """One streaming SparseGPT run in this process; prints `RESULT {...}`."""
     start = time.perf_counter()
-    from d2compiler.memory import peak_rss_mb
-    from d2compiler.pipeline import compress
+    from d2compiler.driver.pipeline import compress
+    from d2compiler.execution.memory import peak_rss_mb
 
     recipe = job_recipe(source, out, samples, seq_len)
     summary = compress(recipe, quiet=True, overwrite=True)  # out/scale-runs is this benchmark's own
@@ -107,7 +107,7 @@ def job(source: str, out: str, samples: int, seq_len: int) -> None:
 
 def run(name: str, samples: int, seq_len: int, out: Path) -> dict[str, Any]:
     if name == "smollm2":
-        from d2compiler.models import builtin_smollm2_folder
+        from d2compiler.loading.models import builtin_smollm2_folder
 
         folder = Path(protocol.lm_source()) if protocol.smoke() else builtin_smollm2_folder()
     else:

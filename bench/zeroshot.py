@@ -26,9 +26,9 @@ def main() -> int:
     start(smoke_run)
     import torch
 
-    from d2compiler.models import load_model
-    from d2compiler.runner import ModelRunner
-    from d2compiler.zeroshot import DEFAULT_FILES, evaluate_task, load_task
+    from d2compiler.evaluation.zeroshot import DEFAULT_FILES, evaluate_task, load_task
+    from d2compiler.execution.runner import ModelRunner
+    from d2compiler.loading.models import load_model
 
     tasks = next((a.split("=", 1)[1].split(",") for a in sys.argv if a.startswith("--tasks=")), list(DEFAULT_FILES))
     args = [a for a in sys.argv[1:] if a not in ("--no-dense", "--smoke") and not a.startswith("--tasks=")]

@@ -13,21 +13,21 @@ from typing import Any
 
 import torch
 
-from .errors import D2Error
-from .launch import report_error
+from d2compiler.driver.launch import report_error
+from d2compiler.errors import D2Error
 
 log = logging.getLogger("d2compiler")
 
 
 def _cmd_schema(args: argparse.Namespace) -> int:
-    from .recipe import recipe_json_schema
+    from d2compiler.recipe.schema import recipe_json_schema
 
     print(json.dumps(recipe_json_schema(), indent=2))
     return 0
 
 
 def _load(args: argparse.Namespace):
-    from .recipe import apply_overrides, read_recipe_file, validate_recipe
+    from d2compiler.recipe.schema import apply_overrides, read_recipe_file, validate_recipe
 
     data = read_recipe_file(args.recipe)
     values = {}
@@ -41,7 +41,7 @@ def _load(args: argparse.Namespace):
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
-    from .passmanager import PassManager
+    from d2compiler.recipe.passmanager import PassManager
 
     recipe = _load(args)
     schedule = PassManager(list(recipe.passes)).schedule
@@ -50,9 +50,9 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from .distributed import launched_size
-    from .launch import launch, without_nproc
-    from .pipeline import compress, preflight
+    from d2compiler.driver.launch import launch, without_nproc
+    from d2compiler.driver.pipeline import compress, preflight
+    from d2compiler.execution.distributed import launched_size
 
     if args.nproc > 1 and launched_size() == 1:
         preflight(_load(args), args.overwrite)  # a bad recipe or output path is reported once, before any process starts
@@ -65,7 +65,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
-    from .plan import make_plan
+    from d2compiler.driver.plan import make_plan
 
     plan = make_plan(_load(args))
     if args.nproc > 1:
@@ -75,7 +75,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from .export.convert import export_output
+    from d2compiler.driver.convert import export_output
 
     summary = export_output(args.output_dir, args.format, args.to, dtype=args.dtype, overwrite=args.overwrite,
                             sparse_initializers=args.sparse_initializers,
@@ -85,10 +85,10 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    from .executor import capture_block_inputs
-    from .graph import bind_linears, find_blocks, trace_block
-    from .inputs import dummy_input
-    from .models import load_model
+    from d2compiler.evaluation.inputs import dummy_input
+    from d2compiler.execution.executor import capture_block_inputs
+    from d2compiler.graph.structure import bind_linears, find_blocks, trace_block
+    from d2compiler.loading.models import load_model
 
     loaded = load_model(args.model, "float32", "cpu")
     model = loaded.model
@@ -113,8 +113,8 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 def _eval_runner(args: argparse.Namespace, source: str) -> tuple[Any, Any]:
     """(the model, a `ModelRunner` over it) for `d2c eval`: loaded whole, or with --streaming read block by
     block from its files. Either way one block is on the device at a time."""
-    from .models import load_model, load_streamed, resolve_device
-    from .runner import ModelRunner
+    from d2compiler.execution.runner import ModelRunner
+    from d2compiler.loading.models import load_model, load_streamed, resolve_device
 
     device = resolve_device(args.device)
     if args.streaming:
@@ -127,8 +127,8 @@ def _eval_runner(args: argparse.Namespace, source: str) -> tuple[Any, Any]:
 def _cmd_eval(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
-    from .evaluate import make_metric
-    from .recipe import EvaluationData
+    from d2compiler.evaluation.evaluate import make_metric
+    from d2compiler.recipe.schema import EvaluationData
 
     loaded, runner = _eval_runner(args, args.model)
     if args.task:
@@ -155,7 +155,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 def _zero_shot(args: argparse.Namespace, loaded: Any, runner: Any) -> int:
     from pathlib import Path
 
-    from .zeroshot import DEFAULT_FILES, evaluate_task, load_task
+    from d2compiler.evaluation.zeroshot import DEFAULT_FILES, evaluate_task, load_task
 
     options = {"include_path": args.include_path, "limit": args.limit, "num_fewshot": args.num_fewshot,
                "batch_size": args.batch_size, "quiet": args.quiet}

@@ -18,13 +18,22 @@ these names may move.
 
 from __future__ import annotations
 
-from .artifacts import ArtifactKind, register_artifact
-from .attention import AttentionCall, AttentionRecorder, attention_kl
-from .errors import PassError, PassOrderError, PostconditionError, PreconditionError
-from .executor import BlockContext, obs_cost
-from .graph import LinearLayer
-from .packing import Packed24Linear, violations_2_4
-from .passmanager import Condition, Pass, PassParams, PassResult, PlanCost, TargetedParams, UpdateVariants, register_pass
+from d2compiler.errors import PassError, PassOrderError, PostconditionError, PreconditionError
+from d2compiler.execution.executor import BlockContext, obs_cost
+from d2compiler.graph.attention import AttentionCall, AttentionRecorder, attention_kl
+from d2compiler.graph.packing import Packed24Linear, violations_2_4
+from d2compiler.graph.structure import LinearLayer
+from d2compiler.recipe.artifacts import ArtifactKind, register_artifact
+from d2compiler.recipe.passmanager import (
+           Condition,
+           Pass,
+           PassParams,
+           PassResult,
+           PlanCost,
+           TargetedParams,
+           UpdateVariants,
+           register_pass,
+)
 
 __all__ = ["ArtifactKind", "AttentionCall", "AttentionRecorder", "BlockContext", "Condition", "LinearLayer", "Packed24Linear",
            "Pass", "PassError", "PassOrderError", "PassParams", "PassResult", "PlanCost", "PostconditionError", "PreconditionError",

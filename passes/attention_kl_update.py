@@ -91,6 +91,7 @@ class AttentionKLUpdatePass(Pass):
     consumed = frozenset({"update_plan"})
     writes = frozenset({"dense_attention", "holdout_hessian"})
     observes = True
+    in_place = False  # reads the block only
     summary = "Choose per block which of q/k/v get the OBS update: reconstruction + ρ·KL(dense‖pruned attention)."
 
     def __init__(self, params: Any):

@@ -66,6 +66,7 @@ class CalibratePass(Pass):
     Params = CalibrateParams
     provides = frozenset({"hessian", "act_norms"})
     observes = True
+    in_place = False  # reads the block only
     summary = "Record fp32 Hessians and activation norms of the targeted linears."
 
     def __init__(self, params: PassParams):

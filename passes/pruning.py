@@ -103,7 +103,7 @@ class PruningPass(Pass):
             start = time.perf_counter()
             weight = layer.weight_matrix().to(device=ctx.device, dtype=torch.float32, copy=True)
             new_weight, keep, extra = self.prune_layer(layer, weight, ctx)
-            earlier = ctx.masks.get(layer.name)
+            earlier = ctx.artifact("mask", layer.name)
             if earlier is not None:  # an earlier pass's pruned weights stay pruned
                 keep = keep & earlier.to(keep.device)
             new_weight = new_weight.masked_fill(~keep, 0.0)  # one new tensor (no zeros tensor beside it)

@@ -125,7 +125,7 @@ class QuantizationPass(Pass):
             start = time.perf_counter()
             weight = layer.weight_matrix().to(device=ctx.device, dtype=torch.float32, copy=True)
             keep = weight != 0
-            earlier = ctx.masks.get(layer.name)
+            earlier = ctx.artifact("mask", layer.name)
             if earlier is not None:
                 keep &= earlier.to(keep.device)
             new_weight, scale, zero, extra = self.quantize_layer(layer, weight, keep, ctx)

@@ -16,7 +16,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 @pytest.fixture(scope="session")
 def tokenizer():
-    from d2compiler.synthetic import tiny_tokenizer
+    from d2compiler.evaluation.synthetic import tiny_tokenizer
 
     return tiny_tokenizer()
 
@@ -78,7 +78,7 @@ def tiny_models(tmp_path_factory, tokenizer):
 @pytest.fixture(scope="session")
 def smollm2_dir():
     """The real SmolLM2-135M as a safetensors folder (GGUF converted once into the cache)."""
-    from d2compiler.models import builtin_smollm2_folder
+    from d2compiler.loading.models import builtin_smollm2_folder
 
     return builtin_smollm2_folder()
 

@@ -104,9 +104,9 @@ def test_d2prune_on_every_architecture(arch, tiny_models, tmp_path, capsys):
 
 
 def test_gpt2_slices_are_row_views_of_one_weight(tiny_models):
-    from d2compiler.executor import capture_block_inputs
-    from d2compiler.graph import bind_linears, find_blocks, trace_block
-    from d2compiler.models import load_model
+    from d2compiler.execution.executor import capture_block_inputs
+    from d2compiler.graph.structure import bind_linears, find_blocks, trace_block
+    from d2compiler.loading.models import load_model
 
     model = load_model(str(tiny_models["gpt2"]), "float32", "cpu").model
     path, blocks = find_blocks(model)
@@ -142,7 +142,7 @@ def test_gpt2_two_of_four_packs_the_fused_weight(tiny_models, tmp_path):
     record = json.loads((tmp_path / "out" / "sparsity.json").read_text())
     entry = record["layers"]["transformer.h.0.attn.c_attn"]
     assert entry["packed"] == "2:4" and set(entry["slices"]) == {"q", "k", "v"} and entry["quant"]["bits"] == 8
-    from d2compiler.models import load
+    from d2compiler.loading.models import load
 
     model = load(tmp_path / "out")
     with torch.no_grad():
@@ -165,7 +165,7 @@ class DataDependentBlock(torch.nn.Module):
 
 def test_trace_failure_names_block_operation_and_override():
     from d2compiler.errors import TraceError
-    from d2compiler.graph import structure_from_roles, trace_block
+    from d2compiler.graph.structure import structure_from_roles, trace_block
 
     with pytest.raises(TraceError) as err:
         trace_block(DataDependentBlock(), (torch.randn(1, 4, 8),), {}, label="model.layers.0 (DataDependentBlock)")
@@ -234,7 +234,7 @@ class FusedBlock(torch.nn.Module):
 
 @pytest.mark.parametrize("cut", ["chunk", "slice", "kv"])
 def test_fused_projection_cut_any_way(cut):
-    from d2compiler.graph import trace_block
+    from d2compiler.graph.structure import trace_block
 
     structure = trace_block(FusedBlock(cut), (torch.randn(1, 6, 32),), {}, label=cut)
     if cut == "kv":
@@ -247,7 +247,7 @@ def test_fused_projection_cut_any_way(cut):
 @pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
 @pytest.mark.parametrize("arch", list(EXPECTED))
 def test_baselines_two_of_four_on_every_architecture(arch, method, tiny_models, tmp_path):
-    from d2compiler.packing import violations_2_4
+    from d2compiler.graph.packing import violations_2_4
 
     passes = f'[[passes]]\ntype = "calibrate"\n[[passes]]\ntype = "{method}"\nmask_structure = "2:4"\n'
     assert main(["--quiet", "run", recipe(tmp_path, tiny_models[arch], arch, passes, evaluate=False)]) == 0

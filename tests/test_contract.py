@@ -15,7 +15,7 @@ import torch
 
 from d2compiler.cli import main
 from d2compiler.errors import RecipeError
-from d2compiler.recipe import validate_recipe
+from d2compiler.recipe.schema import validate_recipe
 
 from .conftest import write_recipe
 
@@ -67,7 +67,7 @@ def test_sparsegpt_honours_an_update_plan(tmp_path, tiny_models):
 
 def test_kl_strategy_needs_a_pass_that_computes_variants():
     from d2compiler.contract import Pass, PassParams, PassResult
-    from d2compiler.passmanager import PASS_REGISTRY, register_pass
+    from d2compiler.recipe.passmanager import PASS_REGISTRY, register_pass
 
     class PlanReader(Pass):
         name = "test_plan_reader"
@@ -98,7 +98,7 @@ def test_kl_strategy_needs_a_pass_that_computes_variants():
 
 def test_undeclared_or_mistyped_writes_are_refused(tmp_path, tiny_models, capsys):
     from d2compiler.contract import Pass, PassResult, TargetedParams
-    from d2compiler.passmanager import PASS_REGISTRY, register_pass
+    from d2compiler.recipe.passmanager import PASS_REGISTRY, register_pass
 
     class Sneaky(Pass):
         name = "test_sneaky"
@@ -194,7 +194,7 @@ def test_import_graph_has_no_cycles():
 
 def test_the_core_names_no_pass():
     """No pass name and no duck typing on another pass in d2compiler/ (passes declare what the core needs)."""
-    from d2compiler.passmanager import registered_passes
+    from d2compiler.recipe.passmanager import registered_passes
 
     names = set(registered_passes())
     for path in (ROOT / "d2compiler").rglob("*.py"):
@@ -202,3 +202,31 @@ def test_the_core_names_no_pass():
         for name in names:
             assert f"'{name}'" not in text and f'"{name}"' not in text and f"`{name}`" not in text, (path, name)
         assert not re.search(r"hasattr\((p|c|consumer|pass_|p\.params|c\.params)\s*,", text), path
+
+
+LAYERS = [  # top to bottom: a module imports only from its own layer or the layers below it
+    {"d2compiler", "d2compiler.__main__", "d2compiler.cli"},
+    {"d2compiler.driver"},  # the jobs: compress, plan, export, the launcher
+    {"d2compiler.contract"},  # the public pass API (passes/ import only this)
+    {"d2compiler.loading"},  # models from every source
+    {"d2compiler.evaluation"},  # data sources, inputs, metrics, lm-eval tasks
+    {"d2compiler.execution"},  # block executor, placement, checkpoints, processes, streaming
+    {"d2compiler.export"},  # output formats
+    {"d2compiler.recipe"},  # recipe schema, pass manager, artifact kinds
+    {"d2compiler.graph"},  # tracing, roles, attention capture, 2:4 storage
+    {"d2compiler.errors"},
+]
+
+
+def layer_of(module: str) -> int:
+    for rank, names in enumerate(LAYERS):
+        if module in names or any(module.startswith(name + ".") for name in names if name != "d2compiler"):
+            return rank
+    raise AssertionError(f"{module} is in no layer")
+
+
+def test_imports_go_one_way_from_the_cli_down_to_the_graph():
+    graph = import_graph()
+    upward = sorted((m, t) for m, t in graph.edges if m.startswith("d2compiler") and t.startswith("d2compiler")
+                    and layer_of(t) < layer_of(m))
+    assert not upward, upward

@@ -53,7 +53,7 @@ def test_streaming_on_cuda_matches_cpu(tmp_path, tiny_models):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_packed_2_4_matmul_matches_dense(dtype):
-    from d2compiler.packing import Packed24Linear
+    from d2compiler.graph.packing import Packed24Linear
 
     torch.manual_seed(0)
     weight = torch.randn(256, 512)
@@ -69,8 +69,8 @@ def test_packed_2_4_matmul_matches_dense(dtype):
 def test_block_by_block_evaluation_on_cuda(tiny_models):
     """Evaluation on CUDA places one block at a time and leaves every weight back on the CPU; its
     logits match the CPU's."""
-    from d2compiler.models import load_model
-    from d2compiler.runner import ModelRunner
+    from d2compiler.execution.runner import ModelRunner
+    from d2compiler.loading.models import load_model
 
     model = load_model(str(tiny_models["llama"]), "float32", "cpu").model
     calls = [{"input_ids": torch.randint(0, 500, (1, 40))} for _ in range(3)]

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from d2compiler.data import calibration_windows, evaluation_windows, load_rows, python_docs_rows
 from d2compiler.errors import DataError
+from d2compiler.evaluation.data import calibration_windows, evaluation_windows, load_rows, python_docs_rows
 
 from .conftest import SHARED_DATA
 

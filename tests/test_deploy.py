@@ -12,8 +12,8 @@ from safetensors.torch import load_file
 import d2compiler
 from d2compiler.cli import main
 from d2compiler.errors import RecipeError
-from d2compiler.packing import Packed24Linear, pack_two_of_four, unpack_two_of_four, violations_2_4
-from d2compiler.recipe import validate_recipe
+from d2compiler.graph.packing import Packed24Linear, pack_two_of_four, unpack_two_of_four, violations_2_4
+from d2compiler.recipe.schema import validate_recipe
 from passes.quant import QuantSpec, fake_quantize, layer_params
 
 from .conftest import write_recipe

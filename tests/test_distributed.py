@@ -15,8 +15,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from d2compiler.checkpoint import work_dir_for
 from d2compiler.cli import main
+from d2compiler.execution.checkpoint import work_dir_for
 
 from .conftest import kill_after_blocks, write_recipe
 
@@ -57,7 +57,7 @@ def test_two_processes_match_one(method, tmp_path, tiny_models):
 def test_killed_two_process_run_resumes_with_two(tmp_path, tiny_models):
     """Killed after 2 finished blocks: 3 processes are refused (one process fails; the run ends with its
     message, fast), 2 processes resume to the uninterrupted two-process run's weights."""
-    from d2compiler.synthetic import save_random_model, tiny_llama_config, tiny_tokenizer
+    from d2compiler.evaluation.synthetic import save_random_model, tiny_llama_config, tiny_tokenizer
 
     tokenizer = tiny_tokenizer()
     model = save_random_model(tiny_llama_config(len(tokenizer), layers=6, hidden=128, intermediate=384), tmp_path / "m", tokenizer)
@@ -85,8 +85,8 @@ def test_killed_two_process_run_resumes_with_two(tmp_path, tiny_models):
 
 
 def test_one_process_refuses_two_process_checkpoints(tmp_path):
-    from d2compiler.checkpoint import CheckpointStore
     from d2compiler.errors import OutputError
+    from d2compiler.execution.checkpoint import CheckpointStore
 
     folder = tmp_path / "work"
     CheckpointStore(folder, "job", processes=2).start()
@@ -95,7 +95,7 @@ def test_one_process_refuses_two_process_checkpoints(tmp_path):
 
 
 def test_group_shares_and_owners():
-    from d2compiler.distributed import Group
+    from d2compiler.execution.distributed import Group
 
     shares = [Group(rank=r, size=3).share(8) for r in range(3)]
     assert [list(s) for s in shares] == [[0, 1, 2], [3, 4, 5], [6, 7]]

@@ -11,8 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from d2compiler.checkpoint import work_dir_for
 from d2compiler.cli import main
+from d2compiler.execution.checkpoint import work_dir_for
 
 from .conftest import write_recipe
 

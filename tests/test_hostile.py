@@ -16,9 +16,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from d2compiler.checkpoint import block_file, hidden_file, work_dir_for
 from d2compiler.cli import main
-from d2compiler.executor import BlockExecutor
+from d2compiler.execution.checkpoint import block_file, hidden_file, work_dir_for
+from d2compiler.execution.executor import BlockExecutor
 from d2compiler.export.output_dir import output_lock
 
 from .conftest import write_recipe
@@ -395,7 +395,7 @@ def test_schema_into_a_closed_pipe():
 
 
 def test_internal_errors_say_they_are_bugs(tmp_path, monkeypatch, capsys):
-    from d2compiler import passmanager
+    from d2compiler.recipe import passmanager
 
     monkeypatch.setattr(passmanager.PassManager, "__init__", lambda *_a: 1 / 0)
     path = tmp_path / "r.toml"

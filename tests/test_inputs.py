@@ -10,12 +10,12 @@ from safetensors.torch import save_file
 
 from d2compiler.cli import main
 from d2compiler.errors import DataError
-from d2compiler.evaluate import make_metric, paragraphs
-from d2compiler.images import digits, fit_to_model, load_images
-from d2compiler.inputs import calibration_inputs, dummy_input, model_task, takes_images
-from d2compiler.models import load_model
-from d2compiler.recipe import CalibrationData, EvaluationData
-from d2compiler.runner import ModelRunner
+from d2compiler.evaluation.evaluate import make_metric, paragraphs
+from d2compiler.evaluation.images import digits, fit_to_model, load_images
+from d2compiler.evaluation.inputs import calibration_inputs, dummy_input, model_task, takes_images
+from d2compiler.execution.runner import ModelRunner
+from d2compiler.loading.models import load_model
+from d2compiler.recipe.schema import CalibrationData, EvaluationData
 
 
 def test_digits_parts_are_disjoint_and_fixed():

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from d2compiler.errors import ModelLoadError
-from d2compiler.models import load_model, smollm2_gguf_path
+from d2compiler.loading.models import load_model, smollm2_gguf_path
 
 
 def test_safetensors_file_source(tiny_models):

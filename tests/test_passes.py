@@ -11,8 +11,8 @@ from transformers import AutoModelForCausalLM
 
 from d2compiler.cli import main
 from d2compiler.export.metadata import weights_sha256
-from d2compiler.passmanager import PassManager
-from d2compiler.recipe import validate_recipe
+from d2compiler.recipe.passmanager import PassManager
+from d2compiler.recipe.schema import validate_recipe
 
 from .conftest import write_recipe
 

@@ -40,8 +40,8 @@ def tiny_recipe(name: str, models: dict[str, Path]) -> dict[str, Any]:
 
 
 def weights_hash(data: dict[str, Any]) -> str:
-    from d2compiler.pipeline import compress
-    from d2compiler.recipe import validate_recipe
+    from d2compiler.driver.pipeline import compress
+    from d2compiler.recipe.schema import validate_recipe
 
     return compress(validate_recipe(data), quiet=True).record["weights_sha256"]
 
@@ -59,7 +59,7 @@ def main() -> None:
     """Write tests/pinned_weights.json from the current code."""
     import tempfile
 
-    from d2compiler.synthetic import tiny_tokenizer
+    from d2compiler.evaluation.synthetic import tiny_tokenizer
 
     from .conftest import build_tiny
 

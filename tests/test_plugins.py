@@ -119,12 +119,21 @@ class _Breaks:
                 layer = ctx.select(self.params)[0]
                 return super().postconditions(ctx, result) + [((layer.weight_matrix() != 0).sum(), f"kept {{}} nonzeros in {layer.name}")]
 
-        return [Revive, Poison, Strict]
+        class ReadOnly(Revive):
+            name = "test_readonly"
+            in_place = False  # but it writes (without reviving a weight or leaving a NaN)
+
+            def apply(self, ctx):
+                layer = ctx.select(self.params)[0]
+                layer.set_weight_matrix(layer.weight_matrix() * 2)
+                return PassResult(modified=False)
+
+        return [Revive, Poison, Strict, ReadOnly]
 
 
 def test_postconditions_name_the_pass_the_block_and_what_ran_before(tmp_path, tiny_models, capsys):
     from d2compiler.cli import main
-    from d2compiler.passmanager import PASS_REGISTRY, register_pass
+    from d2compiler.recipe.passmanager import PASS_REGISTRY, register_pass
 
     classes = [register_pass(c) for c in _Breaks.define()]
     try:
@@ -133,7 +142,9 @@ def test_postconditions_name_the_pass_the_block_and_what_ran_before(tmp_path, ti
                     "test_poison": "pass 'test_poison' left 1 NaN or Inf values in model.layers.0.self_attn.q_proj "
                                    "(block 0; passes run before: magnitude)",
                     "test_strict": "pass 'test_strict' kept 2048 nonzeros in model.layers.0.self_attn.q_proj "
-                                   "(block 0; passes run before: magnitude)"}
+                                   "(block 0; passes run before: magnitude)",
+                    "test_readonly": "pass 'test_readonly' declares in_place = False but wrote self_attn.q_proj.weight "
+                                     "(block 0; passes run before: magnitude)"}
         for name, message in expected.items():
             passes = f'[[passes]]\ntype = "magnitude"\nsparsity = 0.5\n[[passes]]\ntype = "{name}"\ntargets = ["re:.*q_proj"]\n'
             recipe = write_recipe(tmp_path / f"{name}.toml", str(tiny_models["llama"]), passes, output=tmp_path / name)

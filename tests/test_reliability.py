@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from d2compiler.checkpoint import work_dir_for
 from d2compiler.cli import main
+from d2compiler.execution.checkpoint import work_dir_for
 
 from .conftest import kill_after_blocks, write_recipe
 
@@ -63,7 +63,7 @@ def test_kill_and_resume_is_byte_identical(tmp_path, deep_llama, streaming):
 
 
 def test_checkpoints_of_another_recipe_are_discarded(tmp_path, tiny_models, caplog):
-    from d2compiler.checkpoint import CheckpointStore
+    from d2compiler.execution.checkpoint import CheckpointStore
 
     output = tmp_path / "out"
     stale = CheckpointStore(work_dir_for(output), key="another recipe")
@@ -90,8 +90,8 @@ def test_checkpoint_restores_packed_and_quantized_layers(tmp_path):
     """A block finished with pack_2_4 (and quantization buffers) is rebuilt packed on resume."""
     import copy
 
-    from d2compiler.checkpoint import CheckpointStore
-    from d2compiler.packing import Packed24Linear
+    from d2compiler.execution.checkpoint import CheckpointStore
+    from d2compiler.graph.packing import Packed24Linear
 
     torch.manual_seed(0)
     block = torch.nn.Sequential(torch.nn.Linear(16, 8), torch.nn.ReLU(), torch.nn.Linear(8, 8))

@@ -8,9 +8,9 @@ from contextlib import contextmanager
 import pytest
 import torch
 
-from d2compiler import runner as runner_module
-from d2compiler.models import load_model
-from d2compiler.runner import ModelRunner, chunks
+from d2compiler.execution import runner as runner_module
+from d2compiler.execution.runner import ModelRunner, chunks
+from d2compiler.loading.models import load_model
 from passes.gram import Gram
 
 CPU = torch.device("cpu")

@@ -10,9 +10,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from d2compiler.cli import main
-from d2compiler.models import load_model
-from d2compiler.pipeline import compress
-from d2compiler.recipe import validate_recipe
+from d2compiler.driver.pipeline import compress
+from d2compiler.loading.models import load_model
+from d2compiler.recipe.schema import validate_recipe
 
 from .conftest import write_recipe
 

@@ -54,7 +54,7 @@ def test_streaming_equals_in_memory(arch, tmp_path, tiny_models):
 
 
 def test_streaming_with_tied_embeddings(tmp_path, tokenizer):
-    from d2compiler.synthetic import save_random_model, tiny_llama_config
+    from d2compiler.evaluation.synthetic import save_random_model, tiny_llama_config
 
     config = tiny_llama_config(len(tokenizer), layers=3)
     config.tie_word_embeddings = True
@@ -77,9 +77,9 @@ def test_streaming_refuses_what_it_cannot_do(change, expected, tmp_path, tiny_mo
 
 PEAK = """
 import json, sys
-from d2compiler.memory import peak_rss_mb
-from d2compiler.pipeline import compress
-from d2compiler.recipe import validate_recipe
+from d2compiler.execution.memory import peak_rss_mb
+from d2compiler.driver.pipeline import compress
+from d2compiler.recipe.schema import validate_recipe
 recipe = validate_recipe({"version": 1, "model": {"source": sys.argv[1], "device": "cpu", "streaming": True},
     "data": {"calibration": {"source": "builtin:python-docs", "samples": 2, "seq_len": 32}},
     "passes": [{"type": "calibrate"}, {"type": "sparsegpt", "sparsity": 0.5}], "output": {"path": sys.argv[2]}})
@@ -93,7 +93,7 @@ def test_peak_memory_follows_the_block_not_the_layer_count(tmp_path, tokenizer):
     streaming run's peak RSS grows by less than half of the size difference (it holds one block)."""
     import transformers
 
-    from d2compiler.synthetic import save_random_model
+    from d2compiler.evaluation.synthetic import save_random_model
 
     peaks, sizes = {}, {}
     for layers in (8, 16):
@@ -130,7 +130,7 @@ def test_eval_streams_any_metric_and_task(tmp_path, tiny_models, capsys):
 
 def test_gguf_streams_from_a_converted_folder(monkeypatch, tmp_path):
     """A GGUF source is converted once into a cached safetensors folder, which is then streamed."""
-    from d2compiler import models
+    from d2compiler.loading import models
 
     gguf = models.smollm2_gguf_path()
     folder = models.gguf_folder(gguf)
@@ -144,7 +144,7 @@ def test_hub_ids_stream_from_the_hub_cache(monkeypatch, tiny_models):
     """A hub id streams from huggingface_hub's snapshot of its safetensors (never a pickle)."""
     import huggingface_hub
 
-    from d2compiler import models
+    from d2compiler.loading import models
 
     asked = {}
 

@@ -8,7 +8,7 @@ import pytest
 
 from d2compiler.cli import main
 from d2compiler.errors import DataError
-from d2compiler.zeroshot import LOCAL_TASK_YAML, load_task
+from d2compiler.evaluation.zeroshot import LOCAL_TASK_YAML, load_task
 
 from .conftest import SHARED_DATA
 
@@ -49,7 +49,7 @@ def test_block_by_block_scores_equal_plain_hflm(task, rel, tiny_models, tmp_path
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
-    from d2compiler.models import load_model
+    from d2compiler.loading.models import load_model
 
     path = SHARED_DATA / rel
     assert main(["--quiet", "eval", str(tiny_models["llama"]), "--task", task, "--data", str(path), "--limit", "24",

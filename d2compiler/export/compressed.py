@@ -22,8 +22,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import OutputError
-from ..packing import QUANT_BUFFERS
+from d2compiler.errors import OutputError
+from d2compiler.graph.packing import QUANT_BUFFERS
 
 FORMAT = "compressed-tensors"
 INSTALL_HINT = "install it with pip install 'd2compiler[deploy]' (compressed-tensors needs Python >= 3.11)"

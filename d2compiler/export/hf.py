@@ -12,12 +12,12 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from ..packing import QUANT_BUFFERS, Packed24Linear, unpack_linears
-from .compressed import FORMAT as COMPRESSED_TENSORS
-from .compressed import write_compressed_tensors
-from .output_dir import atomic_output_dir, write_record
-from .packed import write_packed
-from .report import write_report
+from d2compiler.export.compressed import FORMAT as COMPRESSED_TENSORS
+from d2compiler.export.compressed import write_compressed_tensors
+from d2compiler.export.output_dir import atomic_output_dir, write_record
+from d2compiler.export.packed import write_packed
+from d2compiler.export.report import write_report
+from d2compiler.graph.packing import QUANT_BUFFERS, Packed24Linear, unpack_linears
 
 QUANT_FILE = "quantization.safetensors"
 

@@ -36,9 +36,9 @@ import torch
 from onnx import helper, numpy_helper
 from torch import nn
 
-from ..errors import OutputError
-from ..packing import unpack_linears
-from .output_dir import atomic_output_dir, write_record
+from d2compiler.errors import OutputError
+from d2compiler.export.output_dir import atomic_output_dir, write_record
+from d2compiler.graph.packing import unpack_linears
 
 OPSET = 21
 DATA_FILE = "model.onnx.data"

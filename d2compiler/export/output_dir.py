@@ -23,7 +23,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from ..errors import OutputError
+from d2compiler.errors import OutputError
 
 OWNER_KEY = "written_by"
 OWNER = "d2compiler"

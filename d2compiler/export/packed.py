@@ -15,8 +15,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..errors import ModelLoadError
-from ..packing import QUANT_BUFFERS, Packed24Linear
+from d2compiler.errors import ModelLoadError
+from d2compiler.graph.packing import QUANT_BUFFERS, Packed24Linear
 
 FORMAT = "d2c-packed"
 FORMAT_VERSION = "1"
@@ -107,7 +107,7 @@ def load_packed(folder: Path) -> nn.Module:
     """Rebuild the model of a packed checkpoint, with `Packed24Linear` layers."""
     from transformers import AutoConfig
 
-    from ..model_class import model_class
+    from d2compiler.graph.model_class import model_class
 
     path = folder / "model.safetensors"
     with safe_open(str(path), "pt") as f:

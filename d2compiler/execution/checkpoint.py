@@ -40,9 +40,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .errors import OutputError
-from .graph import weight_is_transposed
-from .packing import Packed24Linear
+from d2compiler.errors import OutputError
+from d2compiler.graph.packing import Packed24Linear
+from d2compiler.graph.structure import weight_is_transposed
 
 log = logging.getLogger(__name__)
 
@@ -184,7 +184,7 @@ class CheckpointStore:
 
     def reader(self, index: int) -> Any:
         """Read block `index`'s tensors by full name (a streaming run loads blocks from here)."""
-        from .streaming import file_reader
+        from d2compiler.execution.streaming import file_reader
 
         self.flush()
         return file_reader(self.path(index))

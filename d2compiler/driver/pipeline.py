@@ -14,22 +14,22 @@ from typing import Any
 import torch
 from pydantic import BaseModel
 
-from .checkpoint import CheckpointStore, file_sha256, fingerprint, work_dir_for
-from .distributed import Group, join, leave
-from .errors import D2Error, PassError
-from .evaluate import make_metric
-from .executor import BlockExecutor, ExecutionReport
-from .export.hf import write_output
-from .export.metadata import overall_sparsity, package_versions, sparsity_record, weights_sha256
-from .export.output_dir import check_free_space, check_output_path, output_lock, user_path
-from .export.sharded import write_sharded_output
-from .inputs import calibration_inputs
-from .memory import peak_rss_mb
-from .models import LoadedModel, load_model, load_streamed, resolve_device
-from .packing import QUANT_BUFFERS
-from .passmanager import PassManager
-from .runner import ModelRunner
-from .streaming import StreamedModel
+from d2compiler.driver.sharded import write_sharded_output
+from d2compiler.errors import D2Error, PassError
+from d2compiler.evaluation.evaluate import make_metric
+from d2compiler.evaluation.inputs import calibration_inputs
+from d2compiler.execution.checkpoint import CheckpointStore, file_sha256, fingerprint, work_dir_for
+from d2compiler.execution.distributed import Group, join, leave
+from d2compiler.execution.executor import BlockExecutor, ExecutionReport
+from d2compiler.execution.memory import peak_rss_mb
+from d2compiler.execution.runner import ModelRunner
+from d2compiler.execution.streaming import StreamedModel
+from d2compiler.export.hf import write_output
+from d2compiler.export.metadata import overall_sparsity, package_versions, sparsity_record, weights_sha256
+from d2compiler.export.output_dir import check_free_space, check_output_path, output_lock, user_path
+from d2compiler.graph.packing import QUANT_BUFFERS
+from d2compiler.loading.models import LoadedModel, load_model, load_streamed, resolve_device
+from d2compiler.recipe.passmanager import PassManager
 
 log = logging.getLogger(__name__)
 

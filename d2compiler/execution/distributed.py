@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from .errors import D2Error
+from d2compiler.errors import D2Error
 
 TIMEOUT = timedelta(minutes=30)  # a collective that waits longer than this fails (a rank stalled)
 

@@ -9,12 +9,12 @@ from typing import Any
 
 import torch
 
-from ..errors import OutputError
-from ..graph import weight_is_transposed
-from ..packing import Packed24Linear, violations_2_4
-from .hf import write_output
-from .onnx_export import export_onnx
-from .output_dir import RECORD_FILE, check_output_path, output_lock, user_path
+from d2compiler.errors import OutputError
+from d2compiler.export.hf import write_output
+from d2compiler.export.onnx_export import export_onnx
+from d2compiler.export.output_dir import RECORD_FILE, check_output_path, output_lock, user_path
+from d2compiler.graph.packing import Packed24Linear, violations_2_4
+from d2compiler.graph.structure import weight_is_transposed
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -56,7 +56,7 @@ def export_output(source: str, fmt: str, dest: str, *, dtype: str | None = None,
 
 def _export(folder: Path, fmt: str, dest: Path, dtype: str | None, overwrite: bool, sparse_initializers: bool,
             external_data: bool | None) -> dict[str, Any]:
-    from ..models import load_model
+    from d2compiler.loading.models import load_model
 
     try:
         record = json.loads((folder / RECORD_FILE).read_text(encoding="utf-8"))

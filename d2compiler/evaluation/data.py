@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 import torch
 
-from .errors import DataError
+from d2compiler.errors import DataError
 
 BUILTIN_PYTHON_DOCS = "builtin:python-docs"
 TOKEN_WINDOWS_KEY = "input_ids"

@@ -24,11 +24,11 @@ import networkx as nx
 import torch
 from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 
-from .errors import PassOrderError, PluginError
+from d2compiler.errors import PassOrderError, PluginError
 
 if TYPE_CHECKING:
-    from .executor import BlockContext
-    from .graph import LinearLayer
+    from d2compiler.execution.executor import BlockContext
+    from d2compiler.graph.structure import LinearLayer
 
 
 class PassParams(BaseModel):
@@ -111,6 +111,7 @@ class Pass(ABC):
     updates_weights: ClassVar[bool] = False  # moves kept weights (an OBS update), not only zeroes them
     quantizes: ClassVar[bool] = False  # leaves weights on an integer grid (weight_scale / weight_zero_point)
     final: ClassVar[bool] = False  # must be the last pass (e.g. it changes how weights are stored)
+    in_place: ClassVar[bool] = True  # rewrites the block's weights; False: reads them only (checked after `apply`)
 
     def __init__(self, params: PassParams):
         self.params = params
@@ -170,6 +171,10 @@ class Pass(ABC):
             conditions.append((((weight != 0) & ~keep.to(weight.device)).sum(), f"revived {{}} pruned weights of {name}"))
         conditions += [((~torch.isfinite(layer.module.weight)).sum(), f"left {{}} NaN or Inf values in {layer.name}")
                        for layer in ctx.layers]
+        if not self.in_place:  # a pass that declares it only reads the block left every parameter as it was
+            after = ctx.fingerprints()
+            conditions += [((after[name] != before).any().int(), f"declares in_place = False but wrote {name}")
+                           for name, before in ctx.fingerprints_before.items()]
         return conditions
 
     @abstractmethod
@@ -305,7 +310,7 @@ class PassManager:
 
 def _check_artifact_kinds(passes: list[Pass]) -> None:
     """Every artifact a pass names is a registered kind."""
-    from .artifacts import ARTIFACTS
+    from d2compiler.recipe.artifacts import ARTIFACTS
 
     for p in passes:
         for name in sorted(p.requires | p.optional | p.provides | p.writes | p.consumed):

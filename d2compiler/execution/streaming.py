@@ -24,7 +24,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from .errors import ModelLoadError
+from d2compiler.errors import ModelLoadError
 
 INDEX = "model.safetensors.index.json"
 
@@ -64,7 +64,7 @@ def empty_model(folder: Path, dtype: torch.dtype, attn_implementation: str | Non
     from accelerate import init_empty_weights
     from transformers import AutoConfig
 
-    from .model_class import model_class
+    from d2compiler.graph.model_class import model_class
 
     config = AutoConfig.from_pretrained(str(folder))
     if attn_implementation:
@@ -135,7 +135,7 @@ class StreamedModel:
     """A weightless model whose parts are loaded from `source` when needed (see the module docstring)."""
 
     def __init__(self, model: nn.Module, source: WeightSource, dtype: torch.dtype):
-        from .graph import find_blocks
+        from d2compiler.graph.structure import find_blocks
 
         self.model, self.source, self.dtype = model, source, dtype
         map_large_allocations()
@@ -214,7 +214,7 @@ class StreamedModel:
     def weights_sha256(self, readers: list[Callable[[str], torch.Tensor]]) -> str:
         """`export.metadata.weights_sha256` of the whole model, block tensors read through `readers`
         (the same value an in-memory run computes over its state dict)."""
-        from .export.metadata import tensors_sha256
+        from d2compiler.export.metadata import tensors_sha256
 
         self.ensure_outside()
         outside = self.model.state_dict()

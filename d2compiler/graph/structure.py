@@ -27,7 +27,7 @@ import networkx as nx
 import torch
 from torch import nn
 
-from .errors import TraceError
+from d2compiler.errors import TraceError
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ def tiny_tokenizer(vocab_size: int = TOKENIZER_VOCAB) -> Any:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from .data import python_docs_rows
+    from d2compiler.evaluation.data import python_docs_rows
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .errors import ModelLoadError
+from d2compiler.errors import ModelLoadError
 
 
 def model_class(config: Any, source: str) -> Any:

@@ -21,10 +21,13 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import torch
 from torch import nn
 
-from .checkpoint import CheckpointStore
-from .distributed import SINGLE, Group
-from .errors import D2Error, PassError, PostconditionError, PreconditionError
-from .graph import (
+from d2compiler.errors import D2Error, PassError, PostconditionError, PreconditionError
+from d2compiler.execution.checkpoint import CheckpointStore
+from d2compiler.execution.distributed import SINGLE, Group
+from d2compiler.execution.memory import current_rss_mb, peak_rss_mb
+from d2compiler.execution.placement import Placement, Reader
+from d2compiler.execution.progress import progress
+from d2compiler.graph.structure import (
     BlockStructure,
     LinearLayer,
     bind_linears,
@@ -34,13 +37,10 @@ from .graph import (
     structure_from_roles,
     trace_block,
 )
-from .memory import current_rss_mb, peak_rss_mb
-from .passmanager import Pass, PassResult, TargetedParams
-from .placement import Placement, Reader
-from .progress import progress
+from d2compiler.recipe.passmanager import Pass, PassResult, TargetedParams
 
 if TYPE_CHECKING:
-    from .streaming import StreamedModel
+    from d2compiler.execution.streaming import StreamedModel
 
 log = logging.getLogger(__name__)
 
@@ -151,6 +151,14 @@ class BlockContext:
     sample_offset: int = 0  # global index of inputs[0] among all processes' calibration samples
     sample_count: int = 0  # calibration samples over all processes (0: len(inputs))
     active: Pass | None = None  # the pass the executor is running (its declarations govern `publish`)
+    fingerprints_before: dict[str, torch.Tensor] = field(default_factory=dict)  # before a pass that declares it only reads
+
+    def fingerprints(self) -> dict[str, torch.Tensor]:
+        """Each block parameter's (sum, sum of squares) in float64, on its device (no host sync): what
+        the executor compares before and after a pass that declares `in_place = False`."""
+        with torch.no_grad():
+            return {name: torch.stack([param.sum(dtype=torch.float64), (param * param).sum(dtype=torch.float64)])
+                    for name, param in self.module.named_parameters()}
 
     @property
     def total_samples(self) -> int:
@@ -216,7 +224,7 @@ class BlockContext:
         """Make `value` the `artifact` of `layer` (a block-scoped kind: of the block's name). Refused
         unless the publishing pass (`by`, else the running one) declares it in `provides` or
         `writes`, and unless the value has the kind's type (`artifacts.ARTIFACTS`)."""
-        from .artifacts import ARTIFACTS
+        from d2compiler.recipe.artifacts import ARTIFACTS
 
         writer = by or self.active
         kind = ARTIFACTS.get(artifact)
@@ -560,6 +568,7 @@ class BlockExecutor:
             t0 = time.perf_counter()
             if targeted:
                 ctx.active = p
+                ctx.fingerprints_before = {} if p.in_place else ctx.fingerprints()
                 check_precondition(ctx, p)
                 result = p.apply(ctx)
                 settle(ctx, p, result)

@@ -17,8 +17,8 @@ from typing import Annotated, Any, Literal, Union
 import tomllib
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .errors import RecipeError
-from .passmanager import PassManager, PassOrderError, registered_passes
+from d2compiler.errors import RecipeError
+from d2compiler.recipe.passmanager import PassManager, PassOrderError, registered_passes
 
 DTYPES = ("float32", "bfloat16", "float16", "auto")
 

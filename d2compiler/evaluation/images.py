@@ -15,8 +15,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .data import CALIBRATION_FRACTION, Part, is_token_windows_file
-from .errors import DataError
+from d2compiler.errors import DataError
+from d2compiler.evaluation.data import CALIBRATION_FRACTION, Part, is_token_windows_file
 
 BUILTIN_DIGITS = "builtin:digits"
 DIGITS_SEED = 0

@@ -17,10 +17,10 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from .graph import find_blocks
+from d2compiler.graph.structure import find_blocks
 
 if TYPE_CHECKING:
-    from .streaming import StreamedModel
+    from d2compiler.execution.streaming import StreamedModel
 
 Reader = Callable[[str], torch.Tensor]  # a tensor by its full name (`model.layers.3.mlp.up_proj.weight`)
 

@@ -19,13 +19,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from .distributed import SINGLE, Group
-from .executor import Call, block_outputs, capture_block_inputs, invoke
-from .placement import Placement, Reader
-from .progress import counter
+from d2compiler.execution.distributed import SINGLE, Group
+from d2compiler.execution.executor import Call, block_outputs, capture_block_inputs, invoke
+from d2compiler.execution.placement import Placement, Reader
+from d2compiler.execution.progress import counter
 
 if TYPE_CHECKING:
-    from .streaming import StreamedModel
+    from d2compiler.execution.streaming import StreamedModel
 
 CHUNK_TOKENS = 1 << 16  # hidden states held at once: CHUNK_TOKENS x hidden size, twice
 

@@ -22,11 +22,19 @@ from typing import Any
 import torch
 from torch import nn
 
-from .data import evaluation_windows, is_token_windows_file, load_rows, load_text, load_token_windows, select_windows, tokenize
-from .errors import DataError
-from .images import fit_to_model, is_image_source, load_images
-from .inputs import check_seq_len, check_source_fits, model_task
-from .runner import ModelRunner
+from d2compiler.errors import DataError
+from d2compiler.evaluation.data import (
+    evaluation_windows,
+    is_token_windows_file,
+    load_rows,
+    load_text,
+    load_token_windows,
+    select_windows,
+    tokenize,
+)
+from d2compiler.evaluation.images import fit_to_model, is_image_source, load_images
+from d2compiler.evaluation.inputs import check_seq_len, check_source_fits, model_task
+from d2compiler.execution.runner import ModelRunner
 
 MIN_PARAGRAPH_WORDS = 8
 EMBED_BATCH = 16

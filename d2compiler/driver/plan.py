@@ -22,12 +22,12 @@ from typing import Any
 import torch
 from pydantic import BaseModel
 
-from .executor import BlockExecutor, capture_block_inputs
-from .graph import LinearLayer
-from .inputs import dummy_input, takes_images
-from .memory import current_rss_mb
-from .models import load_model, load_streamed, resolve_device
-from .passmanager import Pass, PassManager
+from d2compiler.evaluation.inputs import dummy_input, takes_images
+from d2compiler.execution.executor import BlockExecutor, capture_block_inputs
+from d2compiler.execution.memory import current_rss_mb
+from d2compiler.graph.structure import LinearLayer
+from d2compiler.loading.models import load_model, load_streamed, resolve_device
+from d2compiler.recipe.passmanager import Pass, PassManager
 
 
 @dataclass
@@ -228,7 +228,7 @@ def project(costs: list[BlockCost], nproc: int, link_gbs: float) -> dict[str, fl
     divided by N, per block the largest share of the layers' solves and of the KL candidates' solves
     when they are spread by cost, and the all-reduce (ring: 2(N-1)/N x bytes) and broadcasts at
     `link_gbs` GB/s."""
-    from .distributed import Group
+    from d2compiler.execution.distributed import Group
 
     def largest_share(work: list[float]) -> float:
         owners = Group(size=nproc).owners(work)

@@ -16,8 +16,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .distributed import die_with_parent
-from .errors import D2Error
+from d2compiler.errors import D2Error
+from d2compiler.execution.distributed import die_with_parent
 
 ERROR_DIR = "D2C_ERROR_DIR"
 

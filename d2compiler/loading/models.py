@@ -18,14 +18,14 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from .errors import ModelLoadError
-from .export.hf import QUANT_FILE
-from .export.packed import is_packed_folder, load_packed
-from .inputs import takes_images
-from .model_class import model_class
+from d2compiler.errors import ModelLoadError
+from d2compiler.evaluation.inputs import takes_images
+from d2compiler.export.hf import QUANT_FILE
+from d2compiler.export.packed import is_packed_folder, load_packed
+from d2compiler.graph.model_class import model_class
 
 if TYPE_CHECKING:
-    from .streaming import StreamedModel
+    from d2compiler.execution.streaming import StreamedModel
 
 log = logging.getLogger(__name__)
 
@@ -221,7 +221,7 @@ def _compressed_tensors_load(config: Any, source: str) -> dict[str, Any]:
     method = quant.get("quant_method") if isinstance(quant, dict) else getattr(quant, "quant_method", None)
     if str(method) != "compressed-tensors":
         return {}
-    from .export.compressed import INSTALL_HINT, available, load_config
+    from d2compiler.export.compressed import INSTALL_HINT, available, load_config
 
     if not available():
         raise ModelLoadError(f"{source}: a compressed-tensors checkpoint needs the compressed-tensors package; {INSTALL_HINT}")
@@ -291,7 +291,7 @@ def load_streamed(source: str, dtype: str = "float32", device: str = "auto", att
     cache's safetensors (`hub_folder`)."""
     from transformers import AutoConfig
 
-    from .streaming import StreamedModel, WeightSource, empty_model
+    from d2compiler.execution.streaming import StreamedModel, WeightSource, empty_model
 
     folder, gguf_file, files = resolve_source(source)
     if gguf_file:

@@ -9,9 +9,16 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from .data import calibration_windows, is_token_windows_file, load_text, load_token_windows, select_windows, tokenize
-from .errors import DataError
-from .images import fit_to_model, image_batches, is_image_source, load_images
+from d2compiler.errors import DataError
+from d2compiler.evaluation.data import (
+    calibration_windows,
+    is_token_windows_file,
+    load_text,
+    load_token_windows,
+    select_windows,
+    tokenize,
+)
+from d2compiler.evaluation.images import fit_to_model, image_batches, is_image_source, load_images
 
 Task = Literal["causal-lm", "image-classification", "encoder"]
 

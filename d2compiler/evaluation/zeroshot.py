@@ -19,8 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import DataError
-from .runner import ModelRunner
+from d2compiler.errors import DataError
+from d2compiler.execution.runner import ModelRunner
 
 DEFAULT_FILES = {"piqa": "zeroshot/piqa/valid.jsonl", "arc_easy": "zeroshot/arc/ARC-Easy-test.jsonl"}
 

@@ -1,0 +1,1 @@
+"""The jobs the command line runs: compress (run), plan, export, and the multi-process launcher."""

@@ -1,0 +1,1 @@
+"""Data and evaluation: text and image sources, model inputs, metrics, lm-eval tasks, seeded synthetic models."""
