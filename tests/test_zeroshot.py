@@ -121,3 +121,5 @@ def test_any_lm_eval_task_from_local_files_offline(tiny_models, tmp_path, capsys
     assert main([*base, "--task", "no_such_task"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"error: --task no_such_task: no such lm-eval task among lm-eval's registered tasks or under {tasks}"]
+    assert main([*base[:-4], "--include-path", str(tmp_path / "missing"), "--device", "cpu", "--task", "x"]) == 2
+    assert "--include-path" in capsys.readouterr().err

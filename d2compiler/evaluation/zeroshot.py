@@ -164,6 +164,8 @@ def evaluate_task(runner: ModelRunner, model: nn.Module, tokenizer: Any, task: s
 
     if tokenizer is None:
         raise DataError("lm-eval tasks need the model's tokenizer")
+    if include_path is not None and not Path(include_path).is_dir():
+        raise DataError(f"--include-path {include_path}: no such folder (it should hold lm-eval task YAMLs)")
     try:
         from lm_eval import simple_evaluate
         from lm_eval.tasks import TaskManager
