@@ -11,7 +11,8 @@ these names may move.
   `PreconditionError` from `Pass.precondition`; `Condition` is what `Pass.postconditions` returns;
   `PassOrderError` from `Pass.check_schedule`;
 - `ArtifactKind`, `register_artifact`: declare an artifact kind a pass exchanges (`artifacts`);
-- `UpdateVariants`: the interface of a pruning pass that honours an update plan;
+- `UpdateVariants`: the interface of a pruning pass that honours an update plan; `PlanCost`: what a
+  pass adds to `d2c plan`'s estimate;
 - helpers the shipped passes share with the core: `obs_cost`, attention capture (`AttentionRecorder`,
   `AttentionCall`, `attention_kl`) and 2:4 storage (`Packed24Linear`, `violations_2_4`).
 """
@@ -25,14 +26,14 @@ from d2compiler.graph.packing import Packed24Linear, violations_2_4
 from d2compiler.graph.structure import LinearLayer
 from d2compiler.recipe.artifacts import ArtifactKind, register_artifact
 from d2compiler.recipe.passmanager import (
-           Condition,
-           Pass,
-           PassParams,
-           PassResult,
-           PlanCost,
-           TargetedParams,
-           UpdateVariants,
-           register_pass,
+    Condition,
+    Pass,
+    PassParams,
+    PassResult,
+    PlanCost,
+    TargetedParams,
+    UpdateVariants,
+    register_pass,
 )
 
 __all__ = ["ArtifactKind", "AttentionCall", "AttentionRecorder", "BlockContext", "Condition", "LinearLayer", "Packed24Linear",
