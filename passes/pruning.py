@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from pydantic import Field, field_validator, model_validator
 
-from d2compiler.contract import Pass, PassResult, PlanCost, TargetedParams, UpdateVariants
+from d2compiler.contract import Pass, PassResult, PlanCost, TargetedParams, UpdateVariants, obs_cost
 
 if TYPE_CHECKING:
     from d2compiler.contract import BlockContext, LinearLayer
@@ -114,9 +114,7 @@ class PruningPass(Pass):
             layer.set_weight_matrix(new_weight)
             ctx.record_mask(layer.name, keep)
             stored = layer.weight_matrix()
-            result.layers[layer.name] = {
-                "role": layer.role,
-                "shape": list(layer.shape),
+            result.layers[layer.name] = {  # the executor adds the layer's role and shape
                 "sparsity": (stored == 0).sum() / stored.numel(),
                 "pruned": (~keep).sum(),
                 "pattern": params.mask_structure,
@@ -159,9 +157,8 @@ class PlannedPruningPass(PruningPass, UpdateVariants):
         """(pruned weight, keep, metrics) of one (out, in) fp32 weight, with or without the update."""
 
     def prepare_variants(self, ctx: BlockContext, requests: list[tuple[LinearLayer, bool, torch.Tensor | None, str]]) -> None:
-        from d2compiler.contract import obs_cost
-
         todo = [r for r in requests if (r[1], r[3]) not in (ctx.artifact("update_variants", r[0].name) or {})]
+
         def compute(request: tuple[LinearLayer, bool, torch.Tensor | None, str]) -> tuple[tuple[torch.Tensor, ...], dict[str, Any]]:
             weight, keep, info = self.variant(ctx, *request)
             return (weight, keep), info

@@ -139,8 +139,7 @@ class QuantizationPass(Pass):
             layer.set_row_buffer("weight_scale", scale)
             layer.set_row_buffer("weight_zero_point", zero)
             ctx.record_mask(layer.name, keep)
-            result.layers[layer.name] = {
-                "role": layer.role, "shape": list(layer.shape),
+            result.layers[layer.name] = {  # the executor adds the layer's role and shape
                 "quant": {"bits": p.bits, "group_size": p.group_size, "symmetric": p.symmetric, "method": self.name},
                 "quant_error": relative_error(weight, new_weight, ctx.artifact("hessian", layer.name)),
                 "sparsity": (new_weight == 0).sum() / new_weight.numel(),

@@ -8,7 +8,7 @@ import pytest
 
 from d2compiler.cli import main
 from d2compiler.errors import DataError
-from d2compiler.evaluation.zeroshot import LOCAL_TASK_YAML, load_task
+from d2compiler.evaluation.zeroshot import load_task, write_local_task
 
 from .conftest import SHARED_DATA
 
@@ -55,10 +55,7 @@ def test_block_by_block_scores_equal_plain_hflm(task, rel, tiny_models, tmp_path
     assert main(["--quiet", "eval", str(tiny_models["llama"]), "--task", task, "--data", str(path), "--limit", "24",
                  "--device", "cpu"]) == 0
     ours = json.loads(capsys.readouterr().out)
-    items = load_task(task, path)[:24]
-    (tmp_path / "items.jsonl").write_text("".join(json.dumps({"context": i.context, "choices": i.choices, "gold": i.gold}) + "\n"
-                                                  for i in items))
-    (tmp_path / "t.yaml").write_text(LOCAL_TASK_YAML.format(name="plain", data=json.dumps(str(tmp_path / "items.jsonl"))))
+    write_local_task(tmp_path, "plain", load_task(task, path)[:24])
     loaded = load_model(str(tiny_models["llama"]), "float32", "cpu")
     plain = simple_evaluate(model=HFLM(pretrained=loaded.model, tokenizer=loaded.tokenizer, batch_size=8), tasks=["plain"],
                             task_manager=TaskManager(include_path=str(tmp_path), include_defaults=False), log_samples=False)

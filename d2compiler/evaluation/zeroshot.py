@@ -108,6 +108,14 @@ metric_list:
 """
 
 
+def write_local_task(folder: Path, name: str, items: list[Item]) -> None:
+    """`items` as the local lm-eval task `name` in `folder` (`items.jsonl` and `NAME.yaml`), for a
+    `TaskManager(include_path=folder)`."""
+    data = folder / "items.jsonl"
+    data.write_text("".join(json.dumps({"context": i.context, "choices": i.choices, "gold": i.gold}) + "\n" for i in items))
+    (folder / f"{name}.yaml").write_text(LOCAL_TASK_YAML.format(name=name, data=json.dumps(str(data))))
+
+
 def _runner_lm(runner: ModelRunner, model: nn.Module, tokenizer: Any, batch_size: int, quiet: bool) -> Any:
     """lm-eval's `HFLM` around the loaded model, whose forward goes through `runner` (one block on the
     device at a time; the model may be a streamed skeleton): the same requests, batching and scoring
@@ -178,10 +186,7 @@ def evaluate_task(runner: ModelRunner, model: nn.Module, tokenizer: Any, task: s
         name = task
         if items is not None:
             name = f"d2c_local_{task}"
-            data = Path(tmp) / "items.jsonl"
-            data.write_text("".join(json.dumps({"context": i.context, "choices": i.choices, "gold": i.gold}) + "\n"
-                                    for i in items))
-            (Path(tmp) / f"{name}.yaml").write_text(LOCAL_TASK_YAML.format(name=name, data=json.dumps(str(data))))
+            write_local_task(Path(tmp), name, items)
             paths.append(tmp)
         manager = TaskManager(include_path=paths or None, include_defaults=items is None)
         if name not in manager.all_tasks:

@@ -2,8 +2,8 @@
 
 It captures the inputs of the first block for every calibration window, then for each block:
 moves it to the compute device, runs it once dense while the passes observe (statistics), applies
-the passes in schedule order (checking after each that no recorded mask was revived and that
-weights stay finite), and re-runs the modified block to produce the next block's inputs, so errors
+the passes in schedule order (checking each pass's precondition before it and its postconditions
+after it: by default, no recorded mask revived and every weight finite), and re-runs the modified block to produce the next block's inputs, so errors
 propagate as in SparseGPT. Only the current block lives on the compute device. Blocks after the
 last targeted one are not run at all.
 """
@@ -37,6 +37,7 @@ from d2compiler.graph.structure import (
     structure_from_roles,
     trace_block,
 )
+from d2compiler.recipe.artifacts import ARTIFACTS
 from d2compiler.recipe.passmanager import Pass, PassResult, TargetedParams
 
 if TYPE_CHECKING:
@@ -224,8 +225,6 @@ class BlockContext:
         """Make `value` the `artifact` of `layer` (a block-scoped kind: of the block's name). Refused
         unless the publishing pass (`by`, else the running one) declares it in `provides` or
         `writes`, and unless the value has the kind's type (`artifacts.ARTIFACTS`)."""
-        from d2compiler.recipe.artifacts import ARTIFACTS
-
         writer = by or self.active
         kind = ARTIFACTS.get(artifact)
         if kind is None or kind.scope == "marker":

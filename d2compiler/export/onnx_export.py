@@ -103,7 +103,7 @@ class FoldWeightTransposesPass(ir.passes.InPlacePass):
                 graph.remove(node, safe=True)
             graph.initializers.pop(name)
             self.located[module] = (transposed.name, True)
-        return ir.passes.PassResult(model, modified=bool(self.modules))
+        return ir.passes.PassResult(model, modified=any(transposed for _n, transposed in self.located.values()))
 
 
 class QuantizeWeightsPass(ir.passes.InPlacePass):

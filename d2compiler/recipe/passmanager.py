@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import re
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
@@ -25,6 +26,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 
 from d2compiler.errors import PassOrderError, PluginError
+from d2compiler.recipe.artifacts import ARTIFACTS
 
 if TYPE_CHECKING:
     from d2compiler.execution.executor import BlockContext
@@ -310,8 +312,6 @@ class PassManager:
 
 def _check_artifact_kinds(passes: list[Pass]) -> None:
     """Every artifact a pass names is a registered kind."""
-    from d2compiler.recipe.artifacts import ARTIFACTS
-
     for p in passes:
         for name in sorted(p.requires | p.optional | p.provides | p.writes | p.consumed):
             if name not in ARTIFACTS:
@@ -325,9 +325,9 @@ def _check_artifacts(schedule: list[Pass]) -> None:
         for name in sorted(p.consumed):
             users = [q.name for q in schedule[i + 1 :] if name in q.requires | q.optional]
             if not users:
-                makers = [n for n, cls in registered_passes().items() if name in cls.requires | cls.optional]
+                makers = pass_types(lambda cls, name=name: name in cls.requires | cls.optional)
                 raise PassOrderError(f"pass '{p.name}' provides '{name}', but no later pass uses it, so it would do nothing; "
-                                     f"add a pass of type {' or '.join(repr(n) for n in makers)} after it")
+                                     f"add a pass of type {makers} after it")
 
 
 def _check_quantization_last(schedule: list[Pass]) -> None:
@@ -346,8 +346,11 @@ def _check_quantization_last(schedule: list[Pass]) -> None:
                 )
 
 
+def pass_types(test: Callable[[type[Pass]], bool]) -> str:
+    """The registered pass types for which `test(cls)` holds, for a message ("'a' or 'b'"; "" if none)."""
+    return " or ".join(repr(name) for name, cls in registered_passes().items() if test(cls))
+
+
 def _provider_hint(artifact: str) -> str:
-    names = [n for n, cls in registered_passes().items() if artifact in cls.provides]
-    if not names:
-        return ""
-    return f" Add a pass of type {' or '.join(repr(n) for n in names)} before it."
+    names = pass_types(lambda cls: artifact in cls.provides)
+    return f" Add a pass of type {names} before it." if names else ""

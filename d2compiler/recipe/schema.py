@@ -18,7 +18,7 @@ import tomllib
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from d2compiler.errors import RecipeError
-from d2compiler.recipe.passmanager import PassManager, PassOrderError, registered_passes
+from d2compiler.recipe.passmanager import PassManager, PassOrderError, pass_types, registered_passes
 
 DTYPES = ("float32", "bfloat16", "float16", "auto")
 
@@ -347,17 +347,12 @@ def validate_recipe(data: dict[str, Any], source: str = "<recipe>") -> BaseModel
     schedule = PassManager(list(recipe.passes)).schedule
     if recipe.output.format == "d2c-packed" and not any("packed" in p.provides for p in schedule):
         raise RecipeError(source, [("output.format", f"'d2c-packed' stores packed 2:4 layers: add a pass of type "
-                                    f"{_passes_that(lambda cls: 'packed' in cls.provides)} last")])
+                                    f"{pass_types(lambda cls: 'packed' in cls.provides)} last")])
     if recipe.output.format == "compressed-tensors":
         _check_compressed_tensors(recipe, source)
     if recipe.model.streaming:
         _check_streaming(recipe, source)
     return recipe
-
-
-def _passes_that(test: Any) -> str:
-    """The registered pass types for which `test(cls)` holds, for a message ('a' or 'b')."""
-    return " or ".join(repr(name) for name, cls in registered_passes().items() if test(cls)) or "(none registered)"
 
 
 def _check_compressed_tensors(recipe: BaseModel, source: str) -> None:
@@ -367,7 +362,7 @@ def _check_compressed_tensors(recipe: BaseModel, source: str) -> None:
 
     if not any(p.quantizes for p in PassManager(list(recipe.passes)).schedule):
         raise RecipeError(source, [("output.format", f"'compressed-tensors' stores int4/int8 weights: add a pass of type "
-                                    f"{_passes_that(lambda cls: cls.quantizes)}, or write format 'hf'")])
+                                    f"{pass_types(lambda cls: cls.quantizes)}, or write format 'hf'")])
     if importlib.util.find_spec("compressed_tensors") is None:
         raise RecipeError(source, [("output.format", "'compressed-tensors' needs the compressed-tensors package: pip install "
                                     "'d2compiler[deploy]' (Python >= 3.11)")])
