@@ -7,10 +7,19 @@ Protocol (printed with every run and stored in each record):
   (`--eval valid` uses WikiText-2 validation, for tuning);
 - every configuration runs in its own subprocess, so wall time and peak RSS are its own.
 
-Results accumulate in bench/results/quality.json keyed by configuration (a rerun replaces its own
-records), and bench/results/quality.md is regenerated from all records. Filters select a subset:
+Results accumulate in bench/results/quality.json keyed by configuration and seed (a rerun replaces
+its own records), and bench/results/quality.md is regenerated from all records: mean ± std over the
+seeds of each configuration, and the ratios of the best D²Prune recipe to uniform SparseGPT.
 
-    python bench/quality.py --methods sparsegpt,wanda --patterns 0.6,2:4
+    python bench/quality.py --methods sparsegpt,wanda --patterns 0.6,2:4     # methods by name
+    python bench/quality.py --suite --fresh                                  # the README table
+
+`--seeds K` repeats every configuration on K disjoint calibration sets: seed k uses the windows
+k·samples .. (k+1)·samples−1 of the C4 text (`data.calibration.offset`). `--suite` runs the
+recipes of `SUITE` (files in recipes/, each with its number of seeds) exactly as written, except the
+calibration offset of each seed; `--fresh` first drops every earlier record of the results file, so
+the table comes from this one run. `--options '{"allocation": "owl"}'` puts a `sparsity_allocation`
+pass before the pruning pass of a method (with `owl_m`, `owl_lmbda`, `trial_samples`).
 """
 
 from __future__ import annotations
@@ -26,6 +35,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
+from protocol import SMOLLM2 as SMOLLM2_SOURCE  # noqa: E402
 from protocol import (  # noqa: E402
     add_smoke_flag,
     calibration_source,
@@ -34,13 +44,25 @@ from protocol import (  # noqa: E402
     pick,
     results_dir,
     seq_len,
+    smoke,
     stamp,
     start,
 )
 
+C4_REL = "../shared/data/c4/c4_demo_llamafactory.jsonl"  # as the recipes in recipes/ name it (from the repository root)
+
 
 def method_passes(method: str, pattern: str, options: dict[str, Any]) -> list[dict[str, Any]]:
     """The recipe passes of a benchmark method at one sparsity pattern ("0.6" or "2:4")."""
+    passes = _method_passes(method, pattern, options)
+    if options.get("allocation"):
+        allocation = {"type": "sparsity_allocation", "profile": options["allocation"],
+                      **{k: v for k, v in options.items() if k in ("owl_m", "owl_lmbda", "trial_samples")}}
+        passes.insert(len(passes) - 1, allocation)  # just before the pruning pass
+    return passes
+
+
+def _method_passes(method: str, pattern: str, options: dict[str, Any]) -> list[dict[str, Any]]:
     mask = {"mask_structure": pattern} if ":" in pattern else {"sparsity": float(pattern)}
     simple = {"magnitude", "wanda", "sparsegpt"}
     if method in simple:
@@ -53,14 +75,63 @@ def method_passes(method: str, pattern: str, options: dict[str, Any]) -> list[di
         if method == "d2prune-fixed":
             update["no_update"] = options.get("no_update", ["v"])
         else:
-            update.update({k: v for k, v in options.items() if k in ("rho", "candidates", "selection", "kl_samples")})
+            update.update({k: v for k, v in options.items() if k in ("rho", "candidates", "selection", "kl_samples", "scoring",
+                                                                   "objective")})
         return [{"type": "calibrate"}, update, {"type": "dual_taylor_mask", **mask, **d2}]
+    if method == "sparsegpt-kl":  # SparseGPT with the attention-aware update plan (no dual-Taylor score)
+        update = {"type": "attention_kl_update", "strategy": "kl",
+                  **{k: v for k, v in options.items() if k in ("rho", "candidates", "selection", "kl_samples", "scoring", "objective")}}
+        return [{"type": "calibrate"}, update, {"type": "sparsegpt", **mask}]
     raise SystemExit(f"unknown method {method!r}")
+
+
+SUITE = [  # (recipe, seeds): the README's quality table (`--suite`)
+    ("recipes/sparsegpt-unstructured-50.toml", 1), ("recipes/d2prune-unstructured-50.toml", 1),
+    ("recipes/sparsegpt-unstructured-60.toml", 3), ("recipes/sparsegpt-owl-unstructured-60.toml", 3),
+    ("recipes/d2prune-unstructured-60.toml", 3),
+    ("recipes/sparsegpt-unstructured-70.toml", 3), ("recipes/sparsegpt-owl-unstructured-70.toml", 3),
+    ("recipes/d2prune-unstructured-70.toml", 3),
+    ("recipes/sparsegpt-2of4.toml", 3), ("recipes/d2prune-2of4.toml", 3),
+]
 
 
 def config_key(cfg: dict[str, Any]) -> str:
     opts = ",".join(f"{k}={v}" for k, v in sorted(cfg.get("options", {}).items()))
-    return f"{cfg['method']}|{cfg['pattern']}|{cfg['calibration']}|{cfg['evaluation']}|{cfg['samples']}|{cfg['windows']}|{opts}"
+    label = cfg.get("recipe") or cfg["method"]
+    return (f"{label}|{cfg['pattern']}|{cfg['calibration']}|{cfg['evaluation']}|{cfg['samples']}|{cfg['windows']}|{opts}"
+            f"|seed={cfg.get('seed', 0)}")
+
+
+def recipe_method(path: str) -> tuple[str, str]:
+    """(the pruning pass's type, its pattern: "0.7" or "2:4") of a recipe file."""
+    import tomllib
+
+    passes = tomllib.loads((ROOT / path).read_text())["passes"]
+    pruning = [p for p in passes if "sparsity" in p or "mask_structure" in p][-1]
+    return pruning["type"], pruning.get("mask_structure") or str(pruning["sparsity"])
+
+
+def recipe_from_file(cfg: dict[str, Any], model: str, cal_source: str, eval_source: str, length: int) -> dict[str, Any]:
+    """The recipe file of `cfg` as written, with the calibration offset of its seed and no output
+    folder. In a full run the file must use the benchmark protocol (checked); a smoke run swaps in
+    the tiny model and data."""
+    import tomllib
+
+    data = tomllib.loads((ROOT / cfg["recipe"]).read_text())
+    cal, ev = data["data"]["calibration"], data["data"]["evaluation"]
+    protocol = {"model": (data["model"]["source"], SMOLLM2_SOURCE), "calibration": (cal["source"], str(C4_REL)),
+                "samples": (cal["samples"], cfg["samples"]), "seq_len": (cal["seq_len"], length),
+                "windows": (ev.get("max_windows"), cfg["windows"])}
+    if not smoke():
+        wrong = [f"{k} = {have!r} (protocol: {want!r})" for k, (have, want) in protocol.items() if have != want]
+        if wrong:
+            raise SystemExit(f"{cfg['recipe']}: not the benchmark protocol: {'; '.join(wrong)}")
+    data["model"]["source"] = model
+    cal.update({"source": cal_source, "samples": cfg["samples"], "seq_len": length,
+                "offset": cfg.get("seed", 0) * cfg["samples"]})
+    ev.update({"source": eval_source, "seq_len": length, "max_windows": cfg["windows"], "compare_dense": False})
+    data.pop("output", None)
+    return data
 
 
 def worker(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -88,20 +159,27 @@ def worker(cfg: dict[str, Any]) -> dict[str, Any]:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         ppl, wall, sparsity = perplexity(ModelRunner(loaded.model, device), windows, quiet=True), 0.0, 0.0
     else:
-        recipe = validate_recipe({
-            "version": 1,
-            "model": {"source": model},
-            "data": {
-                "calibration": {"source": cal_source, "samples": cfg["samples"], "seq_len": length},
-                "evaluation": {"source": eval_source, "seq_len": length, "max_windows": cfg["windows"], "compare_dense": False},
-            },
-            "passes": method_passes(cfg["method"], cfg["pattern"], cfg.get("options", {})),
-        })
+        if cfg.get("recipe"):
+            data = recipe_from_file(cfg, model, cal_source, eval_source, length)
+        else:
+            data = {
+                "version": 1,
+                "model": {"source": model},
+                "data": {
+                    "calibration": {"source": cal_source, "samples": cfg["samples"], "seq_len": length,
+                                    "offset": cfg.get("seed", 0) * cfg["samples"]},
+                    "evaluation": {"source": eval_source, "seq_len": length, "max_windows": cfg["windows"], "compare_dense": False},
+                },
+                "passes": method_passes(cfg["method"], cfg["pattern"], cfg.get("options", {})),
+            }
+        recipe = validate_recipe(data)
         summary = compress(recipe, loaded=loaded, quiet=True)
         ppl, wall, sparsity = summary.pruned_ppl, summary.prune_s, summary.sparsity
-        choices = summary.record.get("attention_choices")
-        if choices:
-            extra["attention_choices"] = choices
+        for field in ("attention_choices", "sparsity_allocation"):
+            if summary.record.get(field):
+                extra[field] = summary.record[field]
+        if cfg.get("recipe"):
+            extra["passes"] = [p.model_dump(exclude_defaults=True) for p in recipe.passes]
     return {
         "model": pick("SmolLM2-135M-Instruct", "tiny random Llama (smoke)"),
         "method": cfg["method"],
@@ -114,6 +192,8 @@ def worker(cfg: dict[str, Any]) -> dict[str, Any]:
         "calibration": f"{cfg['calibration']}: first {cfg['samples']} x {length} tokens",
         "evaluation": f"wikitext-2 {cfg['evaluation']}: first {cfg['windows']} x {length} tokens",
         "options": cfg.get("options", {}),
+        "recipe": cfg.get("recipe"),
+        "seed": cfg.get("seed", 0),
         "key": config_key(cfg),
         "measured": time.strftime("%Y-%m-%d"),
         **extra,
@@ -124,31 +204,85 @@ def load_results(path: Path) -> list[dict[str, Any]]:
     return json.loads(path.read_text()) if path.exists() else []
 
 
+def label(record: dict[str, Any]) -> str:
+    """A row's name: its recipe file, else its method."""
+    return Path(record["recipe"]).stem if record.get("recipe") else record["method"]
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    mean = sum(values) / len(values)
+    std = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else 0.0
+    return mean, std
+
+
+def aggregate(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per configuration over its seeds: ppl mean and sample std, per-seed values, mean wall."""
+    rows: dict[str, dict[str, Any]] = {}
+    for r in sorted(records, key=lambda r: r.get("seed", 0)):
+        key = r["key"].rsplit("|seed=", 1)[0]
+        row = rows.setdefault(key, {**r, "ppls": {}, "walls": [], "commits": set()})
+        row["ppls"][r.get("seed", 0)] = r["ppl"]
+        row["walls"].append(r["wall_s"])
+        row["commits"].add(r.get("provenance", {}).get("commit", "")[:7] or "commit not recorded")
+    for row in rows.values():
+        row["ppl_mean"], row["ppl_std"] = mean_std(list(row["ppls"].values()))
+        row["wall_mean"] = sum(row["walls"]) / len(row["walls"])
+    return list(rows.values())
+
+
+def ratio_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """Per pattern: each recipe's mean ppl over plain uniform SparseGPT's (`sparsegpt-*` recipes), and
+    the ratio per seed (paired on the same calibration set), mean ± std."""
+    base = {(r["pattern"], round(r["sparsity"], 2)): r for r in rows if label(r).startswith("sparsegpt-") and "-owl" not in label(r)
+            and r.get("recipe")}
+    lines = []
+    for r in rows:
+        ref = base.get((r["pattern"], round(r["sparsity"], 2)))
+        if ref is None or r is ref or not r.get("recipe"):
+            continue
+        paired = [r["ppls"][k] / ref["ppls"][k] for k in r["ppls"] if k in ref["ppls"]]
+        mean, std = mean_std(paired) if paired else (float("nan"), 0.0)
+        wall = r["wall_mean"] / ref["wall_mean"] if ref["wall_mean"] else float("nan")
+        lines.append(f"| {label(r)} | {label(ref)} | {r['ppl_mean'] / ref['ppl_mean']:.3f} | {mean:.3f} ± {std:.3f} | "
+                     f"{len(paired)} | {wall:.2f} |")
+    if not lines:
+        return []
+    return ["### Ratios to uniform SparseGPT", "",
+            "Seed-paired: both recipes calibrated on the same C4 windows. `wall` is the ratio of mean pruning times.", "",
+            "| recipe | baseline | ratio of means | per-seed ratio (mean ± std) | seeds | wall |", "|---|---|---|---|---|---|",
+            *lines, ""]
+
+
 def markdown(records: list[dict[str, Any]]) -> str:
     lines = [
         "# Quality benchmark: SmolLM2-135M-Instruct",
         "",
-        "Generated by `python bench/quality.py`. Calibration windows are consecutive 512-token windows of "
-        "the documents joined with \"\\n\\n\"; perplexity follows the SparseGPT/Wanda protocol on the first "
-        "windows of WikiText-2. `wall_s` is the pruning time (block capture, statistics, masks, updates, "
-        "re-forward), `peak_rss_mb` the peak resident memory of the whole run's process. Wall times compare only "
-        "within one `measured` run (this machine is noisy). `measured` names the date and the commit of each row "
-        "(each record's `provenance` in the JSON also has the command).",
+        "Generated by `python bench/quality.py` (the README table: `python bench/quality.py --suite --fresh`). Calibration "
+        "windows are consecutive 512-token windows of the documents joined with \"\\n\\n\"; seed k uses the k-th "
+        "disjoint block of them (`data.calibration.offset = k × samples`). Perplexity follows the SparseGPT/Wanda "
+        "protocol on the first windows of WikiText-2. `ppl` is the mean over the seeds ± the sample standard deviation. "
+        "`wall_s` is the mean pruning time (survey, block capture, statistics, masks, updates, re-forward), `peak_rss_mb` "
+        "the peak resident memory of a run's process. Wall times compare only within one run (this machine is noisy). "
+        "`measured` names the date and the commit of the rows (each record's `provenance` in the JSON also has the command).",
         "",
     ]
     groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
-    for r in records:
+    for r in aggregate(records):
         groups.setdefault((r["calibration"], r["evaluation"]), []).append(r)
+    order = {"dense": 0, "magnitude": 1, "wanda": 2, "sparsegpt": 3, "d2-sparsegpt": 4, "d2prune-fixed": 5, "d2prune-kl": 6}
     for (cal, ev), rows in sorted(groups.items()):
+        rows.sort(key=lambda r: (r["pattern"] != "dense", r["pattern"], round(r["sparsity"], 2), order.get(r["method"], 9), label(r)))
         lines += [f"## calibration: {cal}; evaluation: {ev}", "",
-                  "| method | pattern | sparsity | options | ppl | wall_s | peak_rss_mb | measured |", "|---|---|---|---|---|---|---|---|"]
-        order = {"dense": 0, "magnitude": 1, "wanda": 2, "sparsegpt": 3, "d2-sparsegpt": 4, "d2prune-fixed": 5, "d2prune-kl": 6}
-        for r in sorted(rows, key=lambda r: (r["pattern"] != "dense", r["pattern"], r["sparsity"], order.get(r["method"], 9), r["key"])):
+                  "| recipe / method | pattern | sparsity | options | ppl | per seed | wall_s | peak_rss_mb | measured |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for r in rows:
             opts = ", ".join(f"{k}={v}" for k, v in sorted(r.get("options", {}).items())) or "-"
-            commit = r.get("provenance", {}).get("commit", "")[:7] or "commit not recorded"
-            lines.append(f"| {r['method']} | {r['pattern']} | {r['sparsity']:.3f} | {opts} | {r['ppl']:.3f} | {r['wall_s']:.1f} | "
-                         f"{r['peak_rss_mb']:.0f} | {r.get('measured', 'earlier run')} ({commit}) |")
-        lines.append("")
+            seeds = " / ".join(f"{v:.2f}" for v in r["ppls"].values())
+            spread = f" ± {r['ppl_std']:.2f}" if len(r["ppls"]) > 1 else ""
+            lines.append(f"| {label(r)} | {r['pattern']} | {r['sparsity']:.3f} | {opts} | {r['ppl_mean']:.3f}{spread} | {seeds} | "
+                         f"{r['wall_mean']:.1f} | {r['peak_rss_mb']:.0f} | {r.get('measured', 'earlier run')} "
+                         f"({', '.join(sorted(r['commits']))}) |")
+        lines += ["", *ratio_lines(rows)]
     return "\n".join(lines)
 
 
@@ -162,6 +296,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--windows", type=int, default=None, help="evaluation windows (32; smoke: 2)")
     parser.add_argument("--options", default="{}", help="JSON of method options (lambda1, lambda2, s, rho, ...)")
     parser.add_argument("--results", default=None, help="results file name in the results folder (default quality.json)")
+    parser.add_argument("--seeds", type=int, default=1, help="disjoint calibration sets per configuration (seed k: offset k x samples)")
+    parser.add_argument("--suite", action="store_true", help="run the recipes of SUITE (the README table) instead of --methods")
+    parser.add_argument("--recipes", default=None, help="comma list of recipe files to run instead of --methods (with --seeds)")
+    parser.add_argument("--fresh", action="store_true", help="drop every earlier record of the results file first")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     add_smoke_flag(parser)
     args = parser.parse_args(argv)
@@ -174,11 +312,21 @@ def main(argv: list[str] | None = None) -> int:
     out = results_dir() / Path(args.results or "quality.json").name
     out.parent.mkdir(parents=True, exist_ok=True)
     options = json.loads(args.options)
+    common = {"calibration": args.calibration, "evaluation": args.eval, "samples": args.samples, "windows": args.windows}
     configs = []
-    for method in args.methods.split(","):
-        for pattern in (["-"] if method == "dense" else args.patterns.split(",")):
-            configs.append({"method": method, "pattern": pattern, "calibration": args.calibration, "evaluation": args.eval,
-                            "samples": args.samples, "windows": args.windows, "options": {} if method in ("dense", "magnitude", "wanda", "sparsegpt") else options})
+    if args.suite or args.recipes:
+        runs = SUITE if args.suite else [(path, args.seeds) for path in args.recipes.split(",")]
+        configs.append({"method": "dense", "pattern": "-", **common, "options": {}})
+        for path, seeds in runs:
+            method, pattern = recipe_method(path)
+            configs += [{"method": method, "pattern": pattern, "recipe": path, "seed": k, **common, "options": {}} for k in range(seeds)]
+    else:
+        for method in args.methods.split(","):
+            for pattern in (["-"] if method == "dense" else args.patterns.split(",")):
+                configs += [{"method": method, "pattern": pattern, **common, "seed": k, "options": {} if method == "dense" else options}
+                            for k in range(1 if method == "dense" else args.seeds)]
+    if args.fresh and out.exists():
+        out.unlink()
     print(f"protocol: {lm_source()}; calibration {args.calibration} first {args.samples} x {seq_len()}; "
           f"evaluation WikiText-2 {args.eval} first {args.windows} x {seq_len()}; {len(configs)} configurations", flush=True)
     failed = 0
@@ -193,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
         records = [r for r in load_results(out) if r["key"] != record["key"]] + [record]
         out.write_text(json.dumps(records, indent=1) + "\n")
         out.with_suffix(".md").write_text(markdown(records))
-        print(f"{record['method']:>14} {record['pattern']:>12} sparsity={record['sparsity']:.3f} ppl={record['ppl']:.3f} "
+        print(f"{label(record):>32} seed={record['seed']} {record['pattern']:>12} sparsity={record['sparsity']:.3f} ppl={record['ppl']:.3f} "
               f"wall={record['wall_s']:.1f}s rss={record['peak_rss_mb']:.0f}MB", flush=True)
     return 1 if failed else 0
 

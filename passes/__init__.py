@@ -1,3 +1,14 @@
 """The shipped passes. Importing this package registers each pass under its recipe `type`."""
 
-from . import attention_kl_update, calibrate, dual_taylor_mask, gptq, magnitude, pack_2_4, quantize_rtn, sparsegpt, wanda  # noqa: F401
+from . import (  # noqa: F401
+    attention_kl_update,
+    calibrate,
+    dual_taylor_mask,
+    gptq,
+    magnitude,
+    pack_2_4,
+    quantize_rtn,
+    sparsegpt,
+    sparsity_allocation,
+    wanda,
+)

@@ -5,6 +5,7 @@ statistics are recorded in the same dense forward as `calibrate` (no extra forwa
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Literal
 
 import torch
@@ -67,5 +68,6 @@ class DualTaylorMaskPass(PlannedPruningPass):
     def compute_variant(self, ctx: Any, layer: Any, weight: torch.Tensor, hessian: torch.Tensor,
                         update: bool) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
         new_weight, keep = prune_layer(weight, hessian, ctx.artifact("d2_stats", layer.name), ctx.artifact("act_norms", layer.name),
-                                       self.settings, update=update, layer=layer.name)
+                                       dataclasses.replace(self.settings, sparsity=self.sparsity_of(ctx, layer)),
+                                       update=update, layer=layer.name)
         return new_weight, keep, {"update": update, "score": "d2-sparsegpt" if update else "d2-wanda"}

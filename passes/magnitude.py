@@ -18,4 +18,4 @@ class MagnitudePass(PruningPass):
     summary = "Prune the smallest-magnitude weights of each layer (no weight update)."
 
     def prune_layer(self, layer: Any, weight: torch.Tensor, ctx: Any) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
-        return weight, select_mask(weight.abs(), self.params, row_wise=False), {}
+        return weight, select_mask(weight.abs(), self.params, row_wise=False, sparsity=self.sparsity_of(ctx, layer)), {}

@@ -86,10 +86,18 @@ def relative_error(before: torch.Tensor, after: torch.Tensor, hessian: torch.Ten
 
 
 class PruningPass(Pass):
-    """Drives one pruning method over the targeted linears of a block."""
+    """Drives one pruning method over the targeted linears of a block. An unstructured pass prunes
+    each layer at its `layer_sparsity` where a layer-wise allocation (`sparsity_allocation`) published
+    one, else at `sparsity`."""
 
     Params = SparsityParams
     provides = frozenset({"mask"})
+    optional = frozenset({"layer_sparsity"})
+
+    def sparsity_of(self, ctx: BlockContext, layer: LinearLayer) -> float:
+        """The fraction of `layer` this pass prunes: its allocated `layer_sparsity`, else `sparsity`."""
+        allocated = ctx.artifact("layer_sparsity", layer.name)
+        return float(allocated) if allocated is not None else self.params.target_sparsity
 
     @abstractmethod
     def prune_layer(self, layer: LinearLayer, weight: torch.Tensor, ctx: BlockContext) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
@@ -132,7 +140,7 @@ class PlannedPruningPass(PruningPass, UpdateVariants):
     no plan). Both variants are cached per block (`update_variants`), so a candidate scored by the
     plan's pass is not recomputed when the plan is applied."""
 
-    optional = frozenset({"update_plan"})
+    optional = frozenset({"update_plan", "layer_sparsity"})
     writes = frozenset({"update_variants"})
     updates_weights = True
 
@@ -190,15 +198,16 @@ class PlannedPruningPass(PruningPass, UpdateVariants):
         return new_weight, keep, {**info, **({"update": update} if plan is not None else {})}
 
 
-def select_mask(score: torch.Tensor, params: SparsityParams, row_wise: bool) -> torch.Tensor:
+def select_mask(score: torch.Tensor, params: SparsityParams, row_wise: bool, sparsity: float | None = None) -> torch.Tensor:
     """Keep mask from a saliency score (higher = more important): N:M groups, per-row counts
-    (`row_wise`) or the whole layer as one comparison group."""
+    (`row_wise`) or the whole layer as one comparison group, at `sparsity` (default: the params')."""
     from .masks import lowest_k, lowest_n_of_m, lowest_per_row, prune_count, row_counts
 
     nm = params.n_of_m
     if nm is not None:
         return ~lowest_n_of_m(score, *nm)
     rows, cols = score.shape
+    fraction = params.target_sparsity if sparsity is None else sparsity
     if row_wise:
-        return ~lowest_per_row(score, row_counts(rows, cols, params.target_sparsity))
-    return ~lowest_k(score, prune_count(rows * cols, params.target_sparsity))
+        return ~lowest_per_row(score, row_counts(rows, cols, fraction))
+    return ~lowest_k(score, prune_count(rows * cols, fraction))

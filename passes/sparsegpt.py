@@ -33,7 +33,7 @@ class SparseGPTPass(PlannedPruningPass):
     def compute_variant(self, ctx: Any, layer: Any, weight: torch.Tensor, hessian: torch.Tensor,
                         update: bool) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
         p: SparseGPTParams = self.params  # type: ignore[assignment]
-        res = obs_prune(weight, hessian, sparsity=p.target_sparsity, n_of_m=p.n_of_m, block_size=p.block_size,
+        res = obs_prune(weight, hessian, sparsity=self.sparsity_of(ctx, layer), n_of_m=p.n_of_m, block_size=p.block_size,
                         damping=p.dampening_frac, layer=layer.name)
         pruned = res.weight if update else weight.masked_fill(~res.keep, 0.0)
         return pruned, res.keep, {"damping": res.damping}

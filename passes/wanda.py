@@ -20,4 +20,4 @@ class WandaPass(PruningPass):
 
     def prune_layer(self, layer: Any, weight: torch.Tensor, ctx: Any) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
         norms = ctx.artifact("act_norms", layer.name).to(weight.device)
-        return weight, select_mask(weight.abs() * norms.unsqueeze(0), self.params, row_wise=True), {}
+        return weight, select_mask(weight.abs() * norms.unsqueeze(0), self.params, row_wise=True, sparsity=self.sparsity_of(ctx, layer)), {}

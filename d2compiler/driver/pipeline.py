@@ -242,7 +242,7 @@ def _compress(recipe: BaseModel, loaded: LoadedModel | None, quiet: bool, out_pa
         "dense_ppl": dense_value if metric_name == "perplexity" else None,
         "pruned_ppl": pruned_value if metric_name == "perplexity" else None,
         "calibration": {"source": cal.source, "samples": cal.samples, "seq_len": cal.seq_len, "sampling": cal.sampling,
-                        "batch_size": cal.batch_size},
+                        "offset": cal.offset, "seed": cal.seed, "batch_size": cal.batch_size},
         "evaluation": None if metric is None else {"source": ev.source, "seq_len": ev.seq_len, "metric": metric_name,
                                                    "higher_is_better": metric.higher_is_better, "count": metric.count},
         "prune_s": round(prune_s, 3),

@@ -107,18 +107,20 @@ def tokenize(tokenizer: Any, text: str) -> torch.Tensor:
 
 
 def calibration_windows(
-    ids: torch.Tensor, samples: int, seq_len: int, *, sampling: str = "sequential", seed: int = 0
+    ids: torch.Tensor, samples: int, seq_len: int, *, sampling: str = "sequential", seed: int = 0, offset: int = 0
 ) -> list[torch.Tensor]:
-    """`samples` windows of `seq_len` tokens, each shaped (1, seq_len)."""
+    """`samples` windows of `seq_len` tokens, each shaped (1, seq_len): consecutive ones from window
+    `offset` on, or at random offsets drawn with `seed`."""
     n = ids.shape[1]
     if sampling == "sequential":
-        need = samples * seq_len
+        need = (offset + samples) * seq_len
         if n < need:
+            skipped = f" after {offset} skipped windows" if offset else ""
             raise DataError(
-                f"too little calibration text: {n} tokens, but {samples} windows of {seq_len} "
-                f"need {need}; use fewer samples, a shorter seq_len or a larger corpus"
+                f"too little calibration text: {n} tokens, but {samples} windows of {seq_len}{skipped} "
+                f"need {need}; use fewer samples, a shorter seq_len, a smaller offset or a larger corpus"
             )
-        return [ids[:, i * seq_len : (i + 1) * seq_len] for i in range(samples)]
+        return [ids[:, i * seq_len : (i + 1) * seq_len] for i in range(offset, offset + samples)]
     if n <= seq_len:
         raise DataError(f"too little calibration text: {n} tokens, need more than seq_len={seq_len}")
     gen = torch.Generator().manual_seed(seed)
@@ -166,12 +168,13 @@ def load_token_windows(source: str, seq_len: int, vocab_size: int | None) -> tor
     return ids.long()
 
 
-def select_windows(ids: torch.Tensor, samples: int, *, sampling: str = "sequential", seed: int = 0, source: str = "") -> list[torch.Tensor]:
-    """`samples` of the pre-tokenized windows `ids`: the first ones, or distinct ones drawn with `seed`."""
-    if samples > ids.shape[0]:
-        raise DataError(f"{source}: {samples} windows asked for, the file has {ids.shape[0]}")
+def select_windows(ids: torch.Tensor, samples: int, *, sampling: str = "sequential", seed: int = 0, source: str = "",
+                   offset: int = 0) -> list[torch.Tensor]:
+    """`samples` of the pre-tokenized windows `ids`: the ones from row `offset` on, or distinct ones drawn with `seed`."""
+    if offset + samples > ids.shape[0]:
+        raise DataError(f"{source}: {samples} windows asked for{f' from row {offset}' if offset else ''}, the file has {ids.shape[0]}")
     if sampling == "sequential":
-        rows = torch.arange(samples)
+        rows = torch.arange(offset, offset + samples)
     else:
         rows = torch.randperm(ids.shape[0], generator=torch.Generator().manual_seed(seed))[:samples]
     return [ids[int(i) : int(i) + 1] for i in rows]

@@ -86,18 +86,21 @@ def calibration_inputs(spec: Any, model: nn.Module, tokenizer: Any) -> list[torc
     if takes_images(model):
         images = load_images(spec.source, "calibration")
         count = len(images.pixels)
-        if spec.samples > count:
-            raise DataError(f"data.calibration.samples: {spec.samples} images asked for, {spec.source} has {count}")
+        if spec.offset + spec.samples > count:
+            skipped = f" after {spec.offset} skipped" if spec.offset else ""
+            raise DataError(f"data.calibration.samples: {spec.samples} images asked for{skipped}, {spec.source} has {count}")
         if spec.sampling == "random":
             chosen = torch.randperm(count, generator=torch.Generator().manual_seed(spec.seed))[: spec.samples]
         else:
-            chosen = torch.arange(spec.samples)
+            chosen = torch.arange(spec.offset, spec.offset + spec.samples)
         return image_batches(fit_to_model(images.pixels[chosen], model.config, tokenizer), spec.batch_size)
     check_seq_len(model, spec.seq_len, "data.calibration.seq_len")
     if is_token_windows_file(spec.source):
         ids = load_token_windows(spec.source, spec.seq_len, getattr(model.config, "vocab_size", None))
-        windows = select_windows(ids, spec.samples, sampling=spec.sampling, seed=spec.seed, source=spec.source)
+        windows = select_windows(ids, spec.samples, sampling=spec.sampling, seed=spec.seed, source=spec.source,
+                                 offset=spec.offset)
     else:
         ids = tokenize(tokenizer, load_text(spec.source, "calibration", config=spec.config, split=spec.split, field=spec.field))
-        windows = calibration_windows(ids, spec.samples, spec.seq_len, sampling=spec.sampling, seed=spec.seed)
+        windows = calibration_windows(ids, spec.samples, spec.seq_len, sampling=spec.sampling, seed=spec.seed,
+                                      offset=spec.offset)
     return _stack(windows, spec.batch_size)

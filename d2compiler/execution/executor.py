@@ -131,6 +131,18 @@ def forward_block(block: nn.Module, inputs: list[BlockInput]) -> list[torch.Tens
     return block_outputs(block, inputs)[0]
 
 
+@torch.no_grad()
+def block_outputs_with(block: nn.Module, inputs: list[BlockInput], weights: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+    """The block's output hidden states for `inputs` with `weights` (by parameter name, e.g.
+    `self_attn.q_proj.weight`) standing in for those parameters in these calls only
+    (`torch.func.functional_call`; the block itself is never written)."""
+    outputs = []
+    for inp in inputs:
+        out = torch.func.functional_call(block, weights, inp.args, inp.kwargs, strict=False)
+        outputs.append(out[0] if isinstance(out, (tuple, list)) else out)
+    return outputs
+
+
 @dataclass
 class BlockContext:
     """What a pass sees of the current block (see the pass contract in `passmanager`)."""
@@ -471,6 +483,7 @@ class BlockExecutor:
             self.schedule[i].check_layers([layer for layer in all_layers if layer.name in names])
         hit = {int(n[len(self.blocks_path) + 1 :].split(".")[0]) for names in targets.values() for n in names}
         last = max(hit) if hit else -1
+        self.survey(inputs, targets, last)  # before any resume: it always sees the dense model
         reports: list[BlockReport] = []
         first = 0
         streaming = self.streamed is not None
@@ -514,6 +527,42 @@ class BlockExecutor:
             self.group.barrier()  # every checkpoint file is written before any process reads one
         roles = {layer.name: layer.role for layer in all_layers}
         return ExecutionReport(self.blocks_path, len(self.blocks), reports, roles)
+
+    def survey(self, inputs: list[BlockInput], targets: dict[int, set[str]], last: int) -> None:
+        """The dense sweep of the passes with `surveys = True` (e.g. a layer-wise sparsity allocation
+        that must see every block before the first is pruned): blocks 0..last run dense over the
+        calibration inputs, each bracketed by the passes' `begin_survey` / `end_survey`, then
+        `finish_survey`. The blocks are not changed (checked: a survey that writes is a PassError)."""
+        surveyors = [p for p in self.schedule if p.surveys]
+        if not surveyors or last < 0:
+            return
+        for index in progress(range(last + 1), desc="survey", disable=self.quiet):
+            with self.on_device(index) as block:
+                structure = self._structures[block_signature(block)]
+                layers = self.layers_of(index, structure)
+                names = {layer.name for layer in layers}
+                targeted = set().union(*(t & names for t in targets.values())) if targets else set()
+                ctx = BlockContext(index, f"{self.blocks_path}.{index}", block, layers, structure, self.device, inputs, set(),
+                                   targeted, schedule=self.schedule, group=self.group, sample_offset=self._samples[0],
+                                   sample_count=self._samples[1])
+                before = ctx.fingerprints()
+                for p in surveyors:
+                    ctx.active = p
+                    p.begin_survey(ctx)
+                ctx.active = None
+                ctx.dense_outputs = forward_block(block, inputs)
+                for p in surveyors:
+                    ctx.active = p
+                    p.end_survey(ctx)
+                after = ctx.fingerprints()
+                differs = torch.stack([(before[name] != after[name]).any() for name in before]).tolist() if before else []
+                changed = [name for name, bad in zip(before, differs) if bad]
+                if changed:
+                    raise PassError(f"the survey of block {index} changed {changed[0]} (passes: "
+                                    f"{', '.join(p.name for p in surveyors)}); a survey must only read the block")
+                inputs = [inp.with_hidden(h) for inp, h in zip(inputs, ctx.dense_outputs)] if index < last else inputs
+        for p in surveyors:
+            p.finish_survey()
 
     def _propagate(self, index: int, inputs: list[BlockInput], read: Reader | None = None) -> list[BlockInput]:
         """Block `index`'s outputs as the next block's inputs."""

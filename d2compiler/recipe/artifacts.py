@@ -38,6 +38,7 @@ for _kind in (
     ArtifactKind("hessian", "layer", (torch.Tensor,), "H = XᵀX / n over the calibration tokens, (in, in) fp32"),
     ArtifactKind("act_norms", "layer", (torch.Tensor,), "‖x_j‖₂ of every input feature over the calibration tokens"),
     ArtifactKind("mask", "layer", (torch.Tensor,), "keep mask (bool, the weight's (out, in) shape); masks compose by AND"),
+    ArtifactKind("layer_sparsity", "layer", (float,), "the sparsity a pruning pass applies to this layer (a layer-wise allocation)"),
     ArtifactKind("update_plan", "layer", (bool,), "whether the layer's pruning applies the OBS weight update"),
     ArtifactKind("update_variants", "layer", (dict,), "pruned (weight, keep, info) per (update, tag), computed ahead"),
     ArtifactKind("dense_attention", "block", (list,), "the dense block's attention inputs per scored sample"),

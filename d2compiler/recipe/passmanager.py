@@ -114,6 +114,7 @@ class Pass(ABC):
     quantizes: ClassVar[bool] = False  # leaves weights on an integer grid (weight_scale / weight_zero_point)
     final: ClassVar[bool] = False  # must be the last pass (e.g. it changes how weights are stored)
     in_place: ClassVar[bool] = True  # rewrites the block's weights; False: reads them only (checked after `apply`)
+    surveys: ClassVar[bool] = False  # needs one dense sweep over every block before the first block is changed
 
     def __init__(self, params: PassParams):
         self.params = params
@@ -156,6 +157,18 @@ class Pass(ABC):
 
     def end_observe(self, ctx: BlockContext) -> None:
         """Publish the artifacts recorded since `begin_observe`. Default: nothing."""
+
+    def begin_survey(self, ctx: BlockContext) -> None:
+        """For a pass with `surveys = True`: before the dense model's block `ctx.index` runs over the
+        calibration inputs in the survey (a sweep over all targeted blocks before any is changed).
+        Register hooks here. Default: nothing."""
+
+    def end_survey(self, ctx: BlockContext) -> None:
+        """After that block's survey forward (`ctx.dense_outputs` holds its outputs; the block is still
+        on the compute device and dense). Default: nothing."""
+
+    def finish_survey(self) -> None:
+        """After the survey's last block, before the first block is pruned. Default: nothing."""
 
     def precondition(self, ctx: BlockContext) -> None:
         """Check what this pass needs of the block before `apply`; raise `PreconditionError` with what

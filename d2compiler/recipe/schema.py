@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import tomllib
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from d2compiler.errors import RecipeError
 from d2compiler.recipe.passmanager import PassManager, PassOrderError, pass_types, registered_passes
@@ -106,6 +106,15 @@ class CalibrationData(TextSource):
         "text. `random`: windows at random offsets drawn with `seed`.",
     )
     seed: int = Field(default=0, description="Seed for `random` sampling.")
+    offset: int = Field(default=0, ge=0, le=10_000_000, description="`sequential` only: skip the first `offset` "
+                        "windows (or images, or stored rows), so `offset = k × samples` gives the k-th of several disjoint "
+                        "calibration sets (e.g. to measure the spread over calibration draws).")
+
+    @model_validator(mode="after")
+    def _offset_is_sequential(self) -> CalibrationData:
+        if self.offset and self.sampling != "sequential":
+            raise ValueError("'offset' applies to sampling = 'sequential' only; with 'random', vary 'seed'")
+        return self
 
 
 class EvaluationData(TextSource):
