@@ -19,7 +19,7 @@ k·samples .. (k+1)·samples−1 of the C4 text (`data.calibration.offset`). `--
 recipes of `SUITE` (files in recipes/, each with its number of seeds) exactly as written, except the
 calibration offset of each seed; `--fresh` first drops every earlier record of the results file, so
 the table comes from this one run. `--options '{"allocation": "owl"}'` puts a `sparsity_allocation`
-pass before the pruning pass of a method (with `owl_m`, `owl_lmbda`, `trial_samples`).
+pass before the pruning pass of a method (with `owl_m`, `owl_lmbda`, `survey_samples`).
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ def method_passes(method: str, pattern: str, options: dict[str, Any]) -> list[di
     passes = _method_passes(method, pattern, options)
     if options.get("allocation"):
         allocation = {"type": "sparsity_allocation", "profile": options["allocation"],
-                      **{k: v for k, v in options.items() if k in ("owl_m", "owl_lmbda", "trial_samples")}}
+                      **{k: v for k, v in options.items() if k in ("owl_m", "owl_lmbda", "survey_samples")}}
         passes.insert(len(passes) - 1, allocation)  # just before the pruning pass
     return passes
 

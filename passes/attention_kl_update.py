@@ -29,11 +29,12 @@ from d2compiler.contract import (
     PlanCost,
     UpdateVariants,
     attention_kl,
+    block_outputs_with,
     register_pass,
 )
 
 from .gram import Gram
-from .pruning import relative_error
+from .pruning import absolute_error, relative_error
 
 QKV = ("q", "k", "v")
 
@@ -61,8 +62,22 @@ class AttentionKLParams(PassParams):
     )
     kl_samples: int = Field(
         default=8, ge=0, le=100000,
-        description="Calibration samples used for the KL term (the first ones; 0 = all). Reconstruction "
-        "errors always use all samples (through the Hessian).",
+        description="Calibration samples used for the KL term and for `block_output` scoring (the first ones, or "
+        "the last ones with `holdout`; 0 = all). Reconstruction errors always use all samples (through the Hessian).",
+    )
+    objective: Literal["normalised", "eq12"] = Field(
+        default="normalised",
+        description="With `scoring = \"attention\"`: `normalised` (ours): Σ_{q,k,v} ‖(W−W′)X‖²/‖WX‖² + ρ·KL(dense ‖ "
+        "pruned), each error relative to its projection's output, the KL from the dense distribution. `eq12`: the "
+        "paper's Eq. 12 exactly as written: Σ_{q,k,v} ‖WX − W′X‖² (absolute, summed over the scored tokens) + "
+        "ρ·KL(pruned ‖ dense).",
+    )
+    scoring: Literal["attention", "block_output"] = Field(
+        default="attention",
+        description="`attention`: the `objective` above. `block_output`: look past the attention: each candidate's "
+        "relative error of the whole block's output, ‖Y′−Y‖²/‖Y‖², with the candidate's q/k/v and the other targeted "
+        "linears pruned as the pruning pass will prune them (with their update), on the `kl_samples` scored samples "
+        "(held out with `selection = \"holdout\"`).",
     )
 
     @field_validator("no_update")
@@ -112,9 +127,15 @@ class AttentionKLUpdatePass(Pass):
     def report_figures(self, blocks: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """The attention KL of the chosen plan per block (when candidates were scored)."""
         infos = [(b["index"], b["passes"][self.name]) for b in blocks if self.name in b.get("passes", {})]
-        points = [[i, info["candidates"][",".join(info["choice"]) or "none"]["kl"]] for i, info in infos if info.get("candidates")]
-        return [{"title": "Attention KL of the chosen update plan per block (calibration samples)",
-                 "ylabel": "KL(dense ‖ pruned) [nats]", "points": points}] if points else []
+        chosen = [(i, info["candidates"][",".join(info["choice"]) or "none"]) for i, info in infos if info.get("candidates")]
+        if self.params.scoring == "block_output":
+            points = [[i, row["block_error"]] for i, row in chosen]
+            return [{"title": "Block output error of the chosen update plan per block (scored samples)",
+                     "ylabel": "‖Y′−Y‖² / ‖Y‖²", "points": points}] if points else []
+        direction = "KL(pruned ‖ dense)" if self.params.objective == "eq12" else "KL(dense ‖ pruned)"
+        points = [[i, row["kl"]] for i, row in chosen]
+        return [{"title": "Attention KL of the chosen update plan per block (scored samples)",
+                 "ylabel": f"{direction} [nats]", "points": points}] if points else []
 
     def check_schedule(self, schedule: list[Pass]) -> None:
         """`strategy = "kl"` scores the candidates with the pruning pass that applies the plan."""
@@ -132,14 +153,17 @@ class AttentionKLUpdatePass(Pass):
         return max(m, 0)
 
     def begin_observe(self, ctx: Any) -> None:
-        if self.params.strategy != "kl" or not ctx.structure.attention or self.params.rho == 0:
+        p: AttentionKLParams = self.params  # type: ignore[assignment]
+        by_output = p.scoring == "block_output"
+        if p.strategy != "kl" or not ctx.structure.attention or (p.rho == 0 and not by_output):
             return
-        self._recorder = AttentionRecorder(ctx.structure.attention[0].kind)
         m = self._holdout_size(ctx)
         first_scored = self._first_scored(ctx, m)
         offset = ctx.sample_offset  # forward call i of this process is sample offset + i of the run
-        self._recorder.attach(ctx.module, record=lambda i: first_scored <= offset + i < first_scored + m)
-        if self.params.selection == "holdout":
+        if not by_output:  # the dense attention distributions the KL term compares with
+            self._recorder = AttentionRecorder(ctx.structure.attention[0].kind)
+            self._recorder.attach(ctx.module, record=lambda i: first_scored <= offset + i < first_scored + m)
+        if p.selection == "holdout":
             first_held = first_scored
             self._held = {}
             for layer in ctx.layers:
@@ -213,18 +237,19 @@ class AttentionKLUpdatePass(Pass):
         return [c for n in range(len(roles) + 1) for c in itertools.combinations(roles, n)]
 
     def _fitted_variants(self, ctx: Any, consumer: Any, proj: dict[str, Any], holdout: bool):
-        """(variant(role, update) -> weight, the Hessian per role that scores reconstruction)."""
+        """(variant(role, update) -> weight, the Hessian per role that scores reconstruction, and the
+        number of tokens behind it)."""
         total_tokens = int(ctx.group.total(sum(inp.args[0].shape[:-1].numel() for inp in ctx.inputs)))
-        scoring, fit = {}, {}
+        scoring, fit, tokens = {}, {}, {}
         for role, layer in proj.items():
             full = ctx.artifact("hessian", layer.name).to(ctx.device)
             held = ctx.artifact("holdout_hessian", layer.name) if holdout else None
             if held is None:
-                scoring[role], fit[role] = full, None
+                scoring[role], fit[role], tokens[role] = full, None, total_tokens
             else:
                 h_b, n_b = held
                 h_b = h_b.to(ctx.device)
-                scoring[role], fit[role] = h_b, (full * total_tokens - h_b * n_b) / (total_tokens - n_b)
+                scoring[role], fit[role], tokens[role] = h_b, (full * total_tokens - h_b * n_b) / (total_tokens - n_b), n_b
 
         def tag(role: str) -> str:
             return "all" if fit[role] is None else "fit"
@@ -234,24 +259,29 @@ class AttentionKLUpdatePass(Pass):
         def variant(role: str, update: bool) -> torch.Tensor:
             return consumer.variant(ctx, proj[role], update, hessian=fit[role], tag=tag(role))[0]
 
-        return variant, scoring
+        return variant, scoring, tokens
 
     def _choose_by_kl(self, ctx: Any, consumer: Any, proj: dict[str, Any]) -> tuple[tuple[str, ...], dict[str, Any]]:
         p: AttentionKLParams = self.params  # type: ignore[assignment]
         m = self._holdout_size(ctx)
         holdout = p.selection == "holdout" and m > 0
-        variant, scoring = self._fitted_variants(ctx, consumer, proj, holdout)
+        variant, scoring, tokens = self._fitted_variants(ctx, consumer, proj, holdout)
+        mine = self._scored_indices(ctx, m, holdout)
+        candidates = self._candidates(list(proj))
+        if p.scoring == "block_output":
+            return self._choose_by_block_output(ctx, consumer, proj, variant, candidates, mine, m, holdout)
         recon: dict[tuple[str, bool], torch.Tensor] = {}
         for role, layer in proj.items():
             dense = layer.weight_matrix().to(ctx.device, torch.float32)
             for update in (True, False):
-                error = relative_error(dense, variant(role, update), scoring[role])
+                if p.objective == "eq12":
+                    error = absolute_error(dense, variant(role, update), scoring[role]) * tokens[role]
+                else:
+                    error = relative_error(dense, variant(role, update), scoring[role])
                 recon[(role, update)] = torch.zeros((), device=ctx.device) if error is None else error
         dense_calls: list[AttentionCall] = ctx.artifact("dense_attention", ctx.name) or []
         first = self._first_scored(ctx, m) if holdout else 0
-        mine = [g - ctx.sample_offset for g in range(first, first + m) if 0 <= g - ctx.sample_offset < len(ctx.inputs)]
         samples = list(zip([ctx.inputs[i] for i in mine], dense_calls))  # this process's scored samples
-        candidates = self._candidates(list(proj))
         keys = sorted({_qk_updates(cand) for cand in candidates}, reverse=True)
         scored = m > 0 and p.rho > 0 and bool(ctx.structure.attention)  # the same answer on every process
         kls = self._attention_kls(ctx, proj, variant, keys, samples) if samples and scored else {key: [] for key in keys}
@@ -271,6 +301,42 @@ class AttentionKLUpdatePass(Pass):
             table[_label(cand)] = {"recon": r, "kl": kl, "objective": r + p.rho * kl}
         best = min(table, key=lambda c: table[c]["objective"])
         info = {"candidates": table, "kl_samples": m if scored else 0, "selection": "holdout" if holdout else "calibration"}
+        return (tuple() if best == "none" else tuple(best.split(","))), info
+
+    def _scored_indices(self, ctx: Any, m: int, holdout: bool) -> list[int]:
+        """This process's indices (into `ctx.inputs`) of the m scored samples."""
+        first = self._first_scored(ctx, m) if holdout else 0
+        return [g - ctx.sample_offset for g in range(first, first + m) if 0 <= g - ctx.sample_offset < len(ctx.inputs)]
+
+    @torch.no_grad()
+    def _choose_by_block_output(self, ctx: Any, consumer: Any, proj: dict[str, Any], variant: Any,
+                                candidates: list[tuple[str, ...]], mine: list[int], m: int,
+                                holdout: bool) -> tuple[tuple[str, ...], dict[str, Any]]:
+        """The candidate with the least relative block-output error ‖Y′−Y‖²/‖Y‖² on the scored samples
+        (`mine`: this process's). Y′: the block with the candidate's q/k/v and every other targeted
+        linear of the consumer pruned with the update (cached, so the pruning pass reuses it)."""
+        inputs = [ctx.inputs[i] for i in mine]
+        others = [layer for layer in ctx.targets_of(consumer) if layer.role not in proj]
+        consumer.prepare_variants(ctx, [(layer, True, None, "all") for layer in others])
+        base: dict[str, torch.Tensor] = {}
+        for layer in others:
+            key = f"{layer.owner}.weight"
+            base[key] = layer.replaced_weight(consumer.variant(ctx, layer, True)[0], base=base.get(key))
+        sums = torch.zeros(len(candidates), 2, dtype=torch.float64, device=ctx.device)
+        for c, cand in enumerate(candidates):
+            weights = dict(base)
+            for role, layer in proj.items():
+                key = f"{layer.owner}.weight"
+                weights[key] = layer.replaced_weight(variant(role, role not in cand), base=weights.get(key))
+            for i, out in zip(mine, block_outputs_with(ctx.module, inputs, weights)):
+                dense = ctx.dense_outputs[i].double()
+                sums[c, 0] += (out.double() - dense).pow(2).sum()
+                sums[c, 1] += dense.pow(2).sum()
+        ctx.reduce(sums)
+        errors = (sums[:, 0] / sums[:, 1].clamp_min(1e-30)).tolist()
+        table = {_label(cand): {"block_error": err, "objective": err} for cand, err in zip(candidates, errors)}
+        best = min(table, key=lambda c: table[c]["objective"])
+        info = {"candidates": table, "kl_samples": m, "selection": "holdout" if holdout else "calibration", "scoring": "block_output"}
         return (tuple() if best == "none" else tuple(best.split(","))), info
 
     @staticmethod
@@ -300,7 +366,7 @@ class AttentionKLUpdatePass(Pass):
                     call = captured[(q_upd, q_upd)][i].with_key_of(captured[(k_upd, k_upd)][i])
                 else:
                     call = captured[(q_upd, k_upd)][i]
-                per_sample[(q_upd, k_upd)].append(attention_kl(dense_lp, call))
+                per_sample[(q_upd, k_upd)].append(attention_kl(dense_lp, call, reverse=self.params.objective == "eq12"))
         return per_sample
 
     def _prefix_calls(self, ctx: Any, proj: dict[str, Any], variant: Any, updates: tuple[bool, bool],

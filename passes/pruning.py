@@ -29,6 +29,13 @@ class SparsityParams(TargetedParams):
         description="Fraction of weights pruned in each targeted layer, in [0, 1). Required for "
         "unstructured masks; for N:M it defaults to N/M and must equal it if given.",
     )
+    true_sequential: bool = Field(
+        default=False,
+        description="Prune the block's linears stage by stage in forward order (q/k/v, then o, then gate/up, then "
+        "down: the groups that share an input), and before each later stage re-run the partly pruned block so "
+        "its statistics (Hessians, activation norms) see the already-pruned upstream projections, as the SparseGPT "
+        "repository's `--true-sequential`. Costs one more block forward per stage.",
+    )
     mask_structure: str = Field(
         default="unstructured",
         description="`unstructured`, or `N:M`: N of every M consecutive weights of a row (along "
@@ -85,6 +92,15 @@ def relative_error(before: torch.Tensor, after: torch.Tensor, hessian: torch.Ten
     return torch.where(den > 0, num / den, torch.zeros_like(num))
 
 
+def absolute_error(before: torch.Tensor, after: torch.Tensor, hessian: torch.Tensor | None) -> torch.Tensor | None:
+    """‖(W − W′)X‖² per calibration token, from H = XXᵀ/n (None without H), as a 0-dim tensor on the
+    weights' device (multiply by the tokens for the sum over them)."""
+    if hessian is None:
+        return None
+    delta = before - after
+    return torch.sum((delta @ hessian.to(before.device)) * delta)
+
+
 class PruningPass(Pass):
     """Drives one pruning method over the targeted linears of a block. An unstructured pass prunes
     each layer at its `layer_sparsity` where a layer-wise allocation (`sparsity_allocation`) published
@@ -106,6 +122,24 @@ class PruningPass(Pass):
     def apply(self, ctx: BlockContext) -> PassResult:
         params: SparsityParams = self.params  # type: ignore[assignment]
         result = PassResult(modified=False)
+        layers = ctx.select(params)
+        if not params.true_sequential:
+            self._prune(ctx, layers, result)
+            return result
+        stages = forward_stages(ctx, layers)
+        for i, stage in enumerate(stages):
+            if i:  # the statistics of this stage's inputs, from the block as pruned so far
+                ctx.reobserve([p for p in ctx.schedule if p.observes and p.provides & self.requires] + ([self] if self.observes else []))
+                self.forget_variants(ctx, stage)
+            self._prune(ctx, stage, result)
+        result.info["stages"] = [[layer.role for layer in stage] for stage in stages]
+        return result
+
+    def forget_variants(self, ctx: BlockContext, layers: list[LinearLayer]) -> None:
+        """Drop pruned variants computed ahead (from statistics that are now stale). Default: none kept."""
+
+    def _prune(self, ctx: BlockContext, layers: list[LinearLayer], result: PassResult) -> None:
+        params: SparsityParams = self.params  # type: ignore[assignment]
 
         def compute(layer: LinearLayer) -> tuple[tuple[torch.Tensor, ...], dict[str, Any]]:
             start = time.perf_counter()
@@ -117,7 +151,7 @@ class PruningPass(Pass):
             new_weight = new_weight.masked_fill(~keep, 0.0)  # one new tensor (no zeros tensor beside it)
             return (new_weight, keep), {**extra, "time_s": round(time.perf_counter() - start, 4)}
 
-        for layer, (new_weight, keep), info in ctx.map_layers(ctx.select(params), compute):
+        for layer, (new_weight, keep), info in ctx.map_layers(layers, compute):
             weight = layer.weight_matrix().to(device=ctx.device, dtype=torch.float32, copy=True)
             layer.set_weight_matrix(new_weight)
             ctx.record_mask(layer.name, keep)
@@ -131,7 +165,14 @@ class PruningPass(Pass):
                 **info,
             }
             result.modified = True
-        return result
+
+
+def forward_stages(ctx: BlockContext, layers: list[LinearLayer]) -> list[list[LinearLayer]]:
+    """`layers` grouped by shared input (q/k/v; o; gate/up; down), in the block's module order."""
+    stages: dict[tuple[str, ...], list[LinearLayer]] = {}
+    for layer in layers:
+        stages.setdefault(tuple(ctx.structure.group_of(layer.owner)), []).append(layer)
+    return list(stages.values())
 
 
 class PlannedPruningPass(PruningPass, UpdateVariants):
@@ -174,6 +215,12 @@ class PlannedPruningPass(PruningPass, UpdateVariants):
         work = ctx.share_work(todo, compute, [obs_cost(r[0]) for r in todo])
         for (layer, update, _hessian, tag), (weight, keep), info in work:
             self._cache(ctx, layer)[(update, tag)] = (weight, keep, info)
+
+    def forget_variants(self, ctx: BlockContext, layers: list[LinearLayer]) -> None:
+        for layer in layers:
+            cache = ctx.artifact("update_variants", layer.name)
+            if cache:
+                cache.clear()
 
     def _cache(self, ctx: BlockContext, layer: LinearLayer) -> dict[tuple[bool, str], Any]:
         cache = ctx.artifact("update_variants", layer.name)

@@ -1,15 +1,14 @@
 """`sparsity_allocation`: non-uniform (layer-wise) sparsity for the pruning pass that follows it.
 
 Before the first block is pruned, the executor's survey runs every targeted block of the *dense*
-model over the calibration inputs. From it each block b gets a score, and the block sparsities
+model over the first `survey_samples` calibration inputs. From it each block b gets a score, and the block sparsities
 s_b lie in [S−λ, S+λ] around the pruning pass's `sparsity` S:
 
 - `owl` (Yin et al. 2024; parameter names as in llm-compressor): the block's outlier ratio, the
   share of its Wanda scores |W_ij|·‖x_j‖ above `owl_m` × their mean over the block; more outliers,
   lower sparsity;
 - `error` (ours): the block's relative output error ‖Y′−Y‖²/‖Y‖² when all its targeted linears
-  are Wanda-pruned at S (a trial on `trial_samples` calibration samples, weights passed
-  functionally); larger error, lower sparsity (the log error is scaled, see `allocation`).
+  are Wanda-pruned at S (weights passed functionally); larger error, lower sparsity (the log error is scaled, see `allocation`).
 
 Every layer of a block gets the block's sparsity; then per-layer prune counts are made exact: the
 pruned total over the targeted layers is round(S · their weights) (`allocation.exact_counts`).
@@ -47,8 +46,9 @@ class SparsityAllocationParams(PassParams):
                          "score exceeds M times the mean score of its block (`owl` only).")
     owl_lmbda: float = Field(default=0.08, ge=0.0, lt=1.0, description="λ: block sparsities lie in [S−λ, S+λ] around the "
                              "pruning pass's sparsity S (both profiles; the name is llm-compressor's).")
-    trial_samples: int = Field(default=8, ge=1, le=100000, description="Calibration samples (the first ones) on which "
-                               "the `error` profile measures each block's trial output error.")
+    survey_samples: int = Field(default=8, ge=1, le=100000, description="Calibration samples (the first ones) the "
+                                "survey runs the dense blocks on: the activation norms of `owl` and the trial output errors "
+                                "of `error` come from them.")
 
 
 def _add_squares(acc: torch.Tensor, x: torch.Tensor) -> None:
@@ -101,6 +101,9 @@ class SparsityAllocationPass(Pass):
             raise PassOrderError(f"sparsity_allocation: owl_lmbda = {lmbda} puts block sparsities outside [0, 1) around "
                                  f"the target {target}; use owl_lmbda <= {min(target, 1 - target):.4g}")
 
+    def survey_samples(self) -> int:
+        return self.params.survey_samples
+
     # --- survey -----------------------------------------------------------------------------
 
     def begin_survey(self, ctx: Any) -> None:
@@ -140,8 +143,8 @@ class SparsityAllocationPass(Pass):
         return above.double() / numel
 
     def _trial_error(self, ctx: Any, layers: list[Any], norms: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Σ‖Y′−Y‖² / Σ‖Y‖² over the first `trial_samples` samples, Y′ with every targeted linear
-        Wanda-pruned at the target sparsity (passed functionally; the block is not written)."""
+        """Σ‖Y′−Y‖² / Σ‖Y‖² over the surveyed samples, Y′ with every targeted linear Wanda-pruned at
+        the target sparsity (passed functionally; the block is not written)."""
         target = self._target
         weights: dict[str, torch.Tensor] = {}
         for layer in layers:
@@ -150,12 +153,11 @@ class SparsityAllocationPass(Pass):
             pruned = w.masked_fill(lowest_per_row(score, row_counts(*w.shape, target)), 0.0)
             key = f"{layer.owner}.weight"
             weights[key] = layer.replaced_weight(pruned, base=weights.get(key))
-        mine = [i for i in range(len(ctx.inputs)) if ctx.sample_offset + i < self.params.trial_samples]
         sums = torch.zeros(2, dtype=torch.float64, device=ctx.device)
-        if mine:
-            trial = block_outputs_with(ctx.module, [ctx.inputs[i] for i in mine], weights)
-            for i, out in zip(mine, trial):
-                dense = ctx.dense_outputs[i].double()
+        if ctx.inputs:
+            trial = block_outputs_with(ctx.module, ctx.inputs, weights)
+            for out, dense in zip(trial, ctx.dense_outputs):
+                dense = dense.double()
                 sums[0] += (out.double() - dense).pow(2).sum()
                 sums[1] += dense.pow(2).sum()
         ctx.reduce(sums)

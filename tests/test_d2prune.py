@@ -191,3 +191,65 @@ def test_holdout_selection(tiny_models, tmp_path):
         assert info["selection"] == "holdout" and info["kl_samples"] == 2
         assert len(assert_choice_is_argmin(info)) == 8
     assert all(m["sparsity"] == pytest.approx(0.6, abs=1e-3) for m in record["layers"].values())
+
+
+def test_reverse_kl_is_kl_from_the_pruned_distribution():
+    torch.manual_seed(0)
+    q, k = torch.randn(1, 2, 5, 4), torch.randn(1, 2, 5, 4)
+    dense, pruned = AttentionCall(q=q, k=k, causal=True), AttentionCall(q=q * 2.0, k=k, causal=True)
+    lp, lq = dense.log_probs(), pruned.log_probs()
+    manual = torch.where(lq.exp() > 0, lq.exp() * (lq - lp), torch.zeros_like(lq)).sum() / lp.shape[:-1].numel()
+    assert attention_kl(dense, pruned, reverse=True) == pytest.approx(float(manual), rel=1e-5)
+    assert attention_kl(dense, pruned, reverse=True) != pytest.approx(float(attention_kl(dense, pruned)), rel=1e-3)
+
+
+def test_absolute_error_is_the_summed_output_error():
+    from passes.pruning import absolute_error, relative_error
+
+    gen = torch.Generator().manual_seed(0)
+    x, w = torch.randn(50, 12, generator=gen), torch.randn(5, 12, generator=gen)
+    w2 = w.masked_fill(torch.rand(w.shape, generator=gen) < 0.5, 0.0)
+    h = x.t() @ x / 50
+    summed = ((x @ (w - w2).t()) ** 2).sum()
+    assert float(absolute_error(w, w2, h)) * 50 == pytest.approx(float(summed), rel=1e-4)
+    assert float(relative_error(w, w2, h)) == pytest.approx(float(summed / ((x @ w.t()) ** 2).sum()), rel=1e-4)
+
+
+def test_eq12_objective_as_written(tiny_models, tmp_path):
+    """objective = "eq12": absolute errors (summed over the scored tokens) + ρ·KL(pruned ‖ dense); the
+    plan is the argmin and the pruning pass honours it."""
+    update = 'strategy = "kl"\ncandidates = "all"\nobjective = "eq12"\nrho = 5.0'
+    eq12 = run_d2(tiny_models["llama"], tmp_path, update, "sparsity = 0.6")
+    (tmp_path / "n").mkdir()
+    normalised = run_d2(tiny_models["llama"], tmp_path / "n", update.replace('"eq12"', '"normalised"'), "sparsity = 0.6")
+    first = {name: info["blocks"][0]["passes"]["attention_kl_update"]["candidates"] for name, info in
+             (("eq12", eq12), ("normalised", normalised))}
+    for cand, row in first["eq12"].items():  # block 0 sees the same inputs in both runs
+        assert row["objective"] == pytest.approx(row["recon"] + 5.0 * row["kl"])
+        assert row["recon"] > 10 * first["normalised"][cand]["recon"]  # absolute, summed over tokens
+        assert row["kl"] >= 0 and row["kl"] != first["normalised"][cand]["kl"]  # the other direction (close: KL is symmetric to 2nd order)
+    for block in eq12["blocks"]:
+        assert_choice_is_argmin(block["passes"]["attention_kl_update"])
+    for metrics in eq12["layers"].values():
+        assert metrics["update"] == (metrics["role"] not in eq12["attention_choices"][str(metrics["block"])])
+
+
+@pytest.mark.parametrize("pruning", ["sparsegpt", "dual_taylor_mask"])
+def test_block_output_scoring(pruning, tiny_models, tmp_path):
+    """scoring = "block_output": every candidate's relative block-output error on held-out samples;
+    the least is chosen, and sparsegpt as well as dual_taylor_mask honour the plan."""
+    out = tmp_path / "out"
+    passes = ('[[passes]]\ntype = "calibrate"\n[[passes]]\ntype = "attention_kl_update"\nscoring = "block_output"\n'
+              f'selection = "holdout"\nkl_samples = 2\ncandidates = "all"\n[[passes]]\ntype = "{pruning}"\nsparsity = 0.6\nblock_size = 32\n')
+    assert main(["--quiet", "run", str(write_recipe(tmp_path / "r.toml", str(tiny_models["llama"]), passes, output=out))]) == 0
+    record = json.loads((out / "sparsity.json").read_text())
+    for block in record["blocks"]:
+        info = block["passes"]["attention_kl_update"]
+        table = assert_choice_is_argmin(info)
+        assert len(table) == 8 and info["scoring"] == "block_output" and info["selection"] == "holdout"
+        assert all(0 < row["block_error"] < 1 for row in table.values())
+        assert len({round(row["block_error"], 12) for row in table.values()}) > 1  # the candidates really differ
+    for metrics in record["layers"].values():
+        if metrics["role"] in ("q", "k", "v"):
+            assert metrics["update"] == (metrics["role"] not in record["attention_choices"][str(metrics["block"])])
+    assert any("Block output error" in f["title"] for f in record["figures"])

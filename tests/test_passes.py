@@ -109,3 +109,24 @@ def test_eval_cli_on_output(tiny_models, tmp_path, capsys):
     assert result["windows"] == 3 and result["ppl"] > 1
     assert main(["--quiet", "eval", str(tiny_models["opt"]), "--data", str(tmp_path / "none.txt")]) == 2
     assert "no such file" in capsys.readouterr().err
+
+
+def test_true_sequential_reobserves_after_each_stage(tiny_models, tmp_path):
+    """true_sequential: q/k/v (first stage) are pruned as without it; o, gate/up and down from
+    Hessians of the partly pruned block, so they differ; sparsity stays exact."""
+    from safetensors.torch import load_file
+
+    weights = {}
+    for flag in ("false", "true"):
+        out = tmp_path / flag
+        passes = PASSES["sparsegpt"] + f"sparsity = 0.6\ntrue_sequential = {flag}\n"
+        assert main(["--quiet", "run", str(write_recipe(tmp_path / f"{flag}.toml", str(tiny_models["llama"]), passes, output=out))]) == 0
+        weights[flag] = load_file(out / "model.safetensors")
+        record = json.loads((out / "sparsity.json").read_text())
+    stages = record["blocks"][0]["passes"]["sparsegpt"]["stages"]
+    assert stages == [["q", "k", "v"], ["o"], ["gate", "up"], ["down"]]
+    for name, tensor in weights["true"].items():
+        if name.startswith("model.layers.0.") and name.endswith("proj.weight"):
+            same = torch.equal(tensor, weights["false"][name])
+            assert same == any(f".{r}_proj." in name for r in ("q", "k", "v")), name
+            assert int((tensor == 0).sum()) == round(0.6 * tensor.numel())

@@ -253,6 +253,24 @@ class BlockContext:
     def artifact(self, artifact: str, layer: str) -> Any:
         return self.artifacts.get(artifact, {}).get(layer)
 
+    def reobserve(self, passes: list[Pass]) -> None:
+        """Run the block as it now is (partly pruned) over the calibration inputs with `passes`
+        observing (`begin_observe` / `end_observe`), so the statistics they publish describe it: the
+        true-sequential mode of the pruning passes."""
+        running = self.active
+        try:
+            for p in passes:
+                self.active = p
+                p.begin_observe(self)
+            self.active = None
+            forward_block(self.module, self.inputs)
+            for p in passes:
+                self.active = p
+                p.end_observe(self)
+        finally:
+            self.active = running
+        check_statistics(self)
+
     def record_mask(self, layer: str, keep: torch.Tensor) -> None:
         """Record a keep-mask; a weight already masked stays masked (masks compose by AND)."""
         keep = keep.to(torch.bool)
@@ -531,11 +549,14 @@ class BlockExecutor:
     def survey(self, inputs: list[BlockInput], targets: dict[int, set[str]], last: int) -> None:
         """The dense sweep of the passes with `surveys = True` (e.g. a layer-wise sparsity allocation
         that must see every block before the first is pruned): blocks 0..last run dense over the
-        calibration inputs, each bracketed by the passes' `begin_survey` / `end_survey`, then
+        first calibration inputs (as many as the passes' `survey_samples` ask for), each bracketed by the passes' `begin_survey` / `end_survey`, then
         `finish_survey`. The blocks are not changed (checked: a survey that writes is a PassError)."""
         surveyors = [p for p in self.schedule if p.surveys]
         if not surveyors or last < 0:
             return
+        wanted = [p.survey_samples() for p in surveyors]
+        count = self._samples[1] if None in wanted else min(max(wanted), self._samples[1])  # over all processes
+        inputs = [inp for i, inp in enumerate(inputs) if self._samples[0] + i < count]  # this process's share of them
         for index in progress(range(last + 1), desc="survey", disable=self.quiet):
             with self.on_device(index) as block:
                 structure = self._structures[block_signature(block)]
@@ -544,7 +565,7 @@ class BlockExecutor:
                 targeted = set().union(*(t & names for t in targets.values())) if targets else set()
                 ctx = BlockContext(index, f"{self.blocks_path}.{index}", block, layers, structure, self.device, inputs, set(),
                                    targeted, schedule=self.schedule, group=self.group, sample_offset=self._samples[0],
-                                   sample_count=self._samples[1])
+                                   sample_count=count)
                 before = ctx.fingerprints()
                 for p in surveyors:
                     ctx.active = p

@@ -149,13 +149,15 @@ class AttentionRecorder:
         return sink[0]
 
 
-def attention_kl(dense: AttentionCall | torch.Tensor, pruned: AttentionCall) -> torch.Tensor:
+def attention_kl(dense: AttentionCall | torch.Tensor, pruned: AttentionCall, *, reverse: bool = False) -> torch.Tensor:
     """Mean KL(dense attention ‖ pruned attention) per query row (nats), over batch and heads, as a
-    0-dim float32 tensor on the attention's device (`float()` it to read it). `dense` may be given as
-    its log-probabilities, when several candidates share it."""
+    0-dim float32 tensor on the attention's device (`float()` it to read it); `reverse`: KL(pruned ‖
+    dense), the direction Eq. 12 of the paper writes. `dense` may be given as its log-probabilities,
+    when several candidates share it."""
     lp_dense = dense if isinstance(dense, torch.Tensor) else dense.log_probs()
     lp_pruned = pruned.log_probs()
-    p = lp_dense.exp()
-    terms = torch.where(p > 0, p * (lp_dense - lp_pruned), torch.zeros_like(p))
+    lp_from, lp_to = (lp_pruned, lp_dense) if reverse else (lp_dense, lp_pruned)
+    p = lp_from.exp()
+    terms = torch.where(p > 0, p * (lp_from - lp_to), torch.zeros_like(p))
     rows = lp_dense.shape[:-1].numel()
     return terms.sum() / rows

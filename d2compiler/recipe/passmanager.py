@@ -158,6 +158,11 @@ class Pass(ABC):
     def end_observe(self, ctx: BlockContext) -> None:
         """Publish the artifacts recorded since `begin_observe`. Default: nothing."""
 
+    def survey_samples(self) -> int | None:
+        """How many calibration samples (the first ones) the survey needs; None: all. The survey runs
+        the most any surveying pass asks for."""
+        return None
+
     def begin_survey(self, ctx: BlockContext) -> None:
         """For a pass with `surveys = True`: before the dense model's block `ctx.index` runs over the
         calibration inputs in the survey (a sweep over all targeted blocks before any is changed).
