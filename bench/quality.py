@@ -64,6 +64,8 @@ def method_passes(method: str, pattern: str, options: dict[str, Any]) -> list[di
 
 def _method_passes(method: str, pattern: str, options: dict[str, Any]) -> list[dict[str, Any]]:
     mask = {"mask_structure": pattern} if ":" in pattern else {"sparsity": float(pattern)}
+    if options.get("true_sequential"):
+        mask["true_sequential"] = True
     simple = {"magnitude", "wanda", "sparsegpt"}
     if method in simple:
         return [{"type": "calibrate"}, {"type": method, **mask}]
