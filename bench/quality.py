@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -232,11 +233,13 @@ def aggregate(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return list(rows.values())
 
 
+UNIFORM_SPARSEGPT = re.compile(r"sparsegpt-(unstructured-\d+|2of4)$")  # the plain baseline recipes
+
+
 def ratio_lines(rows: list[dict[str, Any]]) -> list[str]:
     """Per pattern: each recipe's mean ppl over plain uniform SparseGPT's (`sparsegpt-*` recipes), and
     the ratio per seed (paired on the same calibration set), mean ± std."""
-    base = {(r["pattern"], round(r["sparsity"], 2)): r for r in rows if label(r).startswith("sparsegpt-") and "-owl" not in label(r)
-            and r.get("recipe")}
+    base = {(r["pattern"], round(r["sparsity"], 2)): r for r in rows if r.get("recipe") and UNIFORM_SPARSEGPT.match(label(r))}
     lines = []
     for r in rows:
         ref = base.get((r["pattern"], round(r["sparsity"], 2)))

@@ -102,6 +102,7 @@ class AttentionKLUpdatePass(Pass):
     name = "attention_kl_update"
     Params = AttentionKLParams
     requires = frozenset({"hessian"})
+    optional = frozenset({"layer_sparsity"})  # its candidates are pruned at the allocated sparsity: after an allocation
     provides = frozenset({"update_plan"})
     consumed = frozenset({"update_plan"})
     writes = frozenset({"dense_attention", "holdout_hessian"})
@@ -117,6 +118,9 @@ class AttentionKLUpdatePass(Pass):
 
     def plan_cost(self) -> PlanCost:
         p: AttentionKLParams = self.params  # type: ignore[assignment]
+        if p.strategy == "kl" and p.scoring == "block_output":  # every candidate runs the whole block on the scored samples
+            count = 3 if p.candidates == "one-off" else 8
+            return PlanCost(statistics_copies=2, sample_forwards=(count, p.kl_samples))
         return PlanCost(kl_samples=p.kl_samples if p.strategy == "kl" else None, statistics_copies=2)
 
     def record_fields(self, blocks: list[dict[str, Any]]) -> dict[str, Any]:

@@ -3,6 +3,7 @@ artifact, and the per-layer metrics every pruning pass records."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import time
 from abc import abstractmethod
@@ -110,6 +111,10 @@ class PruningPass(Pass):
     provides = frozenset({"mask"})
     optional = frozenset({"layer_sparsity"})
 
+    def plan_cost(self) -> PlanCost:
+        """True-sequential re-runs the block before each later stage (three more forwards in a Llama)."""
+        return PlanCost(extra_forwards=3.0 if self.params.true_sequential else 0.0)
+
     def sparsity_of(self, ctx: BlockContext, layer: LinearLayer) -> float:
         """The fraction of `layer` this pass prunes: its allocated `layer_sparsity`, else `sparsity`."""
         allocated = ctx.artifact("layer_sparsity", layer.name)
@@ -186,7 +191,7 @@ class PlannedPruningPass(PruningPass, UpdateVariants):
     updates_weights = True
 
     def plan_cost(self) -> PlanCost:
-        return PlanCost(solves=True)
+        return dataclasses.replace(super().plan_cost(), solves=True)
 
     def measure_rates(self, device: torch.device) -> dict[str, float]:
         """`column_us`: the OBS loop's overhead per column, from one small solve."""

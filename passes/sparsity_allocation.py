@@ -27,6 +27,7 @@ from d2compiler.contract import (
     PassOrderError,
     PassParams,
     PassResult,
+    PlanCost,
     block_outputs_with,
     register_pass,
 )
@@ -76,17 +77,20 @@ class SparsityAllocationPass(Pass):
         self._block_sparsity: dict[int, float] = {}
         self._target = 0.0
 
-    def _consumer(self, schedule: list[Pass]) -> Pass:
+    def _pruners(self, schedule: list[Pass]) -> list[Pass]:
+        """The later passes that prune at a sparsity and take the allocation."""
         later = schedule[schedule.index(self) + 1 :]
-        users = [p for p in later if "layer_sparsity" in p.requires | p.optional]
-        return users[0]
+        return [p for p in later if "layer_sparsity" in p.requires | p.optional and hasattr(p.params, "target_sparsity")]
+
+    def _consumer(self, schedule: list[Pass]) -> Pass:
+        return self._pruners(schedule)[0]
 
     def check_schedule(self, schedule: list[Pass]) -> None:
         """The pruning passes that follow are unstructured, at one sparsity S, with S ± λ in [0, 1)."""
-        later = schedule[schedule.index(self) + 1 :]
-        users = [p for p in later if "layer_sparsity" in p.requires | p.optional]
+        users = self._pruners(schedule)
         if not users:
-            return  # the generic `consumed` check names the missing pass
+            raise PassOrderError("sparsity_allocation: no pruning pass after it takes the allocation; add magnitude, "
+                                 "wanda, sparsegpt or dual_taylor_mask after it")
         structured = [p.name for p in users if getattr(p.params, "n_of_m", None) is not None]
         if structured:
             raise PassOrderError(f"sparsity_allocation: {', '.join(structured)} uses an N:M pattern, which fixes every "
@@ -100,6 +104,10 @@ class SparsityAllocationPass(Pass):
         if target - lmbda < 0 or target + lmbda >= 1:
             raise PassOrderError(f"sparsity_allocation: owl_lmbda = {lmbda} puts block sparsities outside [0, 1) around "
                                  f"the target {target}; use owl_lmbda <= {min(target, 1 - target):.4g}")
+
+    def plan_cost(self) -> PlanCost:
+        """The survey: one dense forward per block over `survey_samples` (`error`: and the trial)."""
+        return PlanCost(sample_forwards=(1 if self.params.profile == "owl" else 2, self.params.survey_samples))
 
     def survey_samples(self) -> int:
         return self.params.survey_samples

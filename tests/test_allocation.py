@@ -109,3 +109,16 @@ def test_allocation_without_pruning_pass_is_refused(tiny_models, tmp_path, capsy
     passes = '[[passes]]\ntype = "sparsity_allocation"\n'
     assert main(["validate", str(write_recipe(tmp_path / "r.toml", str(tiny_models["llama"]), passes))]) == 2
     assert "no later pass uses it" in capsys.readouterr().err
+
+
+def test_allocation_is_scheduled_before_the_update_plan():
+    """The update plan's candidates are pruned at the allocated sparsity, so the allocation runs first
+    even when the recipe lists it after attention_kl_update."""
+    from d2compiler.recipe.passmanager import PassManager
+    from d2compiler.recipe.schema import validate_recipe
+
+    recipe = validate_recipe({"version": 1, "model": {"source": "x"}, "passes": [
+        {"type": "calibrate"}, {"type": "attention_kl_update"}, {"type": "sparsity_allocation"},
+        {"type": "dual_taylor_mask", "sparsity": 0.6}]})
+    names = [p.name for p in PassManager(list(recipe.passes)).schedule]
+    assert names.index("sparsity_allocation") < names.index("attention_kl_update") < names.index("dual_taylor_mask")

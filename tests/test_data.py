@@ -53,3 +53,23 @@ def test_windows():
         calibration_windows(ids, 11, 100)
     with pytest.raises(DataError, match="too little evaluation text"):
         evaluation_windows(ids, 2000)
+
+
+def test_calibration_offset_gives_disjoint_sets():
+    """Seed k of a benchmark: offset = k x samples, the k-th disjoint block of consecutive windows."""
+    from d2compiler.evaluation.data import select_windows
+    from d2compiler.recipe.schema import validate_recipe
+
+    ids = torch.arange(1000).view(1, -1)
+    sets = [calibration_windows(ids, 3, 100, offset=3 * k) for k in range(3)]
+    starts = [[w[0, 0].item() for w in s] for s in sets]
+    assert starts == [[0, 100, 200], [300, 400, 500], [600, 700, 800]]
+    with pytest.raises(DataError, match="after 8 skipped windows"):
+        calibration_windows(ids, 3, 100, offset=8)
+    rows = torch.arange(20).view(10, 2)
+    assert [r[0, 0].item() for r in select_windows(rows, 2, offset=4)] == [8, 10]
+    with pytest.raises(DataError, match="from row 9"):
+        select_windows(rows, 2, offset=9)
+    with pytest.raises(Exception, match="'offset' applies to sampling = 'sequential' only"):
+        validate_recipe({"version": 1, "model": {"source": "x"}, "passes": [{"type": "calibrate"}],
+                         "data": {"calibration": {"offset": 32, "sampling": "random"}}})

@@ -22,10 +22,13 @@ from .conftest import kill_after_blocks, write_recipe
 
 EVAL = '[data.evaluation]\nsource = "builtin:python-docs"\nseq_len = 32\nmax_windows = 5\n'
 METHODS = {
-    "sparsegpt": '[[passes]]\ntype = "calibrate"\n[[passes]]\ntype = "sparsegpt"\nsparsity = 0.5\n',
     "wanda": '[[passes]]\ntype = "calibrate"\nhessian = false\n[[passes]]\ntype = "wanda"\nsparsity = 0.5\n',
     "d2prune-kl": '[[passes]]\ntype = "calibrate"\n[[passes]]\ntype = "attention_kl_update"\nkl_samples = 3\n'
                   '[[passes]]\ntype = "dual_taylor_mask"\nsparsity = 0.6\n',
+    # sparsegpt, with the survey, block-output scoring and true-sequential re-observation split over the processes' samples
+    "sparsegpt-allocation": '[[passes]]\ntype = "calibrate"\n[[passes]]\ntype = "sparsity_allocation"\nprofile = "error"\nsurvey_samples = 3\n'
+                  '[[passes]]\ntype = "attention_kl_update"\nscoring = "block_output"\nkl_samples = 3\n'
+                  '[[passes]]\ntype = "sparsegpt"\nsparsity = 0.6\ntrue_sequential = true\n',
 }
 
 
@@ -61,7 +64,7 @@ def test_killed_two_process_run_resumes_with_two(tmp_path, tiny_models):
 
     tokenizer = tiny_tokenizer()
     model = save_random_model(tiny_llama_config(len(tokenizer), layers=6, hidden=128, intermediate=384), tmp_path / "m", tokenizer)
-    recipe = write_recipe(tmp_path / "r.toml", str(model), METHODS["sparsegpt"], samples=6, seq_len=64)
+    recipe = write_recipe(tmp_path / "r.toml", str(model), METHODS["sparsegpt-allocation"], samples=6, seq_len=64)  # a resume recomputes the survey
     reference, output = tmp_path / "reference", tmp_path / "resumed"
     done = _d2c("--quiet", "run", str(recipe), "--output", str(reference), "--nproc", "2")
     assert done.returncode == 0, done.stderr[-3000:]

@@ -60,3 +60,18 @@ def test_plan_lists_schedule_layers_and_estimates(tmp_path, tiny_models, capsys)
     assert "self_attn.q_proj (q)" in touched and "mlp.gate_proj (gate)" in touched and "down_proj" not in touched
     assert re.search(r"time\s+total\s+[\d.]+ s", out) and re.search(r"memory peak \(sum\)\s+\d+ MiB", out)
     assert not (tmp_path / "out").exists()
+
+
+def test_plan_counts_the_survey_and_true_sequential_forwards(tmp_path, tiny_models, capsys):
+    from d2compiler.driver.plan import make_plan
+    from d2compiler.recipe.schema import load_recipe
+
+    passes = ('[[passes]]\ntype = "calibrate"\n[[passes]]\ntype = "sparsity_allocation"\nprofile = "error"\n'
+              '[[passes]]\ntype = "sparsegpt"\nsparsity = 0.6\ntrue_sequential = true\n')
+    recipe = write_recipe(tmp_path / "r.toml", str(tiny_models["llama"]), passes)
+    assert main(["--quiet", "plan", str(recipe)]) == 0
+    assert "further block forwards (survey, true-sequential stages, block-output scoring)" in capsys.readouterr().out
+    estimate = make_plan(load_recipe(recipe)).estimate_s
+    further = estimate["further block forwards (survey, true-sequential stages, block-output scoring)"]
+    # 3 stages more, and the survey's dense run and trial on all 4 samples (it asks for 8): 5 against the usual 2
+    assert further == pytest.approx(2.5 * estimate["block forwards (observe + re-forward)"])

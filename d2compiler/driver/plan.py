@@ -270,6 +270,11 @@ def _estimate(plan: Plan, blocks: list[list[LinearLayer]], block_groups: list[se
     obs = sum(sum(c.solves_s) for c in plan.costs)
     kl_s = sum(c.kl_forward_s + sum(c.kl_solves_s) for c in plan.costs)
     plan.estimate_s = {"block forwards (observe + re-forward)": fwd, "statistics": stats}
+    samples = max(tokens // seq, 1)
+    extra = sum(c.extra_forwards + c.sample_forwards[0] * min(c.sample_forwards[1] or samples, samples) / samples
+                for c in costs) * fwd / 2  # fwd is two full forwards
+    if extra:
+        plan.estimate_s["further block forwards (survey, true-sequential stages, block-output scoring)"] = extra
     if solves:
         plan.estimate_s["masks and OBS updates"] = obs
     if kl_s:

@@ -96,6 +96,9 @@ class PlanCost:
     solves: bool = False  # one OBS-style solve per targeted layer (costed with the `column_us` rate)
     kl_samples: int | None = None  # scores attention candidates over this many calibration samples (0: all)
     statistics_copies: int = 1  # statistics accumulators it keeps per input (held-out Hessians: 2)
+    extra_forwards: float = 0.0  # further block forwards over all calibration samples (true-sequential stages)
+    sample_forwards: tuple[float, int] = (0.0, 0)  # (further forwards per sample, on the first n samples; 0: all):
+    # the survey, block-output scoring
 
 
 class Pass(ABC):
