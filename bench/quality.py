@@ -88,12 +88,14 @@ def _method_passes(method: str, pattern: str, options: dict[str, Any]) -> list[d
     raise SystemExit(f"unknown method {method!r}")
 
 
-SUITE = [  # (recipe, seeds): the README's quality table (`--suite`)
+SUITE = [  # (recipe, seeds): the README's quality table (`--suite`); seeds are disjoint C4 calibration sets
+    ("recipes/wanda-unstructured-50.toml", 1), ("recipes/wanda-unstructured-60.toml", 1),
+    ("recipes/wanda-unstructured-70.toml", 1), ("recipes/wanda-2of4.toml", 1),
     ("recipes/sparsegpt-unstructured-50.toml", 1), ("recipes/d2prune-unstructured-50.toml", 1),
-    ("recipes/sparsegpt-unstructured-60.toml", 3), ("recipes/sparsegpt-owl-unstructured-60.toml", 3),
-    ("recipes/d2prune-unstructured-60.toml", 3),
-    ("recipes/sparsegpt-unstructured-70.toml", 3), ("recipes/sparsegpt-owl-unstructured-70.toml", 3),
-    ("recipes/d2prune-unstructured-70.toml", 3),
+    ("recipes/sparsegpt-unstructured-60.toml", 3), ("recipes/sparsegpt-owl-unstructured-60.toml", 1),
+    ("recipes/sparsegpt-alloc-unstructured-60.toml", 3), ("recipes/d2prune-unstructured-60.toml", 3),
+    ("recipes/sparsegpt-unstructured-70.toml", 3), ("recipes/sparsegpt-owl-unstructured-70.toml", 1),
+    ("recipes/sparsegpt-alloc-unstructured-70.toml", 3), ("recipes/d2prune-unstructured-70.toml", 3),
     ("recipes/sparsegpt-2of4.toml", 3), ("recipes/d2prune-2of4.toml", 3),
 ]
 
@@ -234,27 +236,36 @@ def aggregate(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 UNIFORM_SPARSEGPT = re.compile(r"sparsegpt-(unstructured-\d+|2of4)$")  # the plain baseline recipes
+ALLOCATED_SPARSEGPT = re.compile(r"sparsegpt-alloc-unstructured-\d+$")  # SparseGPT with the allocation D²Prune uses
 
 
 def ratio_lines(rows: list[dict[str, Any]]) -> list[str]:
     """Per pattern: each recipe's mean ppl over plain uniform SparseGPT's (`sparsegpt-*` recipes), and
-    the ratio per seed (paired on the same calibration set), mean ± std."""
-    base = {(r["pattern"], round(r["sparsity"], 2)): r for r in rows if r.get("recipe") and UNIFORM_SPARSEGPT.match(label(r))}
+    D²Prune's over SparseGPT with the same allocation; the ratio per seed (paired on the same
+    calibration set), mean ± std, and the ratio of mean pruning times."""
+    def baselines(pattern: re.Pattern) -> dict[tuple[str, float], dict[str, Any]]:
+        return {(r["pattern"], round(r["sparsity"], 2)): r for r in rows if r.get("recipe") and pattern.match(label(r))}
+
+    uniform, allocated = baselines(UNIFORM_SPARSEGPT), baselines(ALLOCATED_SPARSEGPT)
     lines = []
     for r in rows:
-        ref = base.get((r["pattern"], round(r["sparsity"], 2)))
-        if ref is None or r is ref or not r.get("recipe"):
-            continue
-        paired = [r["ppls"][k] / ref["ppls"][k] for k in r["ppls"] if k in ref["ppls"]]
-        mean, std = mean_std(paired) if paired else (float("nan"), 0.0)
-        wall = r["wall_mean"] / ref["wall_mean"] if ref["wall_mean"] else float("nan")
-        lines.append(f"| {label(r)} | {label(ref)} | {r['ppl_mean'] / ref['ppl_mean']:.3f} | {mean:.3f} ± {std:.3f} | "
-                     f"{len(paired)} | {wall:.2f} |")
+        key = (r["pattern"], round(r["sparsity"], 2))
+        refs = [uniform.get(key)] + ([allocated.get(key)] if label(r).startswith("d2prune") else [])
+        for ref in refs:
+            if ref is None or r is ref or not r.get("recipe"):
+                continue
+            paired = [r["ppls"][k] / ref["ppls"][k] for k in r["ppls"] if k in ref["ppls"]]
+            mean, std = mean_std(paired) if paired else (float("nan"), 0.0)
+            wall = r["wall_mean"] / ref["wall_mean"] if ref["wall_mean"] else float("nan")
+            lines.append(f"| {label(r)} | {label(ref)} | {r['ppl_mean'] / ref['ppl_mean']:.3f} | {mean:.3f} ± {std:.3f} | "
+                         f"{len(paired)} | {wall:.2f} |")
     if not lines:
         return []
-    return ["### Ratios to uniform SparseGPT", "",
-            "Seed-paired: both recipes calibrated on the same C4 windows. `wall` is the ratio of mean pruning times.", "",
-            "| recipe | baseline | ratio of means | per-seed ratio (mean ± std) | seeds | wall |", "|---|---|---|---|---|---|",
+    return ["### Ratios", "",
+            "Perplexity of a recipe over its baseline's: the ratio of the mean perplexities (each over its own seeds), and the "
+            "ratio per seed, paired on the same C4 calibration windows (mean ± sample std over the shared seeds). `wall`: the "
+            "ratio of mean pruning times.", "",
+            "| recipe | baseline | ratio of means | per-seed ratio | shared seeds | wall |", "|---|---|---|---|---|---|",
             *lines, ""]
 
 
