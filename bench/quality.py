@@ -269,6 +269,40 @@ def ratio_lines(rows: list[dict[str, Any]]) -> list[str]:
             *lines, ""]
 
 
+SUMMARY_COLUMNS = [  # (column, recipe stem pattern with {p} for the pattern's suffix)
+    ("Wanda", "wanda-{p}"), ("SparseGPT", "sparsegpt-{p}"), ("SparseGPT + OWL", "sparsegpt-owl-{p}"),
+    ("SparseGPT + error allocation", "sparsegpt-alloc-{p}"), ("D²Prune (shipped recipe)", "d2prune-{p}"),
+]
+
+
+def summary_table(rows: list[dict[str, Any]]) -> list[str]:
+    """The README table: per pattern, the mean test perplexity (± std over seeds) of each suite recipe,
+    and D²Prune's seed-paired ratios to uniform SparseGPT and to SparseGPT with the same allocation."""
+    by_label = {label(r): r for r in rows if r.get("recipe")}
+    if not by_label:
+        return []
+    lines = ["### Summary (the README table)", "",
+             "| pattern | " + " | ".join(c for c, _ in SUMMARY_COLUMNS) + " | D²Prune / SparseGPT | D²Prune / SparseGPT + allocation | "
+             "D²Prune wall / SparseGPT wall |", "|---" * (len(SUMMARY_COLUMNS) + 4) + "|"]
+    for suffix, name in (("unstructured-50", "50%"), ("unstructured-60", "60%"), ("unstructured-70", "70%"), ("2of4", "2:4")):
+        cells = []
+        for _column, stem in SUMMARY_COLUMNS:
+            r = by_label.get(stem.format(p=suffix))
+            cells.append("" if r is None else f"{r['ppl_mean']:.2f}" + (f" ± {r['ppl_std']:.2f}" if len(r["ppls"]) > 1 else ""))
+        d2, base, alloc = (by_label.get(f"{x}-{suffix}") for x in ("d2prune", "sparsegpt", "sparsegpt-alloc"))
+
+        def paired(a: dict[str, Any] | None, b: dict[str, Any] | None) -> str:
+            if a is None or b is None:
+                return ""
+            ratios = [a["ppls"][k] / b["ppls"][k] for k in a["ppls"] if k in b["ppls"]]
+            mean, std = mean_std(ratios)
+            return f"{mean:.3f}" + (f" ± {std:.3f}" if len(ratios) > 1 else "")
+
+        wall = f"{d2['wall_mean'] / base['wall_mean']:.2f}×" if d2 and base and base["wall_mean"] else ""
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {paired(d2, base)} | {paired(d2, alloc)} | {wall} |")
+    return [*lines, ""]
+
+
 def markdown(records: list[dict[str, Any]]) -> str:
     lines = [
         "# Quality benchmark: SmolLM2-135M-Instruct",
@@ -298,7 +332,7 @@ def markdown(records: list[dict[str, Any]]) -> str:
             lines.append(f"| {label(r)} | {r['pattern']} | {r['sparsity']:.3f} | {opts} | {r['ppl_mean']:.3f}{spread} | {seeds} | "
                          f"{r['wall_mean']:.1f} | {r['peak_rss_mb']:.0f} | {r.get('measured', 'earlier run')} "
                          f"({', '.join(sorted(r['commits']))}) |")
-        lines += ["", *ratio_lines(rows)]
+        lines += ["", *summary_table(rows), *ratio_lines(rows)]
     return "\n".join(lines)
 
 
@@ -316,6 +350,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--suite", action="store_true", help="run the recipes of SUITE (the README table) instead of --methods")
     parser.add_argument("--recipes", default=None, help="comma list of recipe files to run instead of --methods (with --seeds)")
     parser.add_argument("--fresh", action="store_true", help="drop every earlier record of the results file first")
+    parser.add_argument("--render", action="store_true", help="only regenerate the .md from the results file's records")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     add_smoke_flag(parser)
     args = parser.parse_args(argv)
@@ -327,6 +362,9 @@ def main(argv: list[str] | None = None) -> int:
     args.windows = args.windows or pick(32, 2)
     out = results_dir() / Path(args.results or "quality.json").name
     out.parent.mkdir(parents=True, exist_ok=True)
+    if args.render:
+        out.with_suffix(".md").write_text(markdown(load_results(out)))
+        return 0
     options = json.loads(args.options)
     common = {"calibration": args.calibration, "evaluation": args.eval, "samples": args.samples, "windows": args.windows}
     configs = []
