@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # Hyperparameter search for D²Prune on WikiText-2 *valid* (never test): 60% unstructured (stages 1-3)
-# and 2:4 (stage 4), the quality.py protocol (C4, 32 x 512 calibration tokens), 16 validation windows.
+# and 2:4 (stage 4), the quality.py protocol (C4, 32 x 512 calibration tokens), 16 validation windows;
+# stage 5, at 70% with 32 validation windows: the layer-wise allocation (owl vs error, λ), the update
+# choice's scoring (block output) and true-sequential; its choice (error, λ = 0.12) is written into the
+# recipes that `bench/quality.py --suite` runs.
 # Results: bench/results/tuning.json and tuning.md. bench/run_d2prune.sh reads the best settings.
 # --smoke: every stage with the first value of each grid only, on the tiny model (bench/protocol.py).
 set -euo pipefail
@@ -13,7 +16,7 @@ if [[ "${1:-}" == "--smoke" ]]; then
 fi
 first() { if [[ -n $SMOKE ]]; then echo "$1"; else echo "$@"; fi; }  # a grid, or its first value in smoke runs
 Q="$PY bench/quality.py $SMOKE --eval valid --windows $( [[ -n $SMOKE ]] && echo 2 || echo 16 ) --patterns 0.6 --results tuning.json"
-STAGES=${STAGES:-"1 2 3 4"}
+STAGES=${STAGES:-"1 2 3 4 5"}
 if [[ $STAGES == *1* ]]; then  # the dual-Taylor weight (the activation terms scale as lambda1 / s^2)
   $Q --methods sparsegpt
   for l1 in $(first 1 10 100 300 1000); do $Q --methods d2-sparsegpt --options "{\"lambda1\": $l1}"; done
@@ -31,5 +34,17 @@ if [[ $STAGES == *4* ]]; then  # 2:4: the per-block choice's rho, candidate set 
   if [[ -z $SMOKE ]]; then
     $Q24 --methods d2prune-kl --options '{"lambda1": 100, "rho": 1.0, "candidates": "all"}'
     $Q24 --methods d2prune-kl --options '{"lambda1": 100, "rho": 1.0, "selection": "holdout"}'
+  fi
+fi
+if [[ $STAGES == *5* ]]; then  # 70%: layer-wise allocation, the update choice by block output, true-sequential
+  Q70="$PY bench/quality.py $SMOKE --eval valid --windows $( [[ -n $SMOKE ]] && echo 2 || echo 32 ) --patterns 0.7 --results tuning.json"
+  for lam in $(first 0.08 0.12 0.16 0.2); do $Q70 --methods sparsegpt --options "{\"allocation\": \"error\", \"owl_lmbda\": $lam}"; done
+  if [[ -z $SMOKE ]]; then
+    $Q70 --methods sparsegpt
+    $Q70 --methods sparsegpt --options '{"allocation": "owl"}'
+    $Q70 --methods sparsegpt --options '{"true_sequential": true}'
+    $Q70 --methods d2prune-kl --options '{"lambda1": 100, "rho": 1.0, "candidates": "one-off"}'
+    $Q70 --methods d2prune-kl --options '{"lambda1": 100, "scoring": "block_output", "selection": "holdout", "candidates": "one-off"}'
+    $Q70 --methods d2prune-kl --options '{"lambda1": 100, "rho": 1.0, "candidates": "one-off", "allocation": "error", "owl_lmbda": 0.12}'
   fi
 fi

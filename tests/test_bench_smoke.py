@@ -16,7 +16,8 @@ BENCH = ROOT / "bench"
 PY = sys.executable
 
 SCRIPTS = {
-    "quality.py": [PY, "bench/quality.py", "--smoke", "--methods", "dense,sparsegpt,d2prune-kl", "--patterns", "0.5"],
+    "quality.py": [PY, "bench/quality.py", "--smoke", "--recipes", "recipes/sparsegpt-unstructured-70.toml,recipes/d2prune-unstructured-70.toml",
+                   "--seeds", "2"],  # the --suite path: recipe files, seeds, the ratio tables
     "attention_fidelity.py": [PY, "bench/attention_fidelity.py", "--smoke", "--methods", "sparsegpt,d2prune-kl"],
     "arch.py": [PY, "bench/arch.py", "--smoke", "--models", "minilm,digits-vit"],
     "cost.py": [PY, "bench/cost.py", "--smoke"],
