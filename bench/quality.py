@@ -63,6 +63,9 @@ def method_passes(method: str, pattern: str, options: dict[str, Any]) -> list[di
     return passes
 
 
+UPDATE_OPTIONS = ("rho", "candidates", "selection", "kl_samples", "scoring", "objective")  # attention_kl_update's, from --options
+
+
 def _method_passes(method: str, pattern: str, options: dict[str, Any]) -> list[dict[str, Any]]:
     mask = {"mask_structure": pattern} if ":" in pattern else {"sparsity": float(pattern)}
     if options.get("true_sequential"):
@@ -78,12 +81,10 @@ def _method_passes(method: str, pattern: str, options: dict[str, Any]) -> list[d
         if method == "d2prune-fixed":
             update["no_update"] = options.get("no_update", ["v"])
         else:
-            update.update({k: v for k, v in options.items() if k in ("rho", "candidates", "selection", "kl_samples", "scoring",
-                                                                   "objective")})
+            update.update({k: v for k, v in options.items() if k in UPDATE_OPTIONS})
         return [{"type": "calibrate"}, update, {"type": "dual_taylor_mask", **mask, **d2}]
     if method == "sparsegpt-kl":  # SparseGPT with the attention-aware update plan (no dual-Taylor score)
-        update = {"type": "attention_kl_update", "strategy": "kl",
-                  **{k: v for k, v in options.items() if k in ("rho", "candidates", "selection", "kl_samples", "scoring", "objective")}}
+        update = {"type": "attention_kl_update", "strategy": "kl", **{k: v for k, v in options.items() if k in UPDATE_OPTIONS}}
         return [{"type": "calibrate"}, update, {"type": "sparsegpt", **mask}]
     raise SystemExit(f"unknown method {method!r}")
 

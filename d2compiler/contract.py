@@ -5,23 +5,22 @@ these names may move.
 - `Pass`, `PassParams`, `TargetedParams`, `PassResult`, `register_pass`: define and register a pass
   (see `docs/writing-a-pass.md`);
 - `BlockContext`: what a pass sees of the current block (layers, `select`, `artifact`, `publish`,
-  `record_mask`, `map_layers`, `reduce`);
-- `LinearLayer`: one prunable linear (`weight_matrix`, `set_weight_matrix`, `role`, `shape`);
+  `record_mask`, `map_layers`, `reduce`, `reobserve`, `output_error_sums`);
+- `LinearLayer`: one prunable linear (`weight_matrix`, `set_weight_matrix`, `stand_in`, `role`, `shape`);
 - `PassError`: the error a pass raises for a problem the user can act on (exit status 2);
   `PreconditionError` from `Pass.precondition`; `Condition` is what `Pass.postconditions` returns;
   `PassOrderError` from `Pass.check_schedule`;
 - `ArtifactKind`, `register_artifact`: declare an artifact kind a pass exchanges (`artifacts`);
 - `UpdateVariants`: the interface of a pruning pass that honours an update plan; `PlanCost`: what a
   pass adds to `d2c plan`'s estimate;
-- helpers the shipped passes share with the core: `obs_cost`, `block_outputs_with` (a block's outputs
-  under stand-in weights), attention capture (`AttentionRecorder`,
+- helpers the shipped passes share with the core: `obs_cost`, attention capture (`AttentionRecorder`,
   `AttentionCall`, `attention_kl`) and 2:4 storage (`Packed24Linear`, `violations_2_4`).
 """
 
 from __future__ import annotations
 
 from d2compiler.errors import PassError, PassOrderError, PostconditionError, PreconditionError
-from d2compiler.execution.executor import BlockContext, block_outputs_with, obs_cost
+from d2compiler.execution.executor import BlockContext, obs_cost
 from d2compiler.graph.attention import AttentionCall, AttentionRecorder, attention_kl
 from d2compiler.graph.packing import Packed24Linear, violations_2_4
 from d2compiler.graph.structure import LinearLayer
@@ -39,5 +38,5 @@ from d2compiler.recipe.passmanager import (
 
 __all__ = ["ArtifactKind", "AttentionCall", "AttentionRecorder", "BlockContext", "Condition", "LinearLayer", "Packed24Linear",
            "Pass", "PassError", "PassOrderError", "PassParams", "PassResult", "PlanCost", "PostconditionError", "PreconditionError",
-           "TargetedParams", "UpdateVariants", "attention_kl", "block_outputs_with", "obs_cost", "register_artifact", "register_pass",
+           "TargetedParams", "UpdateVariants", "attention_kl", "obs_cost", "register_artifact", "register_pass",
            "violations_2_4"]

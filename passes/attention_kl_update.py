@@ -29,7 +29,6 @@ from d2compiler.contract import (
     PlanCost,
     UpdateVariants,
     attention_kl,
-    block_outputs_with,
     register_pass,
 )
 
@@ -319,24 +318,18 @@ class AttentionKLUpdatePass(Pass):
         """The candidate with the least relative block-output error ‖Y′−Y‖²/‖Y‖² on the scored samples
         (`mine`: this process's). Y′: the block with the candidate's q/k/v and every other targeted
         linear of the consumer pruned with the update (cached, so the pruning pass reuses it)."""
-        inputs = [ctx.inputs[i] for i in mine]
         others = [layer for layer in ctx.targets_of(consumer) if layer.role not in proj]
         consumer.prepare_variants(ctx, [(layer, True, None, "all") for layer in others])
         base: dict[str, torch.Tensor] = {}
         for layer in others:
-            key = f"{layer.owner}.weight"
-            base[key] = layer.replaced_weight(consumer.variant(ctx, layer, True)[0], base=base.get(key))
-        sums = torch.zeros(len(candidates), 2, dtype=torch.float64, device=ctx.device)
-        for c, cand in enumerate(candidates):
+            layer.stand_in(base, consumer.variant(ctx, layer, True)[0])
+        rows = []
+        for cand in candidates:
             weights = dict(base)
             for role, layer in proj.items():
-                key = f"{layer.owner}.weight"
-                weights[key] = layer.replaced_weight(variant(role, role not in cand), base=weights.get(key))
-            for i, out in zip(mine, block_outputs_with(ctx.module, inputs, weights)):
-                dense = ctx.dense_outputs[i].double()
-                sums[c, 0] += (out.double() - dense).pow(2).sum()
-                sums[c, 1] += dense.pow(2).sum()
-        ctx.reduce(sums)
+                layer.stand_in(weights, variant(role, role not in cand))
+            rows.append(ctx.output_error_sums(mine, weights))
+        sums = ctx.reduce(torch.stack(rows))
         errors = (sums[:, 0] / sums[:, 1].clamp_min(1e-30)).tolist()
         table = {_label(cand): {"block_error": err, "objective": err} for cand, err in zip(candidates, errors)}
         best = min(table, key=lambda c: table[c]["objective"])
@@ -380,8 +373,6 @@ class AttentionKLUpdatePass(Pass):
         weights: dict[str, torch.Tensor] = {}
         for role, update in zip(("q", "k"), updates):
             if role in proj:
-                layer = proj[role]
-                key = f"{layer.owner}.weight"
-                weights[key] = layer.replaced_weight(variant(role, update), base=weights.get(key))
+                proj[role].stand_in(weights, variant(role, update))
         recorder = AttentionRecorder(ctx.structure.attention[0].kind)
         return [recorder.run_prefix(ctx.module, inp.args, inp.kwargs, weights) for inp, _dense in samples]

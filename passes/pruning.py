@@ -81,18 +81,6 @@ class SparsityParams(TargetedParams):
         return nm[0] / nm[1] if nm else float(self.sparsity or 0.0)
 
 
-def relative_error(before: torch.Tensor, after: torch.Tensor, hessian: torch.Tensor | None) -> torch.Tensor | None:
-    """‖(W − W′)X‖² / ‖WX‖² over the calibration tokens, from H = XXᵀ/n (None without H), as a 0-dim
-    tensor on the weights' device (no host sync; the executor reads a pass's metrics at once)."""
-    if hessian is None:
-        return None
-    hessian = hessian.to(before.device)
-    delta = before - after
-    num = torch.sum((delta @ hessian) * delta)
-    den = torch.sum((before @ hessian) * before)
-    return torch.where(den > 0, num / den, torch.zeros_like(num))
-
-
 def absolute_error(before: torch.Tensor, after: torch.Tensor, hessian: torch.Tensor | None) -> torch.Tensor | None:
     """‖(W − W′)X‖² per calibration token, from H = XXᵀ/n (None without H), as a 0-dim tensor on the
     weights' device (multiply by the tokens for the sum over them)."""
@@ -100,6 +88,16 @@ def absolute_error(before: torch.Tensor, after: torch.Tensor, hessian: torch.Ten
         return None
     delta = before - after
     return torch.sum((delta @ hessian.to(before.device)) * delta)
+
+
+def relative_error(before: torch.Tensor, after: torch.Tensor, hessian: torch.Tensor | None) -> torch.Tensor | None:
+    """‖(W − W′)X‖² / ‖WX‖² over the calibration tokens, from H = XXᵀ/n (None without H), as a 0-dim
+    tensor on the weights' device (no host sync; the executor reads a pass's metrics at once)."""
+    num = absolute_error(before, after, hessian)
+    if num is None:
+        return None
+    den = torch.sum((before @ hessian.to(before.device)) * before)
+    return torch.where(den > 0, num / den, torch.zeros_like(num))
 
 
 class PruningPass(Pass):
@@ -131,7 +129,7 @@ class PruningPass(Pass):
         if not params.true_sequential:
             self._prune(ctx, layers, result)
             return result
-        stages = forward_stages(ctx, layers)
+        stages = ctx.observed_groups(layers)  # q/k/v; o; gate/up; down
         for i, stage in enumerate(stages):
             if i:  # the statistics of this stage's inputs, from the block as pruned so far
                 ctx.reobserve([p for p in ctx.schedule if p.observes and p.provides & self.requires] + ([self] if self.observes else []))
@@ -171,13 +169,6 @@ class PruningPass(Pass):
             }
             result.modified = True
 
-
-def forward_stages(ctx: BlockContext, layers: list[LinearLayer]) -> list[list[LinearLayer]]:
-    """`layers` grouped by shared input (q/k/v; o; gate/up; down), in the block's module order."""
-    stages: dict[tuple[str, ...], list[LinearLayer]] = {}
-    for layer in layers:
-        stages.setdefault(tuple(ctx.structure.group_of(layer.owner)), []).append(layer)
-    return list(stages.values())
 
 
 class PlannedPruningPass(PruningPass, UpdateVariants):

@@ -8,7 +8,8 @@ s_b lie in [S−λ, S+λ] around the pruning pass's `sparsity` S:
   share of its Wanda scores |W_ij|·‖x_j‖ above `owl_m` × their mean over the block; more outliers,
   lower sparsity;
 - `error` (ours): the block's relative output error ‖Y′−Y‖²/‖Y‖² when all its targeted linears
-  are Wanda-pruned at S (weights passed functionally); larger error, lower sparsity (the log error is scaled, see `allocation`).
+  are Wanda-pruned at S (weights passed functionally,
+  `BlockContext.output_error_sums`); larger error, lower sparsity (the log error is scaled, see `allocation`).
 
 Every layer of a block gets the block's sparsity; then per-layer prune counts are made exact: the
 pruned total over the targeted layers is round(S · their weights) (`allocation.exact_counts`).
@@ -28,7 +29,6 @@ from d2compiler.contract import (
     PassParams,
     PassResult,
     PlanCost,
-    block_outputs_with,
     register_pass,
 )
 
@@ -152,23 +152,14 @@ class SparsityAllocationPass(Pass):
 
     def _trial_error(self, ctx: Any, layers: list[Any], norms: dict[str, torch.Tensor]) -> torch.Tensor:
         """Σ‖Y′−Y‖² / Σ‖Y‖² over the surveyed samples, Y′ with every targeted linear Wanda-pruned at
-        the target sparsity (passed functionally; the block is not written)."""
+        the target sparsity (stood in functionally; the block is not written)."""
         target = self._target
         weights: dict[str, torch.Tensor] = {}
         for layer in layers:
             w = layer.weight_matrix().float()
             score = w.abs() * norms[layer.name].to(w.device).unsqueeze(0)
-            pruned = w.masked_fill(lowest_per_row(score, row_counts(*w.shape, target)), 0.0)
-            key = f"{layer.owner}.weight"
-            weights[key] = layer.replaced_weight(pruned, base=weights.get(key))
-        sums = torch.zeros(2, dtype=torch.float64, device=ctx.device)
-        if ctx.inputs:
-            trial = block_outputs_with(ctx.module, ctx.inputs, weights)
-            for out, dense in zip(trial, ctx.dense_outputs):
-                dense = dense.double()
-                sums[0] += (out.double() - dense).pow(2).sum()
-                sums[1] += dense.pow(2).sum()
-        ctx.reduce(sums)
+            layer.stand_in(weights, w.masked_fill(lowest_per_row(score, row_counts(*w.shape, target)), 0.0))
+        sums = ctx.reduce(ctx.output_error_sums(list(range(len(ctx.inputs))), weights))
         return sums[0] / sums[1].clamp_min(1e-30)
 
     def finish_survey(self) -> None:

@@ -219,12 +219,13 @@ class BlockContext:
         """The layers of this block that `params.targets` / `params.ignore` pick."""
         return select_layers(self.layers, params.targets, params.ignore)
 
-    def observed_groups(self) -> list[list[LinearLayer]]:
-        """Targeted layers grouped by shared input tensor (one accumulator per group); the slices of a
-        fused linear share its input, so they fall in one group."""
+    def observed_groups(self, layers: list[LinearLayer] | None = None) -> list[list[LinearLayer]]:
+        """`layers` (default: the targeted ones) grouped by shared input tensor, in module order (one
+        accumulator per group; q/k/v, o, gate/up, down); the slices of a fused linear share its input,
+        so they fall in one group."""
         groups: dict[tuple[str, ...], list[LinearLayer]] = {}
-        for layer in self.layers:
-            if layer.name in self.targeted:
+        for layer in self.layers if layers is None else layers:
+            if layers is not None or layer.name in self.targeted:
                 groups.setdefault(tuple(self.structure.group_of(layer.owner)), []).append(layer)
         return list(groups.values())
 
@@ -253,23 +254,50 @@ class BlockContext:
     def artifact(self, artifact: str, layer: str) -> Any:
         return self.artifacts.get(artifact, {}).get(layer)
 
-    def reobserve(self, passes: list[Pass]) -> None:
-        """Run the block as it now is (partly pruned) over the calibration inputs with `passes`
-        observing (`begin_observe` / `end_observe`), so the statistics they publish describe it: the
-        true-sequential mode of the pruning passes."""
+    def bracketed_forward(self, passes: list[Pass], begin: str = "begin_observe", end: str = "end_observe") -> list[torch.Tensor]:
+        """Run the block as it now is over `inputs`, each of `passes` called (method `begin`, then
+        `end`, e.g. `begin_observe` / `end_observe`) before and after as the active writer; the outputs
+        are kept in `dense_outputs` and returned."""
         running = self.active
         try:
             for p in passes:
                 self.active = p
-                p.begin_observe(self)
+                getattr(p, begin)(self)
             self.active = None
-            forward_block(self.module, self.inputs)
+            self.dense_outputs = forward_block(self.module, self.inputs)
             for p in passes:
                 self.active = p
-                p.end_observe(self)
+                getattr(p, end)(self)
         finally:
             self.active = running
+        return self.dense_outputs
+
+    def reobserve(self, passes: list[Pass]) -> None:
+        """Run the block as it now is (partly pruned) with `passes` observing, so the statistics they
+        publish describe it: the true-sequential mode of the pruning passes. `dense_outputs` stays
+        the dense block's."""
+        dense = self.dense_outputs
+        self.bracketed_forward(passes)
+        self.dense_outputs = dense
         check_statistics(self)
+
+    def output_error_sums(self, indices: list[int], weights: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(Σ‖Y′−Y‖², Σ‖Y‖²) in float64 over this process's samples `indices` (into `inputs`): Y′ the
+        block's outputs with `weights` standing in (`LinearLayer.stand_in`; the block is not written),
+        Y its `dense_outputs`. Not reduced over the processes: sum several, then `reduce` once."""
+        sums = torch.zeros(2, dtype=torch.float64, device=self.device)
+        outputs = block_outputs_with(self.module, [self.inputs[i] for i in indices], weights)
+        for i, out in zip(indices, outputs):
+            dense = self.dense_outputs[i].double()
+            sums[0] += (out.double() - dense).pow(2).sum()
+            sums[1] += dense.pow(2).sum()
+        return sums
+
+    def parameter_changes(self, before: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Per parameter, a 0-dim int tensor (no host sync): 1 if its fingerprint differs from `before`
+        (`fingerprints()`), else 0."""
+        after = self.fingerprints()
+        return {name: (after[name] != old).any().int() for name, old in before.items()}
 
     def record_mask(self, layer: str, keep: torch.Tensor) -> None:
         """Record a keep-mask; a weight already masked stays masked (masks compose by AND)."""
@@ -559,29 +587,16 @@ class BlockExecutor:
         inputs = [inp for i, inp in enumerate(inputs) if self._samples[0] + i < count]  # this process's share of them
         for index in progress(range(last + 1), desc="survey", disable=self.quiet):
             with self.on_device(index) as block:
-                structure = self._structures[block_signature(block)]
-                layers = self.layers_of(index, structure)
-                names = {layer.name for layer in layers}
-                targeted = set().union(*(t & names for t in targets.values())) if targets else set()
-                ctx = BlockContext(index, f"{self.blocks_path}.{index}", block, layers, structure, self.device, inputs, set(),
-                                   targeted, schedule=self.schedule, group=self.group, sample_offset=self._samples[0],
-                                   sample_count=count)
+                ctx = self.context(index, block, inputs, set(), targets, sample_count=count)
                 before = ctx.fingerprints()
-                for p in surveyors:
-                    ctx.active = p
-                    p.begin_survey(ctx)
-                ctx.active = None
-                ctx.dense_outputs = forward_block(block, inputs)
-                for p in surveyors:
-                    ctx.active = p
-                    p.end_survey(ctx)
-                after = ctx.fingerprints()
-                differs = torch.stack([(before[name] != after[name]).any() for name in before]).tolist() if before else []
-                changed = [name for name, bad in zip(before, differs) if bad]
+                outputs = ctx.bracketed_forward(surveyors, "begin_survey", "end_survey")
+                changes = ctx.parameter_changes(before)
+                differs = torch.stack(list(changes.values())).tolist() if changes else []
+                changed = [name for name, bad in zip(changes, differs) if bad]
                 if changed:
                     raise PassError(f"the survey of block {index} changed {changed[0]} (passes: "
                                     f"{', '.join(p.name for p in surveyors)}); a survey must only read the block")
-                inputs = [inp.with_hidden(h) for inp, h in zip(inputs, ctx.dense_outputs)] if index < last else inputs
+                inputs = [inp.with_hidden(h) for inp, h in zip(inputs, outputs)] if index < last else inputs
         for p in surveyors:
             p.finish_survey()
 
@@ -601,35 +616,34 @@ class BlockExecutor:
                     f"match no linear in {self.blocks_path}.*; the blocks hold: {sample}"
                 )
 
-    def _run_block(self, index: int, block: nn.Module, inputs: list[BlockInput], needed: set[str], targets: dict[int, set[str]],
-                   last: int) -> tuple[BlockReport, list[torch.Tensor]]:
-        """Observe, apply the passes, and return the block's outputs (empty for the last block).
-        `block` is already on the compute device (see `on_device`)."""
+    def context(self, index: int, block: nn.Module, inputs: list[BlockInput], needed: set[str], targets: dict[int, set[str]],
+                sample_count: int | None = None) -> BlockContext:
+        """The context of block `index` (already on the compute device): its layers, the ones some pass
+        targets, and this process's share of `sample_count` samples (default: all the run's)."""
         structure = self._structures[block_signature(block)]
         layers = self.layers_of(index, structure)
         names = {layer.name for layer in layers}
         targeted = set().union(*(t & names for t in targets.values())) if targets else set()
+        return BlockContext(index, f"{self.blocks_path}.{index}", block, layers, structure, self.device, inputs, needed, targeted,
+                            schedule=self.schedule, group=self.group, sample_offset=self._samples[0],
+                            sample_count=self._samples[1] if sample_count is None else sample_count)
+
+    def _run_block(self, index: int, block: nn.Module, inputs: list[BlockInput], needed: set[str], targets: dict[int, set[str]],
+                   last: int) -> tuple[BlockReport, list[torch.Tensor]]:
+        """Observe, apply the passes, and return the block's outputs (empty for the last block).
+        `block` is already on the compute device (see `on_device`)."""
+        ctx = self.context(index, block, inputs, needed, targets)
+        targeted = ctx.targeted
         named = list(block.named_parameters())
         finite = torch.stack([torch.isfinite(param).all() for _n, param in named]).tolist() if named else []
         nonfinite = [pname for (pname, _param), ok in zip(named, finite) if not ok]
         if nonfinite:  # one host sync per block, not one per parameter
             raise PassError(f"{self.blocks_path}.{index}.{nonfinite[0]}: the model's weights hold NaN or Inf before pruning")
-        ctx = BlockContext(index, f"{self.blocks_path}.{index}", block, layers, structure, self.device,
-                           inputs, needed, targeted, schedule=self.schedule, group=self.group,
-                           sample_offset=self._samples[0], sample_count=self._samples[1])
         times: dict[str, float] = {}
         results: list[tuple[str, PassResult]] = []
         start = time.perf_counter()
         if targeted and any(p.observes for p in self.schedule):
-            for p in self.schedule:
-                ctx.active = p
-                p.begin_observe(ctx)
-            ctx.active = None
-            ctx.dense_outputs = forward_block(block, inputs)
-            for p in self.schedule:
-                ctx.active = p
-                p.end_observe(ctx)
-            ctx.active = None
+            ctx.bracketed_forward(self.schedule)
             check_statistics(ctx)
             times["observe"] = time.perf_counter() - start
         modified = False

@@ -142,6 +142,12 @@ class LinearLayer:
         target.copy_(value.to(dtype=target.dtype, device=target.device))
         return full
 
+    def stand_in(self, weights: dict[str, torch.Tensor], value: torch.Tensor) -> None:
+        """Put this layer's (out, in) matrix `value` into `weights` (block parameter name -> tensor, for
+        a functional call of the block), composed with the other slices of a fused weight already there."""
+        key = f"{self.owner}.weight"
+        weights[key] = self.replaced_weight(value, base=weights.get(key))
+
     def weight_matrix(self) -> torch.Tensor:
         """The weight as an (out, in) view of the parameter data (no copy); a slice's rows only."""
         w = self.module.weight.data

@@ -195,9 +195,8 @@ class Pass(ABC):
         conditions += [((~torch.isfinite(layer.module.weight)).sum(), f"left {{}} NaN or Inf values in {layer.name}")
                        for layer in ctx.layers]
         if not self.in_place:  # a pass that declares it only reads the block left every parameter as it was
-            after = ctx.fingerprints()
-            conditions += [((after[name] != before).any().int(), f"declares in_place = False but wrote {name}")
-                           for name, before in ctx.fingerprints_before.items()]
+            conditions += [(changed, f"declares in_place = False but wrote {name}")
+                           for name, changed in ctx.parameter_changes(ctx.fingerprints_before).items()]
         return conditions
 
     @abstractmethod
