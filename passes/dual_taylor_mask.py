@@ -50,7 +50,7 @@ class DualTaylorMaskPass(PlannedPruningPass):
         return DualTaylorSettings(p.lambda1, p.lambda2, p.s, p.stats, p.target_sparsity, p.n_of_m, p.block_size, p.dampening_frac)
 
     def begin_observe(self, ctx: Any) -> None:
-        for layer in ctx.select(self.params):
+        for layer in ctx.observed(ctx.select(self.params)):
             out_f, in_f = layer.shape
             stats = self._stats[layer.name] = LayerStats(out_f, in_f, self.params.s, reference=self.params.stats == "reference")
             self._handles.append(layer.module.register_forward_hook(

@@ -111,19 +111,37 @@ def test_eval_cli_on_output(tiny_models, tmp_path, capsys):
     assert "no such file" in capsys.readouterr().err
 
 
-def test_true_sequential_reobserves_after_each_stage(tiny_models, tmp_path):
+def test_forward_until_stops_after_the_stage_modules():
+    """A re-observation runs the block only until its stage's modules have run, once per sample:
+    modules after them are skipped, and hooks registered before it fire as usual."""
+    from d2compiler.execution.executor import BlockInput, forward_until
+
+    block = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4), torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
+    calls = {i: 0 for i in range(4)}
+    for i, module in enumerate(block):
+        module.register_forward_hook(lambda _m, _i, _o, i=i: calls.__setitem__(i, calls[i] + 1))
+    forward_until(block, [BlockInput((torch.randn(2, 4),), {}) for _ in range(3)], [block[2], block[1]])
+    assert calls == {0: 3, 1: 3, 2: 3, 3: 0}
+    assert all(len(module._forward_hooks) == 1 for module in block)  # its own hooks are removed
+
+
+D2PRUNE = '[[passes]]\ntype = "calibrate"\n[[passes]]\ntype = "attention_kl_update"\n[[passes]]\ntype = "dual_taylor_mask"\n'
+
+
+@pytest.mark.parametrize("method", ["sparsegpt", "dual_taylor_mask"])
+def test_true_sequential_reobserves_after_each_stage(tiny_models, tmp_path, method):
     """true_sequential: q/k/v (first stage) are pruned as without it; o, gate/up and down from
-    Hessians of the partly pruned block, so they differ; sparsity stays exact."""
+    statistics of the partly pruned block, so they differ; sparsity stays exact."""
     from safetensors.torch import load_file
 
     weights = {}
     for flag in ("false", "true"):
         out = tmp_path / flag
-        passes = PASSES["sparsegpt"] + f"sparsity = 0.6\ntrue_sequential = {flag}\n"
+        passes = (PASSES["sparsegpt"] if method == "sparsegpt" else D2PRUNE) + f"sparsity = 0.6\ntrue_sequential = {flag}\n"
         assert main(["--quiet", "run", str(write_recipe(tmp_path / f"{flag}.toml", str(tiny_models["llama"]), passes, output=out))]) == 0
         weights[flag] = load_file(out / "model.safetensors")
         record = json.loads((out / "sparsity.json").read_text())
-    stages = record["blocks"][0]["passes"]["sparsegpt"]["stages"]
+    stages = record["blocks"][0]["passes"][method]["stages"]
     assert stages == [["q", "k", "v"], ["o"], ["gate", "up"], ["down"]]
     for name, tensor in weights["true"].items():
         if name.startswith("model.layers.0.") and name.endswith("proj.weight"):

@@ -131,6 +131,35 @@ def forward_block(block: nn.Module, inputs: list[BlockInput]) -> list[torch.Tens
     return block_outputs(block, inputs)[0]
 
 
+class _StopForward(Exception):
+    """Raised by `forward_until`'s hooks to end a block call early."""
+
+
+def forward_until(block: nn.Module, inputs: list[BlockInput], stops: list[nn.Module]) -> None:
+    """Run the block over each input only until every module of `stops` has run (the forward hooks
+    registered on them before this call have fired); the rest of the block is skipped. Outputs are
+    not kept: this serves observation only."""
+    modules = list({id(m): m for m in stops}.values())
+    pending: set[int] = set()
+
+    def reached(module: nn.Module, _inp: Any, _out: Any) -> None:
+        pending.discard(id(module))
+        if not pending:
+            raise _StopForward
+
+    handles = [m.register_forward_hook(reached) for m in modules]
+    try:
+        for inp in inputs:
+            pending.update(id(m) for m in modules)
+            try:
+                block(*inp.args, **inp.kwargs)
+            except _StopForward:
+                pass
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 @torch.no_grad()
 def block_outputs_with(block: nn.Module, inputs: list[BlockInput], weights: dict[str, torch.Tensor]) -> list[torch.Tensor]:
     """The block's output hidden states for `inputs` with `weights` (by parameter name, e.g.
@@ -165,6 +194,7 @@ class BlockContext:
     sample_count: int = 0  # calibration samples over all processes (0: len(inputs))
     active: Pass | None = None  # the pass the executor is running (its declarations govern `publish`)
     fingerprints_before: dict[str, torch.Tensor] = field(default_factory=dict)  # before a pass that declares it only reads
+    observing: frozenset[str] | None = None  # during `reobserve`: the layers whose statistics it is for (None: all)
 
     def fingerprints(self) -> dict[str, torch.Tensor]:
         """Each block parameter's (sum, sum of squares) in float64, on its device (no host sync): what
@@ -220,14 +250,20 @@ class BlockContext:
         return select_layers(self.layers, params.targets, params.ignore)
 
     def observed_groups(self, layers: list[LinearLayer] | None = None) -> list[list[LinearLayer]]:
-        """`layers` (default: the targeted ones) grouped by shared input tensor, in module order (one
+        """`layers` (default: the targeted ones, those of the stage during `reobserve`) grouped by shared input tensor, in module order (one
         accumulator per group; q/k/v, o, gate/up, down); the slices of a fused linear share its input,
         so they fall in one group."""
+        if layers is None:
+            layers = self.observed([layer for layer in self.layers if layer.name in self.targeted])
         groups: dict[tuple[str, ...], list[LinearLayer]] = {}
-        for layer in self.layers if layers is None else layers:
-            if layers is not None or layer.name in self.targeted:
-                groups.setdefault(tuple(self.structure.group_of(layer.owner)), []).append(layer)
+        for layer in layers:
+            groups.setdefault(tuple(self.structure.group_of(layer.owner)), []).append(layer)
         return list(groups.values())
+
+    def observed(self, layers: list[LinearLayer]) -> list[LinearLayer]:
+        """Those of `layers` an observation now running is for: all of them, except during
+        `reobserve`, which observes one stage's layers only (observing passes hook only these)."""
+        return layers if self.observing is None else [layer for layer in layers if layer.name in self.observing]
 
     def targets_of(self, pass_: Pass) -> list[LinearLayer]:
         """The layers of this block that another scheduled pass acts on (all, for a pass without targets)."""
@@ -254,17 +290,22 @@ class BlockContext:
     def artifact(self, artifact: str, layer: str) -> Any:
         return self.artifacts.get(artifact, {}).get(layer)
 
-    def bracketed_forward(self, passes: list[Pass], begin: str = "begin_observe", end: str = "end_observe") -> list[torch.Tensor]:
+    def bracketed_forward(self, passes: list[Pass], begin: str = "begin_observe", end: str = "end_observe",
+                          stops: list[nn.Module] | None = None) -> list[torch.Tensor]:
         """Run the block as it now is over `inputs`, each of `passes` called (method `begin`, then
         `end`, e.g. `begin_observe` / `end_observe`) before and after as the active writer; the outputs
-        are kept in `dense_outputs` and returned."""
+        are kept in `dense_outputs` and returned. With `stops`, each call ends once those modules have
+        run (`forward_until`), and `dense_outputs` is left as it was."""
         running = self.active
         try:
             for p in passes:
                 self.active = p
                 getattr(p, begin)(self)
             self.active = None
-            self.dense_outputs = forward_block(self.module, self.inputs)
+            if stops is None:
+                self.dense_outputs = forward_block(self.module, self.inputs)
+            else:
+                forward_until(self.module, self.inputs, stops)
             for p in passes:
                 self.active = p
                 getattr(p, end)(self)
@@ -272,13 +313,16 @@ class BlockContext:
             self.active = running
         return self.dense_outputs
 
-    def reobserve(self, passes: list[Pass]) -> None:
-        """Run the block as it now is (partly pruned) with `passes` observing, so the statistics they
-        publish describe it: the true-sequential mode of the pruning passes. `dense_outputs` stays
-        the dense block's."""
-        dense = self.dense_outputs
-        self.bracketed_forward(passes)
-        self.dense_outputs = dense
+    def reobserve(self, passes: list[Pass], layers: list[LinearLayer]) -> None:
+        """Run the block as it now is (partly pruned) with `passes` observing `layers` only, so the
+        statistics they publish for these describe it: the true-sequential mode of the pruning passes.
+        Each call stops once `layers` have run; the statistics of other layers and `dense_outputs`
+        (the dense block's) stay as they were."""
+        self.observing = frozenset(layer.name for layer in layers)
+        try:
+            self.bracketed_forward(passes, stops=[layer.module for layer in layers])
+        finally:
+            self.observing = None
         check_statistics(self)
 
     def output_error_sums(self, indices: list[int], weights: dict[str, torch.Tensor]) -> torch.Tensor:
