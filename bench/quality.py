@@ -70,6 +70,8 @@ def _method_passes(method: str, pattern: str, options: dict[str, Any]) -> list[d
     mask = {"mask_structure": pattern} if ":" in pattern else {"sparsity": float(pattern)}
     if options.get("true_sequential"):
         mask["true_sequential"] = True
+        if options.get("sequential_stages"):
+            mask["sequential_stages"] = options["sequential_stages"]
     simple = {"magnitude", "wanda", "sparsegpt"}
     if method in simple:
         return [{"type": "calibrate"}, {"type": method, **mask}]

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from pydantic import Field, field_validator, model_validator
 
-from d2compiler.contract import Pass, PassResult, PlanCost, TargetedParams, UpdateVariants, obs_cost
+from d2compiler.contract import Pass, PassError, PassResult, PlanCost, TargetedParams, UpdateVariants, obs_cost
 
 if TYPE_CHECKING:
     from d2compiler.contract import BlockContext, LinearLayer
@@ -35,7 +35,14 @@ class SparsityParams(TargetedParams):
         description="Prune the block's linears stage by stage in forward order (q/k/v, then o, then gate/up, then "
         "down: the groups that share an input), and before each later stage re-run the partly pruned block so "
         "its statistics (Hessians, activation norms) see the already-pruned upstream projections, as the SparseGPT "
-        "repository's `--true-sequential`. Costs one more block forward per stage.",
+        "repository's `--true-sequential`. Costs one more block forward per later stage (it observes only that "
+        "stage's layers).",
+    )
+    sequential_stages: list[list[str]] | None = Field(
+        default=None,
+        description="With `true_sequential`: the stages as lists of layer roles, in the order they are pruned, e.g. "
+        "`[[\"q\", \"k\", \"v\", \"o\", \"gate\", \"up\"], [\"down\"]]` re-runs the block once, before `down` "
+        "(cheaper than one stage per shared input, the default). Every targeted layer's role must be in one stage.",
     )
     mask_structure: str = Field(
         default="unstructured",
@@ -66,6 +73,19 @@ class SparsityParams(TargetedParams):
                 f"'sparsity' = {self.sparsity} contradicts mask_structure = '{self.mask_structure}' "
                 f"(which prunes {nm[0]}/{nm[1]}); drop 'sparsity'"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _check_stages(self) -> SparsityParams:
+        if self.sequential_stages is None:
+            return self
+        if not self.true_sequential:
+            raise ValueError("'sequential_stages' needs true_sequential = true")
+        roles = [role for stage in self.sequential_stages for role in stage]
+        if not self.sequential_stages or any(not stage for stage in self.sequential_stages):
+            raise ValueError("'sequential_stages' needs non-empty stages")
+        if len(set(roles)) != len(roles):
+            raise ValueError(f"'sequential_stages' names a role twice: {sorted({r for r in roles if roles.count(r) > 1})}")
         return self
 
     @property
@@ -110,9 +130,12 @@ class PruningPass(Pass):
     optional = frozenset({"layer_sparsity"})
 
     def plan_cost(self) -> PlanCost:
-        """True-sequential re-runs the block before each later stage, up to that stage's layers (in a
-        Llama about 0.4 + 0.8 + 1 block forwards: to o, to gate/up, to down)."""
-        return PlanCost(extra_forwards=2.2 if self.params.true_sequential else 0.0)
+        """True-sequential re-runs the block before each later stage (three more forwards in a Llama,
+        one per later stage of `sequential_stages`)."""
+        params: SparsityParams = self.params  # type: ignore[assignment]
+        if not params.true_sequential:
+            return PlanCost()
+        return PlanCost(extra_forwards=3.0 if params.sequential_stages is None else float(len(params.sequential_stages) - 1))
 
     def sparsity_of(self, ctx: BlockContext, layer: LinearLayer) -> float:
         """The fraction of `layer` this pass prunes: its allocated `layer_sparsity`, else `sparsity`."""
@@ -130,7 +153,7 @@ class PruningPass(Pass):
         if not params.true_sequential:
             self._prune(ctx, layers, result)
             return result
-        stages = ctx.observed_groups(layers)  # q/k/v; o; gate/up; down
+        stages = self.stages(ctx, layers)
         for i, stage in enumerate(stages):
             if i:  # the statistics of this stage's inputs, from the block as pruned so far
                 ctx.reobserve([p for p in ctx.schedule if p.observes and p.provides & self.requires] + ([self] if self.observes else []), stage)
@@ -138,6 +161,19 @@ class PruningPass(Pass):
             self._prune(ctx, stage, result)
         result.info["stages"] = [[layer.role for layer in stage] for stage in stages]
         return result
+
+    def stages(self, ctx: BlockContext, layers: list[LinearLayer]) -> list[list[LinearLayer]]:
+        """The true-sequential stages: `sequential_stages` by role, else one per shared input (q/k/v;
+        o; gate/up; down)."""
+        roles = self.params.sequential_stages
+        if roles is None:
+            return ctx.observed_groups(layers)
+        missing = [f"{layer.name} ({layer.role})" for layer in layers if not any(layer.role in stage for stage in roles)]
+        if missing:
+            raise PassError(f"{self.name}: sequential_stages leaves out {', '.join(missing)} (block {ctx.index}); "
+                            "name every targeted layer's role in one stage")
+        stages = [[layer for layer in layers if layer.role in stage] for stage in roles]
+        return [stage for stage in stages if stage]
 
     def forget_variants(self, ctx: BlockContext, layers: list[LinearLayer]) -> None:
         """Drop pruned variants computed ahead (from statistics that are now stale). Default: none kept."""

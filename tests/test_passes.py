@@ -111,20 +111,6 @@ def test_eval_cli_on_output(tiny_models, tmp_path, capsys):
     assert "no such file" in capsys.readouterr().err
 
 
-def test_forward_until_stops_after_the_stage_modules():
-    """A re-observation runs the block only until its stage's modules have run, once per sample:
-    modules after them are skipped, and hooks registered before it fire as usual."""
-    from d2compiler.execution.executor import BlockInput, forward_until
-
-    block = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4), torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
-    calls = {i: 0 for i in range(4)}
-    for i, module in enumerate(block):
-        module.register_forward_hook(lambda _m, _i, _o, i=i: calls.__setitem__(i, calls[i] + 1))
-    forward_until(block, [BlockInput((torch.randn(2, 4),), {}) for _ in range(3)], [block[2], block[1]])
-    assert calls == {0: 3, 1: 3, 2: 3, 3: 0}
-    assert all(len(module._forward_hooks) == 1 for module in block)  # its own hooks are removed
-
-
 D2PRUNE = '[[passes]]\ntype = "calibrate"\n[[passes]]\ntype = "attention_kl_update"\n[[passes]]\ntype = "dual_taylor_mask"\n'
 
 
@@ -148,3 +134,31 @@ def test_true_sequential_reobserves_after_each_stage(tiny_models, tmp_path, meth
             same = torch.equal(tensor, weights["false"][name])
             assert same == any(f".{r}_proj." in name for r in ("q", "k", "v")), name
             assert int((tensor == 0).sum()) == round(0.6 * tensor.numel())
+
+
+def test_sequential_stages_re_observe_only_before_the_named_stages(tiny_models, tmp_path, capsys):
+    """sequential_stages = [[q, k, v, o, gate, up], [down]]: one re-observation, so only down differs
+    from the run without true_sequential; a role left out, or stages without true_sequential, are
+    refused, located, with exit status 2."""
+    from safetensors.torch import load_file
+
+    model = str(tiny_models["llama"])
+    weights = {}
+    for flag, extra in (("plain", ""), ("down", 'true_sequential = true\nsequential_stages = [["q", "k", "v", "o", "gate", "up"], ["down"]]\n')):
+        out = tmp_path / flag
+        recipe = write_recipe(tmp_path / f"{flag}.toml", model, PASSES["sparsegpt"] + "sparsity = 0.6\n" + extra, output=out)
+        assert main(["--quiet", "run", str(recipe)]) == 0
+        weights[flag] = load_file(out / "model.safetensors")
+    stages = json.loads((tmp_path / "down" / "sparsity.json").read_text())["blocks"][0]["passes"]["sparsegpt"]["stages"]
+    assert stages == [["q", "k", "v", "o", "gate", "up"], ["down"]]
+    for name, tensor in weights["down"].items():
+        if name.startswith("model.layers.0.") and name.endswith("proj.weight"):
+            assert torch.equal(tensor, weights["plain"][name]) == ("down_proj" not in name), name
+    capsys.readouterr()
+    for extra, message in (('true_sequential = true\nsequential_stages = [["q", "k", "v", "o"], ["down"]]\n', "leaves out"),
+                           ('sequential_stages = [["q"], ["down"]]\n', "needs true_sequential")):
+        recipe = write_recipe(tmp_path / "bad.toml", model, PASSES["sparsegpt"] + "sparsity = 0.6\n" + extra, output=tmp_path / "bad")
+        assert main(["--quiet", "run", str(recipe)]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err and ("bad.toml" in err or "block 0" in err), err
+        assert not (tmp_path / "bad").exists()
