@@ -94,12 +94,12 @@ def _method_passes(method: str, pattern: str, options: dict[str, Any]) -> list[d
 SUITE = [  # (recipe, seeds): the README's quality table (`--suite`); seeds are disjoint C4 calibration sets
     ("recipes/wanda-unstructured-50.toml", 1), ("recipes/wanda-unstructured-60.toml", 1),
     ("recipes/wanda-unstructured-70.toml", 1), ("recipes/wanda-2of4.toml", 1),
-    ("recipes/sparsegpt-unstructured-50.toml", 1), ("recipes/d2prune-unstructured-50.toml", 1),
+    ("recipes/sparsegpt-unstructured-50.toml", 3), ("recipes/d2prune-unstructured-50.toml", 3),
     ("recipes/sparsegpt-unstructured-60.toml", 3), ("recipes/sparsegpt-owl-unstructured-60.toml", 1),
     ("recipes/sparsegpt-alloc-unstructured-60.toml", 3), ("recipes/d2prune-unstructured-60.toml", 3),
     ("recipes/sparsegpt-unstructured-70.toml", 3), ("recipes/sparsegpt-owl-unstructured-70.toml", 1),
     ("recipes/sparsegpt-alloc-unstructured-70.toml", 3), ("recipes/d2prune-unstructured-70.toml", 3),
-    ("recipes/sparsegpt-2of4.toml", 3), ("recipes/d2prune-2of4.toml", 3),
+    ("recipes/sparsegpt-2of4.toml", 3), ("recipes/sparsegpt-ts-2of4.toml", 1), ("recipes/d2prune-2of4.toml", 3),
 ]
 
 
@@ -240,6 +240,7 @@ def aggregate(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 UNIFORM_SPARSEGPT = re.compile(r"sparsegpt-(unstructured-\d+|2of4)$")  # the plain baseline recipes
 ALLOCATED_SPARSEGPT = re.compile(r"sparsegpt-alloc-unstructured-\d+$")  # SparseGPT with the allocation D²Prune uses
+SEQUENTIAL_SPARSEGPT = re.compile(r"sparsegpt-ts-(unstructured-\d+|2of4)$")  # SparseGPT with D²Prune's true-sequential stages
 
 
 def ratio_lines(rows: list[dict[str, Any]]) -> list[str]:
@@ -249,11 +250,11 @@ def ratio_lines(rows: list[dict[str, Any]]) -> list[str]:
     def baselines(pattern: re.Pattern) -> dict[tuple[str, float], dict[str, Any]]:
         return {(r["pattern"], round(r["sparsity"], 2)): r for r in rows if r.get("recipe") and pattern.match(label(r))}
 
-    uniform, allocated = baselines(UNIFORM_SPARSEGPT), baselines(ALLOCATED_SPARSEGPT)
+    uniform, allocated, sequential = (baselines(p) for p in (UNIFORM_SPARSEGPT, ALLOCATED_SPARSEGPT, SEQUENTIAL_SPARSEGPT))
     lines = []
     for r in rows:
         key = (r["pattern"], round(r["sparsity"], 2))
-        refs = [uniform.get(key)] + ([allocated.get(key)] if label(r).startswith("d2prune") else [])
+        refs = [uniform.get(key)] + ([allocated.get(key), sequential.get(key)] if label(r).startswith("d2prune") else [])
         for ref in refs:
             if ref is None or r is ref or not r.get("recipe"):
                 continue
@@ -274,7 +275,8 @@ def ratio_lines(rows: list[dict[str, Any]]) -> list[str]:
 
 SUMMARY_COLUMNS = [  # (column, recipe stem pattern with {p} for the pattern's suffix)
     ("Wanda", "wanda-{p}"), ("SparseGPT", "sparsegpt-{p}"), ("SparseGPT + OWL", "sparsegpt-owl-{p}"),
-    ("SparseGPT + error allocation", "sparsegpt-alloc-{p}"), ("D²Prune (shipped recipe)", "d2prune-{p}"),
+    ("SparseGPT + error allocation", "sparsegpt-alloc-{p}"), ("SparseGPT + true-sequential", "sparsegpt-ts-{p}"),
+    ("D²Prune (shipped recipe)", "d2prune-{p}"),
 ]
 
 
@@ -286,13 +288,13 @@ def summary_table(rows: list[dict[str, Any]]) -> list[str]:
         return []
     lines = ["### Summary (the README table)", "",
              "| pattern | " + " | ".join(c for c, _ in SUMMARY_COLUMNS) + " | D²Prune / SparseGPT | D²Prune / SparseGPT + allocation | "
-             "D²Prune wall / SparseGPT wall |", "|---" * (len(SUMMARY_COLUMNS) + 4) + "|"]
+             "D²Prune / SparseGPT + true-sequential | D²Prune wall / SparseGPT wall |", "|---" * (len(SUMMARY_COLUMNS) + 5) + "|"]
     for suffix, name in (("unstructured-50", "50%"), ("unstructured-60", "60%"), ("unstructured-70", "70%"), ("2of4", "2:4")):
         cells = []
         for _column, stem in SUMMARY_COLUMNS:
             r = by_label.get(stem.format(p=suffix))
             cells.append("" if r is None else f"{r['ppl_mean']:.2f}" + (f" ± {r['ppl_std']:.2f}" if len(r["ppls"]) > 1 else ""))
-        d2, base, alloc = (by_label.get(f"{x}-{suffix}") for x in ("d2prune", "sparsegpt", "sparsegpt-alloc"))
+        d2, base, alloc, seq = (by_label.get(f"{x}-{suffix}") for x in ("d2prune", "sparsegpt", "sparsegpt-alloc", "sparsegpt-ts"))
 
         def paired(a: dict[str, Any] | None, b: dict[str, Any] | None) -> str:
             if a is None or b is None:
@@ -302,7 +304,7 @@ def summary_table(rows: list[dict[str, Any]]) -> list[str]:
             return f"{mean:.3f}" + (f" ± {std:.3f}" if len(ratios) > 1 else "")
 
         wall = f"{d2['wall_mean'] / base['wall_mean']:.2f}×" if d2 and base and base["wall_mean"] else ""
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {paired(d2, base)} | {paired(d2, alloc)} | {wall} |")
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {paired(d2, base)} | {paired(d2, alloc)} | {paired(d2, seq)} | {wall} |")
     return [*lines, ""]
 
 

@@ -3,7 +3,9 @@
 # and 2:4 (stage 4), the quality.py protocol (C4, 32 x 512 calibration tokens), 16 validation windows;
 # stage 5, at 70% with 32 validation windows: the layer-wise allocation (owl vs error, λ), the update
 # choice's scoring (block output) and true-sequential; its choice (error, λ = 0.12) is written into the
-# recipes that `bench/quality.py --suite` runs.
+# recipes that `bench/quality.py --suite` runs. Stage 6, at 2:4 with 32 validation windows: true-sequential
+# stages for SparseGPT and D²Prune (all four, or one re-run before down or before gate/up); its choice
+# (one re-run before down, candidates = all) is in recipes/d2prune-2of4.toml.
 # Results: bench/results/tuning.json and tuning.md. bench/run_d2prune.sh reads the best settings.
 # --smoke: every stage with the first value of each grid only, on the tiny model (bench/protocol.py).
 set -euo pipefail
@@ -16,7 +18,7 @@ if [[ "${1:-}" == "--smoke" ]]; then
 fi
 first() { if [[ -n $SMOKE ]]; then echo "$1"; else echo "$@"; fi; }  # a grid, or its first value in smoke runs
 Q="$PY bench/quality.py $SMOKE --eval valid --windows $( [[ -n $SMOKE ]] && echo 2 || echo 16 ) --patterns 0.6 --results tuning.json"
-STAGES=${STAGES:-"1 2 3 4 5"}
+STAGES=${STAGES:-"1 2 3 4 5 6"}
 if [[ $STAGES == *1* ]]; then  # the dual-Taylor weight (the activation terms scale as lambda1 / s^2)
   $Q --methods sparsegpt
   for l1 in $(first 1 10 100 300 1000); do $Q --methods d2-sparsegpt --options "{\"lambda1\": $l1}"; done
@@ -46,5 +48,19 @@ if [[ $STAGES == *5* ]]; then  # 70%: layer-wise allocation, the update choice b
     $Q70 --methods d2prune-kl --options '{"lambda1": 100, "rho": 1.0, "candidates": "one-off"}'
     $Q70 --methods d2prune-kl --options '{"lambda1": 100, "scoring": "block_output", "selection": "holdout", "candidates": "one-off"}'
     $Q70 --methods d2prune-kl --options '{"lambda1": 100, "rho": 1.0, "candidates": "one-off", "allocation": "error", "owl_lmbda": 0.12}'
+  fi
+fi
+if [[ $STAGES == *6* ]]; then  # 2:4: true-sequential stages
+  Q24V="$PY bench/quality.py $SMOKE --eval valid --windows $( [[ -n $SMOKE ]] && echo 2 || echo 32 ) --patterns 2:4 --results tuning.json"
+  DOWN='"sequential_stages": [["q", "k", "v", "o", "gate", "up"], ["down"]]'
+  $Q24V --methods d2prune-kl --options "{\"candidates\": \"all\", \"lambda1\": 100, \"rho\": 1.0, \"true_sequential\": true, $DOWN}"
+  if [[ -z $SMOKE ]]; then
+    $Q24V --methods sparsegpt
+    $Q24V --methods sparsegpt --options '{"true_sequential": true}'
+    $Q24V --methods sparsegpt --options "{\"true_sequential\": true, $DOWN}"
+    $Q24V --methods d2prune-kl --options '{"candidates": "all", "lambda1": 100, "rho": 1.0}'
+    $Q24V --methods d2prune-kl --options '{"candidates": "all", "lambda1": 100, "rho": 1.0, "true_sequential": true}'
+    $Q24V --methods d2prune-kl --options '{"candidates": "all", "lambda1": 100, "rho": 1.0, "true_sequential": true, "sequential_stages": [["q", "k", "v", "o"], ["gate", "up", "down"]]}'
+    $Q24V --methods d2prune-kl --options "{\"candidates\": \"one-off\", \"lambda1\": 100, \"rho\": 1.0, \"true_sequential\": true, $DOWN}"
   fi
 fi

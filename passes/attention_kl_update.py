@@ -155,6 +155,12 @@ class AttentionKLUpdatePass(Pass):
             m = min(m, n - 1)  # keep at least one sample to fit on
         return max(m, 0)
 
+    def statistics_read(self, ctx: Any) -> set[str]:
+        """The q/k/v statistics (its candidates); every targeted layer's with `scoring = "block_output"`."""
+        if self.params.scoring == "block_output":
+            return set(ctx.targeted)
+        return {layer.name for layer in ctx.layers if layer.role in QKV}
+
     def begin_observe(self, ctx: Any) -> None:
         p: AttentionKLParams = self.params  # type: ignore[assignment]
         by_output = p.scoring == "block_output"

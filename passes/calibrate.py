@@ -74,6 +74,10 @@ class CalibratePass(Pass):
         self._handles: list[Any] = []
         self._accs: dict[str, tuple[_Accumulator, list[str]]] = {}
 
+    def statistics_read(self, ctx: Any) -> set[str]:
+        """None: it records statistics for others."""
+        return set()
+
     def begin_observe(self, ctx: Any) -> None:
         want_hessian = "hessian" in ctx.needed or self.params.hessian
         for group in ctx.observed_groups():

@@ -162,6 +162,13 @@ class PruningPass(Pass):
         result.info["stages"] = [[layer.role for layer in stage] for stage in stages]
         return result
 
+    def statistics_read(self, ctx: BlockContext) -> set[str]:
+        """Its targets; with `true_sequential`, only the first stage's (the later ones are re-observed)."""
+        layers = ctx.select(self.params)
+        if self.params.true_sequential and layers:
+            layers = self.stages(ctx, layers)[0]
+        return {layer.name for layer in layers}
+
     def stages(self, ctx: BlockContext, layers: list[LinearLayer]) -> list[list[LinearLayer]]:
         """The true-sequential stages: `sequential_stages` by role, else one per shared input (q/k/v;
         o; gate/up; down)."""

@@ -136,22 +136,37 @@ def test_true_sequential_reobserves_after_each_stage(tiny_models, tmp_path, meth
             assert int((tensor == 0).sum()) == round(0.6 * tensor.numel())
 
 
-def test_sequential_stages_re_observe_only_before_the_named_stages(tiny_models, tmp_path, capsys):
+def test_sequential_stages_re_observe_only_before_the_named_stages(tiny_models, tmp_path, capsys, monkeypatch):
     """sequential_stages = [[q, k, v, o, gate, up], [down]]: one re-observation, so only down differs
-    from the run without true_sequential; a role left out, or stages without true_sequential, are
-    refused, located, with exit status 2."""
+    from the run without true_sequential. The block's first observation skips down's statistics (they
+    are re-observed before use): down's inputs are accumulated once per sample, not twice, and the
+    weights equal those of a run that records them anyway. A role left out, or stages without
+    true_sequential, are refused, located, with exit status 2."""
     from safetensors.torch import load_file
 
+    from passes.gram import Gram
+    from passes.pruning import PruningPass
+
     model = str(tiny_models["llama"])
-    weights = {}
-    for flag, extra in (("plain", ""), ("down", 'true_sequential = true\nsequential_stages = [["q", "k", "v", "o", "gate", "up"], ["down"]]\n')):
+    config = json.loads((tiny_models["llama"] / "config.json").read_text())
+    down_widths = []
+    add = Gram.add
+    monkeypatch.setattr(Gram, "add", lambda self, x: (down_widths.append(self.width == config["intermediate_size"]), add(self, x))[1])
+    stages_toml = 'true_sequential = true\nsequential_stages = [["q", "k", "v", "o", "gate", "up"], ["down"]]\n'
+    weights, down_adds = {}, {}
+    for flag, extra in (("plain", ""), ("down", stages_toml), ("all-observed", stages_toml)):
+        if flag == "all-observed":
+            monkeypatch.setattr(PruningPass, "statistics_read", lambda self, ctx: {layer.name for layer in ctx.select(self.params)})
+        down_widths.clear()
         out = tmp_path / flag
         recipe = write_recipe(tmp_path / f"{flag}.toml", model, PASSES["sparsegpt"] + "sparsity = 0.6\n" + extra, output=out)
         assert main(["--quiet", "run", str(recipe)]) == 0
-        weights[flag] = load_file(out / "model.safetensors")
+        weights[flag], down_adds[flag] = load_file(out / "model.safetensors"), sum(down_widths)
+    assert down_adds["down"] == down_adds["plain"] and down_adds["all-observed"] == 2 * down_adds["plain"] > 0
     stages = json.loads((tmp_path / "down" / "sparsity.json").read_text())["blocks"][0]["passes"]["sparsegpt"]["stages"]
     assert stages == [["q", "k", "v", "o", "gate", "up"], ["down"]]
     for name, tensor in weights["down"].items():
+        assert torch.equal(tensor, weights["all-observed"][name]), name
         if name.startswith("model.layers.0.") and name.endswith("proj.weight"):
             assert torch.equal(tensor, weights["plain"][name]) == ("down_proj" not in name), name
     capsys.readouterr()

@@ -165,7 +165,7 @@ class BlockContext:
     sample_count: int = 0  # calibration samples over all processes (0: len(inputs))
     active: Pass | None = None  # the pass the executor is running (its declarations govern `publish`)
     fingerprints_before: dict[str, torch.Tensor] = field(default_factory=dict)  # before a pass that declares it only reads
-    observing: frozenset[str] | None = None  # during `reobserve`: the layers whose statistics it is for (None: all)
+    observing: frozenset[str] | None = None  # the layers an observation records statistics for (None: all targeted)
 
     def fingerprints(self) -> dict[str, torch.Tensor]:
         """Each block parameter's (sum, sum of squares) in float64, on its device (no host sync): what
@@ -232,8 +232,9 @@ class BlockContext:
         return list(groups.values())
 
     def observed(self, layers: list[LinearLayer]) -> list[LinearLayer]:
-        """Those of `layers` an observation now running is for: all of them, except during
-        `reobserve`, which observes one stage's layers only (observing passes hook only these)."""
+        """Those of `layers` an observation now running is for (observing passes hook only these): in
+        the block's first observation the layers some pass reads from it (`Pass.statistics_read`), in
+        `reobserve` one stage's layers."""
         return layers if self.observing is None else [layer for layer in layers if layer.name in self.observing]
 
     def targets_of(self, pass_: Pass) -> list[LinearLayer]:
@@ -655,7 +656,12 @@ class BlockExecutor:
         results: list[tuple[str, PassResult]] = []
         start = time.perf_counter()
         if targeted and any(p.observes for p in self.schedule):
-            ctx.bracketed_forward(self.schedule)
+            read = set().union(*(p.statistics_read(ctx) for p in self.schedule)) & targeted
+            ctx.observing = None if read >= targeted else frozenset(read)  # e.g. true-sequential's later stages
+            try:
+                ctx.bracketed_forward(self.schedule)
+            finally:
+                ctx.observing = None
             check_statistics(ctx)
             times["observe"] = time.perf_counter() - start
         modified = False

@@ -155,8 +155,19 @@ class Pass(ABC):
         """Refuse (raise `PassOrderError`) a recipe in which this pass cannot do what it was asked,
         given the other scheduled passes. Default: accept."""
 
+    def statistics_read(self, ctx: BlockContext) -> set[str]:
+        """Names of the layers whose statistics, as the block's first observation records them, this
+        pass reads (`hessian`, `act_norms`, or what it observes itself). That observation records
+        statistics only for layers some scheduled pass reads. Default: every layer it targets if it
+        requires or optionally uses a statistic, or observes; else none. A pass that re-observes some
+        layers before reading them (true-sequential) leaves those out."""
+        if (self.requires | self.optional) & STATISTICS or self.observes:
+            return {layer.name for layer in ctx.targets_of(self)}
+        return set()
+
     def begin_observe(self, ctx: BlockContext) -> None:
-        """Register what should be recorded while the dense block runs. Default: nothing."""
+        """Register what should be recorded while the dense block runs (for the layers
+        `ctx.observed` keeps). Default: nothing."""
 
     def end_observe(self, ctx: BlockContext) -> None:
         """Publish the artifacts recorded since `begin_observe`. Default: nothing."""
@@ -227,6 +238,8 @@ def register_pass(cls: type[Pass]) -> type[Pass]:
     PASS_REGISTRY[cls.name] = cls
     return cls
 
+
+STATISTICS = frozenset({"hessian", "act_norms"})  # the per-layer statistics the observation records (`calibrate`)
 
 PLUGIN_GROUP = "d2compiler.passes"
 _plugins_loaded = False
