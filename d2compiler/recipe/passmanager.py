@@ -239,7 +239,7 @@ def register_pass(cls: type[Pass]) -> type[Pass]:
     return cls
 
 
-STATISTICS = frozenset({"hessian", "act_norms"})  # the per-layer statistics the observation records (`calibrate`)
+STATISTICS = frozenset({"hessian", "act_norms"})  # the per-layer statistics artifacts an observing pass records
 
 PLUGIN_GROUP = "d2compiler.passes"
 _plugins_loaded = False
