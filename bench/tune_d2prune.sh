@@ -19,6 +19,9 @@ fi
 first() { if [[ -n $SMOKE ]]; then echo "$1"; else echo "$@"; fi; }  # a grid, or its first value in smoke runs
 Q="$PY bench/quality.py $SMOKE --eval valid --windows $( [[ -n $SMOKE ]] && echo 2 || echo 16 ) --patterns 0.6 --results tuning.json"
 STAGES=${STAGES:-"1 2 3 4 5 6"}
+valid() {  # quality.py on 32 WikiText-2 valid windows (2 in smoke runs) at pattern $1, more flags after it
+  $PY bench/quality.py $SMOKE --eval valid --windows "$( [[ -n $SMOKE ]] && echo 2 || echo 32 )" --patterns "$1" --results tuning.json "${@:2}"
+}
 if [[ $STAGES == *1* ]]; then  # the dual-Taylor weight (the activation terms scale as lambda1 / s^2)
   $Q --methods sparsegpt
   for l1 in $(first 1 10 100 300 1000); do $Q --methods d2-sparsegpt --options "{\"lambda1\": $l1}"; done
@@ -39,7 +42,7 @@ if [[ $STAGES == *4* ]]; then  # 2:4: the per-block choice's rho, candidate set 
   fi
 fi
 if [[ $STAGES == *5* ]]; then  # 70%: layer-wise allocation, the update choice by block output, true-sequential
-  Q70="$PY bench/quality.py $SMOKE --eval valid --windows $( [[ -n $SMOKE ]] && echo 2 || echo 32 ) --patterns 0.7 --results tuning.json"
+  Q70="valid 0.7"
   for lam in $(first 0.08 0.12 0.16 0.2); do $Q70 --methods sparsegpt --options "{\"allocation\": \"error\", \"owl_lmbda\": $lam}"; done
   if [[ -z $SMOKE ]]; then
     $Q70 --methods sparsegpt
@@ -51,7 +54,7 @@ if [[ $STAGES == *5* ]]; then  # 70%: layer-wise allocation, the update choice b
   fi
 fi
 if [[ $STAGES == *6* ]]; then  # 2:4: true-sequential stages
-  Q24V="$PY bench/quality.py $SMOKE --eval valid --windows $( [[ -n $SMOKE ]] && echo 2 || echo 32 ) --patterns 2:4 --results tuning.json"
+  Q24V="valid 2:4"
   DOWN='"sequential_stages": [["q", "k", "v", "o", "gate", "up"], ["down"]]'
   $Q24V --methods d2prune-kl --options "{\"candidates\": \"all\", \"lambda1\": 100, \"rho\": 1.0, \"true_sequential\": true, $DOWN}"
   if [[ -z $SMOKE ]]; then

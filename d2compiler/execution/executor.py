@@ -262,11 +262,14 @@ class BlockContext:
     def artifact(self, artifact: str, layer: str) -> Any:
         return self.artifacts.get(artifact, {}).get(layer)
 
-    def bracketed_forward(self, passes: list[Pass], begin: str = "begin_observe", end: str = "end_observe") -> list[torch.Tensor]:
+    def bracketed_forward(self, passes: list[Pass], begin: str = "begin_observe", end: str = "end_observe",
+                          observing: frozenset[str] | None = None) -> list[torch.Tensor]:
         """Run the block as it now is over `inputs`, each of `passes` called (method `begin`, then
         `end`, e.g. `begin_observe` / `end_observe`) before and after as the active writer; the outputs
-        are kept in `dense_outputs` and returned."""
+        are kept in `dense_outputs` and returned. `observing` is the layers the passes record
+        statistics for meanwhile (`observed`; None: all targeted)."""
         running = self.active
+        self.observing = observing
         try:
             for p in passes:
                 self.active = p
@@ -277,7 +280,7 @@ class BlockContext:
                 self.active = p
                 getattr(p, end)(self)
         finally:
-            self.active = running
+            self.active, self.observing = running, None
         return self.dense_outputs
 
     def reobserve(self, passes: list[Pass], layers: list[LinearLayer]) -> None:
@@ -287,11 +290,8 @@ class BlockContext:
         call runs the whole block: stopping it once `layers` had run saved under 10% of the re-run's
         time on SmolLM2 and raised the peak memory by a third.)"""
         dense = self.dense_outputs
-        self.observing = frozenset(layer.name for layer in layers)
-        try:
-            self.bracketed_forward(passes)
-        finally:
-            self.observing, self.dense_outputs = None, dense
+        self.bracketed_forward(passes, observing=frozenset(layer.name for layer in layers))
+        self.dense_outputs = dense
         check_statistics(self)
 
     def output_error_sums(self, indices: list[int], weights: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -657,11 +657,7 @@ class BlockExecutor:
         start = time.perf_counter()
         if targeted and any(p.observes for p in self.schedule):
             read = set().union(*(p.statistics_read(ctx) for p in self.schedule)) & targeted
-            ctx.observing = None if read >= targeted else frozenset(read)  # e.g. true-sequential's later stages
-            try:
-                ctx.bracketed_forward(self.schedule)
-            finally:
-                ctx.observing = None
+            ctx.bracketed_forward(self.schedule, observing=None if read >= targeted else frozenset(read))  # e.g. true-sequential's later stages unread
             check_statistics(ctx)
             times["observe"] = time.perf_counter() - start
         modified = False
