@@ -352,6 +352,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--options", default="{}", help="JSON of method options (lambda1, lambda2, s, rho, ...)")
     parser.add_argument("--results", default=None, help="results file name in the results folder (default quality.json)")
     parser.add_argument("--seeds", type=int, default=1, help="disjoint calibration sets per configuration (seed k: offset k x samples)")
+    parser.add_argument("--first-seed", type=int, default=0, help="with --seeds: run seeds first-seed .. first-seed + seeds - 1 (e.g. to add seeds to a search)")
     parser.add_argument("--suite", action="store_true", help="run the recipes of SUITE (the README table) instead of --methods")
     parser.add_argument("--recipes", default=None, help="comma list of recipe files to run instead of --methods (with --seeds)")
     parser.add_argument("--fresh", action="store_true", help="drop every earlier record of the results file first")
@@ -382,8 +383,9 @@ def main(argv: list[str] | None = None) -> int:
     else:
         for method in args.methods.split(","):
             for pattern in (["-"] if method == "dense" else args.patterns.split(",")):
+                seeds = range(1) if method == "dense" else range(args.first_seed, args.first_seed + args.seeds)
                 configs += [{"method": method, "pattern": pattern, **common, "seed": k, "options": {} if method == "dense" else options}
-                            for k in range(1 if method == "dense" else args.seeds)]
+                            for k in seeds]
     if args.fresh and out.exists():
         out.unlink()
     print(f"protocol: {lm_source()}; calibration {args.calibration} first {args.samples} x {seq_len()}; "
