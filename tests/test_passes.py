@@ -115,18 +115,27 @@ D2PRUNE = '[[passes]]\ntype = "calibrate"\n[[passes]]\ntype = "attention_kl_upda
 
 
 @pytest.mark.parametrize("method", ["sparsegpt", "dual_taylor_mask"])
-def test_true_sequential_reobserves_after_each_stage(tiny_models, tmp_path, method):
+def test_true_sequential_reobserves_after_each_stage(tiny_models, tmp_path, monkeypatch, method):
     """true_sequential: q/k/v (first stage) are pruned as without it; o, gate/up and down from
-    statistics of the partly pruned block, so they differ; sparsity stays exact."""
+    statistics of the partly pruned block, so they differ; sparsity stays exact. Each re-run ends once
+    its stage has run: `down` runs in the re-run before it only, so once more per sample and block
+    than without true_sequential (not three times more)."""
     from safetensors.torch import load_file
 
-    weights = {}
+    config = json.loads((tiny_models["llama"] / "config.json").read_text())
+    down_calls = []
+    linear_forward = torch.nn.Linear.forward
+    monkeypatch.setattr(torch.nn.Linear, "forward", lambda self, x: (
+        down_calls.append(self.in_features == config["intermediate_size"]), linear_forward(self, x))[1])
+    weights, downs = {}, {}
     for flag in ("false", "true"):
         out = tmp_path / flag
         passes = (PASSES["sparsegpt"] if method == "sparsegpt" else D2PRUNE) + f"sparsity = 0.6\ntrue_sequential = {flag}\n"
+        down_calls.clear()
         assert main(["--quiet", "run", str(write_recipe(tmp_path / f"{flag}.toml", str(tiny_models["llama"]), passes, output=out))]) == 0
-        weights[flag] = load_file(out / "model.safetensors")
+        weights[flag], downs[flag] = load_file(out / "model.safetensors"), sum(down_calls)
         record = json.loads((out / "sparsity.json").read_text())
+    assert downs["true"] - downs["false"] == 4 * config["num_hidden_layers"]  # 4 calibration samples
     stages = record["blocks"][0]["passes"][method]["stages"]
     assert stages == [["q", "k", "v"], ["o"], ["gate", "up"], ["down"]]
     for name, tensor in weights["true"].items():
