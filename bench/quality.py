@@ -99,7 +99,7 @@ SUITE = [  # (recipe, seeds): the README's quality table (`--suite`); seeds are 
     ("recipes/sparsegpt-alloc-unstructured-60.toml", 3), ("recipes/d2prune-unstructured-60.toml", 3),
     ("recipes/sparsegpt-unstructured-70.toml", 3), ("recipes/sparsegpt-owl-unstructured-70.toml", 1),
     ("recipes/sparsegpt-alloc-unstructured-70.toml", 3), ("recipes/d2prune-unstructured-70.toml", 3),
-    ("recipes/sparsegpt-2of4.toml", 3), ("recipes/sparsegpt-ts-2of4.toml", 1), ("recipes/d2prune-2of4.toml", 3),
+    ("recipes/sparsegpt-2of4.toml", 3), ("recipes/d2prune-2of4.toml", 3),
 ]
 
 
@@ -240,7 +240,6 @@ def aggregate(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 UNIFORM_SPARSEGPT = re.compile(r"sparsegpt-(unstructured-\d+|2of4)$")  # the plain baseline recipes
 ALLOCATED_SPARSEGPT = re.compile(r"sparsegpt-alloc-unstructured-\d+$")  # SparseGPT with the allocation D²Prune uses
-SEQUENTIAL_SPARSEGPT = re.compile(r"sparsegpt-ts-(unstructured-\d+|2of4)$")  # SparseGPT with D²Prune's true-sequential stages
 
 
 def ratio_lines(rows: list[dict[str, Any]]) -> list[str]:
@@ -250,11 +249,11 @@ def ratio_lines(rows: list[dict[str, Any]]) -> list[str]:
     def baselines(pattern: re.Pattern) -> dict[tuple[str, float], dict[str, Any]]:
         return {(r["pattern"], round(r["sparsity"], 2)): r for r in rows if r.get("recipe") and pattern.match(label(r))}
 
-    uniform, allocated, sequential = (baselines(p) for p in (UNIFORM_SPARSEGPT, ALLOCATED_SPARSEGPT, SEQUENTIAL_SPARSEGPT))
+    uniform, allocated = (baselines(p) for p in (UNIFORM_SPARSEGPT, ALLOCATED_SPARSEGPT))
     lines = []
     for r in rows:
         key = (r["pattern"], round(r["sparsity"], 2))
-        refs = [uniform.get(key)] + ([allocated.get(key), sequential.get(key)] if label(r).startswith("d2prune") else [])
+        refs = [uniform.get(key)] + ([allocated.get(key)] if label(r).startswith("d2prune") else [])
         for ref in refs:
             if ref is None or r is ref or not r.get("recipe"):
                 continue
@@ -275,8 +274,7 @@ def ratio_lines(rows: list[dict[str, Any]]) -> list[str]:
 
 SUMMARY_COLUMNS = [  # (column, recipe stem pattern with {p} for the pattern's suffix)
     ("Wanda", "wanda-{p}"), ("SparseGPT", "sparsegpt-{p}"), ("SparseGPT + OWL", "sparsegpt-owl-{p}"),
-    ("SparseGPT + error allocation", "sparsegpt-alloc-{p}"), ("SparseGPT + true-sequential", "sparsegpt-ts-{p}"),
-    ("D²Prune (shipped recipe)", "d2prune-{p}"),
+    ("SparseGPT + error allocation", "sparsegpt-alloc-{p}"), ("D²Prune (shipped recipe)", "d2prune-{p}"),
 ]
 
 
@@ -288,13 +286,13 @@ def summary_table(rows: list[dict[str, Any]]) -> list[str]:
         return []
     lines = ["### Summary (the README table)", "",
              "| pattern | " + " | ".join(c for c, _ in SUMMARY_COLUMNS) + " | D²Prune / SparseGPT | D²Prune / SparseGPT + allocation | "
-             "D²Prune / SparseGPT + true-sequential | D²Prune wall / SparseGPT wall |", "|---" * (len(SUMMARY_COLUMNS) + 5) + "|"]
+             "D²Prune wall / SparseGPT wall |", "|---" * (len(SUMMARY_COLUMNS) + 4) + "|"]
     for suffix, name in (("unstructured-50", "50%"), ("unstructured-60", "60%"), ("unstructured-70", "70%"), ("2of4", "2:4")):
         cells = []
         for _column, stem in SUMMARY_COLUMNS:
             r = by_label.get(stem.format(p=suffix))
             cells.append("" if r is None else f"{r['ppl_mean']:.2f}" + (f" ± {r['ppl_std']:.2f}" if len(r["ppls"]) > 1 else ""))
-        d2, base, alloc, seq = (by_label.get(f"{x}-{suffix}") for x in ("d2prune", "sparsegpt", "sparsegpt-alloc", "sparsegpt-ts"))
+        d2, base, alloc = (by_label.get(f"{x}-{suffix}") for x in ("d2prune", "sparsegpt", "sparsegpt-alloc"))
 
         def paired(a: dict[str, Any] | None, b: dict[str, Any] | None) -> str:
             if a is None or b is None:
@@ -304,7 +302,7 @@ def summary_table(rows: list[dict[str, Any]]) -> list[str]:
             return f"{mean:.3f}" + (f" ± {std:.3f}" if len(ratios) > 1 else "")
 
         wall = f"{d2['wall_mean'] / base['wall_mean']:.2f}×" if d2 and base and base["wall_mean"] else ""
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {paired(d2, base)} | {paired(d2, alloc)} | {paired(d2, seq)} | {wall} |")
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {paired(d2, base)} | {paired(d2, alloc)} | {wall} |")
     return [*lines, ""]
 
 
