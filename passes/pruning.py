@@ -35,8 +35,8 @@ class SparsityParams(TargetedParams):
         description="Prune the block's linears stage by stage in forward order (q/k/v, then o, then gate/up, then "
         "down: the groups that share an input), and before each later stage re-run the partly pruned block so "
         "its statistics (Hessians, activation norms) see the already-pruned upstream projections, as the SparseGPT "
-        "repository's `--true-sequential`. Costs one more block forward per later stage (it observes only that "
-        "stage's layers).",
+        "repository's `--true-sequential`. Costs up to one more block forward per later stage (each re-run observes "
+        "only that stage's layers and stops once they have run).",
     )
     sequential_stages: list[list[str]] | None = Field(
         default=None,
@@ -130,8 +130,9 @@ class PruningPass(Pass):
     optional = frozenset({"layer_sparsity"})
 
     def plan_cost(self) -> PlanCost:
-        """True-sequential re-runs the block before each later stage (three more forwards in a Llama,
-        one per later stage of `sequential_stages`)."""
+        """True-sequential re-runs the block before each later stage (at most three more forwards in a
+        Llama, one per later stage of `sequential_stages`; each re-run stops after its stage, so this
+        is an upper bound)."""
         params: SparsityParams = self.params  # type: ignore[assignment]
         if not params.true_sequential:
             return PlanCost()
