@@ -127,15 +127,16 @@ def test_true_sequential_reobserves_after_each_stage(tiny_models, tmp_path, monk
     linear_forward = torch.nn.Linear.forward
     monkeypatch.setattr(torch.nn.Linear, "forward", lambda self, x: (
         down_calls.append(self.in_features == config["intermediate_size"]), linear_forward(self, x))[1])
-    weights, downs = {}, {}
+    weights, downs, samples = {}, {}, 4
     for flag in ("false", "true"):
         out = tmp_path / flag
         passes = (PASSES["sparsegpt"] if method == "sparsegpt" else D2PRUNE) + f"sparsity = 0.6\ntrue_sequential = {flag}\n"
         down_calls.clear()
-        assert main(["--quiet", "run", str(write_recipe(tmp_path / f"{flag}.toml", str(tiny_models["llama"]), passes, output=out))]) == 0
+        recipe = write_recipe(tmp_path / f"{flag}.toml", str(tiny_models["llama"]), passes, samples=samples, output=out)
+        assert main(["--quiet", "run", str(recipe)]) == 0
         weights[flag], downs[flag] = load_file(out / "model.safetensors"), sum(down_calls)
         record = json.loads((out / "sparsity.json").read_text())
-    assert downs["true"] - downs["false"] == 4 * config["num_hidden_layers"]  # 4 calibration samples
+    assert downs["true"] - downs["false"] == samples * config["num_hidden_layers"]
     stages = record["blocks"][0]["passes"][method]["stages"]
     assert stages == [["q", "k", "v"], ["o"], ["gate", "up"], ["down"]]
     for name, tensor in weights["true"].items():
