@@ -73,6 +73,8 @@ def _method_passes(method: str, pattern: str, options: dict[str, Any]) -> list[d
         if options.get("sequential_stages"):
             mask["sequential_stages"] = options["sequential_stages"]
     simple = {"magnitude", "wanda", "sparsegpt"}
+    if options.get("refit_steps") and method not in ("magnitude", "wanda"):  # every OBS pass
+        mask["refit_steps"] = options["refit_steps"]
     if method in simple:
         return [{"type": "calibrate"}, {"type": method, **mask}]
     d2 = {k: v for k, v in options.items() if k in ("lambda1", "lambda2", "s", "stats")}

@@ -29,7 +29,7 @@ import torch
 from d2compiler.contract import ArtifactKind, PassError, register_artifact
 
 from .masks import lowest_n_of_m, lowest_per_row, row_counts
-from .obs import obs_prune
+from .obs import ObsResult, obs_prune
 
 REFERENCE_SAMPLES = 128
 
@@ -51,6 +51,7 @@ class DualTaylorSettings:
     n_of_m: tuple[int, int] | None
     block_size: int
     damping: float
+    refit_steps: int = 0
 
 
 @dataclass
@@ -149,20 +150,20 @@ def wanda_score(weight: torch.Tensor, stats: LayerStats, x_rms: torch.Tensor, cf
 
 
 def prune_layer(weight: torch.Tensor, hessian: torch.Tensor, stats: LayerStats, x_rms: torch.Tensor,
-                cfg: DualTaylorSettings, *, update: bool, layer: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Prune one (out, in) fp32 weight: D²-SparseGPT with the OBS update, or D²-Wanda without.
-    Returns (new weight, keep mask)."""
+                cfg: DualTaylorSettings, *, update: bool, layer: str) -> tuple[torch.Tensor, torch.Tensor, ObsResult | None]:
+    """Prune one (out, in) fp32 weight: D²-SparseGPT with the OBS update (and the refit, if set), or
+    D²-Wanda without. Returns (new weight, keep mask, the OBS result or None)."""
     if update:
         res = obs_prune(weight, hessian.to(weight.device), sparsity=cfg.sparsity, n_of_m=cfg.n_of_m,
                         block_size=cfg.block_size, damping=cfg.damping, layer=layer,
-                        extra_score=obs_extra_score(stats, x_rms, cfg))
-        return res.weight, res.keep
+                        extra_score=obs_extra_score(stats, x_rms, cfg), refit_steps=cfg.refit_steps)
+        return res.weight, res.keep, res
     score = wanda_score(weight, stats, x_rms, cfg)
     if cfg.n_of_m is not None:
         prune = lowest_n_of_m(score, *cfg.n_of_m)
     else:
         prune = lowest_per_row(score, row_counts(*weight.shape, cfg.sparsity))
-    return torch.where(prune, torch.zeros_like(weight), weight), ~prune
+    return torch.where(prune, torch.zeros_like(weight), weight), ~prune, None
 
 
 register_artifact(ArtifactKind("d2_stats", "layer", (LayerStats,), "D²Prune's per-layer activation statistics (x̄, ȳ)"))

@@ -15,7 +15,7 @@ from d2compiler.contract import register_pass
 
 from .dual_taylor import DualTaylorSettings, LayerStats, prune_layer
 from .pruning import PlannedPruningPass
-from .sparsegpt import SparseGPTParams
+from .sparsegpt import SparseGPTParams, refit_metrics
 
 
 class DualTaylorParams(SparseGPTParams):
@@ -47,7 +47,8 @@ class DualTaylorMaskPass(PlannedPruningPass):
     @property
     def settings(self) -> DualTaylorSettings:
         p: DualTaylorParams = self.params  # type: ignore[assignment]
-        return DualTaylorSettings(p.lambda1, p.lambda2, p.s, p.stats, p.target_sparsity, p.n_of_m, p.block_size, p.dampening_frac)
+        return DualTaylorSettings(p.lambda1, p.lambda2, p.s, p.stats, p.target_sparsity, p.n_of_m, p.block_size, p.dampening_frac,
+                                  p.refit_steps)
 
     def begin_observe(self, ctx: Any) -> None:
         for layer in ctx.observed(ctx.select(self.params)):
@@ -67,7 +68,8 @@ class DualTaylorMaskPass(PlannedPruningPass):
 
     def compute_variant(self, ctx: Any, layer: Any, weight: torch.Tensor, hessian: torch.Tensor,
                         update: bool) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
-        new_weight, keep = prune_layer(weight, hessian, ctx.artifact("d2_stats", layer.name), ctx.artifact("act_norms", layer.name),
+        new_weight, keep, res = prune_layer(weight, hessian, ctx.artifact("d2_stats", layer.name), ctx.artifact("act_norms", layer.name),
                                        dataclasses.replace(self.settings, sparsity=self.sparsity_of(ctx, layer)),
                                        update=update, layer=layer.name)
-        return new_weight, keep, {"update": update, "score": "d2-sparsegpt" if update else "d2-wanda"}
+        metrics = refit_metrics(res) if res is not None else {}
+        return new_weight, keep, {"update": update, "score": "d2-sparsegpt" if update else "d2-wanda", **metrics}

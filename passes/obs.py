@@ -14,6 +14,7 @@ import torch
 from d2compiler.contract import PassError
 
 from .masks import lowest_k, lowest_n_of_m, prune_count, split_count
+from .refit import refit_kept
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +27,7 @@ class ObsResult:
     weight: torch.Tensor
     keep: torch.Tensor
     damping: float
+    refit_ratio: float | None = None  # reconstruction error after / before the refit (None: no refit)
 
 
 @contextmanager
@@ -65,13 +67,9 @@ _FACTORS: dict[tuple[int, float], tuple[torch.Tensor, float, torch.Tensor]] = {}
 
 def _factor(hessian: torch.Tensor, damping: float, layer: str) -> tuple[torch.Tensor, float, torch.Tensor]:
     """(U, the damping used, the dead inputs) for `inverse_hessian_factor`."""
-    dead = torch.diag(hessian) == 0
-    diagonal = torch.diag(hessian).masked_fill(dead, 1.0)  # dead inputs get H_jj = 1
-    mean_diag = diagonal.mean()  # stays on the device: one host sync per attempt, below
     current = damping
     for attempt in range(6):  # at most two n x n matrices alive at a time (no identity, no sums)
-        h = hessian.clone()
-        h.diagonal().copy_(diagonal + current * mean_diag)
+        h, dead = damped_hessian(hessian, current)
         with _one_thread(h.device):
             chol, failed = torch.linalg.cholesky_ex(h)
             del h
@@ -85,6 +83,16 @@ def _factor(hessian: torch.Tensor, damping: float, layer: str) -> tuple[torch.Te
             return upper, current, dead
         current *= 10.0
     raise PassError(f"{layer}: Hessian is not positive definite even with damping {current / 10:g}")
+
+
+def damped_hessian(hessian: torch.Tensor, damping: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(H with its diagonal raised by `damping` × the mean diagonal, the dead inputs): a new
+    matrix; dead inputs (zero diagonal) get H_jj = 1 before the damping."""
+    dead = torch.diag(hessian) == 0
+    diagonal = torch.diag(hessian).masked_fill(dead, 1.0)
+    h = hessian.clone()
+    h.diagonal().copy_(diagonal + damping * diagonal.mean())
+    return h, dead
 
 
 # project(block_start, j, current block columns, diag of U's block) -> the new column j (fp32).
@@ -123,13 +131,16 @@ def obs_prune(
     damping: float,
     layer: str,
     extra_score: ExtraScore | None = None,
+    refit_steps: int = 0,
 ) -> ObsResult:
     """Prune an (out, in) fp32 weight with blocked OBS. Returns the updated weight and keep mask.
 
     Unstructured: in each block of `block_size` columns, the lowest-saliency entries over the whole
     block are pruned; block counts are split so the layer prunes exactly round(p * numel). N:M: at
     every group start, the n lowest of each row's m columns are pruned. Pruning a column spreads its
-    error over the later columns through U (in-block at once, later blocks lazily)."""
+    error over the later columns through U (in-block at once, later blocks lazily). With
+    `refit_steps` > 0 the kept weights are then refit to the masked least-squares optimum
+    (`refit.refit_kept`, on the same damped Hessian); with 0 the result is SparseGPT's exactly."""
     w = weight.clone()
     rows, cols = w.shape
     upper, used_damping = inverse_hessian_factor(hessian, w, damping, layer)
@@ -163,4 +174,8 @@ def obs_prune(
 
     obs_sweep(w, upper, block_size, project)
     w.masked_fill_(prune, 0.0)  # not w[prune] = 0, which syncs with the host on CUDA
-    return ObsResult(weight=w, keep=~prune, damping=used_damping)
+    if not refit_steps:
+        return ObsResult(weight=w, keep=~prune, damping=used_damping)
+    damped, dead = damped_hessian(hessian, used_damping)
+    res = refit_kept(weight.masked_fill(dead.unsqueeze(0), 0.0), w, ~prune, damped, refit_steps, layer)
+    return ObsResult(weight=res.weight, keep=~prune, damping=used_damping, refit_ratio=res.error_ratio)

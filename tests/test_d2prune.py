@@ -77,7 +77,7 @@ def layer_inputs():
 def test_lambda_zero_is_sparsegpt():
     w, h, stats, x_rms = layer_inputs()
     for nm in (None, (2, 4)):
-        d2_w, d2_keep = prune_layer(w, h, stats, x_rms, settings(lambda1=0.0, n_of_m=nm), update=True, layer="t")
+        d2_w, d2_keep, _ = prune_layer(w, h, stats, x_rms, settings(lambda1=0.0, n_of_m=nm), update=True, layer="t")
         ref = obs_prune(w, h, sparsity=0.5, n_of_m=nm, block_size=4, damping=0.01, layer="t")
         assert torch.equal(d2_keep, ref.keep) and torch.equal(d2_w, ref.weight)
 
@@ -85,11 +85,11 @@ def test_lambda_zero_is_sparsegpt():
 def test_activation_term_changes_the_mask_and_wanda_variant_has_no_update():
     w, h, stats, x_rms = layer_inputs()
     strong = settings(lambda1=1.0, s=1.0)
-    _, keep_plain = prune_layer(w, h, stats, x_rms, settings(lambda1=0.0), update=True, layer="t")
-    _, keep_d2 = prune_layer(w, h, stats, x_rms, strong, update=True, layer="t")
+    _, keep_plain, _ = prune_layer(w, h, stats, x_rms, settings(lambda1=0.0), update=True, layer="t")
+    _, keep_d2, _ = prune_layer(w, h, stats, x_rms, strong, update=True, layer="t")
     assert not torch.equal(keep_plain, keep_d2)
     for st in ("mean", "reference"):
-        new_w, keep = prune_layer(w, h, stats, x_rms, settings(stats=st), update=False, layer="t")
+        new_w, keep, _ = prune_layer(w, h, stats, x_rms, settings(stats=st), update=False, layer="t")
         assert torch.equal(new_w[keep], w[keep]) and torch.all(new_w[~keep] == 0)
         assert torch.all((~keep).sum(1) == 8)  # per-row comparison group, exact
 
