@@ -28,6 +28,7 @@ class ObsResult:
     keep: torch.Tensor
     damping: float
     refit_ratio: float | None = None  # reconstruction error after / before the refit (None: no refit)
+    refit_steps: int = 0  # the refit's CG steps taken
 
 
 @contextmanager
@@ -178,4 +179,5 @@ def obs_prune(
         return ObsResult(weight=w, keep=~prune, damping=used_damping)
     damped, dead = damped_hessian(hessian, used_damping)
     res = refit_kept(weight.masked_fill(dead.unsqueeze(0), 0.0), w, ~prune, damped, refit_steps, layer)
-    return ObsResult(weight=res.weight, keep=~prune, damping=used_damping, refit_ratio=res.error_ratio)
+    return ObsResult(weight=res.weight, keep=~prune, damping=used_damping, refit_ratio=res.error_ratio,
+                     refit_steps=res.steps)

@@ -23,14 +23,16 @@ class SparseGPTParams(SparsityParams):
     refit_steps: int = Field(
         default=0, ge=0, le=1000,
         description="After the OBS sweep, refit the kept weights of every updated layer towards the exact masked "
-        "least-squares optimum (min ‖X(W′−W)ᵀ‖² with the mask fixed) by this many conjugate-gradient steps "
-        "(10–20 converge). 0: SparseGPT's update exactly as published. The refit never raises a layer's error.",
+        "least-squares optimum (min ‖X(W′−W)ᵀ‖² with the mask fixed) by at most this many conjugate-gradient steps "
+        "(it stops early once converged; 20 is plenty). 0: SparseGPT's update exactly as published. The refit never raises a layer's error.",
     )
 
 
 def refit_metrics(res: ObsResult) -> dict[str, Any]:
     """A layer's OBS metrics: the damping used and, when refit, the error ratio after / before."""
-    return {"damping": res.damping} if res.refit_ratio is None else {"damping": res.damping, "refit_error_ratio": res.refit_ratio}
+    if res.refit_ratio is None:
+        return {"damping": res.damping}
+    return {"damping": res.damping, "refit_error_ratio": res.refit_ratio, "refit_steps": res.refit_steps}
 
 
 @register_pass

@@ -32,7 +32,7 @@ def test_refit_reaches_the_masked_optimum_and_keeps_the_mask():
     w, h = synthetic()
     for n_of_m, sparsity in (((2, 4), 0.5), (None, 0.7)):
         obs = obs_prune(w, h, sparsity=sparsity, n_of_m=n_of_m, block_size=32, damping=0.01, layer="t")
-        refit = obs_prune(w, h, sparsity=sparsity, n_of_m=n_of_m, block_size=32, damping=0.01, layer="t", refit_steps=40)
+        refit = obs_prune(w, h, sparsity=sparsity, n_of_m=n_of_m, block_size=32, damping=0.01, layer="t", refit_steps=60)
         assert torch.equal(refit.keep, obs.keep)
         assert torch.all(refit.weight[~refit.keep] == 0)
         damped, _ = damped_hessian(h, obs.damping)
