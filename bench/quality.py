@@ -102,6 +102,8 @@ SUITE = [  # (recipe, seeds): the README's quality table (`--suite`); seeds are 
     ("recipes/sparsegpt-unstructured-70.toml", 3), ("recipes/sparsegpt-owl-unstructured-70.toml", 1),
     ("recipes/sparsegpt-alloc-unstructured-70.toml", 3), ("recipes/d2prune-unstructured-70.toml", 3),
     ("recipes/sparsegpt-2of4.toml", 3), ("recipes/d2prune-2of4.toml", 3),
+    # SparseGPT with the refit D²Prune's 2:4 and 70% recipes use (and at 70% the same allocation): one seed each
+    ("recipes/sparsegpt-refit-2of4.toml", 1), ("recipes/sparsegpt-alloc-refit-unstructured-70.toml", 1),
 ]
 
 
@@ -242,20 +244,21 @@ def aggregate(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 UNIFORM_SPARSEGPT = re.compile(r"sparsegpt-(unstructured-\d+|2of4)$")  # the plain baseline recipes
 ALLOCATED_SPARSEGPT = re.compile(r"sparsegpt-alloc-unstructured-\d+$")  # SparseGPT with the allocation D²Prune uses
+REFIT_SPARSEGPT = re.compile(r"sparsegpt-(alloc-)?refit-(unstructured-\d+|2of4)$")  # ... and with D²Prune's refit
 
 
 def ratio_lines(rows: list[dict[str, Any]]) -> list[str]:
     """Per pattern: each recipe's mean ppl over plain uniform SparseGPT's (`sparsegpt-*` recipes), and
-    D²Prune's over SparseGPT with the same allocation; the ratio per seed (paired on the same
+    D²Prune's over SparseGPT with the same allocation and with the same allocation and refit; the ratio per seed (paired on the same
     calibration set), mean ± std, and the ratio of mean pruning times."""
     def baselines(pattern: re.Pattern) -> dict[tuple[str, float], dict[str, Any]]:
         return {(r["pattern"], round(r["sparsity"], 2)): r for r in rows if r.get("recipe") and pattern.match(label(r))}
 
-    uniform, allocated = (baselines(p) for p in (UNIFORM_SPARSEGPT, ALLOCATED_SPARSEGPT))
+    uniform, allocated, refit = (baselines(p) for p in (UNIFORM_SPARSEGPT, ALLOCATED_SPARSEGPT, REFIT_SPARSEGPT))
     lines = []
     for r in rows:
         key = (r["pattern"], round(r["sparsity"], 2))
-        refs = [uniform.get(key)] + ([allocated.get(key)] if label(r).startswith("d2prune") else [])
+        refs = [uniform.get(key)] + ([allocated.get(key), refit.get(key)] if label(r).startswith("d2prune") else [])
         for ref in refs:
             if ref is None or r is ref or not r.get("recipe"):
                 continue
@@ -274,25 +277,30 @@ def ratio_lines(rows: list[dict[str, Any]]) -> list[str]:
             *lines, ""]
 
 
-SUMMARY_COLUMNS = [  # (column, recipe stem pattern with {p} for the pattern's suffix)
-    ("Wanda", "wanda-{p}"), ("SparseGPT", "sparsegpt-{p}"), ("SparseGPT + OWL", "sparsegpt-owl-{p}"),
-    ("SparseGPT + error allocation", "sparsegpt-alloc-{p}"), ("D²Prune (shipped recipe)", "d2prune-{p}"),
+SUMMARY_COLUMNS = [  # (column, recipe stem patterns with {p} for the pattern's suffix; the first present is shown)
+    ("Wanda", ("wanda-{p}",)), ("SparseGPT", ("sparsegpt-{p}",)), ("SparseGPT + OWL", ("sparsegpt-owl-{p}",)),
+    ("SparseGPT + error allocation", ("sparsegpt-alloc-{p}",)),
+    ("SparseGPT (+ allocation) + refit", ("sparsegpt-alloc-refit-{p}", "sparsegpt-refit-{p}")),
+    ("D²Prune (shipped recipe)", ("d2prune-{p}",)),
 ]
 
 
 def summary_table(rows: list[dict[str, Any]]) -> list[str]:
     """The README table: per pattern, the mean test perplexity (± std over seeds) of each suite recipe,
-    and D²Prune's seed-paired ratios to uniform SparseGPT and to SparseGPT with the same allocation."""
+    and D²Prune's seed-paired ratios to uniform SparseGPT, to SparseGPT with the same allocation, and
+    to SparseGPT with the same allocation and refit."""
     by_label = {label(r): r for r in rows if r.get("recipe")}
     if not by_label:
         return []
     lines = ["### Summary (the README table)", "",
              "| pattern | " + " | ".join(c for c, _ in SUMMARY_COLUMNS) + " | D²Prune / SparseGPT | D²Prune / SparseGPT + allocation | "
-             "D²Prune wall / SparseGPT wall |", "|---" * (len(SUMMARY_COLUMNS) + 4) + "|"]
+             "D²Prune / SparseGPT (+ allocation) + refit | D²Prune wall / SparseGPT wall |", "|---" * (len(SUMMARY_COLUMNS) + 5) + "|"]
     for suffix, name in (("unstructured-50", "50%"), ("unstructured-60", "60%"), ("unstructured-70", "70%"), ("2of4", "2:4")):
         cells = []
-        for _column, stem in SUMMARY_COLUMNS:
-            r = by_label.get(stem.format(p=suffix))
+        found = {}
+        for column, stems in SUMMARY_COLUMNS:
+            r = next((by_label[x] for x in (st.format(p=suffix) for st in stems) if x in by_label), None)
+            found[column] = r
             cells.append("" if r is None else f"{r['ppl_mean']:.2f}" + (f" ± {r['ppl_std']:.2f}" if len(r["ppls"]) > 1 else ""))
         d2, base, alloc = (by_label.get(f"{x}-{suffix}") for x in ("d2prune", "sparsegpt", "sparsegpt-alloc"))
 
@@ -304,7 +312,8 @@ def summary_table(rows: list[dict[str, Any]]) -> list[str]:
             return f"{mean:.3f}" + (f" ± {std:.3f}" if len(ratios) > 1 else "")
 
         wall = f"{d2['wall_mean'] / base['wall_mean']:.2f}×" if d2 and base and base["wall_mean"] else ""
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {paired(d2, base)} | {paired(d2, alloc)} | {wall} |")
+        refit = found["SparseGPT (+ allocation) + refit"]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {paired(d2, base)} | {paired(d2, alloc)} | {paired(d2, refit)} | {wall} |")
     return [*lines, ""]
 
 

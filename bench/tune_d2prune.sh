@@ -6,7 +6,11 @@
 # recipes that `bench/quality.py --suite` runs. Stage 6, at 2:4 with 32 validation windows: true-sequential
 # stages for SparseGPT and D²Prune (all four, or one re-run before down or before gate/up), then seeds 1
 # and 2 of SparseGPT, D²Prune and its two true-sequential forms: over 3 seeds true-sequential gains
-# nothing beyond the spread, so recipes/d2prune-2of4.toml does not use it (candidates = all).
+# nothing beyond the spread, so recipes/d2prune-2of4.toml does not use it (candidates = all). Stage 7,
+# at 2:4 (3 seeds) and 70% with 32 validation windows: the masked least-squares refit after the OBS
+# sweep (`refit_steps`), for D²Prune and for SparseGPT; recipes/d2prune-2of4.toml and
+# d2prune-unstructured-70.toml use it (refit_steps = 30). The records with refit_steps = 20 in
+# tuning.json come from fe46a20: exactly 20 steps, before the early stop existed.
 # Results: bench/results/tuning.json and tuning.md. bench/run_d2prune.sh reads the best settings.
 # --smoke: every stage with the first value of each grid only, on the tiny model (bench/protocol.py).
 set -euo pipefail
@@ -19,7 +23,7 @@ if [[ "${1:-}" == "--smoke" ]]; then
 fi
 first() { if [[ -n $SMOKE ]]; then echo "$1"; else echo "$@"; fi; }  # a grid, or its first value in smoke runs
 Q="$PY bench/quality.py $SMOKE --eval valid --windows $( [[ -n $SMOKE ]] && echo 2 || echo 16 ) --patterns 0.6 --results tuning.json"
-STAGES=${STAGES:-"1 2 3 4 5 6"}
+STAGES=${STAGES:-"1 2 3 4 5 6 7"}
 valid() {  # quality.py on 32 WikiText-2 valid windows (2 in smoke runs) at pattern $1, more flags after it
   $PY bench/quality.py $SMOKE --eval valid --windows "$( [[ -n $SMOKE ]] && echo 2 || echo 32 )" --patterns "$1" --results tuning.json "${@:2}"
 }
@@ -71,5 +75,15 @@ if [[ $STAGES == *6* ]]; then  # 2:4: true-sequential stages
     $Q24V $SEEDS --methods d2prune-kl --options '{"candidates": "all", "lambda1": 100, "rho": 1.0}'
     $Q24V $SEEDS --methods d2prune-kl --options "{\"candidates\": \"all\", \"lambda1\": 100, \"rho\": 1.0, \"true_sequential\": true, $DOWN}"
     $Q24V $SEEDS --methods d2prune-kl --options '{"candidates": "all", "lambda1": 100, "rho": 1.0, "true_sequential": true}'
+  fi
+fi
+if [[ $STAGES == *7* ]]; then  # the refit (at most 30 CG steps, stopping early once converged)
+  D24='"candidates": "all", "lambda1": 100, "rho": 1.0'
+  D70='"candidates": "one-off", "lambda1": 100, "rho": 1.0, "allocation": "error", "owl_lmbda": 0.12'
+  valid 2:4 --seeds "$( [[ -n $SMOKE ]] && echo 1 || echo 3 )" --methods d2prune-kl --options "{$D24, \"refit_steps\": 30}"
+  if [[ -z $SMOKE ]]; then
+    valid 2:4 --methods sparsegpt --options '{"refit_steps": 30}'
+    valid 0.7 --methods d2prune-kl --options "{$D70, \"refit_steps\": 30}"
+    valid 0.7 --methods sparsegpt --options '{"allocation": "error", "owl_lmbda": 0.12, "refit_steps": 30}'
   fi
 fi

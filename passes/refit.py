@@ -42,9 +42,8 @@ def refit_kept(dense: torch.Tensor, start: torch.Tensor, keep: torch.Tensor, hes
     with at most `steps` preconditioned CG steps (fewer once the residual is below `TOLERANCE`). `hessian` is the damped (in, in) H, positive definite;
     `dense` is the original weight (E's reference). Pruned entries of the result are exactly zero."""
     mask = keep.to(start.dtype)
-    target = dense @ hessian  # row i: (H w_i)ᵀ
     weight = start * mask
-    delta_h = weight @ hessian - target  # (W′ − W) H, kept up to date below (no recomputation)
+    delta_h = (weight - dense) @ hessian  # (W′ − W) H, kept up to date below (no recomputation)
     before = _error(weight - dense, delta_h)
     residual = -delta_h * mask  # minus the gradient, restricted to the mask
     inv_diag = 1.0 / torch.diagonal(hessian).unsqueeze(0)
