@@ -5,9 +5,9 @@ E(W′) = tr((W′ − W) H (W′ − W)ᵀ) = ‖X W′ᵀ − X Wᵀ‖² / to
 H_KK w′_K = (H w)_K for that row's kept set K. SparseGPT's OBS sweep reaches this only approximately:
 a pruned column's error is spread over the later columns, never over the earlier ones. Here the
 rows are solved together by Jacobi-preconditioned conjugate gradients restricted to the mask, one
-(rows, in) × (in, in) product per step, starting from the OBS result. On SmolLM2 the error is within
-1% of the exact optimum after 5–10 steps (`o` needs about 15); the loop stops early once the
-preconditioned residual has fallen to `TOLERANCE` of its start.
+(rows, in) × (in, in) product per step, starting from the OBS result; the loop stops early once the
+preconditioned residual has fallen to `TOLERANCE` of its start. On SmolLM2 that is 7–9 steps for most
+layers (`o`: about 19), within 0.3% of the exact optimum's error.
 
 The refit never makes a layer worse: if the error after the steps is not below the error before
 (or not finite), the starting weight is returned, with a warning naming the layer."""
@@ -31,6 +31,7 @@ class RefitResult:
 
 TOLERANCE = 5e-3  # stop once Σ_rows rᵀM⁻¹r (preconditioned residual) falls below this share of its start
 
+
 def _error(delta: torch.Tensor, delta_h: torch.Tensor) -> torch.Tensor:
     """tr(Δ H Δᵀ), given Δ and Δ H (float64 sum)."""
     return (delta_h.double() * delta.double()).sum()
@@ -39,8 +40,9 @@ def _error(delta: torch.Tensor, delta_h: torch.Tensor) -> torch.Tensor:
 def refit_kept(dense: torch.Tensor, start: torch.Tensor, keep: torch.Tensor, hessian: torch.Tensor, steps: int,
                layer: str) -> RefitResult:
     """Move the kept entries of `start` (rows, in) towards argmin E over weights zero off `keep`,
-    with at most `steps` preconditioned CG steps (fewer once the residual is below `TOLERANCE`). `hessian` is the damped (in, in) H, positive definite;
-    `dense` is the original weight (E's reference). Pruned entries of the result are exactly zero."""
+    with at most `steps` preconditioned CG steps (fewer once the residual is below `TOLERANCE`).
+    `hessian` is the damped (in, in) H, positive definite; `dense` is the original weight (E's
+    reference). Pruned entries of the result are exactly zero."""
     mask = keep.to(start.dtype)
     weight = start * mask
     delta_h = (weight - dense) @ hessian  # (W′ − W) H, kept up to date below (no recomputation)

@@ -38,7 +38,7 @@ values = st.recursive(scalars, lambda inner: st.one_of(st.lists(inner, max_size=
 KEYS = ["version", "model", "source", "dtype", "device", "roles", "data", "calibration", "evaluation", "samples",
         "seq_len", "sampling", "seed", "passes", "type", "sparsity", "mask_structure", "targets", "ignore",
         "block_size", "dampening_frac", "lambda1", "lambda2", "s", "stats", "rho", "strategy", "candidates",
-        "no_update", "selection", "kl_samples", "output", "path", "format", "overwrite", "resume", "hessian"]
+        "no_update", "selection", "kl_samples", "refit_steps", "output", "path", "format", "overwrite", "resume", "hessian"]
 
 
 def assert_clean(call) -> None:
