@@ -302,7 +302,8 @@ def summary_table(rows: list[dict[str, Any]]) -> list[str]:
             r = next((by_label[x] for x in (st.format(p=suffix) for st in stems) if x in by_label), None)
             found[column] = r
             cells.append("" if r is None else f"{r['ppl_mean']:.2f}" + (f" ± {r['ppl_std']:.2f}" if len(r["ppls"]) > 1 else ""))
-        d2, base, alloc = (by_label.get(f"{x}-{suffix}") for x in ("d2prune", "sparsegpt", "sparsegpt-alloc"))
+        d2, base, alloc, refit = (found[c] for c in ("D²Prune (shipped recipe)", "SparseGPT", "SparseGPT + error allocation",
+                                                     "SparseGPT (+ allocation) + refit"))
 
         def paired(a: dict[str, Any] | None, b: dict[str, Any] | None) -> str:
             if a is None or b is None:
@@ -312,7 +313,6 @@ def summary_table(rows: list[dict[str, Any]]) -> list[str]:
             return f"{mean:.3f}" + (f" ± {std:.3f}" if len(ratios) > 1 else "")
 
         wall = f"{d2['wall_mean'] / base['wall_mean']:.2f}×" if d2 and base and base["wall_mean"] else ""
-        refit = found["SparseGPT (+ allocation) + refit"]
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {paired(d2, base)} | {paired(d2, alloc)} | {paired(d2, refit)} | {wall} |")
     return [*lines, ""]
 

@@ -15,7 +15,7 @@ from d2compiler.contract import register_pass
 
 from .dual_taylor import DualTaylorSettings, LayerStats, prune_layer
 from .pruning import PlannedPruningPass
-from .sparsegpt import SparseGPTParams, refit_metrics
+from .sparsegpt import SparseGPTParams
 
 
 class DualTaylorParams(SparseGPTParams):
@@ -71,5 +71,5 @@ class DualTaylorMaskPass(PlannedPruningPass):
         new_weight, keep, res = prune_layer(weight, hessian, ctx.artifact("d2_stats", layer.name), ctx.artifact("act_norms", layer.name),
                                        dataclasses.replace(self.settings, sparsity=self.sparsity_of(ctx, layer)),
                                        update=update, layer=layer.name)
-        metrics = refit_metrics(res) if res is not None else {}
+        metrics = res.metrics() if res is not None else {}
         return new_weight, keep, {"update": update, "score": "d2-sparsegpt" if update else "d2-wanda", **metrics}

@@ -30,6 +30,12 @@ class ObsResult:
     refit_ratio: float | None = None  # reconstruction error after / before the refit (None: no refit)
     refit_steps: int = 0  # the refit's CG steps taken
 
+    def metrics(self) -> dict[str, float]:
+        """The layer's metrics: the damping used and, when refit, the error ratio after / before."""
+        if self.refit_ratio is None:
+            return {"damping": self.damping}
+        return {"damping": self.damping, "refit_error_ratio": self.refit_ratio, "refit_steps": self.refit_steps}
+
 
 @contextmanager
 def _one_thread(device: torch.device) -> Iterator[None]:

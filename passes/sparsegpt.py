@@ -9,7 +9,7 @@ from pydantic import Field
 
 from d2compiler.contract import register_pass
 
-from .obs import ObsResult, obs_prune
+from .obs import obs_prune
 from .pruning import PlannedPruningPass, SparsityParams
 
 
@@ -28,12 +28,6 @@ class SparseGPTParams(SparsityParams):
     )
 
 
-def refit_metrics(res: ObsResult) -> dict[str, Any]:
-    """A layer's OBS metrics: the damping used and, when refit, the error ratio after / before."""
-    if res.refit_ratio is None:
-        return {"damping": res.damping}
-    return {"damping": res.damping, "refit_error_ratio": res.refit_ratio, "refit_steps": res.refit_steps}
-
 
 @register_pass
 class SparseGPTPass(PlannedPruningPass):
@@ -49,4 +43,4 @@ class SparseGPTPass(PlannedPruningPass):
         res = obs_prune(weight, hessian, sparsity=self.sparsity_of(ctx, layer), n_of_m=p.n_of_m, block_size=p.block_size,
                         damping=p.dampening_frac, layer=layer.name, refit_steps=p.refit_steps if update else 0)
         pruned = res.weight if update else weight.masked_fill(~res.keep, 0.0)
-        return pruned, res.keep, refit_metrics(res)
+        return pruned, res.keep, res.metrics()
