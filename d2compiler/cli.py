@@ -52,10 +52,13 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 def _cmd_run(args: argparse.Namespace) -> int:
     from d2compiler.driver.launch import launch, without_nproc
     from d2compiler.driver.pipeline import compress, preflight
+    from d2compiler.driver.process_limit import check_nproc
     from d2compiler.execution.distributed import launched_size
 
     if args.nproc > 1 and launched_size() == 1:
-        preflight(_load(args), args.overwrite)  # a bad recipe or output path is reported once, before any process starts
+        recipe = _load(args)
+        preflight(recipe, args.overwrite)  # a bad recipe or output path is reported once, before any process starts
+        check_nproc(args.nproc, recipe, oversubscribe=args.oversubscribe)
         return launch(args.nproc, without_nproc(args.argv))
     recipe = _load(args)
     summary = compress(recipe, quiet=args.quiet, overwrite=args.overwrite)
@@ -214,7 +217,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     run.add_argument("--restart", action="store_true", help="ignore checkpoints of an earlier killed run (output.resume=false)")
     run.add_argument("--nproc", type=_at_least(1), default=1, help="run in N processes on this machine (torchrun; gloo on the "
-                     "CPU, one GPU each with NCCL): calibration windows and layer solves are shared; see docs/distributed.md")
+                     "CPU, one GPU each with NCCL): calibration windows and layer solves are shared; see docs/distributed.md. "
+                     "N is checked first against the GPUs, the CPU cores and the memory `d2c plan` estimates per process")
+    run.add_argument("--oversubscribe", action="store_true", help="--nproc: start N processes even beyond the CPU cores "
+                     "or the memory available (never beyond the GPUs)")
 
     plan = recipe_cmd("plan", "without running: the pass schedule per block, the linears each pass touches, "
                       "and an estimate of peak memory and time", _cmd_plan)

@@ -75,7 +75,7 @@ def test_killed_two_process_run_resumes_with_two(tmp_path, tiny_models):
     assert 2 <= killed_at < 6 and json.loads(state.read_text())["processes"] == 2
 
     start = time.monotonic()
-    refused = _d2c("--quiet", "run", str(recipe), "--output", str(output), "--nproc", "3")
+    refused = _d2c("--quiet", "run", str(recipe), "--output", str(output), "--nproc", "3", "--oversubscribe")
     assert refused.returncode == 2 and time.monotonic() - start < 60
     last = refused.stderr.strip().splitlines()[-1]
     assert last.startswith("error: process 0 of 3: ") and "from a run with 2 processes" in last and "--nproc 2" in last

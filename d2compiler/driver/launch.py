@@ -2,8 +2,9 @@
 launcher (`python -m torch.distributed.run --standalone`, i.e. torchrun), each process running
 `python -m d2compiler run RECIPE ...`.
 
-Each process dies with its parent (`distributed.die_with_parent`), so killing the launcher kills the
-run. When a process fails, torchrun stops the others (they are waiting in a collective) and exits
+torchrun dies with this launcher and each process with torchrun (`lifetime.die_with_launcher`, called
+before the process imports torch), so killing the launcher kills the run, even while its processes
+are still starting. When a process fails, torchrun stops the others (they are waiting in a collective) and exits
 non-zero. Each process also writes its one-line error to a file in a folder this launcher names
 (`D2C_ERROR_DIR`), so that the launcher can end with the message of the process that failed first,
 and with its exit status (2 for bad input, 1 for a bug)."""
@@ -17,7 +18,7 @@ import tempfile
 from pathlib import Path
 
 from d2compiler.errors import D2Error
-from d2compiler.execution.distributed import die_with_parent
+from d2compiler.lifetime import LAUNCHER_PID, die_with_parent
 
 ERROR_DIR = "D2C_ERROR_DIR"
 
@@ -42,6 +43,7 @@ def launch(nproc: int, argv: list[str]) -> int:
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))  # the cores, shared
     with tempfile.TemporaryDirectory(prefix="d2c-errors-") as errors:
         env[ERROR_DIR] = errors
+        env[LAUNCHER_PID] = str(os.getpid())
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
                    "-m", "d2compiler", *argv]
         try:

@@ -28,7 +28,7 @@ from d2compiler.export.hf import write_output
 from d2compiler.export.metadata import overall_sparsity, package_versions, sparsity_record, weights_sha256
 from d2compiler.export.output_dir import check_free_space, check_output_path, output_lock, user_path
 from d2compiler.graph.packing import QUANT_BUFFERS
-from d2compiler.loading.models import LoadedModel, load_model, load_streamed, resolve_device
+from d2compiler.loading.models import LoadedModel, load_model, load_streamed, resolve_device, source_files
 from d2compiler.recipe.passmanager import PassManager
 
 log = logging.getLogger(__name__)
@@ -109,11 +109,13 @@ def job_fingerprint(recipe: BaseModel, source: dict[str, str], windows: list[tor
 
 
 def protected_paths(recipe: BaseModel) -> list[Path]:
-    """Local files and folders a run reads (model source, data files): an output may not touch them."""
+    """Local files and folders a run reads (model source and every file it is read from, wherever a
+    link points, and the data files): an output may not touch them."""
     sources = [recipe.model.source, recipe.data.calibration.source]
     if recipe.data.evaluation is not None:
         sources.append(recipe.data.evaluation.source)
-    return [user_path(s) for s in sources if not s.startswith("builtin:") and user_path(s).exists()]
+    paths = [user_path(s) for s in sources if not s.startswith("builtin:") and user_path(s).exists()]
+    return paths + source_files(recipe.model.source)
 
 
 def output_bytes_needed(model: torch.nn.Module, windows: list[torch.Tensor], hidden_size: int) -> int:

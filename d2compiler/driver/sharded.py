@@ -17,9 +17,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from d2compiler.execution.streaming import INDEX
 from d2compiler.export.hf import write_metadata
 from d2compiler.export.output_dir import atomic_output_dir
+from d2compiler.weight_index import INDEX
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:

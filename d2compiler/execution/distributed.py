@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from d2compiler.errors import D2Error
+from d2compiler.lifetime import die_with_parent
 
 TIMEOUT = timedelta(minutes=30)  # a collective that waits longer than this fails (a rank stalled)
 
@@ -114,24 +115,6 @@ class Group:
 
 
 SINGLE = Group()
-
-
-PR_SET_PDEATHSIG = 1
-
-
-def die_with_parent() -> None:
-    """Ask Linux to SIGKILL this process when its parent dies (torchrun starts each process in a
-    session of its own, so a killed launcher would otherwise leave them running). No-op elsewhere."""
-    import ctypes
-    import signal
-
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-    except OSError:
-        return
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    if os.getppid() == 1:  # the parent is already gone
-        os._exit(1)
 
 
 def join(device: torch.device) -> Group:

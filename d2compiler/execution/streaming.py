@@ -14,7 +14,6 @@ file: pruned); `placement.Placement` loads and releases them, for pruning and fo
 from __future__ import annotations
 
 import ctypes
-import json
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -25,8 +24,7 @@ from safetensors import safe_open
 from torch import nn
 
 from d2compiler.errors import ModelLoadError
-
-INDEX = "model.safetensors.index.json"
+from d2compiler.weight_index import tensor_files
 
 
 class WeightSource:
@@ -35,17 +33,8 @@ class WeightSource:
 
     def __init__(self, folder: Path):
         self.folder = folder
-        index = folder / INDEX
-        if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (OSError, ValueError, KeyError) as exc:
-                raise ModelLoadError(f"{index}: unreadable index ({exc})") from None
-            self.files = {key: folder / name for key, name in weight_map.items()}
-        elif (folder / "model.safetensors").is_file():
-            with safe_open(str(folder / "model.safetensors"), "pt") as f:
-                self.files = dict.fromkeys(f.keys(), folder / "model.safetensors")
-        else:
+        self.files = tensor_files(folder)
+        if not self.files:
             raise ModelLoadError(f"{folder}: streaming needs safetensors weights (model.safetensors or an index)")
 
     def keys(self) -> set[str]:

@@ -23,6 +23,7 @@ from d2compiler.evaluation.inputs import takes_images
 from d2compiler.export.hf import QUANT_FILE
 from d2compiler.export.packed import is_packed_folder, load_packed
 from d2compiler.graph.model_class import model_class
+from d2compiler.weight_index import index_shards
 
 if TYPE_CHECKING:
     from d2compiler.execution.streaming import StreamedModel
@@ -152,9 +153,22 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
 def weight_files(folder: Path) -> list[Path]:
-    """The top-level regular files of a local model folder whose content shapes the model (weights,
-    config, tokenizer): everything but hidden files and sub-folders."""
-    return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    """The files of a local model folder whose content shapes the model (weights, config, tokenizer):
+    its top-level files but hidden ones, and every shard its safetensors index names (checked to lie
+    inside the folder: `weight_index`)."""
+    top = [p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")]
+    return sorted({*top, *index_shards(folder)[1]})
+
+
+def source_files(source: str) -> list[Path]:
+    """The local files a model source is read from (a folder's `weight_files`, a GGUF or bare
+    safetensors file with its config), found without loading anything; [] for builtins and hub ids."""
+    path = Path(source).expanduser()
+    if source.startswith("builtin:") or not path.exists():
+        return []
+    if path.is_dir():
+        return weight_files(path)
+    return [path, *[p for p in [path.parent / "config.json"] if path.suffix == ".safetensors" and p.is_file()]]
 
 
 def check_weight_files(folder: Path, source: str) -> None:
@@ -162,7 +176,7 @@ def check_weight_files(folder: Path, source: str) -> None:
     a corrupt, truncated or empty file is named instead of failing deep inside transformers."""
     from safetensors import safe_open
 
-    files = list(folder.glob("*.safetensors"))
+    files = sorted({*folder.glob("*.safetensors"), *index_shards(folder)[1]})
     if not files:
         pickles = [p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES]
         if pickles:
