@@ -212,6 +212,20 @@ def test_tilde_and_unicode_output_paths(tmp_path, llama4, monkeypatch, capsys):
     assert (tmp_path / "relative 🦙" / "sparsity.json").is_file()
 
 
+@pytest.mark.parametrize("name_bytes", [300, 250])
+def test_an_output_name_too_long_is_one_line(name_bytes, tmp_path, llama4, capsys):
+    """300 bytes: longer than the file system allows; 250: allowed, but not with the `.NAME.tmp-*`
+    sibling a run writes. Refused before any compute, nothing written."""
+    from d2compiler.export.output_dir import SIBLING_EXTRA, check_output_path, name_max
+
+    recipe = recipe_for(tmp_path, llama4, tmp_path / "unused")
+    before = sorted(tmp_path.iterdir())
+    code, err = run(["run", str(recipe), "--output", str(tmp_path / ("ü" * (name_bytes // 2)))], capsys)
+    assert code == 2 and f"the output name is {name_bytes} bytes; at most {name_max(tmp_path) - SIBLING_EXTRA}" in err
+    assert len(err.strip().splitlines()) == 1 and sorted(tmp_path.iterdir()) == before
+    check_output_path(tmp_path / ("a" * (name_max(tmp_path) - SIBLING_EXTRA)), False)  # the longest that fits
+
+
 def test_leftovers_of_a_killed_final_write_are_cleaned(tmp_path, llama4, capsys):
     output = tmp_path / "out"
     (tmp_path / ".out.tmp-dead").mkdir()

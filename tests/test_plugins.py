@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from .conftest import write_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -154,3 +156,28 @@ def test_postconditions_name_the_pass_the_block_and_what_ran_before(tmp_path, ti
     finally:
         for cls in classes:
             PASS_REGISTRY.pop(cls.name)
+
+
+@pytest.mark.parametrize(("source", "entry", "says"), [
+    ("import sys\nsys.exit(0)\n", "quits = d2c_plugin", "called sys.exit(0) while loading"),
+    ("VALUE = 3\n", "quits = d2c_plugin:VALUE", "names a int: it must name a module that registers its passes or a Pass subclass"),
+    (None, "quits = d2c_plugin:RowMagnitudePass", "the default of sparsity (nan) is invalid"),
+])
+def test_a_plugin_that_quits_names_no_pass_or_breaks_its_defaults_is_one_located_line(source, entry, says, tmp_path, tiny_models):
+    if source is None:  # a NaN default that its own ge=0 would refuse
+        source = doc_example().replace('sparsity: float = Field(ge=0.0', 'sparsity: float = Field(default=float("nan"), ge=0.0')
+    recipe = write_recipe(tmp_path / "r.toml", str(tiny_models["llama"]), '[[passes]]\ntype = "magnitude"\nsparsity = 0.5\n')
+    site = tmp_path / "site"
+    install(site, "d2c-plugin", "d2c_plugin", source, entry)
+    for command in (["validate", str(recipe)], ["--quiet", "run", str(recipe)]):
+        result = d2c(site, *command)
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 2 and len(lines) == 1, result.stderr
+        assert "plugin 'quits' (d2compiler.passes: " in lines[0] and says in lines[0], lines[0]
+
+
+def test_a_nan_pass_parameter_is_refused(tmp_path, tiny_models):
+    recipe = write_recipe(tmp_path / "r.toml", str(tiny_models["llama"]),
+                          '[[passes]]\ntype = "calibrate"\n[[passes]]\ntype = "sparsegpt"\nsparsity = 0.5\ndampening_frac = nan\n')
+    result = d2c(tmp_path / "empty-site", "validate", str(recipe))
+    assert result.returncode == 2 and "passes[1].dampening_frac: Input should be a finite number" in result.stderr and "Traceback" not in result.stderr, result.stderr

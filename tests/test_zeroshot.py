@@ -120,3 +120,28 @@ def test_any_lm_eval_task_from_local_files_offline(tiny_models, tmp_path, capsys
     assert err == [f"error: --task no_such_task: no such lm-eval task among lm-eval's registered tasks or under {tasks}"]
     assert main([*base[:-4], "--include-path", str(tmp_path / "missing"), "--device", "cpu", "--task", "x"]) == 2
     assert "--include-path" in capsys.readouterr().err
+
+
+def test_a_task_yaml_that_does_not_parse_is_named_and_git_says_nothing(tiny_models, tmp_path):
+    """A malformed YAML under --include-path: the error names its file, line and problem (lm-eval
+    skips it silently). A task run outside a git repository prints nothing about git."""
+    pytest.importorskip("lm_eval")
+    import os
+    import subprocess
+    import sys
+
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    rows = [{"question": f"Odd one out: {a}, {b} or {c}?", "choices": [a, b, c], "answer": 2}
+            for a, b, c in [("one", "two", "red"), ("three", "four", "blue")]]
+    (tmp_path / "mc.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tasks / "mc.yaml").write_text(MC_TASK.format(data=json.dumps(str(tmp_path / "mc.jsonl"))))
+    (tasks / "broken.yaml").write_text("task: broken_task\ndataset_path: json\n  output_type: [unclosed\n")
+    env = {**os.environ, "GIT_CEILING_DIRECTORIES": str(tmp_path.parent)}
+    base = [sys.executable, "-m", "d2compiler", "--quiet", "eval", str(tiny_models["llama"]), "--include-path", str(tasks),
+            "--device", "cpu", "--task"]
+    broken = subprocess.run([*base, "broken_task"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert broken.returncode == 2 and len(broken.stderr.strip().splitlines()) == 1, broken.stderr
+    assert f"could not be parsed (lm-eval skips them), the first: {tasks / 'broken.yaml'}:3:" in broken.stderr
+    fine = subprocess.run([*base, "local_odd_one_out"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert fine.returncode == 0 and "git" not in fine.stderr and "fatal" not in fine.stderr, fine.stderr

@@ -155,6 +155,28 @@ def _metrics(values: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def yaml_problems(folder: Path) -> list[str]:
+    """`file:line:column: problem` for each YAML file under `folder` that does not parse (tags such as
+    lm-eval's `!function` are accepted without being run)."""
+    import yaml
+
+    class Lenient(yaml.SafeLoader):
+        pass
+
+    Lenient.add_multi_constructor("!", lambda _loader, _suffix, _node: None)
+    problems = []
+    for path in sorted([*folder.rglob("*.yaml"), *folder.rglob("*.yml")]):
+        try:
+            yaml.load(path.read_text(encoding="utf-8"), Loader=Lenient)  # noqa: S506 (a safe loader)
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+            problems.append(f"{where}: {getattr(exc, 'problem', None) or str(exc).splitlines()[0]}")
+        except (OSError, UnicodeDecodeError) as exc:
+            problems.append(f"{path}: unreadable ({exc})")
+    return problems
+
+
 def evaluate_task(runner: ModelRunner, model: nn.Module, tokenizer: Any, task: str, *, items: list[Item] | None = None,
                   include_path: str | None = None, limit: int | None = None, num_fewshot: int | None = None,
                   batch_size: int = 8, quiet: bool = False) -> dict[str, Any]:
@@ -169,6 +191,7 @@ def evaluate_task(runner: ModelRunner, model: nn.Module, tokenizer: Any, task: s
     import io
     import logging
     import tempfile
+    from unittest import mock
 
     if tokenizer is None:
         raise DataError("lm-eval tasks need the model's tokenizer")
@@ -191,9 +214,16 @@ def evaluate_task(runner: ModelRunner, model: nn.Module, tokenizer: Any, task: s
         manager = TaskManager(include_path=paths or None, include_defaults=items is None)
         if name not in manager.all_tasks:
             where = f" or under {include_path}" if include_path else " (add --include-path DIR for your own task YAMLs)"
+            broken = yaml_problems(Path(include_path)) if include_path else []
+            if broken:
+                where += (f"; {len(broken)} task YAML(s) there could not be parsed (lm-eval skips them), the first: "
+                          f"{broken[0]}")
             raise DataError(f"--task {task}: no such lm-eval task among lm-eval's registered tasks{where}")
         try:  # quiet: lm-eval's and datasets' progress bars (tqdm, on sys.stderr) go nowhere; log records still show
-            with contextlib.redirect_stderr(io.StringIO()) if quiet else contextlib.nullcontext():
+            # lm-eval records the git commit of the working directory by running `git describe`, whose
+            # "fatal: not a git repository" reaches the terminal outside a repository: not asked for here
+            with (contextlib.redirect_stderr(io.StringIO()) if quiet else contextlib.nullcontext(),
+                  mock.patch("lm_eval.evaluator.get_git_commit_hash", lambda: None)):
                 results = simple_evaluate(model=lm, tasks=[name], task_manager=manager, limit=limit, num_fewshot=num_fewshot,
                                           log_samples=False, bootstrap_iters=1000)
         except (FileNotFoundError, ConnectionError) as exc:

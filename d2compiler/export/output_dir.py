@@ -15,6 +15,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -48,9 +49,22 @@ def owned_by_us(path: Path) -> bool:
     return isinstance(record, dict) and record.get(OWNER_KEY) == OWNER
 
 
+def finite_json(value: Any) -> Any:
+    """`value` with every NaN or infinite float replaced by None (null), so that it is standard JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: finite_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_json(v) for v in value]
+    return value
+
+
 def write_record(folder: Path, record: dict[str, Any]) -> None:
-    """Write `sparsity.json` into an output being assembled, with the marker that makes it ours."""
-    (folder / RECORD_FILE).write_text(json.dumps({**record, OWNER_KEY: OWNER}, indent=2, default=str) + "\n")
+    """Write `sparsity.json` into an output being assembled, with the marker that makes it ours.
+    Standard JSON: a value that is not finite (a diverged perplexity) is written as null."""
+    record = finite_json(json.loads(json.dumps({**record, OWNER_KEY: OWNER}, default=str)))
+    (folder / RECORD_FILE).write_text(json.dumps(record, indent=2, allow_nan=False) + "\n")
 
 
 def _related(a: Path, b: Path) -> str | None:
@@ -64,9 +78,41 @@ def _related(a: Path, b: Path) -> str | None:
     return None
 
 
+SIBLING_EXTRA = len(".") + len(".tmp-") + 8  # the longest sibling a run writes: `.NAME.tmp-XXXXXXXX`
+
+
+def name_max(path: Path) -> int:
+    """The longest file name (bytes) the file system of `path`'s nearest existing ancestor allows."""
+    for ancestor in path.parents:
+        try:
+            return os.pathconf(ancestor, "PC_NAME_MAX")
+        except (OSError, ValueError):
+            continue
+    return 255
+
+
+def check_name_lengths(path: Path) -> None:
+    """Refuse a path with a name the file system cannot hold, counting the siblings a run writes
+    beside the output (`.NAME.tmp-XXXXXXXX`, `.NAME.d2c-work`, `.NAME.d2c-lock`)."""
+    limit = name_max(path)
+    for part in path.parts[:-1]:
+        if len(os.fsencode(part)) > limit:
+            raise OutputError(f"{path}: the folder name {part[:40]}... is {len(os.fsencode(part))} bytes; the file system "
+                              f"allows {limit}")
+    size = len(os.fsencode(path.name))
+    if size > limit - SIBLING_EXTRA:
+        raise OutputError(f"{path.parent / (path.name[:40] + '...')}: the output name is {size} bytes; at most "
+                          f"{limit - SIBLING_EXTRA} (the file system allows {limit}, and a run writes "
+                          f"`.NAME.tmp-XXXXXXXX` beside the output)")
+    if len(os.fsencode(str(path))) >= os.pathconf("/", "PC_PATH_MAX") - SIBLING_EXTRA - 64:
+        raise OutputError(f"{str(path)[:60]}...: the output path is {len(os.fsencode(str(path)))} bytes, too long for "
+                          "this system's paths")
+
+
 def check_output_path(path: Path, overwrite: bool, protected: Iterable[Path] = ()) -> None:
     """Fail early (before any compute) if `path` cannot be written without harm."""
     path = user_path(path)
+    check_name_lengths(path)
     cwd = Path.cwd().resolve()
     real = path.resolve()
     if real == cwd or real in cwd.parents:

@@ -16,6 +16,7 @@ before any model is loaded.
 from __future__ import annotations
 
 import re
+import types
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -34,9 +35,9 @@ if TYPE_CHECKING:
 
 
 class PassParams(BaseModel):
-    """Parameters common to every pass. Unknown keys are errors."""
+    """Parameters common to every pass. Unknown keys are errors, and so are NaN and infinities."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     type: str = Field(description="The pass to run (its registered name).")
 
@@ -235,8 +236,26 @@ def register_pass(cls: type[Pass]) -> type[Pass]:
         __doc__=f"`{cls.name}`: {cls.summary or cls.__doc__ or ''}".strip(),
         type=(Literal[cls.name], Field(description=f"Always '{cls.name}'.")),  # type: ignore[valid-type]
     )
+    check_defaults(cls.Params, cls.name)
     PASS_REGISTRY[cls.name] = cls
     return cls
+
+
+def check_defaults(params: type[BaseModel], name: str) -> None:
+    """Raise ValueError when a default of `params` breaks its own field's constraints (pydantic does
+    not validate defaults), e.g. a NaN default of a field declared `ge=0`."""
+    from typing import Annotated
+
+    from pydantic import TypeAdapter, ValidationError
+
+    for field_name, info in params.model_fields.items():
+        if info.is_required() or info.default_factory is not None or info.default is None:
+            continue
+        try:
+            TypeAdapter(Annotated[info.annotation, info], config=ConfigDict(allow_inf_nan=False)).validate_python(info.default)
+        except ValidationError as exc:
+            problem = exc.errors()[0]["msg"]
+            raise ValueError(f"pass {name!r}: the default of {field_name} ({info.default!r}) is invalid: {problem}") from None
 
 
 STATISTICS = frozenset({"hessian", "act_norms"})  # the per-layer statistics artifacts an observing pass records
@@ -261,15 +280,21 @@ def load_plugins() -> None:
         where += f", from {dist.name} {dist.version})" if dist is not None else ")"
         try:
             loaded = point.load()
+        except SystemExit as exc:
+            raise PluginError(f"{where} called sys.exit({exc.code!r}) while loading") from None
         except Exception as exc:  # a third party's import error, whatever its type
             raise PluginError(f"{where} failed to load: {type(exc).__name__}: {exc}") from None
-        if isinstance(loaded, type):
-            if not issubclass(loaded, Pass):
-                raise PluginError(f"{where} is a class but not a d2compiler Pass")
-            try:
-                register_pass(loaded)
-            except (ValueError, AttributeError) as exc:
-                raise PluginError(f"{where}: {exc}") from None
+        if isinstance(loaded, types.ModuleType):
+            continue
+        if not isinstance(loaded, type):
+            raise PluginError(f"{where} names a {type(loaded).__name__}: it must name a module that registers "
+                              "its passes or a Pass subclass")
+        if not issubclass(loaded, Pass):
+            raise PluginError(f"{where} is a class but not a d2compiler Pass")
+        try:
+            register_pass(loaded)
+        except (ValueError, AttributeError) as exc:
+            raise PluginError(f"{where}: {exc}") from None
 
 
 SHIPPED_PASSES = "passes"  # the package of the passes that ship with d2compiler, discovered like a plugin
