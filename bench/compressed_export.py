@@ -38,7 +38,7 @@ def recipe(out: Path) -> dict[str, Any]:
                      "evaluation": {"source": protocol.evaluation_source(), "seq_len": protocol.seq_len(),
                                     "max_windows": protocol.pick(32, 2)}},
             "passes": [{"type": "calibrate"}, {"type": "sparsegpt", "sparsity": 0.5},
-                       {"type": "gptq", "bits": 4, "group_size": protocol.pick(64, 16)}],
+                       {"type": "gptq", "bits": 4, "group_size": protocol.pick(64, 16), "symmetric": False}],
             "output": {"path": str(out), "resume": False}}
 
 

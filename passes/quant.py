@@ -83,8 +83,11 @@ class QuantParams(TargetedParams):
         description="Inputs per quantization group along each row (a scale and zero point per group); 0 = one "
         "group per output channel. It must divide every targeted layer's in_features.",
     )
-    symmetric: bool = Field(default=False, description="Symmetric levels (zero point fixed at 2^(bits-1)); "
-                            "default asymmetric with an integer zero point.")
+    symmetric: bool = Field(default=True, description="Symmetric levels (zero point fixed at 2^(bits-1)), the "
+                            "default, as llm-compressor's W4A16/W8A16 presets: the compressed-tensors export then "
+                            "loads with plain `from_pretrained`. `false`: an integer zero point per group (a little "
+                            "more accurate; its compressed-tensors export loads with `dequantize=True` only, see "
+                            "docs/deploy.md).")
 
     @property
     def spec(self) -> QuantSpec:

@@ -33,13 +33,14 @@ SCRIPTS = {
     "distributed.py": [PY, "bench/distributed.py", "--smoke"],
     "onnx_large.py": [PY, "bench/onnx_large.py", "--smoke"],
     "compressed_export.py": [PY, "bench/compressed_export.py", "--smoke"],
+    "ct_layout.py": [PY, "bench/ct_layout.py", "--smoke"],
 }
 WRITES = {"quality.py": ["quality.json", "quality.md"], "attention_fidelity.py": ["attention_fidelity.json", "attention_fidelity.png"],
           "arch.py": ["arch.json", "arch.md"], "cost.py": ["cost.json", "cost.md"], "deploy.py": ["deploy.json", "deploy.md"],
           "zeroshot.py": ["zeroshot.json", "zeroshot.md"], "tune_d2prune.sh": ["tuning.json"], "scale.py": ["scale.json", "scale.md"],
           "dtypes.py": ["dtypes.json", "dtypes.md"], "gpu_check.py": ["gpu.json", "gpu.md"],
           "distributed.py": ["distributed.json", "distributed.md"], "onnx_large.py": ["onnx_large.json", "onnx_large.md"],
-          "compressed_export.py": ["compressed_tensors.json", "compressed_tensors.md"]}
+          "compressed_export.py": ["compressed_tensors.json", "compressed_tensors.md"], "ct_layout.py": ["ct_layout.json", "ct_layout.md"]}
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +50,7 @@ def smoke_dir(tmp_path_factory) -> Path:
 
 def test_every_bench_script_is_covered():
     scripts = {p.name for p in BENCH.iterdir() if p.suffix in (".py", ".sh") and p.name != "protocol.py"}
-    assert scripts == set(SCRIPTS) | {"llmc_job.py"}  # llmc_job.py runs inside cost.py, in its own venv
+    assert scripts == set(SCRIPTS) | {"llmc_job.py", "llmc_quant_job.py"}  # run by cost.py and ct_layout.py, in their own venv
 
 
 @pytest.mark.parametrize("script", list(SCRIPTS))

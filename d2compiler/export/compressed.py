@@ -16,6 +16,7 @@ sparsity config is written (vLLM rejects sparsity targets; the zeros simply stay
 from __future__ import annotations
 
 import importlib.util
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ from d2compiler.errors import OutputError
 from d2compiler.graph.packing import QUANT_BUFFERS
 
 FORMAT = "compressed-tensors"
+log = logging.getLogger(__name__)
 INSTALL_HINT = "install it with pip install 'd2compiler[deploy]' (compressed-tensors needs Python >= 3.11)"
 
 
@@ -89,6 +91,13 @@ def write_compressed_tensors(folder: Path, model: nn.Module, layers: dict[str, d
     from compressed_tensors.quantization import QuantizationStatus, apply_quantization_config
 
     quantized = quantized_layers(model, layers)
+    asymmetric = [name for name, quant in quantized.items() if not quant["symmetric"]]
+    if asymmetric:
+        log.warning("%s: %d linear(s) (e.g. %s) have asymmetric grids: written in compressed-tensors' own layout, "
+                    "which loads with CompressedTensorsConfig(dequantize=True) (and d2compiler.load) but not with plain "
+                    "from_pretrained (transformers' compressed mode, up to 5.25 at least, misreads packed zero points: "
+                    "docs/deploy.md); quantize with symmetric = true for plain loading", folder, len(asymmetric),
+                    asymmetric[0])
     grids = {}
     for name in quantized:
         module = model.get_submodule(name)
