@@ -39,15 +39,25 @@ def python_docs_rows(part: Part) -> list[str]:
     return rows[:cut] if part == "calibration" else rows[cut:]
 
 
-def _text_file_rows(path: Path) -> list[str]:
+def _text_file_rows(path: Path, max_chars: int | None = None) -> list[str]:
+    rows: list[str] = []
+    total = 0
     with path.open(encoding="utf-8") as f:
-        return [line if line.strip() else "" for line in f]
+        for line in f:
+            if max_chars is not None and total >= max_chars:
+                break
+            rows.append(line if line.strip() else "")
+            total += len(rows[-1]) + 2
+    return rows
 
 
-def _jsonl_rows(path: Path, field: str) -> list[str]:
-    rows = []
+def _jsonl_rows(path: Path, field: str, max_chars: int | None = None) -> list[str]:
+    rows: list[str] = []
+    total = 0
     with path.open(encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
+            if max_chars is not None and total >= max_chars:
+                break
             if not line.strip():
                 continue
             try:
@@ -57,6 +67,7 @@ def _jsonl_rows(path: Path, field: str) -> list[str]:
             if not isinstance(item, dict) or not isinstance(item.get(field), str):
                 raise DataError(f"{path}:{lineno}: no string field {field!r}")
             rows.append(item[field])
+            total += len(item[field]) + 2
     return rows
 
 
@@ -74,8 +85,10 @@ def _hf_rows(name: str, config: str | None, split: str, field: str) -> list[str]
     return list(ds[field])
 
 
-def load_rows(source: str, part: Part, *, config: str | None = None, split: str = "test", field: str = "text") -> list[str]:
-    """The rows of a text source (see the module docstring)."""
+def load_rows(source: str, part: Part, *, config: str | None = None, split: str = "test", field: str = "text",
+              max_chars: int | None = None) -> list[str]:
+    """The rows of a text source (see the module docstring). `max_chars`: a local file is read only
+    until its rows hold that many characters (joined), plus at most one row."""
     if source == BUILTIN_PYTHON_DOCS:
         return python_docs_rows(part)
     if source.startswith("builtin:"):
@@ -83,7 +96,7 @@ def load_rows(source: str, part: Part, *, config: str | None = None, split: str 
     path = Path(source).expanduser()
     if path.is_file():
         try:
-            return _jsonl_rows(path, field) if path.suffix == ".jsonl" else _text_file_rows(path)
+            return _jsonl_rows(path, field, max_chars) if path.suffix == ".jsonl" else _text_file_rows(path, max_chars)
         except UnicodeDecodeError as exc:
             raise DataError(f"{path}: not UTF-8 text: {exc}") from None
     if path.exists():
@@ -104,6 +117,25 @@ def tokenize(tokenizer: Any, text: str) -> torch.Tensor:
         raise DataError("this model has no tokenizer, so text data cannot be used with it")
     ids = tokenizer(text, return_tensors="pt", verbose=False).input_ids
     return ids
+
+
+SLACK_TOKENS = 64  # tokens beyond the ones needed: a cut text changes at most its last word's tokens
+
+
+def leading_tokens(tokenizer: Any, source: str, part: Part, need: int, **kwargs: Any) -> torch.Tensor:
+    """The token ids of `source` ("\n\n"-joined rows), at least its first `need` of them (all when
+    it has fewer), equal to those of tokenizing the whole text: a local file is read and tokenized
+    only as far as they need (8 characters per token at first, doubled until there is `need` +
+    SLACK_TOKENS), so a huge corpus costs what the windows cost."""
+    chars = 8 * (need + SLACK_TOKENS)
+    while True:
+        text = load_text(source, part, max_chars=chars, **kwargs)
+        if len(text) <= chars:
+            return tokenize(tokenizer, text)  # the whole source
+        ids = tokenize(tokenizer, text[:chars])
+        if ids.shape[1] >= need + SLACK_TOKENS:
+            return ids
+        chars *= 2
 
 
 def calibration_windows(

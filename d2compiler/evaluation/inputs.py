@@ -4,6 +4,7 @@ or an encoder), plus the calibration batches a recipe's `data.calibration` descr
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -13,6 +14,7 @@ from d2compiler.errors import DataError
 from d2compiler.evaluation.data import (
     calibration_windows,
     is_token_windows_file,
+    leading_tokens,
     load_text,
     load_token_windows,
     select_windows,
@@ -65,7 +67,23 @@ def check_source_fits(model: nn.Module, source: str, field: str) -> None:
         raise DataError(f"{field}: {type(model).__name__} takes images, but {source!r} is text; use "
                         "`builtin:digits` or a .safetensors file with `pixel_values`")
     if not takes_images(model) and is_image_source(source):
+        if source.endswith(".safetensors"):
+            keys = safetensors_keys(source)
+            if "pixel_values" not in keys:
+                raise DataError(f"{field}: {source} has no `input_ids` tensor of token windows (windows, seq_len) for "
+                                f"{type(model).__name__}; it holds: {', '.join(keys[:5]) or 'nothing readable'}")
         raise DataError(f"{field}: {source!r} holds images, but {type(model).__name__} takes token ids")
+
+
+def safetensors_keys(source: str) -> list[str]:
+    """The tensor names of a safetensors file ([] when it cannot be read)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(Path(source).expanduser()), "pt") as f:
+            return sorted(f.keys())
+    except Exception:  # safetensors raises its own error type for every kind of damage
+        return []
 
 
 def check_seq_len(model: nn.Module, seq_len: int, field: str) -> None:
@@ -100,7 +118,11 @@ def calibration_inputs(spec: Any, model: nn.Module, tokenizer: Any) -> list[torc
         windows = select_windows(ids, spec.samples, sampling=spec.sampling, seed=spec.seed, source=spec.source,
                                  offset=spec.offset)
     else:
-        ids = tokenize(tokenizer, load_text(spec.source, "calibration", config=spec.config, split=spec.split, field=spec.field))
+        text = {"config": spec.config, "split": spec.split, "field": spec.field}
+        if spec.sampling == "sequential":  # only the windows' tokens are read and tokenized
+            ids = leading_tokens(tokenizer, spec.source, "calibration", (spec.offset + spec.samples) * spec.seq_len, **text)
+        else:  # random windows are drawn over the whole text
+            ids = tokenize(tokenizer, load_text(spec.source, "calibration", **text))
         windows = calibration_windows(ids, spec.samples, spec.seq_len, sampling=spec.sampling, seed=spec.seed,
                                       offset=spec.offset)
     return _stack(windows, spec.batch_size)

@@ -182,13 +182,21 @@ def check_weight_files(folder: Path, source: str) -> None:
         if pickles:
             raise ModelLoadError(f"{source}: only pickle checkpoints ({', '.join(sorted(pickles))}); d2compiler never "
                                  "unpickles: convert the weights to safetensors first")
+    integer_weights: list[str] = []
     for file in files:
         try:
             with safe_open(str(file), "pt") as f:
                 for key in f.keys():
-                    f.get_slice(key).get_shape()
+                    piece = f.get_slice(key)
+                    piece.get_shape()
+                    if key.endswith((".weight", ".bias")) and piece.get_dtype().startswith(("I", "U")):
+                        integer_weights.append(f"{key} ({piece.get_dtype()})")
         except Exception as exc:  # safetensors raises its own error type for every kind of damage
             raise ModelLoadError(f"{file}: not a valid safetensors file ({str(exc)[:200]})") from None
+    if integer_weights:
+        log.warning("%s: %d weight(s) are stored as integers (e.g. %s) and are cast to floating point as they load; "
+                    "a quantized checkpoint must declare its quantization_config to be read as one", source,
+                    len(integer_weights), integer_weights[0])
 
 
 def _check_load_report(info: dict[str, Any], source: str) -> None:
