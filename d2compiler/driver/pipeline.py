@@ -133,6 +133,10 @@ def check_finite(model: torch.nn.Module) -> None:
             raise PassError(f"{name}: contains NaN or Inf after pruning; nothing was written")
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
 def preflight(recipe: BaseModel, overwrite: bool) -> None:
     """The checks of the output path that `compress` makes first (for a launcher, before any process
     starts)."""
@@ -198,12 +202,17 @@ def _compress(recipe: BaseModel, loaded: LoadedModel | None, quiet: bool, out_pa
         dense_value = metric.dense(ModelRunner(model, device, streamed=streamed, group=group))
 
     prune_start = time.perf_counter()
+    storage = loaded.storage_dtype
+    compute = streamed.dtype if streamed is not None else next(model.parameters()).dtype
+    if storage is not None and not quiet:
+        log.info("computing in %s, storing the weights in the checkpoint's %s (model.dtype = auto on the CPU)",
+                 dtype_name(compute), dtype_name(storage))
     executor = BlockExecutor(model, manager.schedule, device=device, role_overrides=recipe.model.roles, quiet=quiet,
-                             streamed=streamed, group=group)
+                             streamed=streamed, group=group, storage_dtype=storage)
     checkpoints = None
     if out_path is not None:
         checkpoints = CheckpointStore(work_dir_for(out_path), job_fingerprint(recipe, source_digest(loaded), windows),
-                                      processes=group.size)
+                                      processes=group.size, storage_dtype=storage)
         if main:
             if recipe.output.resume:
                 checkpoints.check_processes()
@@ -235,6 +244,8 @@ def _compress(recipe: BaseModel, loaded: LoadedModel | None, quiet: bool, out_pa
 
     if not main:  # the first process records and writes; hashing the weights again here would be wasted work
         return summary({})
+    if storage is not None and streamed is None:  # exact: every pruned block is already rounded to it
+        model.to(storage)
     entries = [*layers.values(), *(part for entry in layers.values() for part in entry.get("slices", {}).values())]
     patterns = sorted({entry["pattern"] for entry in entries if "pattern" in entry})  # as the pruning passes report them
     results = {
@@ -249,10 +260,12 @@ def _compress(recipe: BaseModel, loaded: LoadedModel | None, quiet: bool, out_pa
                                                    "higher_is_better": metric.higher_is_better, "count": metric.count},
         "prune_s": round(prune_s, 3),
         "device": str(device),
+        "compute_dtype": dtype_name(compute),
+        "storage_dtype": dtype_name(storage or compute),
     }
     blocks = [{"index": b.index, "name": b.name, "times_s": b.times, "memory": b.memory, "resumed": b.resumed,
                "passes": {name: r.info for name, r in b.results if r.info}} for b in execution.blocks]
-    sha256 = None if streamed is None else streamed.weights_sha256(block_readers)
+    sha256 = None if streamed is None else streamed.weights_sha256(block_readers, storage)
     record = sparsity_record(model=model, recipe=recipe.model_dump(mode="json"), layers=layers, patterns=patterns,
                              blocks=blocks, results=results, sha256=sha256)
     for p in manager.schedule:  # what each pass adds to the record and to the report's figures
@@ -267,7 +280,9 @@ def _compress(recipe: BaseModel, loaded: LoadedModel | None, quiet: bool, out_pa
         record["results"]["peak_rss_mb"] = round(peak_rss_mb(), 1)
         if streamed is not None:
             generation = getattr(model, "generation_config", None) if model.can_generate() else None
-            write_sharded_output(out_path, streamed.outside_state(), [checkpoints.path(i) for i in range(len(streamed.blocks))],
+            outside = {k: v.to(storage) if storage is not None and v.is_floating_point() else v
+                       for k, v in streamed.outside_state().items()}
+            write_sharded_output(out_path, outside, [checkpoints.path(i) for i in range(len(streamed.blocks))],
                                  model.config, generation, tokenizer, record, overwrite=overwrite, protected=protected)
         else:
             write_output(out_path, model, tokenizer, record, overwrite=overwrite, fmt=recipe.output.format,

@@ -52,6 +52,7 @@ class Plan:
     costs: list[BlockCost] = field(default_factory=list)
     projections: dict[int, dict[str, float]] = field(default_factory=dict)
     link_gbs: float = 0.0
+    dtypes: str = ""  # what the run computes in and stores
 
     def project(self, nproc: int, link_gbs: float) -> dict[str, float]:
         """The time projected for `nproc` processes (kept for `render`)."""
@@ -60,7 +61,7 @@ class Plan:
         return self.projections[nproc]
 
     def render(self) -> str:
-        lines = [f"model: {self.model} ({self.blocks_path} x {self.num_blocks})",
+        lines = [f"model: {self.model} ({self.blocks_path} x {self.num_blocks})", f"dtype: {self.dtypes}",
                  f"calibration: {self.tokens} tokens", "", "pass schedule:"]
         for i, p in enumerate(self.schedule, 1):
             req = ", ".join(sorted(p.requires)) or "-"
@@ -111,6 +112,20 @@ def _label(layer: LinearLayer) -> str:
     return f"{layer.local_name} ({layer.role})"
 
 
+def dtype_line(requested: str, device: torch.device, model: torch.nn.Module, storage: torch.dtype | None) -> str:
+    """What the run computes in and stores, and why (model.dtype = auto on the CPU computes a
+    half-precision checkpoint in float32). The plan loads on the CPU; a CUDA run computes in the
+    checkpoint's own dtype."""
+    name = lambda dtype: str(dtype).removeprefix("torch.")  # noqa: E731
+    loaded = next(model.parameters()).dtype
+    if storage is None:
+        return f"{name(loaded)} (computed and stored; model.dtype = {requested})"
+    if device.type == "cuda":
+        return f"{name(storage)} (computed and stored: the checkpoint's own dtype on CUDA; model.dtype = auto)"
+    return (f"computed in {name(loaded)}, stored in the checkpoint's {name(storage)} (model.dtype = auto on the CPU: "
+            f"{name(storage)} matmuls are several times slower than float32 on CPUs)")
+
+
 def make_plan(recipe: BaseModel) -> Plan:
     """Plan `recipe` (see the module docstring). Loads the model; prunes nothing."""
     baseline_mb = current_rss_mb()
@@ -151,7 +166,8 @@ def make_plan(recipe: BaseModel) -> Plan:
     tokens = cal.samples * seq
     hidden = sample.args[0].shape[-1]
     rates = _measure_rates(device, hidden, manager.schedule)
-    plan = Plan(m.source, executor.blocks_path, len(executor.blocks), manager.schedule, blocks, tokens, rates=rates)
+    plan = Plan(m.source, executor.blocks_path, len(executor.blocks), manager.schedule, blocks, tokens, rates=rates,
+                dtypes=dtype_line(m.dtype, device, model, loaded.storage_dtype))
     groups = [{tuple(executor.structure(i, sample).group_of(la.owner)) for la in layers if la.name in targeted}
               for i, layers in enumerate(per_block[: last + 1])]
     _estimate(plan, per_block[: last + 1], groups, targeted, seq, model, hidden, baseline_mb)

@@ -90,13 +90,20 @@ class Resumed:
 class CheckpointStore:
     """Reads and writes a run's work folder (see the module docstring)."""
 
-    def __init__(self, folder: Path, key: str, processes: int = 1):
+    def __init__(self, folder: Path, key: str, processes: int = 1, storage_dtype: torch.dtype | None = None):
         self.folder = folder
         self.key = key
         self.processes = processes  # the run's process count: a resume needs the same
+        self.storage_dtype = storage_dtype  # finished blocks' floating tensors are stored in it (None: as they are)
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="d2c-checkpoint")
         self._pending: Future | None = None
         self._files: dict[str, str] = {}
+
+    def _stored(self, tensor: torch.Tensor) -> torch.Tensor:
+        """`tensor` as a finished block stores it: floating tensors in `storage_dtype` when set."""
+        if self.storage_dtype is not None and tensor.is_floating_point():
+            return tensor.to(self.storage_dtype)
+        return tensor
 
     def _write_atomic(self, name: str, write: Any) -> str:
         """Write `name` through a temporary file; returns its sha256."""
@@ -218,7 +225,7 @@ class CheckpointStore:
         tensors are taken to the CPU here (a device copy; CPU tensors are referenced, not copied: a
         finished block is never modified again, and the caller may release it at once); the files
         are written on the background thread."""
-        params = {prefix + name: t.detach().to("cpu").contiguous() for name, t in block.state_dict().items()}
+        params = {prefix + name: self._stored(t.detach().to("cpu")).contiguous() for name, t in block.state_dict().items()}
         states = {f"h{i}": h.detach().to("cpu").contiguous() for i, h in enumerate(hidden)}
         self.flush()
         self._pending = self._writer.submit(self._save, index, params, states, list(reports))

@@ -493,12 +493,22 @@ def merge_slices(layers: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]
     return out
 
 
+def round_to_storage(module: nn.Module, dtype: torch.dtype) -> None:
+    """Round `module`'s floating parameters and buffers, in place and in their own (compute) dtype,
+    to the values `dtype` can store: a block computed in float32 and stored in bfloat16 propagates,
+    resumes and evaluates with exactly the weights that are written."""
+    with torch.no_grad():
+        for tensor in [*module.parameters(), *module.buffers()]:
+            if tensor.is_floating_point() and tensor.dtype != dtype:
+                tensor.copy_(tensor.to(dtype))
+
+
 class BlockExecutor:
     """Runs a pass schedule over a model's repeated blocks (see the module docstring)."""
 
     def __init__(self, model: nn.Module, schedule: list[Pass], *, device: torch.device,
                  role_overrides: dict[str, str] | None = None, quiet: bool = False, streamed: StreamedModel | None = None,
-                 group: Group = SINGLE):
+                 group: Group = SINGLE, storage_dtype: torch.dtype | None = None):
         self.model = model
         self.schedule = schedule
         self.device = device
@@ -506,6 +516,7 @@ class BlockExecutor:
         self.quiet = quiet
         self.streamed = streamed
         self.group = group
+        self.storage_dtype = storage_dtype  # weights are rounded to it after each block (None: kept as computed)
         self._samples = (0, 0)  # (global index of this process's first window, windows over all processes)
         self.placement = Placement(model, device, streamed)
         self.blocks_path, self.blocks = self.placement.blocks_path, self.placement.blocks
@@ -703,6 +714,8 @@ class BlockExecutor:
                 modified |= result.modified
             times[p.name] = times.get(p.name, 0.0) + time.perf_counter() - t0
         t0 = time.perf_counter()
+        if modified and self.storage_dtype is not None:
+            round_to_storage(block, self.storage_dtype)
         if index < last:
             outputs = ctx.dense_outputs if (not modified and ctx.dense_outputs is not None) else forward_block(block, inputs)
         else:

@@ -200,9 +200,10 @@ class StreamedModel:
         return {name: tensor for name, tensor in self.model.state_dict().items()
                 if not name.startswith(self.blocks_path + ".") and name not in self.tied}
 
-    def weights_sha256(self, readers: list[Callable[[str], torch.Tensor]]) -> str:
+    def weights_sha256(self, readers: list[Callable[[str], torch.Tensor]], storage: torch.dtype | None = None) -> str:
         """`export.metadata.weights_sha256` of the whole model, block tensors read through `readers`
-        (the same value an in-memory run computes over its state dict)."""
+        (the same value an in-memory run computes over its state dict); the tensors outside the
+        blocks cast to `storage`, as they are written, when it is given."""
         from d2compiler.export.metadata import tensors_sha256
 
         self.ensure_outside()
@@ -213,7 +214,8 @@ class StreamedModel:
             if name.startswith(self.blocks_path + "."):
                 index = int(name[len(self.blocks_path) + 1 :].split(".")[0])
                 return readers[index](name)
-            return outside[name]
+            value = outside[name]
+            return value.to(storage) if storage is not None and value.is_floating_point() else value
 
         return tensors_sha256((name, tensor(name)) for name in sorted(outside))
 

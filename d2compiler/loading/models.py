@@ -49,6 +49,7 @@ class LoadedModel:
     tokenizer: Any
     source: str
     files: list[Path] = field(default_factory=list)
+    storage_dtype: torch.dtype | None = None  # the output's weight dtype when it differs from the compute dtype
 
 
 def cache_dir() -> Path:
@@ -67,10 +68,26 @@ def resolve_device(device: str) -> torch.device:
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype | str:
     """Map the recipe's dtype name; `auto` keeps the checkpoint's own dtype (bf16 stays bf16, an fp32
-    checkpoint stays fp32) on any device. Statistics and OBS solves are float32 whatever this is."""
+    checkpoint stays fp32; but see `compute_dtype` on the CPU). Statistics and OBS solves are float32
+    whatever this is."""
     if dtype == "auto":
         return "auto"
     return _DTYPES[dtype]
+
+
+def stored_dtype(config: Any) -> torch.dtype:
+    """The dtype a checkpoint's config declares for its weights (float32 when it declares none)."""
+    stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    return stored if isinstance(stored, torch.dtype) else _DTYPES.get(str(stored).removeprefix("torch."), torch.float32)
+
+
+def compute_dtype(stored: torch.dtype, device: torch.device) -> tuple[torch.dtype, torch.dtype | None]:
+    """`dtype = "auto"`: (the dtype to compute in, the dtype to store in when it differs). On the CPU
+    a bfloat16 or float16 checkpoint computes in float32 (half-precision matmuls are several times
+    slower on CPUs) and is stored in its own dtype; on CUDA it computes in its own dtype."""
+    if device.type == "cpu" and stored in (torch.bfloat16, torch.float16):
+        return torch.float32, stored
+    return stored, None
 
 
 def package_file(builtin: str, package: str, relative: str) -> Path:
@@ -326,14 +343,14 @@ def load_streamed(source: str, dtype: str = "float32", device: str = "auto", att
     if is_packed_folder(Path(folder)):
         raise ModelLoadError(f"{source}: a d2c-packed folder cannot be streamed")
     torch_dtype = resolve_dtype(dtype, resolve_device(device))
+    storage = None
     if torch_dtype == "auto":
-        stored = getattr(AutoConfig.from_pretrained(folder), "dtype", None)
-        torch_dtype = stored if isinstance(stored, torch.dtype) else _DTYPES.get(str(stored), torch.float32)
+        torch_dtype, storage = compute_dtype(stored_dtype(AutoConfig.from_pretrained(folder)), resolve_device(device))
     streamed = StreamedModel(empty_model(Path(folder), torch_dtype, attn_implementation), WeightSource(Path(folder)), torch_dtype)
     streamed.load_outside_blocks()
     model = streamed.model
     tokenizer = (_load_image_processor if takes_images(model) else _load_tokenizer)(folder)
-    return LoadedModel(model=model, tokenizer=tokenizer, source=source, files=files), streamed
+    return LoadedModel(model=model, tokenizer=tokenizer, source=source, files=files, storage_dtype=storage), streamed
 
 
 def load_model(source: str, dtype: str = "float32", device: str = "auto", revision: str | None = None,
@@ -355,8 +372,11 @@ def load_model(source: str, dtype: str = "float32", device: str = "auto", revisi
     extra: dict[str, Any] = {"revision": revision} if revision else {}
     if gguf_file:
         extra["gguf_file"] = gguf_file
+    storage = None
     try:
         config = AutoConfig.from_pretrained(folder, **extra)
+        if torch_dtype == "auto" and not gguf_file:
+            torch_dtype, storage = compute_dtype(stored_dtype(config), resolve_device(device))
         cls = model_class(config, source)
         attn = {"attn_implementation": attn_implementation} if attn_implementation else {}
         safe = {} if gguf_file else {"use_safetensors": True}  # never unpickle, from a folder or the hub
@@ -375,4 +395,4 @@ def load_model(source: str, dtype: str = "float32", device: str = "auto", revisi
     _attach_quantization(model, Path(folder) / QUANT_FILE)
     model.eval()
     tokenizer = (_load_image_processor if takes_images(model) else _load_tokenizer)(folder, **extra)
-    return LoadedModel(model=model, tokenizer=tokenizer, source=source, files=files)
+    return LoadedModel(model=model, tokenizer=tokenizer, source=source, files=files, storage_dtype=storage)

@@ -44,8 +44,10 @@ class ModelSpec(_Strict):
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = Field(
         default="auto",
         description="Weight dtype while compressing and of the output. `auto` (default): the checkpoint's own "
-        "dtype (a bf16 checkpoint is pruned in bf16). Statistics (Hessians, norms) and OBS updates are always "
-        "computed in float32; `float32` stays available for any checkpoint.",
+        "dtype; on the CPU a bf16/fp16 checkpoint is computed in float32 (half-precision matmuls are several times "
+        "slower on CPUs) with each pruned block rounded to, and written in, the checkpoint's dtype (`d2c plan` says "
+        "which). Statistics (Hessians, norms) and OBS updates are always computed in float32; `float32` and "
+        "`bfloat16` force one dtype for computing and writing.",
     )
     device: Literal["auto", "cpu", "cuda"] = Field(
         default="auto",
