@@ -90,17 +90,27 @@ def _cmd_export(args: argparse.Namespace) -> int:
 def _cmd_inspect(args: argparse.Namespace) -> int:
     from d2compiler.evaluation.inputs import dummy_input
     from d2compiler.execution.executor import capture_block_inputs
-    from d2compiler.graph.structure import bind_linears, find_blocks, trace_block
+    from d2compiler.graph.coverage import measure_coverage
+    from d2compiler.graph.structure import bind_linears, block_signature, find_blocks, trace_block
     from d2compiler.loading.models import load_model
 
     loaded = load_model(args.model, "float32", "cpu")
     model = loaded.model
     path, blocks = find_blocks(model)
     sample = capture_block_inputs(model, blocks, [dummy_input(model, args.tokens)], torch.device("cpu"))[0]
-    structure = trace_block(blocks[0], sample.args, sample.kwargs, label=f"{path}.0")
-    layers = bind_linears(blocks[0], f"{path}.0", structure)
+    structures = {}
+    all_layers = []
+    for index, block in enumerate(blocks):  # each distinct kind of block traced once
+        key = block_signature(block)
+        if key not in structures:
+            structures[key] = trace_block(block, sample.args, sample.kwargs, label=f"{path}.{index}")
+        all_layers += bind_linears(block, f"{path}.{index}", structures[key])
+    structure = structures[block_signature(blocks[0])]
+    layers = [layer for layer in all_layers if layer.name.startswith(f"{path}.0.")]
+    coverage = measure_coverage(model, path, all_layers, {layer.name for layer in all_layers}, [])
     print(f"model: {type(model).__name__} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters)")
     print(f"blocks: {path} x {len(blocks)} ({type(blocks[0]).__name__})")
+    print("coverage (every linear layer targeted, as `targets = [\"Linear\"]`): " + "\n".join(coverage.lines()))
     print(f"attention: {len(structure.attention)} site(s) " + ", ".join(f"{s.kind}" for s in structure.attention))
     groups = {name: i for i, g in enumerate(structure.input_groups) for name in g}
     width = max(len(layer.local_name) for layer in layers)

@@ -25,7 +25,14 @@ from d2compiler.execution.memory import peak_rss_mb
 from d2compiler.execution.runner import ModelRunner
 from d2compiler.execution.streaming import StreamedModel
 from d2compiler.export.hf import write_output
-from d2compiler.export.metadata import overall_sparsity, package_versions, sparsity_record, weights_sha256
+from d2compiler.export.metadata import (
+    module_weights,
+    overall_sparsity,
+    package_versions,
+    sparsity_record,
+    weight_zeros,
+    weights_sha256,
+)
 from d2compiler.export.output_dir import check_free_space, check_output_path, output_lock, user_path
 from d2compiler.graph.packing import QUANT_BUFFERS
 from d2compiler.loading.models import LoadedModel, load_model, load_streamed, resolve_device, source_files
@@ -51,6 +58,7 @@ class RunSummary:
     execution: ExecutionReport
     record: dict[str, Any] = field(default_factory=dict)
     rank: int = 0  # this process's rank (the first process reports)
+    block_sparsity: float | None = None  # zeros over every >= 2-D weight of the blocks
 
     @property
     def dense_ppl(self) -> float | None:
@@ -67,6 +75,7 @@ class RunSummary:
             (f"dense {label}", _fmt(self.dense_value)),
             (f"pruned {label}", _fmt(self.pruned_value)),
             ("sparsity (pruned layers)", f"{self.sparsity:.4f}"),
+            ("sparsity (all block weights)", "-" if self.block_sparsity is None else f"{self.block_sparsity:.4f}"),
             ("pruned layers", str(len(self.layers))),
             ("pruning time (s)", f"{self.prune_s:.1f}"),
             ("wall time (s)", f"{self.wall_s:.1f}"),
@@ -74,6 +83,9 @@ class RunSummary:
         ]
         if self.peak_cuda_mb is not None:
             rows.append(("peak CUDA memory (MiB)", f"{self.peak_cuda_mb:.0f}"))
+        coverage = self.execution.coverage
+        if coverage is not None:
+            rows.insert(4, ("parameters targeted", f"{coverage.share:.1%} of {coverage.total:,}"))
         if self.output is not None:
             rows.append(("output", str(self.output)))
         width = max(len(k) for k, _ in rows)
@@ -208,7 +220,8 @@ def _compress(recipe: BaseModel, loaded: LoadedModel | None, quiet: bool, out_pa
         log.info("computing in %s, storing the weights in the checkpoint's %s (model.dtype = auto on the CPU)",
                  dtype_name(compute), dtype_name(storage))
     executor = BlockExecutor(model, manager.schedule, device=device, role_overrides=recipe.model.roles, quiet=quiet,
-                             streamed=streamed, group=group, storage_dtype=storage)
+                             streamed=streamed, group=group, storage_dtype=storage,
+                             allow_untargeted=recipe.model.allow_untargeted)
     checkpoints = None
     if out_path is not None:
         checkpoints = CheckpointStore(work_dir_for(out_path), job_fingerprint(recipe, source_digest(loaded), windows),
@@ -235,12 +248,22 @@ def _compress(recipe: BaseModel, loaded: LoadedModel | None, quiet: bool, out_pa
     layers = execution.layer_metrics()
     metric_name = None if metric is None else metric.name
 
+    block_zeros = None
+    if main:
+        if streamed is None:
+            block_zeros = weight_zeros(module_weights(executor.blocks))
+        else:
+            block_zeros = weight_zeros(block_readers[i](streamed.block_prefix(i) + name)
+                                       for i, blk in enumerate(streamed.blocks) for name in blk.state_dict())
+    block_sparsity = block_zeros[0] / block_zeros[1] if block_zeros and block_zeros[1] else None
+
     def summary(record: dict[str, Any]) -> RunSummary:
         peak_cuda = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None
         return RunSummary(
             output=out_path if main else None, metric=metric_name, dense_value=dense_value, pruned_value=pruned_value,
             sparsity=overall_sparsity(layers), wall_s=time.perf_counter() - start, prune_s=prune_s, peak_rss_mb=peak_rss_mb(),
-            peak_cuda_mb=peak_cuda, layers=layers, execution=execution, record=record, rank=group.rank)
+            peak_cuda_mb=peak_cuda, layers=layers, execution=execution, record=record, rank=group.rank,
+            block_sparsity=block_sparsity)
 
     if not main:  # the first process records and writes; hashing the weights again here would be wasted work
         return summary({})
@@ -260,6 +283,8 @@ def _compress(recipe: BaseModel, loaded: LoadedModel | None, quiet: bool, out_pa
                                                    "higher_is_better": metric.higher_is_better, "count": metric.count},
         "prune_s": round(prune_s, 3),
         "device": str(device),
+        "block_weight_sparsity": block_sparsity,
+        "coverage": None if execution.coverage is None else execution.coverage.record(),
         "compute_dtype": dtype_name(compute),
         "storage_dtype": dtype_name(storage or compute),
     }

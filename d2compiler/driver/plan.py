@@ -25,6 +25,7 @@ from pydantic import BaseModel
 from d2compiler.evaluation.inputs import dummy_input, takes_images
 from d2compiler.execution.executor import BlockExecutor, capture_block_inputs
 from d2compiler.execution.memory import current_rss_mb
+from d2compiler.graph.coverage import Coverage
 from d2compiler.graph.structure import LinearLayer
 from d2compiler.loading.models import load_model, load_streamed, resolve_device
 from d2compiler.recipe.passmanager import Pass, PassManager
@@ -53,6 +54,8 @@ class Plan:
     projections: dict[int, dict[str, float]] = field(default_factory=dict)
     link_gbs: float = 0.0
     dtypes: str = ""  # what the run computes in and stores
+    coverage: Coverage | None = None
+    allow_untargeted: bool = False
 
     def project(self, nproc: int, link_gbs: float) -> dict[str, float]:
         """The time projected for `nproc` processes (kept for `render`)."""
@@ -62,7 +65,13 @@ class Plan:
 
     def render(self) -> str:
         lines = [f"model: {self.model} ({self.blocks_path} x {self.num_blocks})", f"dtype: {self.dtypes}",
-                 f"calibration: {self.tokens} tokens", "", "pass schedule:"]
+                 f"calibration: {self.tokens} tokens"]
+        if self.coverage is not None:
+            lines += self.coverage.lines()
+            problem = self.coverage.refusal()
+            if problem:
+                lines.append(("warning (model.allow_untargeted): " if self.allow_untargeted else "the run will refuse: ") + problem)
+        lines += ["", "pass schedule:"]
         for i, p in enumerate(self.schedule, 1):
             req = ", ".join(sorted(p.requires)) or "-"
             prov = ", ".join(sorted(p.provides)) or "-"
@@ -167,7 +176,8 @@ def make_plan(recipe: BaseModel) -> Plan:
     hidden = sample.args[0].shape[-1]
     rates = _measure_rates(device, hidden, manager.schedule)
     plan = Plan(m.source, executor.blocks_path, len(executor.blocks), manager.schedule, blocks, tokens, rates=rates,
-                dtypes=dtype_line(m.dtype, device, model, loaded.storage_dtype))
+                dtypes=dtype_line(m.dtype, device, model, loaded.storage_dtype),
+                coverage=executor.coverage(targets, all_layers), allow_untargeted=m.allow_untargeted)
     groups = [{tuple(executor.structure(i, sample).group_of(la.owner)) for la in layers if la.name in targeted}
               for i, layers in enumerate(per_block[: last + 1])]
     _estimate(plan, per_block[: last + 1], groups, targeted, seq, model, hidden, baseline_mb)

@@ -27,6 +27,7 @@ from d2compiler.execution.distributed import SINGLE, Group
 from d2compiler.execution.memory import current_rss_mb, peak_rss_mb
 from d2compiler.execution.placement import Placement, Reader
 from d2compiler.execution.progress import progress
+from d2compiler.graph.coverage import Coverage, measure_coverage
 from d2compiler.graph.structure import (
     BlockStructure,
     LinearLayer,
@@ -453,6 +454,7 @@ class ExecutionReport:
     num_blocks: int
     blocks: list[BlockReport]
     roles: dict[str, str]
+    coverage: Coverage | None = None
 
     def layer_metrics(self) -> dict[str, dict[str, Any]]:
         """Per module: the metrics of every pass that touched it (later passes win on conflicts). The
@@ -508,7 +510,7 @@ class BlockExecutor:
 
     def __init__(self, model: nn.Module, schedule: list[Pass], *, device: torch.device,
                  role_overrides: dict[str, str] | None = None, quiet: bool = False, streamed: StreamedModel | None = None,
-                 group: Group = SINGLE, storage_dtype: torch.dtype | None = None):
+                 group: Group = SINGLE, storage_dtype: torch.dtype | None = None, allow_untargeted: bool = False):
         self.model = model
         self.schedule = schedule
         self.device = device
@@ -517,6 +519,7 @@ class BlockExecutor:
         self.streamed = streamed
         self.group = group
         self.storage_dtype = storage_dtype  # weights are rounded to it after each block (None: kept as computed)
+        self.allow_untargeted = allow_untargeted
         self._samples = (0, 0)  # (global index of this process's first window, windows over all processes)
         self.placement = Placement(model, device, streamed)
         self.blocks_path, self.blocks = self.placement.blocks_path, self.placement.blocks
@@ -578,6 +581,7 @@ class BlockExecutor:
             all_layers.extend(self.layers_of(i, self.structure(i, inputs[0])))
         targets = self.targeted_names(all_layers)
         self.check_targets_match(targets, all_layers)
+        coverage = self.check_coverage(targets, all_layers)
         for i, names in targets.items():
             self.schedule[i].check_layers([layer for layer in all_layers if layer.name in names])
         hit = {int(n[len(self.blocks_path) + 1 :].split(".")[0]) for names in targets.values() for n in names}
@@ -625,7 +629,7 @@ class BlockExecutor:
         if checkpoints is not None:
             self.group.barrier()  # every checkpoint file is written before any process reads one
         roles = {layer.name: layer.role for layer in all_layers}
-        return ExecutionReport(self.blocks_path, len(self.blocks), reports, roles)
+        return ExecutionReport(self.blocks_path, len(self.blocks), reports, roles, coverage)
 
     def survey(self, inputs: list[BlockInput], targets: dict[int, set[str]], last: int) -> None:
         """The dense sweep of the passes with `surveys = True` (e.g. a layer-wise sparsity allocation
@@ -658,6 +662,23 @@ class BlockExecutor:
         with self.on_device(index, read) as block:
             outputs = forward_block(block, inputs)
         return [inp.with_hidden(h) for inp, h in zip(inputs, outputs)]
+
+    def coverage(self, targets: dict[int, set[str]], layers: list[LinearLayer]) -> Coverage:
+        """The share of the model's parameters the passes target (see `graph.coverage`)."""
+        ignore = [pattern for p in self.schedule if (patterns := p.target_patterns()) is not None for pattern in patterns[1]]
+        return measure_coverage(self.model, self.blocks_path, layers, set().union(*targets.values()) if targets else set(),
+                                ignore)
+
+    def check_coverage(self, targets: dict[int, set[str]], layers: list[LinearLayer]) -> Coverage:
+        """Refuse (or, with `allow_untargeted`, warn about) a recipe that leaves REFUSE_SHARE or more
+        of the block parameters in no layer a pass can act on and unnamed by any `ignore`."""
+        coverage = self.coverage(targets, layers)
+        problem = coverage.refusal()
+        if problem and not self.allow_untargeted:
+            raise D2Error(f"model: {problem}")
+        if problem:
+            log.warning("model.allow_untargeted: %s", problem.split(". Name them")[0])
+        return coverage
 
     def check_targets_match(self, targets: dict[int, set[str]], layers: list[LinearLayer]) -> None:
         for i, names in targets.items():

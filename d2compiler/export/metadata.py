@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import platform
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from importlib import metadata as importlib_metadata
 from typing import Any
 
@@ -39,6 +39,28 @@ def package_versions() -> dict[str, str]:
         except importlib_metadata.PackageNotFoundError:
             continue
     return out
+
+
+def weight_zeros(tensors: Iterable[torch.Tensor]) -> tuple[int, int]:
+    """(zeros, entries) over the floating tensors of at least two dimensions among `tensors`."""
+    zeros = entries = 0
+    for t in tensors:
+        if t.is_floating_point() and t.dim() >= 2:
+            zeros += int((t == 0).sum())
+            entries += t.numel()
+    return zeros, entries
+
+
+def module_weights(module: nn.Module) -> Iterator[torch.Tensor]:
+    """Every weight of `module` as the model computes with it: parameters, and the dense weight of a
+    layer stored packed (whose own tensors are its values and metadata)."""
+    packed = {name for name, m in module.named_modules() if hasattr(m, "dense_weight")}
+    for name, m in module.named_modules():
+        if name in packed:
+            yield m.dense_weight()
+    for name, param in module.named_parameters():
+        if name.rpartition(".")[0] not in packed:
+            yield param.detach()
 
 
 def overall_sparsity(layers: dict[str, dict[str, Any]]) -> float:

@@ -71,6 +71,13 @@ class ModelSpec(_Strict):
         description="Override discovered roles for exotic models: maps a linear's name inside "
         "its block (e.g. `self_attn.q_proj`) to a role.",
     )
+    allow_untargeted: bool = Field(
+        default=False,
+        description="Run even when 10% or more of the block parameters are in no linear layer a pass can act on "
+        "(e.g. Mixture-of-Experts banks stored as 3-D parameters) and no pass's `ignore` names them; they stay "
+        "dense and a warning lists them. Without it such a run is refused before it starts. `d2c plan` and the "
+        "run's summary show the share of the parameters the passes target either way.",
+    )
 
 
 class TextSource(_Strict):
