@@ -89,37 +89,39 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
     from d2compiler.evaluation.inputs import dummy_input
-    from d2compiler.execution.executor import capture_block_inputs
+    from d2compiler.execution.executor import BlockExecutor, capture_block_inputs
     from d2compiler.graph.coverage import measure_coverage
-    from d2compiler.graph.structure import bind_linears, block_signature, find_blocks, trace_block
     from d2compiler.loading.models import load_model
 
     loaded = load_model(args.model, "float32", "cpu")
     model = loaded.model
-    path, blocks = find_blocks(model)
+    executor = BlockExecutor(model, [], device=torch.device("cpu"), quiet=True)  # its block discovery, tracing and experts
+    path, blocks = executor.blocks_path, executor.blocks
     sample = capture_block_inputs(model, blocks, [dummy_input(model, args.tokens)], torch.device("cpu"))[0]
-    structures = {}
-    all_layers = []
-    for index, block in enumerate(blocks):  # each distinct kind of block traced once
-        key = block_signature(block)
-        if key not in structures:
-            structures[key] = trace_block(block, sample.args, sample.kwargs, label=f"{path}.{index}")
-        all_layers += bind_linears(block, f"{path}.{index}", structures[key])
-    structure = structures[block_signature(blocks[0])]
-    layers = [layer for layer in all_layers if layer.name.startswith(f"{path}.0.")]
+    all_layers = [layer for i in range(len(blocks)) for layer in executor.layers_of(i, executor.structure(i, sample))]
+    structure = executor.structure(0, sample)
+    layers = [layer for layer in all_layers if layer.name.startswith(f"{path}.0.") and not layer.is_expert]
     coverage = measure_coverage(model, path, all_layers, {layer.name for layer in all_layers}, [])
     print(f"model: {type(model).__name__} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters)")
     print(f"blocks: {path} x {len(blocks)} ({type(blocks[0]).__name__})")
     print("coverage (every linear layer targeted, as `targets = [\"Linear\"]`): " + "\n".join(coverage.lines()))
     print(f"attention: {len(structure.attention)} site(s) " + ", ".join(f"{s.kind}" for s in structure.attention))
     groups = {name: i for i, g in enumerate(structure.input_groups) for name in g}
-    width = max(len(layer.local_name) for layer in layers)
+    width = max([len(layer.local_name) for layer in layers] + [len(b.local_name) for s in executor.structures() for b in s.experts])
     print(f"  {'linear':<{width}}  {'class':<8} {'role':<6} {'out x in':<12} {'input':<6} rows")
     for layer in layers:
         out_f, in_f = layer.shape
         rows = f"{layer.rows[0]}..{layer.rows[1]} of the fused weight" if layer.rows else ""
         print(f"  {layer.local_name:<{width}}  {type(layer.module).__name__:<8} {layer.role:<6} "
               f"{f'{out_f}x{in_f}':<12} {f'#{groups.get(layer.owner, -1)}':<6} {rows}".rstrip())
+    shown = set()
+    for bank in (b for s in executor.structures() for b in s.experts):
+        expert = next(la for la in all_layers if la.is_expert and la.local_name == f"{bank.local_name}.0")
+        if bank.local_name not in shown:
+            shown.add(bank.local_name)
+            out_f, in_f = expert.shape
+            print(f"  {bank.local_name:<{width}}  {'experts':<8} {bank.role:<6} {f'{out_f}x{in_f}':<12} {'-':<6} "
+                  f"x {bank.experts} experts (a 3-D bank{', used transposed' if bank.transposed else ''})")
     return 0
 
 

@@ -2,7 +2,13 @@
 the fp32 Hessian H = XXᵀ/n, the mean over calibration tokens (per-sample products summed in float64,
 see `gram`), and the input-channel RMS norms
 ‖x_j‖ = sqrt(H_jj). Linears that read the same tensor (q/k/v, gate/up) share one accumulator.
-Only what later passes require is computed."""
+Only what later passes require is computed.
+
+Experts of a Mixture-of-Experts bank see only the tokens routed to them, so their statistics are
+"routed" ones, and their token counts are reported (`calibration_tokens` per expert layer). An
+expert no calibration token reached gets the identity as its Hessian and unit activation norms
+(reported as `statistics = "identity: no token reached it"`): its pruning is then by weight
+magnitude, and an OBS update changes nothing else."""
 
 from __future__ import annotations
 
@@ -32,6 +38,7 @@ class _Accumulator:
     per sample, like the Gram: see `gram`)."""
 
     def __init__(self, want_hessian: bool, width: int, device: torch.device):
+        self.width, self.device = width, device
         self.gram = Gram(width, device) if want_hessian else None
         self.tokens = 0
         self.sq = None if want_hessian else torch.zeros(width, dtype=torch.float64, device=device)
@@ -54,6 +61,9 @@ class _Accumulator:
             self.tokens = int(ctx.group.total(self.tokens))
 
     def finish(self) -> tuple[torch.Tensor | None, torch.Tensor]:
+        if self.tokens == 0:  # an expert no token reached: the identity (see the module docstring)
+            eye = torch.eye(self.width, device=self.device) if self.gram is not None else None
+            return eye, torch.ones(self.width, device=self.device)
         if self.gram is not None:
             h = self.gram.mean()
             return h, torch.sqrt(torch.diag(h))
@@ -72,7 +82,8 @@ class CalibratePass(Pass):
     def __init__(self, params: PassParams):
         super().__init__(params)
         self._handles: list[Any] = []
-        self._accs: dict[str, tuple[_Accumulator, list[str]]] = {}
+        self._accs: dict[str, tuple[_Accumulator, list[str], bool]] = {}
+        self._tokens: dict[str, dict[str, Any]] = {}  # expert layer -> its calibration tokens (the report)
 
     def statistics_read(self, ctx: Any) -> set[str]:
         """None: it records statistics for others."""
@@ -83,17 +94,22 @@ class CalibratePass(Pass):
         for group in ctx.observed_groups():
             first = group[0]
             acc = _Accumulator(want_hessian, first.shape[1], ctx.device)
-            self._accs[first.name] = (acc, [layer.name for layer in group])
+            self._accs[first.name] = (acc, [layer.name for layer in group], all(layer.is_expert for layer in group))
             self._handles.append(first.module.register_forward_hook(lambda _m, inp, _o, acc=acc: acc.add(inp[0])))
 
     def end_observe(self, ctx: Any) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-        for acc, names in self._accs.values():
+        for acc, names, experts in self._accs.values():
             acc.reduce(ctx)
-            if acc.tokens == 0:
+            if acc.tokens == 0 and not experts:
                 continue
+            if experts:
+                report = {"calibration_tokens": acc.tokens}
+                if acc.tokens == 0:
+                    report["statistics"] = "identity: no token reached it"
+                self._tokens.update(dict.fromkeys(names, report))
             hessian, norms = acc.finish()
             for name in names:
                 if hessian is not None:
@@ -102,4 +118,7 @@ class CalibratePass(Pass):
         self._accs.clear()
 
     def apply(self, ctx: Any) -> PassResult:
-        return PassResult(modified=False)
+        result = PassResult(modified=False)
+        result.layers.update(self._tokens)
+        self._tokens = {}
+        return result

@@ -17,6 +17,8 @@ from d2compiler.contract import (
     violations_2_4,
 )
 
+from .quant import refuse_experts
+
 
 class Pack24Params(TargetedParams):
     """`pack_2_4` has only `targets` / `ignore`."""
@@ -31,6 +33,7 @@ class Pack24Pass(Pass):
     summary = "Check exact 2:4 sparsity and store the targeted linears packed (values + 2-bit positions)."
 
     def check_layers(self, layers: list[Any]) -> None:
+        refuse_experts(self.name, layers, "pack")
         bad = sorted({f"{layer.local_name} ({layer.shape[1]})" for layer in layers if layer.shape[1] % 8})
         if bad:
             raise PassError(f"pack_2_4: in_features must be a multiple of 8 to pack; not so for {', '.join(bad)}")

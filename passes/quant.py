@@ -74,6 +74,16 @@ def fake_quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec
     return q, (q - z) * s
 
 
+def refuse_experts(pass_name: str, layers: list[Any], verb: str) -> None:
+    """Raise a PassError naming the expert-bank layers among `layers`: their storage (one 3-D
+    parameter for all experts) has no place for per-expert scales or packed values yet."""
+    experts = sorted({layer.local_name.rpartition(".")[0] for layer in layers if layer.is_expert})
+    if experts:
+        raise PassError(f"{pass_name}: cannot {verb} the Mixture-of-Experts banks {', '.join(experts)} yet (their experts "
+                        "are pruned, but a 3-D bank stores no per-expert scales or packed values); add "
+                        "\"re:.*experts\" to this pass's ignore")
+
+
 class QuantParams(TargetedParams):
     """Parameters shared by the weight-only quantization passes."""
 
@@ -112,6 +122,7 @@ class QuantizationPass(Pass):
         """Return (dequantized weight, scale, zero, extra metrics) for one (out, in) fp32 weight."""
 
     def check_layers(self, layers: list[LinearLayer]) -> None:
+        refuse_experts(self.name, layers, "quantize")
         size = self.params.group_size
         bad = sorted({f"{layer.local_name} ({layer.shape[1]})" for layer in layers if size and layer.shape[1] % size})
         if bad:

@@ -34,6 +34,7 @@ from d2compiler.export.metadata import (
     weights_sha256,
 )
 from d2compiler.export.output_dir import check_free_space, check_output_path, output_lock, user_path
+from d2compiler.graph.experts import use_eager_experts
 from d2compiler.graph.packing import QUANT_BUFFERS
 from d2compiler.loading.models import LoadedModel, load_model, load_streamed, resolve_device, source_files
 from d2compiler.recipe.passmanager import PassManager
@@ -76,7 +77,7 @@ class RunSummary:
             (f"pruned {label}", _fmt(self.pruned_value)),
             ("sparsity (pruned layers)", f"{self.sparsity:.4f}"),
             ("sparsity (all block weights)", "-" if self.block_sparsity is None else f"{self.block_sparsity:.4f}"),
-            ("pruned layers", str(len(self.layers))),
+            ("pruned layers", str(sum("sparsity" in m for m in self.layers.values()))),
             ("pruning time (s)", f"{self.prune_s:.1f}"),
             ("wall time (s)", f"{self.wall_s:.1f}"),
             ("peak RSS (MiB)", f"{self.peak_rss_mb:.0f}"),
@@ -200,6 +201,7 @@ def _compress(recipe: BaseModel, loaded: LoadedModel | None, quiet: bool, out_pa
         else:
             loaded = load_model(m.source, m.dtype, m.device, m.revision, m.attn_implementation)
     model, tokenizer = loaded.model, loaded.tokenizer
+    use_eager_experts(model)  # the dense and pruned evaluations run the experts as pruning sees them
 
     cal = recipe.data.calibration
     windows = calibration_inputs(cal, model, tokenizer)
@@ -254,7 +256,8 @@ def _compress(recipe: BaseModel, loaded: LoadedModel | None, quiet: bool, out_pa
             block_zeros = weight_zeros(module_weights(executor.blocks))
         else:
             block_zeros = weight_zeros(block_readers[i](streamed.block_prefix(i) + name)
-                                       for i, blk in enumerate(streamed.blocks) for name in blk.state_dict())
+                                       for i, blk in enumerate(streamed.blocks) for name in blk.state_dict()
+                                       if not name.endswith("bias"))
     block_sparsity = block_zeros[0] / block_zeros[1] if block_zeros and block_zeros[1] else None
 
     def summary(record: dict[str, Any]) -> RunSummary:

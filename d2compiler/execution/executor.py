@@ -28,6 +28,7 @@ from d2compiler.execution.memory import current_rss_mb, peak_rss_mb
 from d2compiler.execution.placement import Placement, Reader
 from d2compiler.execution.progress import progress
 from d2compiler.graph.coverage import Coverage, measure_coverage
+from d2compiler.graph.experts import expert_layers, experts_for_tracing, probe_banks, use_eager_experts
 from d2compiler.graph.structure import (
     BlockStructure,
     LinearLayer,
@@ -524,6 +525,7 @@ class BlockExecutor:
         self.placement = Placement(model, device, streamed)
         self.blocks_path, self.blocks = self.placement.blocks_path, self.placement.blocks
         self._structures: dict[tuple, BlockStructure] = {}
+        use_eager_experts(model)  # experts one by one, so that each one's statistics can be seen
 
     def on_device(self, index: int, read: Reader | None = None) -> AbstractContextManager[nn.Module]:
         """Block `index` on the compute device for the duration (see `placement.Placement`, the one
@@ -541,8 +543,15 @@ class BlockExecutor:
                 self._structures[key] = structure_from_roles(block, self.role_overrides)
             else:
                 with self.on_device(index) as placed:
-                    self._structures[key] = trace_block(placed, sample.args, sample.kwargs, label=label)
+                    with experts_for_tracing(self.model):
+                        structure = trace_block(placed, sample.args, sample.kwargs, label=label)
+                    structure.experts = probe_banks(placed, lambda: placed(*sample.args, **sample.kwargs))
+                    self._structures[key] = structure
         return self._structures[key]
+
+    def structures(self) -> list[BlockStructure]:
+        """The distinct block structures traced so far."""
+        return list(self._structures.values())
 
     def prefix(self, index: int) -> str:
         """The full-name prefix of block `index`'s tensors (`model.layers.3.`)."""
@@ -553,7 +562,10 @@ class BlockExecutor:
         return set(probe.roles) <= set(self.role_overrides)
 
     def layers_of(self, index: int, structure: BlockStructure) -> list[LinearLayer]:
-        return bind_linears(self.blocks[index], f"{self.blocks_path}.{index}", structure, self.role_overrides)
+        """The block's linear layers: its modules' (`bind_linears`) and its experts' (`expert_layers`)."""
+        prefix = f"{self.blocks_path}.{index}"
+        return [*bind_linears(self.blocks[index], prefix, structure, self.role_overrides),
+                *expert_layers(self.blocks[index], prefix, structure.experts)]
 
     def targeted_names(self, layers: list[LinearLayer]) -> dict[int, set[str]]:
         """Per scheduled pass (by position): names of the layers it targets."""

@@ -139,6 +139,12 @@ class StreamedModel:
         wanted = {name: tuple(t.shape) for name, t in self.model.state_dict().items() if name not in self.tied}
         have = self.source.keys()
         missing, unexpected = sorted(set(wanted) - have), sorted(have - set(wanted) - set(self.tied))
+        banks = [name for name in missing if len(wanted[name]) == 3]
+        if banks:
+            raise ModelLoadError(f"{self.source.folder}: the checkpoint stores the experts of {banks[0]} (and "
+                                 f"{len(banks) - 1} more banks) one by one, in the layout transformers converts into 3-D "
+                                 "banks as it loads; streaming reads tensors under the model's own names and does not "
+                                 "convert them yet: set model.streaming = false")
         for kind, keys in (("missing from the checkpoint", missing), ("in the checkpoint but not in the model", unexpected)):
             if keys:
                 more = f" and {len(keys) - 3} more" if len(keys) > 3 else ""

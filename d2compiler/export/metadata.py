@@ -42,7 +42,8 @@ def package_versions() -> dict[str, str]:
 
 
 def weight_zeros(tensors: Iterable[torch.Tensor]) -> tuple[int, int]:
-    """(zeros, entries) over the floating tensors of at least two dimensions among `tensors`."""
+    """(zeros, entries) over the floating tensors of at least two dimensions among `tensors` (pass
+    weights only: no biases, which an expert bank stores 2-D)."""
     zeros = entries = 0
     for t in tensors:
         if t.is_floating_point() and t.dim() >= 2:
@@ -59,14 +60,15 @@ def module_weights(module: nn.Module) -> Iterator[torch.Tensor]:
         if name in packed:
             yield m.dense_weight()
     for name, param in module.named_parameters():
-        if name.rpartition(".")[0] not in packed:
+        if name.rpartition(".")[0] not in packed and not name.endswith("bias"):
             yield param.detach()
 
 
 def overall_sparsity(layers: dict[str, dict[str, Any]]) -> float:
     """Zero fraction over all pruned layers together."""
-    total = sum(m["shape"][0] * m["shape"][1] for m in layers.values() if "shape" in m)
-    zeros = sum(m["sparsity"] * m["shape"][0] * m["shape"][1] for m in layers.values() if "shape" in m)
+    pruned = [m for m in layers.values() if "shape" in m and "sparsity" in m]  # not layers only observed
+    total = sum(m["shape"][0] * m["shape"][1] for m in pruned)
+    zeros = sum(m["sparsity"] * m["shape"][0] * m["shape"][1] for m in pruned)
     return zeros / total if total else 0.0
 
 

@@ -115,11 +115,14 @@ def measure_coverage(model: nn.Module, blocks_path: str, layers: list[LinearLaye
                      ignore: Iterable[str]) -> Coverage:
     """The coverage of `targeted` (layer names) among `layers` (every block's linear layers)."""
     ignore = list(ignore)
-    owners = {id(layer.module.weight) for layer in layers if getattr(layer.module, "weight", None) is not None}
+    def stored_in(layer: LinearLayer) -> int:  # the parameter holding the layer's weight: an expert's is its bank
+        return id(layer.module.bank if layer.is_expert else layer.module.weight)
+
+    owners = {stored_in(layer) for layer in layers if getattr(layer.module, "weight", None) is not None}
     targeted_rows: dict[int, int] = {}
     for layer in layers:
         if layer.name in targeted:
-            targeted_rows[id(layer.module.weight)] = targeted_rows.get(id(layer.module.weight), 0) + layer.shape[0] * layer.shape[1]
+            targeted_rows[stored_in(layer)] = targeted_rows.get(stored_in(layer), 0) + layer.shape[0] * layer.shape[1]
     families: dict[str, Family] = {}
     total = block = unexplained = targeted_total = 0
     for name, param in model.named_parameters():
@@ -129,11 +132,12 @@ def measure_coverage(model: nn.Module, blocks_path: str, layers: list[LinearLaye
         in_linear = id(param) in owners
         hit = min(targeted_rows.get(id(param), 0), count)
         targeted_total += hit
-        if in_blocks and param.dim() >= 2:
+        weight = param.dim() >= 2 and not name.endswith("bias")  # an expert bank's biases are 2-D
+        if in_blocks and weight:
             block += count
             if not in_linear and not _named_by(name.rpartition(".")[0], name, ignore):
                 unexplained += count
-        if param.dim() < 2:
+        if not weight:
             continue
         key = family_of(name)
         fam = families.setdefault(key, Family(key, 0, 0, param.dim(), in_blocks, in_linear))

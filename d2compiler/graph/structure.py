@@ -5,7 +5,10 @@ Roles are found from the graph, not from module names:
   fused `scaled_dot_product_attention`, or an eager softmax between two matmuls);
 - o: the nearest linears downstream of the attention output;
 - gate / up / down: among the remaining linears, `down` consumes another one's output; of the two
-  input projections of a gated MLP, `gate` is the one that passes through an activation.
+  input projections of a gated MLP, `gate` is the one that passes through an activation;
+- router: an input projection whose output scales what a `down` projection produced (a shared
+  expert's gate, `sigmoid(g(x)) * shared_expert(x)`): a routing score, left out of the `Linear`
+  target (a pattern that names it, or `role:router`, still selects it).
 
 A fused projection (GPT-2's `c_attn`, Phi-3's `qkv_proj`) feeds several attention inputs through a
 split or slice of its output features; each piece becomes its own layer, a row slice of the one
@@ -31,7 +34,7 @@ from d2compiler.errors import TraceError
 
 log = logging.getLogger(__name__)
 
-ROLES = ("q", "k", "v", "o", "gate", "up", "down", "qkv", "other")
+ROLES = ("q", "k", "v", "o", "gate", "up", "down", "qkv", "router", "other")
 
 _aten = torch.ops.aten
 LINEAR_OPS = {_aten.linear.default, _aten.addmm.default, _aten.mm.default, _aten.matmul.default}
@@ -55,7 +58,8 @@ def is_linear_module(module: nn.Module) -> bool:
 
 
 def weight_is_transposed(module: nn.Module) -> bool:
-    return type(module).__name__ == "Conv1D"
+    """GPT-2's Conv1D, and an expert bank used as `x @ W[e]`, store their weight as (in, out)."""
+    return type(module).__name__ == "Conv1D" or bool(getattr(module, "transposed_weight", False))
 
 
 @dataclass
@@ -81,6 +85,7 @@ class BlockStructure:
     attention: list[AttentionSite] = field(default_factory=list)
     slices: dict[str, dict[str, tuple[int, int]]] = field(default_factory=dict)  # fused linear -> role -> rows
     graph: nx.DiGraph | None = None
+    experts: list[Any] = field(default_factory=list)  # the block's expert banks (`graph.experts.ExpertBank`)
 
     def group_of(self, name: str) -> list[str]:
         for group in self.input_groups:
@@ -118,6 +123,11 @@ class LinearLayer:
     @property
     def transposed(self) -> bool:
         return weight_is_transposed(self.module)
+
+    @property
+    def is_expert(self) -> bool:
+        """One expert of a 3-D expert bank (`graph.experts.ExpertSlice`), not a module of its own."""
+        return hasattr(self.module, "bank")
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -371,6 +381,11 @@ def discover_roles(g: nx.DiGraph, linear_nodes: dict[str, str], sites: list[Atte
             roles[owner] = "down"
         else:
             mlp_in.append(owner)
+    downs = {node_of[o] for o, role in roles.items() if role == "down" and o in node_of}
+    for owner in list(mlp_in):
+        if _scales_a_down_output(g, node_of[owner], downs, set(linear_nodes)):
+            roles[owner] = "router"
+            mlp_in.remove(owner)
     has_act = {
         o: any(g.nodes[u]["node"].target in ACTIVATION_OPS for u in g.successors(node_of[o])) for o in mlp_in
     }
@@ -378,6 +393,29 @@ def discover_roles(g: nx.DiGraph, linear_nodes: dict[str, str], sites: list[Atte
     for owner in mlp_in:
         roles[owner] = "gate" if gated and has_act[owner] else "up"
     return roles
+
+
+def _scales_a_down_output(g: nx.DiGraph, start: str, downs: set[str], linears: set[str]) -> bool:
+    """Whether the output of linear `start` reaches, before any other linear, a multiplication one of
+    whose other operands comes from a `down` projection (a gating score, not a projection)."""
+    reach = set(_nearest(g, start, linears, False)) | _downstream_until(g, start, linears)
+    for node in reach:
+        if g.nodes[node]["node"].target in (_aten.mul.Tensor, operator.mul):
+            others = [p for p in g.predecessors(node) if p not in reach and p != start]
+            if any(downs & (nx.ancestors(g, p) | {p}) for p in others):
+                return True
+    return False
+
+
+def _downstream_until(g: nx.DiGraph, start: str, stop: set[str]) -> set[str]:
+    """The nodes downstream of `start` reached without passing through a `stop` node."""
+    seen, queue = {start}, deque([start])
+    while queue:
+        for nxt in g.successors(queue.popleft()):
+            if nxt not in seen and nxt not in stop:
+                seen.add(nxt)
+                queue.append(nxt)
+    return seen - {start}
 
 
 def _input_groups(g: nx.DiGraph, linear_nodes: dict[str, str], params: set[str]) -> list[list[str]]:
@@ -469,6 +507,8 @@ def matches(layer: LinearLayer, patterns: Iterable[str]) -> bool:
         elif pattern.startswith("role:"):
             if layer.role == pattern[5:]:
                 return True
+        elif pattern in ("Linear", type(layer.module).__name__) and layer.role == "router":
+            continue  # a routing score is not pruned by a class pattern: name it, or use role:router
         elif pattern in (type(layer.module).__name__, layer.name, layer.local_name, layer.owner, layer.whole().name):
             return True
         elif pattern == "Linear":  # every linear, as in llm-compressor, where transformers' Conv1D is one too

@@ -66,7 +66,7 @@ class ModelSpec(_Strict):
     attn_implementation: Literal["sdpa", "eager"] | None = Field(
         default=None, description="transformers attention implementation (None: the library default)."
     )
-    roles: dict[str, Literal["q", "k", "v", "o", "gate", "up", "down", "other"]] = Field(
+    roles: dict[str, Literal["q", "k", "v", "o", "gate", "up", "down", "router", "other"]] = Field(
         default_factory=dict,
         description="Override discovered roles for exotic models: maps a linear's name inside "
         "its block (e.g. `self_attn.q_proj`) to a role.",
