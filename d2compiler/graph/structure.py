@@ -58,7 +58,7 @@ def is_linear_module(module: nn.Module) -> bool:
 
 
 def weight_is_transposed(module: nn.Module) -> bool:
-    """GPT-2's Conv1D, and an expert bank used as `x @ W[e]`, store their weight as (in, out)."""
+    """A Conv1D (as in GPT-2) and an expert bank used as `x @ W[e]` store their weight as (in, out)."""
     return type(module).__name__ == "Conv1D" or bool(getattr(module, "transposed_weight", False))
 
 
