@@ -239,3 +239,28 @@ def test_two_processes_give_one_process_masks_on_moe(moe_models, tmp_path):
     a, b = load_file(str(tmp_path / "one" / "model.safetensors")), load_file(str(tmp_path / "two" / "model.safetensors"))
     assert all(torch.equal(a[k] == 0, b[k] == 0) for k in a)
     assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-4  # summation order only
+
+
+def test_onnx_export_of_an_moe_is_one_located_refusal(moe_models, tmp_path, capsys):
+    passes = '[[passes]]\ntype = "magnitude"\nsparsity = 0.5\n'
+    assert run(tmp_path, moe_models["qwen3_moe"], passes)[0] == 0
+    capsys.readouterr()
+    assert main(["--quiet", "export", str(tmp_path / "out"), "--format", "onnx", "--to", str(tmp_path / "onnx")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "ONNX export does not take Mixture-of-Experts models yet" in err[0]
+    assert not (tmp_path / "onnx").exists()
+
+
+def test_sparsity_allocation_spreads_over_blocks_and_each_blocks_experts_share_it(moe_models, tmp_path):
+    """The layer-wise allocation (block-output error profile) works with experts: each block gets its
+    own sparsity, every expert of a block gets that block's, and the whole model keeps the target."""
+    passes = ('[[passes]]\ntype = "calibrate"\n[[passes]]\ntype = "sparsity_allocation"\nprofile = "error"\n'
+              '[[passes]]\ntype = "sparsegpt"\nsparsity = 0.6\n')
+    code, record = run(tmp_path, moe_models["qwen3_moe"], passes)
+    assert code == 0
+    per_block: dict[str, set[float]] = {}
+    for name, metrics in record["layers"].items():
+        if ".experts." in name and "sparsity" in metrics:
+            per_block.setdefault(name.split(".mlp.")[0], set()).add(round(metrics["sparsity"], 2))
+    assert len(per_block) == 2 and all(len(values) == 1 for values in per_block.values()), per_block
+    assert abs(record["overall_sparsity"] - 0.6) < 0.02

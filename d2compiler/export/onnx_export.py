@@ -167,6 +167,11 @@ def export_onnx(model: nn.Module, record: dict[str, Any], path: Path, *, overwri
     model.onnx.data when the weights are stored outside the protobuf: `external_data` True, or None
     and the initializers exceed EXTERNAL_DATA_ABOVE bytes). Returns a summary: initializers
     quantized, sparse initializers, external data, file sizes."""
+    banks = [name for name, param in model.named_parameters() if param.dim() == 3]
+    if banks:
+        raise OutputError(f"ONNX export does not take Mixture-of-Experts models yet: {banks[0]} (and {len(banks) - 1} "
+                          "more) holds routed experts, whose data-dependent loop has no ONNX export here; keep "
+                          "output.format = \"hf\" (it loads with from_pretrained)")
     model = model.to("cpu").float().eval()
     unpack_linears(model)
     quantized = _quantized_layers(model)
@@ -179,7 +184,8 @@ def export_onnx(model: nn.Module, record: dict[str, Any], path: Path, *, overwri
                                         input_names=["input_ids"], output_names=["logits"],
                                         dynamic_shapes={"input_ids": {1: seq}}, optimize=False)
     except Exception as exc:  # the exporter raises many types; report the model and the cause
-        raise OutputError(f"ONNX export failed for {type(model).__name__}: {type(exc).__name__}: {str(exc)[:500]}") from exc
+        first = (str(exc).strip().splitlines() or [""])[0][:300]
+        raise OutputError(f"ONNX export failed for {type(model).__name__}: {type(exc).__name__}: {first}") from exc
     graph_model = program.model
     layers = record.get("layers", {})
     weights = {name: model.get_submodule(name).weight.detach().float().numpy() for name in layers}

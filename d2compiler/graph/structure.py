@@ -155,6 +155,13 @@ class LinearLayer:
     def stand_in(self, weights: dict[str, torch.Tensor], value: torch.Tensor) -> None:
         """Put this layer's (out, in) matrix `value` into `weights` (block parameter name -> tensor, for
         a functional call of the block), composed with the other slices of a fused weight already there."""
+        if self.is_expert:  # expert e of a 3-D bank: the bank with that expert's matrix replaced
+            key = self.local_name.rpartition(".")[0]
+            bank = (weights[key] if key in weights else self.module.bank.detach()).clone()
+            target = bank[self.module.index].t() if self.transposed else bank[self.module.index]
+            target.copy_(value.to(dtype=target.dtype, device=target.device))
+            weights[key] = bank
+            return
         key = f"{self.owner}.weight"
         weights[key] = self.replaced_weight(value, base=weights.get(key))
 
