@@ -173,31 +173,45 @@ def test_streaming_equals_in_memory_on_moe_and_refuses_per_expert_checkpoints(mo
     assert code == 2 and "stores the experts of model.layers.0.mlp.experts" in err and "model.streaming = false" in err
 
 
-def test_per_expert_hessians_equal_a_plain_routed_loop(moe_models):
+_PUBLISHED: dict[str, torch.Tensor] = {}
+
+
+@pytest.fixture(scope="module")
+def record_expert_hessians():
+    """A pass (registered once) that keeps the Hessians calibrate published for block 0's experts."""
+    from d2compiler.contract import Pass, PassResult, TargetedParams, register_pass
+    from d2compiler.recipe.passmanager import PASS_REGISTRY
+
+    if "test_record_expert_hessians" not in PASS_REGISTRY:
+        @register_pass
+        class RecordHessians(Pass):
+            name = "test_record_expert_hessians"
+            Params = TargetedParams
+            requires = frozenset({"hessian"})
+            in_place = False
+
+            def apply(self, ctx):
+                for layer in ctx.layers:
+                    if layer.is_expert and ctx.index == 0:
+                        _PUBLISHED[layer.local_name] = ctx.artifact("hessian", layer.name).double().cpu()
+                return PassResult(modified=False)
+    _PUBLISHED.clear()
+    return _PUBLISHED
+
+
+@pytest.mark.parametrize("calibration", ["routed", "all"])
+def test_per_expert_hessians_equal_a_plain_loop(calibration, moe_models, record_expert_hessians):
     """calibrate's Hessian of expert e of the first block equals XᵀX/n over exactly the tokens the
-    router sent to e (captured at the experts module's input), for both banks."""
+    router sent to e (`routed`), or over every token (`all`), captured at the experts module's input,
+    for both banks; with `all` the block's output is still the routed one."""
     import transformers as tf
 
-    from d2compiler.contract import Pass, PassResult, TargetedParams, register_pass
     from d2compiler.driver.pipeline import compress
     from d2compiler.loading.models import LoadedModel
     from d2compiler.recipe.schema import validate_recipe
 
-    published: dict[str, torch.Tensor] = {}
-
-    @register_pass
-    class RecordHessians(Pass):
-        name = "test_record_expert_hessians"
-        Params = TargetedParams
-        requires = frozenset({"hessian"})
-        in_place = False
-
-        def apply(self, ctx):
-            for layer in ctx.layers:
-                if layer.is_expert and ctx.index == 0:
-                    published[layer.local_name] = ctx.artifact("hessian", layer.name).double().cpu()
-            return PassResult(modified=False)
-
+    published = record_expert_hessians
+    published.clear()
     model = tf.AutoModelForCausalLM.from_pretrained(moe_models["qwen3_moe"]).eval()
     seen: list[tuple[torch.Tensor, torch.Tensor]] = []
     experts = model.model.layers[0].mlp.experts
@@ -209,20 +223,35 @@ def test_per_expert_hessians_equal_a_plain_routed_loop(moe_models):
     experts.register_forward_pre_hook(record)
     recipe = {"version": 1, "model": {"source": "tiny-moe", "device": "cpu", "dtype": "float32"},
               "data": {"calibration": {"source": "builtin:python-docs", "samples": 3, "seq_len": 32}},
+              "experts": {"calibration": calibration},
               "passes": [{"type": "calibrate"}, {"type": "test_record_expert_hessians"}]}
-    compress(validate_recipe(recipe), loaded=LoadedModel(model, tf.AutoTokenizer.from_pretrained(moe_models["qwen3_moe"]),
-                                                         "tiny-moe"), quiet=True)
-    observed = seen[1:4]  # after the probe forward (of the first sample): the observation, one forward per sample
+    summary = compress(validate_recipe(recipe), loaded=LoadedModel(model, tf.AutoTokenizer.from_pretrained(moe_models["qwen3_moe"]),
+                                                                   "tiny-moe"), quiet=True)
+    routed_calls = [(h, r) for h, r in seen if r.shape[-1] == 2]  # `all` adds calls routing to all 4 experts
+    observed = routed_calls[1:4]  # after the probe forward (of the first sample): the observation, one per sample
     hidden, routes = torch.cat([h for h, _r in observed]), torch.cat([r for _h, r in observed])
     for e in range(4):
-        x = hidden[(routes == e).any(-1)]
-        want = x.T @ x / x.shape[0]
+        x = hidden[(routes == e).any(-1)] if calibration == "routed" else hidden
+        assert summary.layers[f"model.layers.0.mlp.experts.gate_up_proj.{e}"]["calibration_tokens"] == x.shape[0]
         got = published[f"mlp.experts.gate_up_proj.{e}"]
-        assert torch.allclose(got, want, rtol=1e-5, atol=1e-7), e
+        assert torch.allclose(got, x.T @ x / x.shape[0], rtol=1e-5, atol=1e-7), e
         w = experts.gate_up_proj[e].detach().double()  # the down bank reads act(gate) * up of the same tokens
         gate, up = (x @ w.T).chunk(2, dim=-1)
         mid = torch.nn.functional.silu(gate) * up
         assert torch.allclose(published[f"mlp.experts.down_proj.{e}"], mid.T @ mid / mid.shape[0], rtol=1e-4, atol=1e-6), e
+    from d2compiler.graph.experts import every_token_to_every_expert
+
+    block, captured = model.model.layers[0], {}
+    handle = block.register_forward_pre_hook(lambda _m, args, kwargs: captured.update(args=args, kwargs=kwargs),
+                                             with_kwargs=True)
+    with torch.no_grad():
+        model(torch.randint(0, 500, (1, 16)), use_cache=False)
+        handle.remove()
+        routed = block(*captured["args"], **captured["kwargs"])
+        with every_token_to_every_expert(True):  # statistics over every token; the output stays the routed one
+            every = block(*captured["args"], **captured["kwargs"])
+    routed, every = (routed[0], every[0]) if isinstance(routed, tuple) else (routed, every)
+    assert torch.equal(routed, every)
 
 
 def test_two_processes_give_one_process_masks_on_moe(moe_models, tmp_path):

@@ -223,7 +223,7 @@ def _compress(recipe: BaseModel, loaded: LoadedModel | None, quiet: bool, out_pa
                  dtype_name(compute), dtype_name(storage))
     executor = BlockExecutor(model, manager.schedule, device=device, role_overrides=recipe.model.roles, quiet=quiet,
                              streamed=streamed, group=group, storage_dtype=storage,
-                             allow_untargeted=recipe.model.allow_untargeted)
+                             allow_untargeted=recipe.model.allow_untargeted, experts_calibration=recipe.experts.calibration)
     checkpoints = None
     if out_path is not None:
         checkpoints = CheckpointStore(work_dir_for(out_path), job_fingerprint(recipe, source_digest(loaded), windows),

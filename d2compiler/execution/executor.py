@@ -28,7 +28,13 @@ from d2compiler.execution.memory import current_rss_mb, peak_rss_mb
 from d2compiler.execution.placement import Placement, Reader
 from d2compiler.execution.progress import progress
 from d2compiler.graph.coverage import Coverage, measure_coverage
-from d2compiler.graph.experts import expert_layers, experts_for_tracing, probe_banks, use_eager_experts
+from d2compiler.graph.experts import (
+    every_token_to_every_expert,
+    expert_layers,
+    experts_for_tracing,
+    probe_banks,
+    use_eager_experts,
+)
 from d2compiler.graph.structure import (
     BlockStructure,
     LinearLayer,
@@ -195,6 +201,7 @@ class BlockContext:
     active: Pass | None = None  # the pass the executor is running (its declarations govern `publish`)
     fingerprints_before: dict[str, torch.Tensor] = field(default_factory=dict)  # before a pass that declares it only reads
     observing: frozenset[str] | None = None  # the layers an observation records statistics for (None: all targeted)
+    every_token_to_every_expert: bool = False  # experts.calibration = "all"
 
     def fingerprints(self) -> dict[str, torch.Tensor]:
         """Each block parameter's (sum, sum of squares) in float64, on its device (no host sync): what
@@ -305,10 +312,11 @@ class BlockContext:
                 self.active = p
                 getattr(p, begin)(self)
             self.active = None
-            if stops is None:
-                self.dense_outputs = forward_block(self.module, self.inputs)
-            else:
-                forward_until(self.module, self.inputs, stops)
+            with every_token_to_every_expert(self.every_token_to_every_expert):
+                if stops is None:
+                    self.dense_outputs = forward_block(self.module, self.inputs)
+                else:
+                    forward_until(self.module, self.inputs, stops)
             for p in passes:
                 self.active = p
                 getattr(p, end)(self)
@@ -511,7 +519,8 @@ class BlockExecutor:
 
     def __init__(self, model: nn.Module, schedule: list[Pass], *, device: torch.device,
                  role_overrides: dict[str, str] | None = None, quiet: bool = False, streamed: StreamedModel | None = None,
-                 group: Group = SINGLE, storage_dtype: torch.dtype | None = None, allow_untargeted: bool = False):
+                 group: Group = SINGLE, storage_dtype: torch.dtype | None = None, allow_untargeted: bool = False,
+                 experts_calibration: str = "routed"):
         self.model = model
         self.schedule = schedule
         self.device = device
@@ -521,6 +530,7 @@ class BlockExecutor:
         self.group = group
         self.storage_dtype = storage_dtype  # weights are rounded to it after each block (None: kept as computed)
         self.allow_untargeted = allow_untargeted
+        self.experts_calibration = experts_calibration
         self._samples = (0, 0)  # (global index of this process's first window, windows over all processes)
         self.placement = Placement(model, device, streamed)
         self.blocks_path, self.blocks = self.placement.blocks_path, self.placement.blocks
@@ -712,7 +722,8 @@ class BlockExecutor:
         targeted = set().union(*(t & names for t in targets.values())) if targets else set()
         return BlockContext(index, f"{self.blocks_path}.{index}", block, layers, structure, self.device, inputs, needed, targeted,
                             schedule=self.schedule, group=self.group, sample_offset=self._samples[0],
-                            sample_count=self._samples[1] if sample_count is None else sample_count)
+                            sample_count=self._samples[1] if sample_count is None else sample_count,
+                            every_token_to_every_expert=self.experts_calibration == "all")
 
     def _run_block(self, index: int, block: nn.Module, inputs: list[BlockInput], needed: set[str], targets: dict[int, set[str]],
                    last: int) -> tuple[BlockReport, list[torch.Tensor]]:

@@ -22,9 +22,11 @@ layout, and its saved folder loads with `from_pretrained`."""
 
 from __future__ import annotations
 
+import logging
 import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,6 +35,8 @@ from torch import nn
 from torch.nn import functional as F
 from torch.overrides import TorchFunctionMode
 
+log = logging.getLogger(__name__)
+_EVERY_TOKEN: ContextVar[bool] = ContextVar("d2c_every_token_to_every_expert", default=False)
 GETITEM = {torch._C.TensorBase.__getitem__, torch.Tensor.__getitem__}
 PRODUCTS = {F.linear, torch.matmul, torch._C.TensorBase.matmul, torch._C.TensorBase.__matmul__, torch.Tensor.__matmul__}
 
@@ -190,14 +194,49 @@ def attach_experts(block: nn.Module, banks: list[ExpertBank]) -> dict[str, Exper
     return slices
 
 
+@contextmanager
+def every_token_to_every_expert(enabled: bool) -> Iterator[None]:
+    """While enabled (`experts.calibration = "all"`, during the forwards that gather statistics), each
+    experts module first runs every token through every expert (outputs discarded: the statistics
+    see all tokens), then its routed forward without statistics (the block's output)."""
+    token = _EVERY_TOKEN.set(enabled)
+    try:
+        yield
+    finally:
+        _EVERY_TOKEN.reset(token)
+
+
+def _every_route(args: tuple, experts: int) -> tuple | None:
+    """The call's arguments with every token routed to every expert at weight zero; None unless the
+    call is the transformers-5 experts interface `(hidden_states, top_k_index [T, k], top_k_weights [T, k])`."""
+    if len(args) < 3 or not all(isinstance(a, torch.Tensor) for a in args[:3]):
+        return None
+    hidden, index, weight = args[:3]
+    if index.dtype not in (torch.int32, torch.int64) or index.dim() != 2 or tuple(weight.shape) != tuple(index.shape):
+        return None
+    tokens = index.shape[0]
+    every = torch.arange(experts, dtype=index.dtype, device=index.device).expand(tokens, experts).contiguous()
+    return (hidden, every, torch.zeros(tokens, experts, dtype=weight.dtype, device=weight.device), *args[3:])
+
+
 def _wrap_forward(owner: nn.Module, slices: dict[tuple[str, int], ExpertSlice]) -> None:
     """Run `owner`'s forward under `ExpertCalls` routing each expert product through its slice; the
     bank identities are looked up at each call (a streaming run replaces the parameters)."""
     original = owner.forward
+    attrs = sorted({a for a, _e in slices})
 
     def forward(*args: Any, **kwargs: Any) -> Any:
-        banks = {id(getattr(owner, attr)): attr for attr in {a for a, _e in slices}}
+        banks = {id(getattr(owner, attr)): attr for attr in attrs}
         routed = {(bank_id, e): s for (attr, e), s in slices.items() for bank_id, name in banks.items() if name == attr}
+        if _EVERY_TOKEN.get():
+            every = _every_route(args, getattr(owner, attrs[0]).shape[0])
+            if every is not None:
+                with ExpertCalls(banks, routed), torch.no_grad():
+                    original(*every, **kwargs)  # statistics over every token
+                with ExpertCalls(banks, None):
+                    return original(*args, **kwargs)  # the routed output, seen by no statistic
+            log.warning("experts.calibration = all: %s is not called as (hidden, top_k_index, top_k_weights); its "
+                        "experts' statistics stay routed", type(owner).__name__)
         with ExpertCalls(banks, routed):
             return original(*args, **kwargs)
 

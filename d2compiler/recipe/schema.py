@@ -171,11 +171,22 @@ class OutputSpec(_Strict):
     )
 
 
+class ExpertsSpec(_Strict):
+    calibration: Literal["routed", "all"] = Field(
+        default="routed", description="Which tokens a Mixture-of-Experts expert's statistics (Hessian, activation "
+        "norms, D² statistics) come from. `routed`: the tokens the router sends to it (an expert no token reaches is "
+        "pruned by magnitude, and the record says so). `all`: every calibration token goes through every expert for "
+        "the statistics only (E times the experts' compute while observing); the block's output, and so the next "
+        "block's input, stays the routed one. Ignored for models without experts.",
+    )
+
+
 def _recipe_base() -> type[BaseModel]:
     class RecipeBase(_Strict):
         version: Literal[1] = Field(description="Recipe format version. Must be 1.")
         model: ModelSpec = Field(default_factory=ModelSpec)
         data: DataSpec = Field(default_factory=DataSpec)
+        experts: ExpertsSpec = Field(default_factory=ExpertsSpec)
         output: OutputSpec = Field(default_factory=OutputSpec)
 
     return RecipeBase
