@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from d2compiler.graph.structure import LinearLayer
+from d2compiler.graph.structure import LinearLayer, other_stacks
 
 REFUSE_SHARE = 0.10  # untargetable, unignored block parameters that stop a run (share of the block parameters)
 LIST_SHARE = 0.01  # untargeted weight families listed (share of all parameters)
@@ -47,7 +47,8 @@ class Family:
     in_linear: bool  # a weight of a linear layer the passes can act on
 
     def line(self, total: int) -> str:
-        kind = "linear" if self.in_linear else f"{self.dims}-D, in no linear layer"
+        kind = ("linear" if self.in_linear else f"{self.dims}-D, in no linear layer") if self.in_blocks else \
+            f"{self.dims}-D, outside the pruned blocks"
         left = self.params - self.targeted
         return f"{self.name} ({kind}; {left:,} parameters untargeted, {left / total:.1%} of the model)"
 
@@ -59,6 +60,8 @@ class Coverage:
     targeted: int  # the weights of the targeted layers
     unexplained: int  # >= 2-D block parameters in no linear layer and in no pass's ignore
     families: list[Family] = field(default_factory=list)
+    blocks_path: str = ""
+    stacks_left: list[tuple[str, int, int]] = field(default_factory=list)  # other stacks of blocks: (name, blocks, parameters)
 
     @property
     def share(self) -> float:
@@ -90,6 +93,12 @@ class Coverage:
 
     def refusal(self) -> str | None:
         """The message that stops a run (None when the recipe's coverage is acceptable)."""
+        big = [s for s in self.stacks_left if s[2] >= REFUSE_SHARE * self.total]
+        if big:
+            name, count, params = big[0]
+            return (f"the passes act on one stack of blocks, {self.blocks_path}; the stack {name} ({count} blocks, "
+                    f"{params / self.total:.1%} of the parameters) would stay dense (several stacks are not pruned yet): "
+                    f"set model.allow_untargeted = true to prune {self.blocks_path} only")
         if self.unexplained_share < REFUSE_SHARE:
             return None
         left = [f for f in self.untargeted_families() if not f.in_linear and f.in_blocks]
@@ -143,4 +152,5 @@ def measure_coverage(model: nn.Module, blocks_path: str, layers: list[LinearLaye
         fam = families.setdefault(key, Family(key, 0, 0, param.dim(), in_blocks, in_linear))
         fam.params += count
         fam.targeted += hit
-    return Coverage(total, block, targeted_total, unexplained, list(families.values()))
+    return Coverage(total, block, targeted_total, unexplained, list(families.values()), blocks_path,
+                    other_stacks(model, blocks_path))

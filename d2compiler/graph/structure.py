@@ -200,19 +200,30 @@ def _computes_linear(module: nn.Module) -> bool:
     return is_linear_module(module) or getattr(type(module), "replaces_linear", False)
 
 
-def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """The repeated blocks: the ModuleList of same-class modules holding linears with the most
-    parameters and buffers (decoder layers, encoder layers, ViT layers; also after packing)."""
-    best: tuple[int, str, nn.ModuleList] | None = None
+def block_stacks(model: nn.Module) -> list[tuple[int, str, nn.ModuleList]]:
+    """Every ModuleList of same-class modules holding linears: (parameters and buffers, name, list)."""
+    stacks = []
     for name, module in model.named_modules():
         if not isinstance(module, nn.ModuleList) or len(module) == 0:
             continue
         classes = {type(child) for child in module}
         if len(classes) != 1 or not any(_computes_linear(m) for m in module[0].modules()):
             continue
-        count = sum(t.numel() for t in (*module.parameters(), *module.buffers()))
-        if best is None or count > best[0]:
-            best = (count, name, module)
+        stacks.append((sum(t.numel() for t in (*module.parameters(), *module.buffers())), name, module))
+    return stacks
+
+
+def other_stacks(model: nn.Module, blocks_path: str) -> list[tuple[str, int, int]]:
+    """The stacks of blocks besides `blocks_path` (an encoder-decoder's other stack, a vision tower),
+    not nested in it or holding it: (name, blocks, parameters)."""
+    return [(name, len(stack), sum(p.numel() for p in stack.parameters())) for _count, name, stack in block_stacks(model)
+            if name != blocks_path and not name.startswith(blocks_path + ".") and not blocks_path.startswith(name + ".")]
+
+
+def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The repeated blocks: the ModuleList of same-class modules holding linears with the most
+    parameters and buffers (decoder layers, encoder layers, ViT layers; also after packing)."""
+    best = max(block_stacks(model), key=lambda stack: stack[0], default=None)
     if best is None:
         raise TraceError(
             f"{type(model).__name__}: found no repeated blocks (an nn.ModuleList of identical "
