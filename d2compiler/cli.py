@@ -90,7 +90,6 @@ def _cmd_export(args: argparse.Namespace) -> int:
 def _cmd_inspect(args: argparse.Namespace) -> int:
     from d2compiler.evaluation.inputs import dummy_input
     from d2compiler.execution.executor import BlockExecutor, capture_block_inputs
-    from d2compiler.graph.coverage import measure_coverage
     from d2compiler.loading.models import load_model
 
     loaded = load_model(args.model, "float32", "cpu")
@@ -101,7 +100,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     all_layers = [layer for i in range(len(blocks)) for layer in executor.layers_of(i, executor.structure(i, sample))]
     structure = executor.structure(0, sample)
     layers = [layer for layer in all_layers if layer.name.startswith(f"{path}.0.") and not layer.is_expert]
-    coverage = measure_coverage(model, path, all_layers, {layer.name for layer in all_layers}, [])
+    coverage = executor.coverage({0: {layer.name for layer in all_layers}}, all_layers)  # as `targets = ["Linear"]`
     print(f"model: {type(model).__name__} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters)")
     print(f"blocks: {path} x {len(blocks)} ({type(blocks[0]).__name__})")
     print("coverage (every linear layer targeted, as `targets = [\"Linear\"]`): " + "\n".join(coverage.lines()))

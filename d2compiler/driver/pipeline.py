@@ -36,7 +36,14 @@ from d2compiler.export.metadata import (
 from d2compiler.export.output_dir import check_free_space, check_output_path, output_lock, user_path
 from d2compiler.graph.experts import use_eager_experts
 from d2compiler.graph.packing import QUANT_BUFFERS
-from d2compiler.loading.models import LoadedModel, load_model, load_streamed, resolve_device, source_files
+from d2compiler.loading.models import (
+    LoadedModel,
+    dtype_name,
+    load_model,
+    load_streamed,
+    resolve_device,
+    source_files,
+)
 from d2compiler.recipe.passmanager import PassManager
 
 log = logging.getLogger(__name__)
@@ -146,8 +153,23 @@ def check_finite(model: torch.nn.Module) -> None:
             raise PassError(f"{name}: contains NaN or Inf after pruning; nothing was written")
 
 
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
+def streamed_weights(streamed: StreamedModel, readers: list[Any], storage: torch.dtype | None) -> tuple[tuple[int, int], str]:
+    """A streaming run's (zeros, entries) over its block weights and its `weights_sha256`, from one
+    read of the block files (the hash reads every tensor; the weights are counted as they pass)."""
+    counts, counted_keys = [0, 0], set()
+
+    def counting(read: Any) -> Any:
+        def read_and_count(key: str) -> torch.Tensor:
+            tensor = read(key)
+            if key not in counted_keys and not key.endswith("bias"):
+                counted_keys.add(key)
+                zeros, entries = weight_zeros([tensor])
+                counts[0], counts[1] = counts[0] + zeros, counts[1] + entries
+            return tensor
+        return read_and_count
+
+    sha256 = streamed.weights_sha256([counting(read) for read in readers], storage)
+    return (counts[0], counts[1]), sha256
 
 
 def preflight(recipe: BaseModel, overwrite: bool) -> None:
@@ -250,14 +272,11 @@ def _compress(recipe: BaseModel, loaded: LoadedModel | None, quiet: bool, out_pa
     layers = execution.layer_metrics()
     metric_name = None if metric is None else metric.name
 
-    block_zeros = None
-    if main:
-        if streamed is None:
-            block_zeros = weight_zeros(module_weights(executor.blocks))
-        else:
-            block_zeros = weight_zeros(block_readers[i](streamed.block_prefix(i) + name)
-                                       for i, blk in enumerate(streamed.blocks) for name in blk.state_dict()
-                                       if not name.endswith("bias"))
+    block_zeros, sha256 = None, None
+    if main and streamed is None:
+        block_zeros = weight_zeros(module_weights(executor.blocks))
+    elif main:  # the block files are read once: hashed and their zeros counted on the way
+        block_zeros, sha256 = streamed_weights(streamed, block_readers, storage)
     block_sparsity = block_zeros[0] / block_zeros[1] if block_zeros and block_zeros[1] else None
 
     def summary(record: dict[str, Any]) -> RunSummary:
@@ -293,7 +312,6 @@ def _compress(recipe: BaseModel, loaded: LoadedModel | None, quiet: bool, out_pa
     }
     blocks = [{"index": b.index, "name": b.name, "times_s": b.times, "memory": b.memory, "resumed": b.resumed,
                "passes": {name: r.info for name, r in b.results if r.info}} for b in execution.blocks]
-    sha256 = None if streamed is None else streamed.weights_sha256(block_readers, storage)
     record = sparsity_record(model=model, recipe=recipe.model_dump(mode="json"), layers=layers, patterns=patterns,
                              blocks=blocks, results=results, sha256=sha256)
     for p in manager.schedule:  # what each pass adds to the record and to the report's figures
@@ -308,9 +326,7 @@ def _compress(recipe: BaseModel, loaded: LoadedModel | None, quiet: bool, out_pa
         record["results"]["peak_rss_mb"] = round(peak_rss_mb(), 1)
         if streamed is not None:
             generation = getattr(model, "generation_config", None) if model.can_generate() else None
-            outside = {k: v.to(storage) if storage is not None and v.is_floating_point() else v
-                       for k, v in streamed.outside_state().items()}
-            write_sharded_output(out_path, outside, [checkpoints.path(i) for i in range(len(streamed.blocks))],
+            write_sharded_output(out_path, streamed.outside_state(storage), [checkpoints.path(i) for i in range(len(streamed.blocks))],
                                  model.config, generation, tokenizer, record, overwrite=overwrite, protected=protected)
         else:
             write_output(out_path, model, tokenizer, record, overwrite=overwrite, fmt=recipe.output.format,

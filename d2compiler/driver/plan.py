@@ -27,7 +27,7 @@ from d2compiler.execution.executor import BlockExecutor, capture_block_inputs
 from d2compiler.execution.memory import current_rss_mb
 from d2compiler.graph.coverage import Coverage
 from d2compiler.graph.structure import LinearLayer
-from d2compiler.loading.models import load_model, load_streamed, resolve_device
+from d2compiler.loading.models import dtype_name, load_model, load_streamed, resolve_device
 from d2compiler.recipe.passmanager import Pass, PassManager
 
 
@@ -125,14 +125,13 @@ def dtype_line(requested: str, device: torch.device, model: torch.nn.Module, sto
     """What the run computes in and stores, and why (model.dtype = auto on the CPU computes a
     half-precision checkpoint in float32). The plan loads on the CPU; a CUDA run computes in the
     checkpoint's own dtype."""
-    name = lambda dtype: str(dtype).removeprefix("torch.")  # noqa: E731
     loaded = next(model.parameters()).dtype
     if storage is None:
-        return f"{name(loaded)} (computed and stored; model.dtype = {requested})"
+        return f"{dtype_name(loaded)} (computed and stored; model.dtype = {requested})"
     if device.type == "cuda":
-        return f"{name(storage)} (computed and stored: the checkpoint's own dtype on CUDA; model.dtype = auto)"
-    return (f"computed in {name(loaded)}, stored in the checkpoint's {name(storage)} (model.dtype = auto on the CPU: "
-            f"{name(storage)} matmuls are several times slower than float32 on CPUs)")
+        return f"{dtype_name(storage)} (computed and stored: the checkpoint's own dtype on CUDA; model.dtype = auto)"
+    return (f"computed in {dtype_name(loaded)}, stored in the checkpoint's {dtype_name(storage)} (model.dtype = auto on the CPU: "
+            f"{dtype_name(storage)} matmuls are several times slower than float32 on CPUs)")
 
 
 def make_plan(recipe: BaseModel) -> Plan:

@@ -175,13 +175,18 @@ def is_token_windows_file(source: str) -> bool:
     path = Path(source).expanduser()
     if path.suffix != ".safetensors" or not path.is_file():
         return False
+    return TOKEN_WINDOWS_KEY in safetensors_keys(source)  # not readable as safetensors: the image loader reports it
+
+
+def safetensors_keys(source: str) -> list[str]:
+    """The tensor names of a safetensors file ([] when it cannot be read)."""
     from safetensors import safe_open
 
     try:
-        with safe_open(str(path), "pt") as f:
-            return TOKEN_WINDOWS_KEY in f.keys()
-    except Exception:  # not readable as safetensors: let the image loader report it
-        return False
+        with safe_open(str(Path(source).expanduser()), "pt") as f:
+            return sorted(f.keys())
+    except Exception:  # safetensors raises its own error type for every kind of damage
+        return []
 
 
 def load_token_windows(source: str, seq_len: int, vocab_size: int | None) -> torch.Tensor:

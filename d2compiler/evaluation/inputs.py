@@ -4,7 +4,6 @@ or an encoder), plus the calibration batches a recipe's `data.calibration` descr
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -17,6 +16,7 @@ from d2compiler.evaluation.data import (
     leading_tokens,
     load_text,
     load_token_windows,
+    safetensors_keys,
     select_windows,
     tokenize,
 )
@@ -74,16 +74,6 @@ def check_source_fits(model: nn.Module, source: str, field: str) -> None:
                                 f"{type(model).__name__}; it holds: {', '.join(keys[:5]) or 'nothing readable'}")
         raise DataError(f"{field}: {source!r} holds images, but {type(model).__name__} takes token ids")
 
-
-def safetensors_keys(source: str) -> list[str]:
-    """The tensor names of a safetensors file ([] when it cannot be read)."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(Path(source).expanduser()), "pt") as f:
-            return sorted(f.keys())
-    except Exception:  # safetensors raises its own error type for every kind of damage
-        return []
 
 
 def check_seq_len(model: nn.Module, seq_len: int, field: str) -> None:

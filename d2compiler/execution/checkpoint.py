@@ -41,6 +41,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from d2compiler.errors import OutputError
+from d2compiler.execution.streaming import as_stored
 from d2compiler.graph.packing import Packed24Linear
 from d2compiler.graph.structure import weight_is_transposed
 
@@ -98,12 +99,6 @@ class CheckpointStore:
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="d2c-checkpoint")
         self._pending: Future | None = None
         self._files: dict[str, str] = {}
-
-    def _stored(self, tensor: torch.Tensor) -> torch.Tensor:
-        """`tensor` as a finished block stores it: floating tensors in `storage_dtype` when set."""
-        if self.storage_dtype is not None and tensor.is_floating_point():
-            return tensor.to(self.storage_dtype)
-        return tensor
 
     def _write_atomic(self, name: str, write: Any) -> str:
         """Write `name` through a temporary file; returns its sha256."""
@@ -225,7 +220,7 @@ class CheckpointStore:
         tensors are taken to the CPU here (a device copy; CPU tensors are referenced, not copied: a
         finished block is never modified again, and the caller may release it at once); the files
         are written on the background thread."""
-        params = {prefix + name: self._stored(t.detach().to("cpu")).contiguous() for name, t in block.state_dict().items()}
+        params = {prefix + name: as_stored(t.detach().to("cpu"), self.storage_dtype).contiguous() for name, t in block.state_dict().items()}
         states = {f"h{i}": h.detach().to("cpu").contiguous() for i, h in enumerate(hidden)}
         self.flush()
         self._pending = self._writer.submit(self._save, index, params, states, list(reports))

@@ -48,6 +48,12 @@ class WeightSource:
             return tuple(f.get_slice(key).get_shape())
 
 
+def as_stored(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """`tensor` as the output stores it: a floating tensor cast to `dtype` when one is given (the
+    checkpoint's dtype of a run computed in another), anything else as it is."""
+    return tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
+
+
 def empty_model(folder: Path, dtype: torch.dtype, attn_implementation: str | None = None) -> nn.Module:
     """The model of `folder` with every parameter on the meta device (no memory), in eval mode."""
     from accelerate import init_empty_weights
@@ -200,10 +206,11 @@ class StreamedModel:
         heap back to the operating system, so that the peak follows one block."""
         _release(self.blocks[index], lambda _param: True)
 
-    def outside_state(self) -> dict[str, torch.Tensor]:
-        """The tensors outside the blocks, by full name (tied copies left out, as transformers saves)."""
+    def outside_state(self, storage: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        """The tensors outside the blocks, by full name (tied copies left out, as transformers saves),
+        floating ones cast to `storage` when given (`as_stored`)."""
         self.ensure_outside()
-        return {name: tensor for name, tensor in self.model.state_dict().items()
+        return {name: as_stored(tensor, storage) for name, tensor in self.model.state_dict().items()
                 if not name.startswith(self.blocks_path + ".") and name not in self.tied}
 
     def weights_sha256(self, readers: list[Callable[[str], torch.Tensor]], storage: torch.dtype | None = None) -> str:
@@ -220,8 +227,7 @@ class StreamedModel:
             if name.startswith(self.blocks_path + "."):
                 index = int(name[len(self.blocks_path) + 1 :].split(".")[0])
                 return readers[index](name)
-            value = outside[name]
-            return value.to(storage) if storage is not None and value.is_floating_point() else value
+            return as_stored(outside[name], storage)
 
         return tensors_sha256((name, tensor(name)) for name in sorted(outside))
 

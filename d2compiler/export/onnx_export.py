@@ -38,6 +38,7 @@ from torch import nn
 
 from d2compiler.errors import OutputError
 from d2compiler.export.output_dir import atomic_output_dir, write_record
+from d2compiler.graph.experts import bank_names
 from d2compiler.graph.packing import unpack_linears
 
 OPSET = 21
@@ -167,7 +168,7 @@ def export_onnx(model: nn.Module, record: dict[str, Any], path: Path, *, overwri
     model.onnx.data when the weights are stored outside the protobuf: `external_data` True, or None
     and the initializers exceed EXTERNAL_DATA_ABOVE bytes). Returns a summary: initializers
     quantized, sparse initializers, external data, file sizes."""
-    banks = [name for name, param in model.named_parameters() if param.dim() == 3]
+    banks = bank_names(model)
     if banks:
         raise OutputError(f"ONNX export does not take Mixture-of-Experts models yet: {banks[0]} (and {len(banks) - 1} "
                           "more) holds routed experts, whose data-dependent loop has no ONNX export here; keep "

@@ -59,14 +59,6 @@ class ExpertSlice(nn.Module):
     def weight(self) -> torch.Tensor:  # type: ignore[override]
         return self.bank[self.index]
 
-    @property
-    def in_features(self) -> int:
-        return self.weight.shape[0 if self.transposed_weight else 1]
-
-    @property
-    def out_features(self) -> int:
-        return self.weight.shape[1 if self.transposed_weight else 0]
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.bank.data[self.index].to(x.dtype)
         return x @ w if self.transposed_weight else F.linear(x, w)
@@ -243,11 +235,16 @@ def _wrap_forward(owner: nn.Module, slices: dict[tuple[str, int], ExpertSlice]) 
     object.__setattr__(owner, "forward", forward)
 
 
+def bank_names(model: nn.Module) -> list[str]:
+    """The names of the model's expert banks (its parameters of three dimensions)."""
+    return [name for name, param in model.named_parameters() if param.dim() == 3]
+
+
 def use_eager_experts(model: nn.Module) -> bool:
     """Make a transformers model with expert banks run its experts one by one (`eager`; its default
     on recent versions is a grouped matmul over all experts, which no per-expert statistic can see).
     Returns whether the model has banks. The saved config is unaffected."""
-    has_banks = any(p.dim() == 3 for p in model.parameters())
+    has_banks = bool(bank_names(model))
     setter = getattr(model, "set_experts_implementation", None)
     if has_banks and callable(setter):
         setter("eager")
@@ -269,7 +266,7 @@ def experts_for_tracing(model: nn.Module) -> Iterator[None]:
     """While `torch.export` traces a block: the model's grouped expert implementation, which has no
     data-dependent loop over the experts (the eager one cannot be traced); eager again after."""
     setter = getattr(model, "set_experts_implementation", None)
-    if not callable(setter) or not any(p.dim() == 3 for p in model.parameters()):
+    if not callable(setter) or not bank_names(model):
         yield
         return
     try:

@@ -75,6 +75,11 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype | str:
     return _DTYPES[dtype]
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """`torch.bfloat16` -> `bfloat16`, as recipes and records write dtypes."""
+    return str(dtype).removeprefix("torch.")
+
+
 def stored_dtype(config: Any) -> torch.dtype:
     """The dtype a checkpoint's config declares for its weights (float32 when it declares none)."""
     stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
