@@ -39,10 +39,10 @@ from quality import method_passes  # noqa: E402
 
 from d2compiler.driver.pipeline import compress  # noqa: E402
 from d2compiler.evaluation.data import evaluation_windows, load_text, tokenize  # noqa: E402
-from d2compiler.graph.attention import AttentionCall, AttentionRecorder, attention_kl  # noqa: E402
-from d2compiler.graph.structure import find_blocks  # noqa: E402
+from d2compiler.graph.blocks import find_blocks  # noqa: E402
 from d2compiler.loading.models import load_model  # noqa: E402
 from d2compiler.recipe.schema import validate_recipe  # noqa: E402
+from passes.attention_capture import AttentionCall, AttentionRecorder, attention_kl  # noqa: E402
 
 
 @torch.no_grad()

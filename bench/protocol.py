@@ -10,7 +10,9 @@ folder, never into bench/results/. The choice travels to child processes through
 (`D2C_BENCH_SMOKE` names the temporary folder).
 
 Every results file records `provenance`: the git commit (or the package version), whether the tree
-was dirty, and the command that produced it.
+was dirty, the command that produced it, and the sha256 of the protocol's data files (`data`: C4 and
+WikiText-2 test/valid in a full run, the `pydoc_data` module in a smoke run) and of any file a
+script declares with `uses(path)` (e.g. zero-shot task files).
 """
 
 from __future__ import annotations
@@ -126,10 +128,41 @@ def evaluation_source(split: str = "test") -> str:
     return "builtin:python-docs" if smoke() else str(WIKI[split])
 
 
+_USED: list[Path] = []  # data files a script declares beyond the protocol's (`uses`)
+
+
+def uses(path: str | Path) -> None:
+    """Declare a data file this run reads, so that its sha256 goes into the provenance (call before
+    the first `provenance()`)."""
+    _USED.append(Path(path))
+
+
+def data_digests() -> dict[str, str]:
+    """sha256 of the protocol's data files (those present) and of the declared ones, by path."""
+    import hashlib
+
+    if smoke():
+        import pydoc_data.topics
+
+        files = [Path(pydoc_data.topics.__file__)]
+    else:
+        files = [C4, WIKI["test"], WIKI["valid"]]
+    out = {}
+    for path in [*files, *_USED]:
+        if path.is_file():
+            digest = hashlib.sha256()
+            with path.open("rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(chunk)
+            out[str(path.relative_to(ROOT.parent)) if path.is_relative_to(ROOT.parent) else str(path)] = digest.hexdigest()
+    return out
+
+
 @cache
 def provenance() -> dict[str, Any]:
-    """The commit (or package version), a dirty flag (uncommitted changes outside bench/results) and
-    the command of this run; computed once, when first asked."""
+    """The commit (or package version), a dirty flag (uncommitted changes outside bench/results), the
+    command of this run and the sha256 of its data files (`data_digests`); computed once, when first
+    asked."""
     def git(*args: str) -> str | None:
         try:
             proc = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=30)
@@ -146,7 +179,7 @@ def provenance() -> dict[str, Any]:
     script = Path(sys.argv[0]).resolve()
     shown = f"bench/{script.name}" if script.parent == ROOT / "bench" else sys.argv[0]
     command = " ".join(["python", shlex.quote(shown), *(shlex.quote(a) for a in sys.argv[1:])])
-    return {"commit": commit, "dirty": bool(status), "command": command, "smoke": smoke()}
+    return {"commit": commit, "dirty": bool(status), "command": command, "smoke": smoke(), "data": data_digests()}
 
 
 def write_json(path: Path, data: Any) -> None:

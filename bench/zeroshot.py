@@ -18,7 +18,18 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
-from protocol import SHARED, lm_source, pick, provenance, provenance_line, results_dir, stamp, start, work_dir  # noqa: E402
+from protocol import (  # noqa: E402
+    SHARED,
+    lm_source,
+    pick,
+    provenance,
+    provenance_line,
+    results_dir,
+    stamp,
+    start,
+    uses,
+    work_dir,
+)
 
 
 def main() -> int:
@@ -31,6 +42,8 @@ def main() -> int:
     from d2compiler.loading.models import load_model
 
     tasks = next((a.split("=", 1)[1].split(",") for a in sys.argv if a.startswith("--tasks=")), list(DEFAULT_FILES))
+    for task in tasks:  # their sha256 goes into every row's provenance
+        uses(SHARED / DEFAULT_FILES[task])
     args = [a for a in sys.argv[1:] if a not in ("--no-dense", "--smoke") and not a.startswith("--tasks=")]
     default = work_dir("deploy") / "d2prune-2of4"
     outputs = args or ([str(default)] if not smoke_run and default.is_dir() else [])

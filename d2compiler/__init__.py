@@ -12,7 +12,7 @@ from typing import Any
 __all__ = ["compress", "load", "load_model", "load_recipe", "validate_recipe", "RunSummary"]
 __version__ = "0.1.0"
 
-_HOMES = {"compress": "d2compiler.driver.pipeline", "RunSummary": "d2compiler.driver.pipeline",
+_HOMES = {"compress": "d2compiler.driver.pipeline", "RunSummary": "d2compiler.driver.summary",
           "load": "d2compiler.loading.models", "load_model": "d2compiler.loading.models",
           "load_recipe": "d2compiler.recipe.schema", "validate_recipe": "d2compiler.recipe.schema"}
 

@@ -27,7 +27,8 @@ def _cmd_schema(args: argparse.Namespace) -> int:
 
 
 def _load(args: argparse.Namespace):
-    from d2compiler.recipe.schema import apply_overrides, read_recipe_file, validate_recipe
+    from d2compiler.recipe.recipe_text import apply_overrides, read_recipe_file
+    from d2compiler.recipe.schema import validate_recipe
 
     data = read_recipe_file(args.recipe)
     values = {}
@@ -88,8 +89,9 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    from d2compiler.evaluation.inputs import dummy_input
-    from d2compiler.execution.executor import BlockExecutor, capture_block_inputs
+    from d2compiler.evaluation.model_kind import dummy_input
+    from d2compiler.execution.block_io import capture_block_inputs
+    from d2compiler.execution.executor import BlockExecutor
     from d2compiler.loading.models import load_model
 
     loaded = load_model(args.model, "float32", "cpu")
@@ -128,7 +130,8 @@ def _eval_runner(args: argparse.Namespace, source: str) -> tuple[Any, Any]:
     """(the model, a `ModelRunner` over it) for `d2c eval`: loaded whole, or with --streaming read block by
     block from its files. Either way one block is on the device at a time."""
     from d2compiler.execution.runner import ModelRunner
-    from d2compiler.loading.models import load_model, load_streamed, resolve_device
+    from d2compiler.loading.dtypes import resolve_device
+    from d2compiler.loading.models import load_model, load_streamed
 
     device = resolve_device(args.device)
     if args.streaming:
@@ -142,6 +145,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     from d2compiler.evaluation.evaluate import make_metric
+    from d2compiler.evaluation.sources import resolve_source
     from d2compiler.recipe.schema import EvaluationData
 
     loaded, runner = _eval_runner(args, args.model)
@@ -153,7 +157,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     except ValidationError as exc:
         first = exc.errors(include_url=False)[0]
         raise D2Error(f"--{str(first['loc'][0]).replace('_', '-')}: {first['msg']}") from None
-    metric = make_metric(spec, loaded.model, loaded.tokenizer, quiet=args.quiet)
+    metric = make_metric(resolve_source(spec, loaded.model, "data.evaluation"), loaded.model, loaded.tokenizer, quiet=args.quiet)
     if metric.needs_dense:
         if not args.reference:
             raise D2Error(f"--reference: {metric.name} compares {args.model} with a dense model; name it with --reference")
@@ -260,7 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="perplexity, embedding similarity, accuracy or zero-shot accuracy of a model "
                         "or of a d2c output folder")
     ev.add_argument("model")
-    ev.add_argument("--data", default="builtin:python-docs", help="text or image source (see `d2c schema`, TextSource); "
+    ev.add_argument("--data", default="builtin:python-docs", help="text or image source (see `d2c schema`, DataSource); "
                     "with --task, the task's JSONL (default ../shared/data/zeroshot/...)")
     ev.add_argument("--metric", default="auto", choices=["auto", "perplexity", "embedding_cosine", "accuracy"],
                     help="auto: perplexity for causal LMs, accuracy for image classifiers, embedding_cosine for encoders")
@@ -302,6 +306,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             hf_logging.disable_progress_bar()
         return args.func(args)
     except D2Error as exc:
+        if args.verbose and exc.__cause__ is not None:  # e.g. the exception a pass raised (`invariants.blamed`)
+            traceback.print_exception(exc.__cause__, file=sys.stderr)
         print(report_error(2, f"error: {exc}"), file=sys.stderr)
         return 2
     except RecursionError:

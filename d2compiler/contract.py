@@ -13,19 +13,20 @@ these names may move.
 - `ArtifactKind`, `register_artifact`: declare an artifact kind a pass exchanges (`artifacts`);
 - `UpdateVariants`: the interface of a pruning pass that honours an update plan; `PlanCost`: what a
   pass adds to `d2c plan`'s estimate;
-- helpers the shipped passes share with the core: `obs_cost`, attention capture (`AttentionRecorder`,
-  `AttentionCall`, `attention_kl`) and 2:4 storage (`Packed24Linear`, `violations_2_4`).
+- helpers the shipped passes share with the core: `obs_cost` and 2:4 storage (`Packed24Linear`,
+  `violations_2_4`). (Attention capture, which only D²Prune's attention-KL pass uses, lives
+  beside that pass in `passes/attention_capture.py`.)
 """
 
 from __future__ import annotations
 
 from d2compiler.errors import PassError, PassOrderError, PostconditionError, PreconditionError
-from d2compiler.execution.executor import BlockContext, obs_cost
-from d2compiler.graph.attention import AttentionCall, AttentionRecorder, attention_kl
+from d2compiler.execution.context import obs_cost
+from d2compiler.graph.layers import LinearLayer
 from d2compiler.graph.packing import Packed24Linear, violations_2_4
-from d2compiler.graph.structure import LinearLayer
 from d2compiler.recipe.artifacts import ArtifactKind, register_artifact
-from d2compiler.recipe.passmanager import (
+from d2compiler.recipe.pass_base import (
+    BlockContext,
     Condition,
     Pass,
     PassParams,
@@ -33,10 +34,10 @@ from d2compiler.recipe.passmanager import (
     PlanCost,
     TargetedParams,
     UpdateVariants,
-    register_pass,
 )
+from d2compiler.recipe.registry import register_pass
 
-__all__ = ["ArtifactKind", "AttentionCall", "AttentionRecorder", "BlockContext", "Condition", "LinearLayer", "Packed24Linear",
+__all__ = ["ArtifactKind", "BlockContext", "Condition", "LinearLayer", "Packed24Linear",
            "Pass", "PassError", "PassOrderError", "PassParams", "PassResult", "PlanCost", "PostconditionError", "PreconditionError",
-           "TargetedParams", "UpdateVariants", "attention_kl", "obs_cost", "register_artifact", "register_pass",
+           "TargetedParams", "UpdateVariants", "obs_cost", "register_artifact", "register_pass",
            "violations_2_4"]

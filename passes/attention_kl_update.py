@@ -20,18 +20,16 @@ import torch
 from pydantic import Field, field_validator
 
 from d2compiler.contract import (
-    AttentionCall,
-    AttentionRecorder,
     Pass,
     PassOrderError,
     PassParams,
     PassResult,
     PlanCost,
     UpdateVariants,
-    attention_kl,
     register_pass,
 )
 
+from .attention_capture import AttentionCall, AttentionRecorder, attention_kl
 from .gram import Gram
 from .pruning import absolute_error, relative_error
 
@@ -106,7 +104,7 @@ class AttentionKLUpdatePass(Pass):
     consumed = frozenset({"update_plan"})
     writes = frozenset({"dense_attention", "holdout_hessian"})
     observes = True
-    in_place = False  # reads the block only
+    reads_only = True
     summary = "Choose per block which of q/k/v get the OBS update: reconstruction + ρ·KL(dense‖pruned attention)."
 
     def __init__(self, params: Any):

@@ -2,7 +2,10 @@
 the fp32 Hessian H = XXᵀ/n, the mean over calibration tokens (per-sample products summed in float64,
 see `gram`), and the input-channel RMS norms
 ‖x_j‖ = sqrt(H_jj). Linears that read the same tensor (q/k/v, gate/up) share one accumulator.
-Only what later passes require is computed.
+The Hessian is accumulated by default (`hessian = true`), even for a recipe whose later passes need
+only the norms, so that every pruning pass can report its reconstruction error; `hessian = false`
+keeps only the norms unless a later pass requires the Hessian. Statistics are recorded only for
+the layers some later pass reads (`statistics_read`).
 
 Experts of a Mixture-of-Experts bank see only the tokens routed to them, so their statistics are
 "routed" ones, and their token counts are reported (`calibration_tokens` per expert layer). An
@@ -76,7 +79,7 @@ class CalibratePass(Pass):
     Params = CalibrateParams
     provides = frozenset({"hessian", "act_norms"})
     observes = True
-    in_place = False  # reads the block only
+    reads_only = True
     summary = "Record fp32 Hessians and activation norms of the targeted linears."
 
     def __init__(self, params: PassParams):

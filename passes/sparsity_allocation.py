@@ -64,7 +64,7 @@ class SparsityAllocationPass(Pass):
     provides = frozenset({"layer_sparsity"})
     consumed = frozenset({"layer_sparsity"})
     surveys = True
-    in_place = False
+    reads_only = True
     summary = "Layer-wise sparsity (OWL outlier ratios, or each block's trial output error) for the next pruning pass."
 
     def __init__(self, params: Any):

@@ -104,8 +104,9 @@ def test_d2prune_on_every_architecture(arch, tiny_models, tmp_path, capsys):
 
 
 def test_gpt2_slices_are_row_views_of_one_weight(tiny_models):
-    from d2compiler.execution.executor import capture_block_inputs
-    from d2compiler.graph.structure import bind_linears, find_blocks, trace_block
+    from d2compiler.execution.block_io import capture_block_inputs
+    from d2compiler.graph.blocks import find_blocks
+    from d2compiler.graph.structure import bind_linears, trace_block
     from d2compiler.loading.models import load_model
 
     model = load_model(str(tiny_models["gpt2"]), "float32", "cpu").model

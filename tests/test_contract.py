@@ -67,7 +67,7 @@ def test_sparsegpt_honours_an_update_plan(tmp_path, tiny_models):
 
 def test_kl_strategy_needs_a_pass_that_computes_variants():
     from d2compiler.contract import Pass, PassParams, PassResult
-    from d2compiler.recipe.passmanager import PASS_REGISTRY, register_pass
+    from d2compiler.recipe.registry import PASSES
 
     class PlanReader(Pass):
         name = "test_plan_reader"
@@ -81,9 +81,7 @@ def test_kl_strategy_needs_a_pass_that_computes_variants():
         name = "test_unknown_artifact"
         requires = frozenset({"no_such_artifact"})
 
-    register_pass(PlanReader)
-    register_pass(Unknown)
-    try:
+    with PASSES.temporarily(PlanReader, Unknown):
         with pytest.raises(RecipeError, match="strategy 'kl' scores candidates with the pruning pass that applies the plan, "
                                               "and 'test_plan_reader' cannot compute them"):
             validate_recipe(recipe({"type": "attention_kl_update"}, {"type": "test_plan_reader"}))
@@ -91,14 +89,11 @@ def test_kl_strategy_needs_a_pass_that_computes_variants():
         with pytest.raises(RecipeError, match="pass 'test_unknown_artifact' names the artifact 'no_such_artifact', which is "
                                               "not a registered kind"):
             validate_recipe(recipe({"type": "test_unknown_artifact"}))
-    finally:
-        PASS_REGISTRY.pop(PlanReader.name)
-        PASS_REGISTRY.pop(Unknown.name)
 
 
 def test_undeclared_or_mistyped_writes_are_refused(tmp_path, tiny_models, capsys):
     from d2compiler.contract import Pass, PassResult, TargetedParams
-    from d2compiler.recipe.passmanager import PASS_REGISTRY, register_pass
+    from d2compiler.recipe.registry import PASSES
 
     class Sneaky(Pass):
         name = "test_sneaky"
@@ -116,9 +111,7 @@ def test_undeclared_or_mistyped_writes_are_refused(tmp_path, tiny_models, capsys
             ctx.publish("update_plan", ctx.layers[0].name, "yes")
             return PassResult(modified=False)
 
-    register_pass(Sneaky)
-    register_pass(Mistyped)
-    try:
+    with PASSES.temporarily(Sneaky, Mistyped):
         for name, message in (("test_sneaky", "pass 'test_sneaky' wrote the artifact 'update_plan' without declaring it"),
                               ("test_mistyped", "pass 'test_mistyped' published 'update_plan' of model.layers.0.self_attn.q_proj "
                                                 "as str; the kind holds bool")):
@@ -127,9 +120,6 @@ def test_undeclared_or_mistyped_writes_are_refused(tmp_path, tiny_models, capsys
                 path.write_text(path.read_text() + '[[passes]]\ntype = "magnitude"\nsparsity = 0.5\n')
             assert main(["--quiet", "run", str(path)]) == 2
             assert message in capsys.readouterr().err
-    finally:
-        PASS_REGISTRY.pop(Sneaky.name)
-        PASS_REGISTRY.pop(Mistyped.name)
 
 
 def modules() -> dict[str, Path]:
@@ -142,12 +132,13 @@ def modules() -> dict[str, Path]:
     return found
 
 
-def import_graph() -> nx.DiGraph:
+def import_graph(typing_only_imports: bool = False) -> nx.DiGraph:
     """module -> module for every import statement (at any depth, lazy ones included; a `from
     package import name` counts as importing the module `package.name` if there is one, else
-    `package`). Imports under `if TYPE_CHECKING:` (annotations only) and modules found by name at
-    run time (pass discovery: the shipped `passes` package and the plugins' entry points) are not
-    edges."""
+    `package`). Imports under `if TYPE_CHECKING:` (annotations only) are edges only with
+    `typing_only_imports` (an annotation is a dependency for the layering, not a cycle at run time);
+    modules found by name at run time (pass discovery: the shipped `passes` package and the plugins'
+    entry points) are not edges."""
     known = modules()
 
     def resolve(name: str) -> str | None:
@@ -163,7 +154,7 @@ def import_graph() -> nx.DiGraph:
         typing_only = {id(n) for block in ast.walk(tree) if isinstance(block, ast.If) and "TYPE_CHECKING" in ast.unparse(block.test)
                        for stmt in block.body for n in ast.walk(stmt)}
         for node in ast.walk(tree):
-            if id(node) in typing_only:  # annotations only, never executed
+            if id(node) in typing_only and not typing_only_imports:  # annotations only, never executed
                 continue
             targets = []
             if isinstance(node, ast.ImportFrom):
@@ -182,7 +173,7 @@ def import_graph() -> nx.DiGraph:
 
 
 def test_passes_import_only_the_public_contract():
-    graph = import_graph()
+    graph = import_graph(typing_only_imports=True)
     outside = {(m, t) for m, t in graph.edges if m.startswith("passes") and t.startswith("d2compiler") and t != "d2compiler.contract"}
     assert not outside, sorted(outside)
 
@@ -194,7 +185,7 @@ def test_import_graph_has_no_cycles():
 
 def test_the_core_names_no_pass():
     """No pass name and no duck typing on another pass in d2compiler/ (passes declare what the core needs)."""
-    from d2compiler.recipe.passmanager import registered_passes
+    from d2compiler.recipe.registry import registered_passes
 
     names = set(registered_passes())
     for path in (ROOT / "d2compiler").rglob("*.py"):
@@ -226,7 +217,32 @@ def layer_of(module: str) -> int:
 
 
 def test_imports_go_one_way_from_the_cli_down_to_the_graph():
-    graph = import_graph()
+    """Annotations included: a lower layer may not name a type of a higher one even under TYPE_CHECKING."""
+    graph = import_graph(typing_only_imports=True)
     upward = sorted((m, t) for m, t in graph.edges if m.startswith("d2compiler") and t.startswith("d2compiler")
                     and layer_of(t) < layer_of(m))
     assert not upward, upward
+
+
+def test_a_pass_field_that_would_overwrite_a_core_key_of_the_record_is_refused(tmp_path, tiny_models, capsys):
+    from d2compiler.contract import Pass, PassResult, TargetedParams
+    from d2compiler.recipe.registry import PASSES
+
+    class Overwrites(Pass):
+        name = "test_overwrites"
+        Params = TargetedParams
+
+        def apply(self, ctx):
+            return PassResult(modified=False)
+
+        def record_fields(self, blocks):
+            return {"overall_sparsity": 0.5}  # would replace the measured value
+
+    with PASSES.temporarily(Overwrites):
+        path = write_recipe(tmp_path / "r.toml", str(tiny_models["llama"]), '[[passes]]\ntype = "test_overwrites"\n',
+                            output=tmp_path / "out")
+        assert main(["--quiet", "run", str(path)]) == 2
+        assert capsys.readouterr().err.strip() == ("error: pass 'test_overwrites': record_fields returned the key "
+                                                   "'overall_sparsity', which d2compiler already writes to sparsity.json; "
+                                                   "name it after the pass")
+        assert not (tmp_path / "out").exists()

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from d2compiler.cli import main
-from d2compiler.graph.attention import AttentionCall, AttentionRecorder, attention_kl
+from passes.attention_capture import AttentionCall, AttentionRecorder, attention_kl
 from passes.dual_taylor import DualTaylorSettings, LayerStats, prune_layer, reference_constants
 from passes.obs import obs_prune
 
@@ -108,8 +108,8 @@ def test_attention_recomputed_from_captured_query_and_key():
 
 
 def test_recorder_stops_at_attention(tiny_models):
-    from d2compiler.execution.executor import capture_block_inputs
-    from d2compiler.graph.structure import find_blocks
+    from d2compiler.execution.block_io import capture_block_inputs
+    from d2compiler.graph.blocks import find_blocks
     from d2compiler.loading.models import load_model
 
     model = load_model(str(tiny_models["llama"]), "float32", "cpu").model

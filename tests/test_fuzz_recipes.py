@@ -16,7 +16,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from d2compiler.errors import RecipeError
-from d2compiler.recipe.schema import apply_overrides, parse_text, validate_recipe
+from d2compiler.recipe.recipe_text import apply_overrides, parse_text
+from d2compiler.recipe.schema import validate_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 SEEDS = [tomllib.loads(p.read_text()) for p in sorted((ROOT / "recipes").glob("*.toml"))]

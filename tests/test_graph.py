@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from d2compiler.cli import main
-from d2compiler.execution.executor import capture_block_inputs
-from d2compiler.graph.structure import bind_linears, find_blocks, trace_block
+from d2compiler.execution.block_io import capture_block_inputs
+from d2compiler.graph.blocks import find_blocks
+from d2compiler.graph.structure import bind_linears, trace_block
 from d2compiler.loading.models import load_model
 
 from .conftest import build_tiny

@@ -61,9 +61,9 @@ def test_more_processes_than_memory_is_refused(recipe, no_launch, monkeypatch, c
 def test_more_processes_than_gpus_is_refused_even_oversubscribed(recipe, no_launch, monkeypatch, capsys):
     import torch
 
-    from d2compiler.loading import models
+    from d2compiler.loading import dtypes
 
-    monkeypatch.setattr(models, "resolve_device", lambda _device: torch.device("cuda"))
+    monkeypatch.setattr(dtypes, "resolve_device", lambda _device: torch.device("cuda"))
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     assert main(["--quiet", "run", str(recipe), "--nproc", "2", "--oversubscribe"]) == 2
     assert "--nproc 2: this machine has 1 GPU(s) and each process takes one" in last_error(capsys)

@@ -12,11 +12,20 @@ from d2compiler.cli import main
 from d2compiler.errors import DataError
 from d2compiler.evaluation.evaluate import make_metric, paragraphs
 from d2compiler.evaluation.images import digits, fit_to_model, load_images
-from d2compiler.evaluation.inputs import calibration_inputs, dummy_input, model_task, takes_images
+from d2compiler.evaluation.inputs import calibration_inputs
+from d2compiler.evaluation.model_kind import dummy_input, model_task, takes_images
+from d2compiler.evaluation.sources import resolve_source
 from d2compiler.execution.runner import ModelRunner
 from d2compiler.loading.models import load_model
 from d2compiler.recipe.schema import CalibrationData, EvaluationData
 
+
+def calibration(spec, model):
+    return resolve_source(spec, model, "data.calibration")
+
+
+def evaluation(spec, model):
+    return resolve_source(spec, model, "data.evaluation")
 
 def test_digits_parts_are_disjoint_and_fixed():
     cal, ev = digits("calibration"), digits("evaluation")
@@ -60,31 +69,31 @@ def test_model_kinds(tiny_models):
 
 def test_calibration_inputs_batches_images_and_tokens(tiny_models):
     vit = load_model(str(tiny_models["vit"]), "float32", "cpu")
-    batches = calibration_inputs(CalibrationData(source="builtin:digits", samples=40, batch_size=16), vit.model, None)
+    batches = calibration_inputs(calibration(CalibrationData(source="builtin:digits", samples=40, batch_size=16), vit.model), vit.model, None)
     assert [b.shape[0] for b in batches] == [16, 16, 8] and batches[0].shape[1:] == (1, 8, 8)
     llama = load_model(str(tiny_models["llama"]), "float32", "cpu")
-    windows = calibration_inputs(CalibrationData(samples=4, seq_len=32, batch_size=2), llama.model, llama.tokenizer)
+    windows = calibration_inputs(calibration(CalibrationData(samples=4, seq_len=32, batch_size=2), llama.model), llama.model, llama.tokenizer)
     assert [w.shape for w in windows] == [(2, 32), (2, 32)]
 
 
 def test_source_and_model_must_match(tiny_models):
     vit = load_model(str(tiny_models["vit"]), "float32", "cpu")
     with pytest.raises(DataError, match="data.calibration.source: ViTForImageClassification takes images"):
-        calibration_inputs(CalibrationData(), vit.model, None)
+        calibration(CalibrationData(), vit.model)
     bert = load_model(str(tiny_models["bert"]), "float32", "cpu")
     with pytest.raises(DataError, match="holds images"):
-        calibration_inputs(CalibrationData(source="builtin:digits"), bert.model, bert.tokenizer)
+        calibration(CalibrationData(source="builtin:digits"), bert.model)
     with pytest.raises(DataError, match="data.calibration.seq_len: 1024 tokens is more than the model's max_position"):
-        calibration_inputs(CalibrationData(seq_len=1024), bert.model, bert.tokenizer)
+        calibration(CalibrationData(seq_len=1024), bert.model)
     with pytest.raises(DataError, match="perplexity needs a causal LM; BertModel"):
-        make_metric(EvaluationData(metric="perplexity"), bert.model, bert.tokenizer)
+        make_metric(evaluation(EvaluationData(metric="perplexity"), bert.model), bert.model, bert.tokenizer)
     with pytest.raises(DataError, match="accuracy needs an image classifier"):
-        make_metric(EvaluationData(metric="accuracy"), bert.model, bert.tokenizer)
+        make_metric(evaluation(EvaluationData(metric="accuracy"), bert.model), bert.model, bert.tokenizer)
 
 
 def test_embedding_cosine_is_one_for_the_same_model(tiny_models):
     bert = load_model(str(tiny_models["bert"]), "float32", "cpu")
-    metric = make_metric(EvaluationData(seq_len=64, max_windows=5), bert.model, bert.tokenizer, quiet=True)
+    metric = make_metric(evaluation(EvaluationData(seq_len=64, max_windows=5), bert.model), bert.model, bert.tokenizer, quiet=True)
     runner = ModelRunner(bert.model, torch.device("cpu"))
     assert metric.name == "embedding_cosine" and metric.dense(runner) == 1.0
     assert metric.measure(runner) == pytest.approx(1.0, abs=1e-6)
@@ -132,7 +141,8 @@ def test_image_processor_normalises_and_is_saved(tiny_models, tmp_path):
     ViTImageProcessor(size={"height": 8, "width": 8}, image_mean=[0.2], image_std=[0.4]).save_pretrained(folder)
     loaded = load_model(str(folder), "float32", "cpu")
     assert loaded.tokenizer is not None and list(loaded.tokenizer.image_mean) == [0.2]
-    batch = calibration_inputs(CalibrationData(source="builtin:digits", samples=4, batch_size=4), loaded.model, loaded.tokenizer)[0]
+    batch = calibration_inputs(calibration(CalibrationData(source="builtin:digits", samples=4, batch_size=4), loaded.model), loaded.model,
+                               loaded.tokenizer)[0]
     torch.testing.assert_close(batch, (digits("calibration").pixels[:4] - 0.2) / 0.4)
     path = tmp_path / "r.toml"
     path.write_text(f'version = 1\n[model]\nsource = "{folder}"\ndevice = "cpu"\n[data.calibration]\nsource = "builtin:digits"\n'
@@ -140,3 +150,20 @@ def test_image_processor_normalises_and_is_saved(tiny_models, tmp_path):
                     f'[output]\npath = "{tmp_path / "out"}"\n')
     assert main(["--quiet", "run", str(path)]) == 0
     assert json.loads((tmp_path / "out" / "preprocessor_config.json").read_text())["image_std"] == [0.4]
+
+
+def test_a_source_is_classified_once_and_calibration_and_metrics_take_the_result(tiny_models, tmp_path, monkeypatch):
+    import d2compiler.evaluation.sources as sources
+
+    llama = load_model(str(tiny_models["llama"]), "float32", "cpu")
+    path = tmp_path / "windows.safetensors"
+    save_file({"input_ids": torch.randint(0, llama.model.config.vocab_size, (6, 16))}, str(path))
+    reads = []
+    monkeypatch.setattr(sources, "safetensors_keys", lambda source: reads.append(source) or ["input_ids"])
+    cal = calibration(CalibrationData(source=str(path), samples=4, seq_len=16, batch_size=2), llama.model)
+    ev = evaluation(EvaluationData(source=str(path), seq_len=16), llama.model)
+    assert (cal.kind, ev.kind) == ("token-windows", "token-windows") and len(reads) == 2  # one header read each
+    assert [w.shape for w in calibration_inputs(cal, llama.model, llama.tokenizer)] == [(2, 16), (2, 16)]
+    assert make_metric(ev, llama.model, llama.tokenizer, quiet=True).count == 6
+    assert len(reads) == 2  # neither calibration nor the metric classified the source again
+    assert sources.source_kind("builtin:digits") == "images" and sources.source_kind("notes.txt") == "text"

@@ -179,24 +179,24 @@ _PUBLISHED: dict[str, torch.Tensor] = {}
 @pytest.fixture(scope="module")
 def record_expert_hessians():
     """A pass (registered once) that keeps the Hessians calibrate published for block 0's experts."""
-    from d2compiler.contract import Pass, PassResult, TargetedParams, register_pass
-    from d2compiler.recipe.passmanager import PASS_REGISTRY
+    from d2compiler.contract import Pass, PassResult, TargetedParams
+    from d2compiler.recipe.registry import PASSES
 
-    if "test_record_expert_hessians" not in PASS_REGISTRY:
-        @register_pass
-        class RecordHessians(Pass):
-            name = "test_record_expert_hessians"
-            Params = TargetedParams
-            requires = frozenset({"hessian"})
-            in_place = False
+    class RecordHessians(Pass):
+        name = "test_record_expert_hessians"
+        Params = TargetedParams
+        requires = frozenset({"hessian"})
+        reads_only = True
 
-            def apply(self, ctx):
-                for layer in ctx.layers:
-                    if layer.is_expert and ctx.index == 0:
-                        _PUBLISHED[layer.local_name] = ctx.artifact("hessian", layer.name).double().cpu()
-                return PassResult(modified=False)
+        def apply(self, ctx):
+            for layer in ctx.layers:
+                if layer.is_expert and ctx.index == 0:
+                    _PUBLISHED[layer.local_name] = ctx.artifact("hessian", layer.name).double().cpu()
+            return PassResult(modified=False)
+
     _PUBLISHED.clear()
-    return _PUBLISHED
+    with PASSES.temporarily(RecordHessians):
+        yield _PUBLISHED
 
 
 @pytest.mark.parametrize("calibration", ["routed", "all"])

@@ -83,8 +83,9 @@ def test_broken_or_clashing_plugin_is_one_located_line(tmp_path, tiny_models):
 
 
 class _Breaks:
-    """Passes registered for one test (and removed after): each breaks a default postcondition or
-    adds its own."""
+    """Passes registered for one test (and removed after): each breaks a default postcondition, adds
+    its own, breaks its word (writes while reporting `modified = False` or declaring `reads_only`),
+    or raises."""
 
     @staticmethod
     def define():
@@ -123,39 +124,84 @@ class _Breaks:
 
         class ReadOnly(Revive):
             name = "test_readonly"
-            in_place = False  # but it writes (without reviving a weight or leaving a NaN)
+            reads_only = True  # but it writes (without reviving a weight or leaving a NaN)
 
             def apply(self, ctx):
                 layer = ctx.select(self.params)[0]
                 layer.set_weight_matrix(layer.weight_matrix() * 2)
+                return PassResult(modified=True)
+
+        class Unmodified(Revive):
+            name = "test_unmodified"
+
+            def apply(self, ctx):  # writes, and says it did not: the next block would see the dense outputs
+                layer = ctx.select(self.params)[0]
+                layer.set_weight_matrix(layer.weight_matrix() * 2)
                 return PassResult(modified=False)
 
-        return [Revive, Poison, Strict, ReadOnly]
+            def postconditions(self, ctx, result):  # and skips the default checks: the executor's own still run
+                return []
+
+        class Crash(Revive):
+            name = "test_crash"
+
+            def apply(self, ctx):
+                return {}["no such key"]
+
+        return [Revive, Poison, Strict, ReadOnly, Unmodified, Crash]
 
 
 def test_postconditions_name_the_pass_the_block_and_what_ran_before(tmp_path, tiny_models, capsys):
     from d2compiler.cli import main
-    from d2compiler.recipe.passmanager import PASS_REGISTRY, register_pass
+    from d2compiler.recipe.registry import PASSES
 
-    classes = [register_pass(c) for c in _Breaks.define()]
-    try:
+    with PASSES.temporarily(*_Breaks.define()):
         expected = {"test_revive": "pass 'test_revive' revived 2048 pruned weights of model.layers.0.self_attn.q_proj "
                                    "(block 0; passes run before: magnitude)",
                     "test_poison": "pass 'test_poison' left 1 NaN or Inf values in model.layers.0.self_attn.q_proj "
                                    "(block 0; passes run before: magnitude)",
                     "test_strict": "pass 'test_strict' kept 2048 nonzeros in model.layers.0.self_attn.q_proj "
                                    "(block 0; passes run before: magnitude)",
-                    "test_readonly": "pass 'test_readonly' declares in_place = False but wrote self_attn.q_proj.weight "
-                                     "(block 0; passes run before: magnitude)"}
+                    "test_readonly": "pass 'test_readonly' declares reads_only but wrote self_attn.q_proj.weight "
+                                     "(block 0; passes run before: magnitude)",
+                    "test_unmodified": "pass 'test_unmodified' reported modified = False but wrote self_attn.q_proj.weight "
+                                       "(block 0; passes run before: magnitude)",
+                    "test_crash": "pass 'test_crash' raised KeyError in apply: 'no such key' (block 0; passes run before: "
+                                  "magnitude); --verbose shows the traceback"}
         for name, message in expected.items():
             passes = f'[[passes]]\ntype = "magnitude"\nsparsity = 0.5\n[[passes]]\ntype = "{name}"\ntargets = ["re:.*q_proj"]\n'
             recipe = write_recipe(tmp_path / f"{name}.toml", str(tiny_models["llama"]), passes, output=tmp_path / name)
             assert main(["--quiet", "run", str(recipe)]) == 2
             assert capsys.readouterr().err.strip() == f"error: {message}"
             assert not (tmp_path / name).exists()
-    finally:
-        for cls in classes:
-            PASS_REGISTRY.pop(cls.name)
+
+
+CRASHING_PLUGIN = """
+from d2compiler.contract import Pass, PassResult, TargetedParams, register_pass
+
+
+@register_pass
+class Crashes(Pass):
+    name = "crashes"
+    Params = TargetedParams
+
+    def apply(self, ctx):
+        raise ZeroDivisionError("the plugin's own bug")
+"""
+
+
+def test_a_plugin_pass_that_raises_is_one_line_naming_the_plugin_the_pass_and_the_block(tmp_path, tiny_models):
+    site = tmp_path / "site"
+    install(site, "d2c-crashes", "d2c_crashes", CRASHING_PLUGIN, "crashes = d2c_crashes")
+    passes = '[[passes]]\ntype = "magnitude"\nsparsity = 0.5\n[[passes]]\ntype = "crashes"\n'
+    recipe = write_recipe(tmp_path / "r.toml", str(tiny_models["llama"]), passes, output=tmp_path / "out")
+    result = d2c(site, "--quiet", "run", str(recipe))
+    assert result.returncode == 2 and result.stderr.strip() == (
+        "error: pass 'crashes' from plugin 'crashes' (d2compiler.passes: d2c_crashes, from d2c-crashes 0.1) raised "
+        "ZeroDivisionError in apply: the plugin's own bug (block 0; passes run before: magnitude); --verbose shows the traceback")
+    assert not (tmp_path / "out").exists()
+    verbose = d2c(site, "--verbose", "run", str(recipe))  # the traceback, ending in the plugin's line
+    assert verbose.returncode == 2 and "Traceback" in verbose.stderr and 'd2c_crashes.py", line 11, in apply' in verbose.stderr
 
 
 @pytest.mark.parametrize(("source", "entry", "says"), [

@@ -9,7 +9,8 @@ import pytest
 
 from d2compiler.cli import main
 from d2compiler.errors import RecipeError
-from d2compiler.recipe.schema import apply_overrides, load_recipe, parse_text, recipe_json_schema, validate_recipe
+from d2compiler.recipe.recipe_text import apply_overrides, parse_text
+from d2compiler.recipe.schema import load_recipe, recipe_json_schema, validate_recipe
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 

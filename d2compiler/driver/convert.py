@@ -13,10 +13,9 @@ from d2compiler.errors import OutputError
 from d2compiler.export.hf import write_output
 from d2compiler.export.onnx_export import export_onnx
 from d2compiler.export.output_dir import RECORD_FILE, check_output_path, output_lock, user_path
+from d2compiler.graph.layers import weight_is_transposed
 from d2compiler.graph.packing import Packed24Linear, violations_2_4
-from d2compiler.graph.structure import weight_is_transposed
-
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+from d2compiler.loading.dtypes import DTYPES
 
 
 def pack_model(model: torch.nn.Module, layers: dict[str, dict[str, Any]]) -> int:
@@ -74,7 +73,7 @@ def _export(folder: Path, fmt: str, dest: Path, dtype: str | None, overwrite: bo
             tensors = [*module._parameters.values(), module._buffers.get("values")]
             for tensor in tensors:
                 if tensor is not None and tensor.is_floating_point():
-                    tensor.data = tensor.data.to(_DTYPES[dtype])
+                    tensor.data = tensor.data.to(DTYPES[dtype])
         model.config.dtype = dtype
     packed = pack_model(model, record["layers"]) if fmt == "d2c-packed" else 0
     if fmt == "d2c-packed" and not packed:

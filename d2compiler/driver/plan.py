@@ -22,13 +22,16 @@ from typing import Any
 import torch
 from pydantic import BaseModel
 
-from d2compiler.evaluation.inputs import dummy_input, takes_images
-from d2compiler.execution.executor import BlockExecutor, capture_block_inputs
+from d2compiler.evaluation.model_kind import dummy_input, takes_images
+from d2compiler.execution.block_io import capture_block_inputs
+from d2compiler.execution.executor import BlockExecutor
 from d2compiler.execution.memory import current_rss_mb
 from d2compiler.graph.coverage import Coverage
-from d2compiler.graph.structure import LinearLayer
-from d2compiler.loading.models import dtype_name, load_model, load_streamed, resolve_device
-from d2compiler.recipe.passmanager import Pass, PassManager
+from d2compiler.graph.layers import LinearLayer
+from d2compiler.loading.dtypes import dtype_name, resolve_device
+from d2compiler.loading.models import load_model, load_streamed
+from d2compiler.recipe.pass_base import Pass
+from d2compiler.recipe.passmanager import PassManager
 
 
 @dataclass

@@ -51,7 +51,7 @@ def check_nproc(nproc: int, recipe: BaseModel, *, oversubscribe: bool = False) -
     """Raise a `D2Error` naming the limit when `nproc` processes do not fit this machine."""
     import torch
 
-    from d2compiler.loading.models import resolve_device
+    from d2compiler.loading.dtypes import resolve_device
 
     if resolve_device(recipe.model.device).type == "cuda":
         gpus = torch.cuda.device_count()

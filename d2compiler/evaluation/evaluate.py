@@ -25,15 +25,15 @@ from torch import nn
 from d2compiler.errors import DataError
 from d2compiler.evaluation.data import (
     evaluation_windows,
-    is_token_windows_file,
     load_rows,
     load_text,
     load_token_windows,
     select_windows,
     tokenize,
 )
-from d2compiler.evaluation.images import fit_to_model, is_image_source, load_images
-from d2compiler.evaluation.inputs import check_seq_len, check_source_fits, model_task
+from d2compiler.evaluation.images import fit_to_model, load_images
+from d2compiler.evaluation.model_kind import model_task
+from d2compiler.evaluation.sources import ResolvedSource
 from d2compiler.execution.runner import ModelRunner
 
 MIN_PARAGRAPH_WORDS = 8
@@ -169,10 +169,10 @@ def _text_batches(tokenizer: Any, texts: list[str], seq_len: int) -> list[dict[s
             for i in range(0, len(texts), size)]
 
 
-def pick_metric(spec: Any, model: nn.Module) -> str:
+def pick_metric(resolved: ResolvedSource, model: nn.Module) -> str:
     """The metric `auto` means for this model and source; an explicit one is checked against them."""
     task = model_task(model)
-    wanted = spec.metric
+    wanted = resolved.spec.metric
     if wanted == "auto":
         wanted = {"causal-lm": "perplexity", "image-classification": "accuracy"}.get(task, "embedding_cosine")
     if wanted == "perplexity" and task != "causal-lm":
@@ -180,29 +180,28 @@ def pick_metric(spec: Any, model: nn.Module) -> str:
                         "(use embedding_cosine for encoders, accuracy for image classifiers)")
     if wanted == "accuracy" and task != "image-classification":
         raise DataError(f"data.evaluation.metric: accuracy needs an image classifier; {type(model).__name__} is not one")
-    if wanted == "embedding_cosine" and is_image_source(spec.source):
+    if wanted == "embedding_cosine" and resolved.kind == "images":
         raise DataError("data.evaluation.metric: embedding_cosine needs text, not images")
     return wanted
 
 
-def make_metric(spec: Any, model: nn.Module, tokenizer: Any, *, quiet: bool = False) -> Metric:
-    """The metric for `spec` (an `EvaluationData`) with its data loaded."""
-    check_source_fits(model, spec.source, "data.evaluation.source")
-    name = pick_metric(spec, model)
+def make_metric(resolved: ResolvedSource, model: nn.Module, tokenizer: Any, *, quiet: bool = False) -> Metric:
+    """The metric for `resolved` (an `EvaluationData` resolved for `model`) with its data loaded."""
+    spec = resolved.spec
+    name = pick_metric(resolved, model)
     if name == "accuracy":
         images = load_images(spec.source, "evaluation")
         if images.labels is None:
             raise DataError(f"data.evaluation.source: {spec.source} has no `labels`, so accuracy cannot be measured")
         count = spec.max_windows or len(images.labels)
         return Accuracy(fit_to_model(images.pixels[:count], model.config, tokenizer), images.labels[:count], quiet)
-    check_seq_len(model, spec.seq_len, "data.evaluation.seq_len")
     if name == "embedding_cosine":
         texts = paragraphs(load_rows(spec.source, "evaluation", config=spec.config, split=spec.split, field=spec.field),
                            spec.max_windows)
         if not texts:
             raise DataError(f"data.evaluation.source: {spec.source} has no paragraph of {MIN_PARAGRAPH_WORDS}+ words")
         return EmbeddingCosine(_text_batches(tokenizer, texts, spec.seq_len), quiet)
-    if is_token_windows_file(spec.source):
+    if resolved.kind == "token-windows":
         ids = load_token_windows(spec.source, spec.seq_len, getattr(model.config, "vocab_size", None))
         windows = select_windows(ids, min(ids.shape[0], spec.max_windows or ids.shape[0]), source=spec.source)
         if not windows:

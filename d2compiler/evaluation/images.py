@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from d2compiler.errors import DataError
-from d2compiler.evaluation.data import CALIBRATION_FRACTION, Part, is_token_windows_file
+from d2compiler.evaluation.data import CALIBRATION_FRACTION, Part
 
 BUILTIN_DIGITS = "builtin:digits"
 DIGITS_SEED = 0
@@ -28,11 +28,6 @@ class ImageSet:
 
     pixels: torch.Tensor
     labels: torch.Tensor | None
-
-
-def is_image_source(source: str) -> bool:
-    """`builtin:digits`, or a `.safetensors` file that is not pre-tokenized text windows."""
-    return source == BUILTIN_DIGITS or (source.endswith(".safetensors") and not is_token_windows_file(source))
 
 
 def digits(part: Part) -> ImageSet:

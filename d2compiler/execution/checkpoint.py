@@ -42,8 +42,8 @@ from torch import nn
 
 from d2compiler.errors import OutputError
 from d2compiler.execution.streaming import as_stored
+from d2compiler.graph.layers import weight_is_transposed
 from d2compiler.graph.packing import Packed24Linear
-from d2compiler.graph.structure import weight_is_transposed
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from d2compiler.graph.structure import find_blocks
+from d2compiler.graph.blocks import find_blocks
 
 if TYPE_CHECKING:
     from d2compiler.execution.streaming import StreamedModel

@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from d2compiler.execution.block_io import Call, block_outputs, capture_block_inputs, invoke
 from d2compiler.execution.distributed import SINGLE, Group
-from d2compiler.execution.executor import Call, block_outputs, capture_block_inputs, invoke
 from d2compiler.execution.placement import Placement, Reader
 from d2compiler.execution.progress import counter
 

@@ -130,7 +130,7 @@ class StreamedModel:
     """A weightless model whose parts are loaded from `source` when needed (see the module docstring)."""
 
     def __init__(self, model: nn.Module, source: WeightSource, dtype: torch.dtype):
-        from d2compiler.graph.structure import find_blocks
+        from d2compiler.graph.blocks import find_blocks
 
         self.model, self.source, self.dtype = model, source, dtype
         map_large_allocations()

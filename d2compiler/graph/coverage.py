@@ -22,7 +22,9 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from d2compiler.graph.structure import LinearLayer, other_stacks
+from d2compiler.graph.blocks import other_stacks
+from d2compiler.graph.layers import LinearLayer
+from d2compiler.graph.targets import names_parameter
 
 REFUSE_SHARE = 0.10  # untargetable, unignored block parameters that stop a run (share of the block parameters)
 LIST_SHARE = 0.01  # untargeted weight families listed (share of all parameters)
@@ -108,18 +110,6 @@ class Coverage:
                 "leave them dense on purpose, or set model.allow_untargeted = true to run anyway")
 
 
-def _named_by(module_name: str, param_name: str, patterns: Iterable[str]) -> bool:
-    """Whether an ignore pattern names a parameter that is not a linear layer's (exact module or
-    parameter name, or `re:` matched from the start of either)."""
-    for pattern in patterns:
-        if pattern.startswith("re:"):
-            if re.match(pattern[3:], module_name) or re.match(pattern[3:], param_name):
-                return True
-        elif pattern in (module_name, param_name):
-            return True
-    return False
-
-
 def measure_coverage(model: nn.Module, blocks_path: str, layers: list[LinearLayer], targeted: set[str],
                      ignore: Iterable[str]) -> Coverage:
     """The coverage of `targeted` (layer names) among `layers` (every block's linear layers)."""
@@ -144,7 +134,7 @@ def measure_coverage(model: nn.Module, blocks_path: str, layers: list[LinearLaye
         weight = param.dim() >= 2 and not name.endswith("bias")  # an expert bank's biases are 2-D
         if in_blocks and weight:
             block += count
-            if not in_linear and not _named_by(name.rpartition(".")[0], name, ignore):
+            if not in_linear and not names_parameter(name.rpartition(".")[0], name, ignore):
                 unexplained += count
         if not weight:
             continue

@@ -253,7 +253,7 @@ def use_eager_experts(model: nn.Module) -> bool:
 
 def expert_layers(block: nn.Module, prefix: str, banks: list[ExpertBank]) -> list[Any]:
     """Every expert of every bank of `block` as a `LinearLayer` (`PREFIX.mlp.experts.down_proj.3`)."""
-    from d2compiler.graph.structure import LinearLayer
+    from d2compiler.graph.layers import LinearLayer
 
     slices = attach_experts(block, banks)
     roles = {bank.local_name: bank.role for bank in banks}

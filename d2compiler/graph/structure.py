@@ -21,7 +21,6 @@ import logging
 import operator
 import traceback
 from collections import deque
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +30,7 @@ import torch
 from torch import nn
 
 from d2compiler.errors import TraceError
+from d2compiler.graph.layers import LinearLayer, is_linear_module, slice_name
 
 log = logging.getLogger(__name__)
 
@@ -48,18 +48,6 @@ ACTIVATION_OPS = {
     _aten.tanh.default, _aten.hardswish.default, _aten.mish.default, _aten.elu.default,
     _aten.leaky_relu.default,
 }
-
-
-def is_linear_module(module: nn.Module) -> bool:
-    """nn.Linear, or a transformers `Conv1D` (a linear with a transposed (in, out) weight)."""
-    if isinstance(module, nn.Linear):
-        return True
-    return type(module).__name__ == "Conv1D" and getattr(module, "weight", None) is not None
-
-
-def weight_is_transposed(module: nn.Module) -> bool:
-    """A Conv1D (as in GPT-2) and an expert bank used as `x @ W[e]` store their weight as (in, out)."""
-    return type(module).__name__ == "Conv1D" or bool(getattr(module, "transposed_weight", False))
 
 
 @dataclass
@@ -84,7 +72,6 @@ class BlockStructure:
     input_groups: list[list[str]]
     attention: list[AttentionSite] = field(default_factory=list)
     slices: dict[str, dict[str, tuple[int, int]]] = field(default_factory=dict)  # fused linear -> role -> rows
-    graph: nx.DiGraph | None = None
     experts: list[Any] = field(default_factory=list)  # the block's expert banks (`graph.experts.ExpertBank`)
 
     def group_of(self, name: str) -> list[str]:
@@ -92,144 +79,6 @@ class BlockStructure:
             if name in group:
                 return group
         return [name]
-
-
-def slice_name(module: str, role: str) -> str:
-    """The name of one role's row slice of a fused linear: `attn.c_attn[q]`."""
-    return f"{module}[{role}]"
-
-
-def split_slice_name(name: str) -> tuple[str, str | None]:
-    """(module name, role) of a slice name; (name, None) for a whole module's name."""
-    module, _, role = name.partition("[")
-    return module, (role[:-1] if role else None)
-
-
-@dataclass
-class LinearLayer:
-    """A prunable linear of a block, bound to its module."""
-
-    name: str  # full name: the module's, plus "[role]" for a slice of a fused weight
-    local_name: str  # name inside the block, likewise
-    module: nn.Module
-    role: str
-    rows: tuple[int, int] | None = None  # for a slice of a fused weight: its output rows [start, stop)
-
-    @property
-    def owner(self) -> str:
-        """The module's name inside the block (the local name without a slice suffix)."""
-        return split_slice_name(self.local_name)[0]
-
-    @property
-    def transposed(self) -> bool:
-        return weight_is_transposed(self.module)
-
-    @property
-    def is_expert(self) -> bool:
-        """One expert of a 3-D expert bank (`graph.experts.ExpertSlice`), not a module of its own."""
-        return hasattr(self.module, "bank")
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        """(out_features, in_features) of this layer (of the slice, for a slice)."""
-        w = self.module.weight
-        out_f, in_f = (w.shape[1], w.shape[0]) if self.transposed else (w.shape[0], w.shape[1])
-        return (self.rows[1] - self.rows[0], in_f) if self.rows else (out_f, in_f)
-
-    def whole(self) -> LinearLayer:
-        """The whole module as one layer (itself, unless this is a slice)."""
-        if self.rows is None:
-            return self
-        return LinearLayer(split_slice_name(self.name)[0], self.owner, self.module, "qkv")
-
-    def replaced_weight(self, value: torch.Tensor, base: torch.Tensor | None = None) -> torch.Tensor:
-        """The module's weight with this layer's (out, in) matrix replaced by `value`, as a new tensor
-        in the parameter's layout (the module is not touched; `base`: start from this tensor instead of
-        the parameter, to compose the slices of a fused weight)."""
-        full = (self.module.weight.detach() if base is None else base).clone()
-        target = full.t() if self.transposed else full
-        target = target[self.rows[0] : self.rows[1]] if self.rows else target
-        target.copy_(value.to(dtype=target.dtype, device=target.device))
-        return full
-
-    def stand_in(self, weights: dict[str, torch.Tensor], value: torch.Tensor) -> None:
-        """Put this layer's (out, in) matrix `value` into `weights` (block parameter name -> tensor, for
-        a functional call of the block), composed with the other slices of a fused weight already there."""
-        if self.is_expert:  # expert e of a 3-D bank: the bank with that expert's matrix replaced
-            key = self.local_name.rpartition(".")[0]
-            bank = (weights[key] if key in weights else self.module.bank.detach()).clone()
-            target = bank[self.module.index].t() if self.transposed else bank[self.module.index]
-            target.copy_(value.to(dtype=target.dtype, device=target.device))
-            weights[key] = bank
-            return
-        key = f"{self.owner}.weight"
-        weights[key] = self.replaced_weight(value, base=weights.get(key))
-
-    def weight_matrix(self) -> torch.Tensor:
-        """The weight as an (out, in) view of the parameter data (no copy); a slice's rows only."""
-        w = self.module.weight.data
-        w = w.t() if self.transposed else w
-        return w[self.rows[0] : self.rows[1]] if self.rows else w
-
-    def output_of(self, output: torch.Tensor) -> torch.Tensor:
-        """This layer's part of the module's forward output (its features, for a slice)."""
-        return output[..., self.rows[0] : self.rows[1]] if self.rows else output
-
-    def set_row_buffer(self, name: str, value: torch.Tensor) -> None:
-        """Register a per-output-row buffer (e.g. a quantization scale) on the module; a slice writes
-        its rows of one module-sized buffer, zeros until every slice has written."""
-        value = value.to(self.module.weight.device)
-        if self.rows is None:
-            self.module.register_buffer(name, value)
-            return
-        full_rows = self.whole().shape[0]
-        current = getattr(self.module, name, None)
-        if not isinstance(current, torch.Tensor) or current.shape != (full_rows, *value.shape[1:]):
-            current = torch.zeros((full_rows, *value.shape[1:]), dtype=value.dtype, device=value.device)
-            self.module.register_buffer(name, current)
-        current[self.rows[0] : self.rows[1]] = value
-
-    def set_weight_matrix(self, value: torch.Tensor) -> None:
-        """Write an (out, in) matrix back, in the parameter's dtype and device."""
-        target = self.weight_matrix()
-        target.copy_(value.to(dtype=target.dtype, device=target.device))
-
-
-def _computes_linear(module: nn.Module) -> bool:
-    """A linear, or a module that stands in for one (`replaces_linear`, e.g. a packed 2:4 linear)."""
-    return is_linear_module(module) or getattr(type(module), "replaces_linear", False)
-
-
-def block_stacks(model: nn.Module) -> list[tuple[int, str, nn.ModuleList]]:
-    """Every ModuleList of same-class modules holding linears: (parameters and buffers, name, list)."""
-    stacks = []
-    for name, module in model.named_modules():
-        if not isinstance(module, nn.ModuleList) or len(module) == 0:
-            continue
-        classes = {type(child) for child in module}
-        if len(classes) != 1 or not any(_computes_linear(m) for m in module[0].modules()):
-            continue
-        stacks.append((sum(t.numel() for t in (*module.parameters(), *module.buffers())), name, module))
-    return stacks
-
-
-def other_stacks(model: nn.Module, blocks_path: str) -> list[tuple[str, int, int]]:
-    """The stacks of blocks besides `blocks_path` (an encoder-decoder's other stack, a vision tower),
-    not nested in it or holding it: (name, blocks, parameters)."""
-    return [(name, len(stack), sum(p.numel() for p in stack.parameters())) for _count, name, stack in block_stacks(model)
-            if name != blocks_path and not name.startswith(blocks_path + ".") and not blocks_path.startswith(name + ".")]
-
-
-def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """The repeated blocks: the ModuleList of same-class modules holding linears with the most
-    parameters and buffers (decoder layers, encoder layers, ViT layers; also after packing)."""
-    best = max(block_stacks(model), key=lambda stack: stack[0], default=None)
-    if best is None:
-        raise TraceError(
-            f"{type(model).__name__}: found no repeated blocks (an nn.ModuleList of identical "
-            "layers containing nn.Linear); this model is not supported"
-        )
-    return best[1], best[2]
 
 
 def _node_graph(gm_graph: torch.fx.Graph) -> nx.DiGraph:
@@ -460,7 +309,7 @@ def trace_block(block: nn.Module, args: tuple, kwargs: dict[str, Any], *, label:
     groups = _input_groups(g, linear_nodes, set(exported.graph_signature.inputs_to_parameters))
     # The exported program is not kept: it holds the traced block's parameters, which a streaming run
     # releases after the block is done.
-    return BlockStructure(roles=roles, input_groups=groups, attention=sites, slices=fused_slices(g, linear_nodes, sites), graph=g)
+    return BlockStructure(roles=roles, input_groups=groups, attention=sites, slices=fused_slices(g, linear_nodes, sites))
 
 
 def _model_frame(exc: BaseException) -> str | None:
@@ -507,28 +356,3 @@ def bind_linears(block: nn.Module, prefix: str, structure: BlockStructure, overr
             role = overrides.get(local, structure.roles.get(local, "other"))
             out.append(LinearLayer(f"{prefix}.{local}", local, module, role))
     return out
-
-
-def block_signature(block: nn.Module) -> tuple:
-    """Blocks with the same class and parameter shapes share one traced structure."""
-    return (type(block).__qualname__, tuple((n, tuple(p.shape)) for n, p in block.named_parameters()))
-
-
-def matches(layer: LinearLayer, patterns: Iterable[str]) -> bool:
-    """Whether a layer matches any targets/ignore pattern (class name, exact name, role:, re:)."""
-    import re
-
-    for pattern in patterns:
-        if pattern.startswith("re:"):
-            if re.match(pattern[3:], layer.name):
-                return True
-        elif pattern.startswith("role:"):
-            if layer.role == pattern[5:]:
-                return True
-        elif pattern in ("Linear", type(layer.module).__name__) and layer.role == "router":
-            continue  # a routing score is not pruned by a class pattern: name it, or use role:router
-        elif pattern in (type(layer.module).__name__, layer.name, layer.local_name, layer.owner, layer.whole().name):
-            return True
-        elif pattern == "Linear":  # every linear, as in llm-compressor, where transformers' Conv1D is one too
-            return True
-    return False

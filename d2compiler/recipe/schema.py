@@ -7,18 +7,19 @@ documentation that `d2c schema` prints.
 
 from __future__ import annotations
 
-import copy
 import json
 import re
 from functools import cache
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
-import tomllib
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from d2compiler.errors import RecipeError
-from d2compiler.recipe.passmanager import PassManager, PassOrderError, pass_types, registered_passes
+from d2compiler.recipe.pass_base import Pass
+from d2compiler.recipe.passmanager import PassManager, PassOrderError
+from d2compiler.recipe.recipe_text import apply_overrides, read_recipe_file, shorten
+from d2compiler.recipe.registry import default_registry, pass_types, registered_passes
 
 DTYPES = ("float32", "bfloat16", "float16", "auto")
 
@@ -80,7 +81,7 @@ class ModelSpec(_Strict):
     )
 
 
-class TextSource(_Strict):
+class DataSource(_Strict):
     """A text corpus (joined with "\\n\\n" from its rows, as in the SparseGPT/Wanda protocol) or,
     for vision models, an image set."""
 
@@ -105,7 +106,7 @@ class TextSource(_Strict):
                          "model's `max_position_embeddings`).")
 
 
-class CalibrationData(TextSource):
+class CalibrationData(DataSource):
     samples: int = Field(default=32, ge=1, le=100000, description="Number of calibration windows (text) or images.")
     batch_size: int = Field(default=1, ge=1, le=4096, description="Samples stacked into one forward of the "
                             "model (and of each block); a larger batch runs faster and holds more memory.")
@@ -126,7 +127,7 @@ class CalibrationData(TextSource):
         return self
 
 
-class EvaluationData(TextSource):
+class EvaluationData(DataSource):
     metric: Literal["auto", "perplexity", "embedding_cosine", "accuracy"] = Field(
         default="auto", description="`perplexity` (causal LMs: next-token perplexity over windows), "
         "`embedding_cosine` (encoders: mean cosine similarity of mean-pooled sentence embeddings to the "
@@ -194,13 +195,12 @@ def _recipe_base() -> type[BaseModel]:
 
 def recipe_model() -> type[BaseModel]:
     """The recipe schema over the passes registered now (plugins included; rebuilt if the registry grew)."""
-    return _recipe_model(tuple(registered_passes()))
+    return _recipe_model(default_registry().params_models())
 
 
 @cache
-def _recipe_model(_pass_names: tuple[str, ...]) -> type[BaseModel]:
-    """The Recipe model, with `passes` a discriminated union over every registered pass."""
-    param_models = [cls.Params for cls in registered_passes().values()]
+def _recipe_model(param_models: tuple[type[BaseModel], ...]) -> type[BaseModel]:
+    """The Recipe model, with `passes` a discriminated union over the given passes' params models."""
     union = Annotated[Union[tuple(param_models)], Field(discriminator="type")]  # noqa: UP007
 
     class Recipe(_recipe_base()):  # type: ignore[misc,valid-type]
@@ -257,110 +257,9 @@ def _problems(exc: ValidationError, data: Any) -> list[tuple[str, str]]:
         elif "input" in err and err["type"] not in ("missing",) and not isinstance(
             err["input"], (dict, list)
         ):
-            msg = f"{msg} (got {_shorten(repr(err['input']))})"
+            msg = f"{msg} (got {shorten(repr(err['input']))})"
         out.append((_format_loc(tuple(err["loc"]), data), msg))
     return out
-
-
-MAX_DEPTH = 32
-_ECHO = 80
-
-
-def _shorten(text: str) -> str:
-    """A user's value as echoed in an error: at most 80 characters."""
-    return text if len(text) <= _ECHO else f"{text[:_ECHO]}... ({len(text)} characters)"
-
-
-def _depth(value: Any) -> int:
-    """Nesting depth of parsed data, computed without recursion."""
-    deepest, stack = 0, [(value, 0)]
-    while stack:
-        node, depth = stack.pop()
-        deepest = max(deepest, depth)
-        if depth <= MAX_DEPTH:
-            children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else ()
-            stack.extend((child, depth + 1) for child in children)
-    return deepest
-
-
-def parse_text(text: str, source: str) -> dict[str, Any]:
-    """Parse recipe text as TOML or JSON (by the file suffix; JSON when it starts with '{')."""
-    is_json = source.endswith(".json") or (not source.endswith(".toml") and text.lstrip().startswith("{"))
-    try:
-        data = json.loads(text) if is_json else tomllib.loads(text)
-    except json.JSONDecodeError as exc:
-        raise RecipeError(source, [("", f"invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}")]) from None
-    except tomllib.TOMLDecodeError as exc:
-        raise RecipeError(source, [("", f"invalid TOML: {_shorten(str(exc))}")]) from None
-    except RecursionError:
-        raise RecipeError(source, [("", f"nested too deeply (a recipe is at most {MAX_DEPTH} levels deep)")]) from None
-    if not isinstance(data, dict):
-        raise RecipeError(source, [("", f"a recipe must be a table/object, got {type(data).__name__}")])
-    if _depth(data) > MAX_DEPTH:
-        raise RecipeError(source, [("", f"nested more than {MAX_DEPTH} levels deep; a recipe is at most {MAX_DEPTH}")])
-    return data
-
-
-def read_recipe_file(path: str | Path) -> dict[str, Any]:
-    """Read and parse a recipe file, with a located error for a missing or unreadable file."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise RecipeError(str(path), [("", "file not found")]) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise RecipeError(str(path), [("", f"cannot read: {exc}")]) from None
-    return parse_text(text, str(path))
-
-
-def _override_loc(key: str) -> str:
-    """How an override's key is named in errors: `--set passes.1.sparsity` (quoted if unusual)."""
-    return f"--set {key}" if re.fullmatch(r"[\w.-]+", key) else f"--set {json.dumps(key)}"
-
-
-def apply_overrides(data: dict[str, Any], overrides: list[str], source: str,
-                    values: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Apply `dotted.key=value` overrides (list indices as numbers: `passes.1.sparsity=0.6`).
-    Values are parsed as TOML values when possible (`0.6`, `true`, `"x"`, `[1, 2]`), else taken
-    as plain strings. `values` sets dotted keys to Python values as they are (no parsing: paths
-    from the command line keep every character)."""
-    data = copy.deepcopy(data)
-    for item in overrides:
-        if "=" not in item:
-            raise RecipeError(source, [(_override_loc(item), "an override must look like dotted.key=value")])
-        key, raw = item.split("=", 1)
-        try:
-            value = tomllib.loads(f"v = {raw}")["v"]
-        except tomllib.TOMLDecodeError:
-            value = raw
-        _assign(data, key, value, source)
-    for key, value in (values or {}).items():
-        _assign(data, key, value, source)
-    return data
-
-
-def _assign(data: dict[str, Any], key: str, value: Any, source: str) -> None:
-    keys = [k for k in key.strip().split(".")]
-    if not all(keys):
-        raise RecipeError(source, [(_override_loc(key), "empty key segment in override")])
-    node: Any = data
-    for depth, k in enumerate(keys):
-        last = depth == len(keys) - 1
-        where = ".".join(keys[: depth + 1])
-        if isinstance(node, list):
-            if not k.isdigit() or int(k) >= len(node):
-                raise RecipeError(source, [(_override_loc(where), f"no list item {k} (the list has {len(node)})")])
-            if last:
-                node[int(k)] = value
-            else:
-                node = node[int(k)]
-        elif isinstance(node, dict):
-            if last:
-                node[k] = value
-            else:
-                node = node.setdefault(k, {})
-        else:
-            raise RecipeError(source, [(_override_loc(where), "cannot set a key inside a non-table value")])
 
 
 def validate_recipe(data: dict[str, Any], source: str = "<recipe>") -> BaseModel:
@@ -370,26 +269,25 @@ def validate_recipe(data: dict[str, Any], source: str = "<recipe>") -> BaseModel
     except ValidationError as exc:
         raise RecipeError(source, _problems(exc, data)) from None
     try:
-        PassManager(list(recipe.passes))
+        schedule = PassManager(list(recipe.passes)).schedule  # built once; the checks below read it
     except PassOrderError as exc:
         raise RecipeError(source, [("passes", str(exc))]) from None
-    schedule = PassManager(list(recipe.passes)).schedule
     if recipe.output.format == "d2c-packed" and not any("packed" in p.provides for p in schedule):
         raise RecipeError(source, [("output.format", f"'d2c-packed' stores packed 2:4 layers: add a pass of type "
                                     f"{pass_types(lambda cls: 'packed' in cls.provides)} last")])
     if recipe.output.format == "compressed-tensors":
-        _check_compressed_tensors(recipe, source)
+        _check_compressed_tensors(schedule, source)
     if recipe.model.streaming:
-        _check_streaming(recipe, source)
+        _check_streaming(recipe, schedule, source)
     return recipe
 
 
-def _check_compressed_tensors(recipe: BaseModel, source: str) -> None:
+def _check_compressed_tensors(schedule: list[Pass], source: str) -> None:
     """The compressed-tensors format stores quantized weights and needs its package: both checked
     before anything is loaded."""
     import importlib.util
 
-    if not any(p.quantizes for p in PassManager(list(recipe.passes)).schedule):
+    if not any(p.quantizes for p in schedule):
         raise RecipeError(source, [("output.format", f"'compressed-tensors' stores int4/int8 weights: add a pass of type "
                                     f"{pass_types(lambda cls: cls.quantizes)}, or write format 'hf'")])
     if importlib.util.find_spec("compressed_tensors") is None:
@@ -397,14 +295,14 @@ def _check_compressed_tensors(recipe: BaseModel, source: str) -> None:
                                     "'d2compiler[deploy]' (Python >= 3.11)")])
 
 
-def _check_streaming(recipe: BaseModel, source: str) -> None:
+def _check_streaming(recipe: BaseModel, schedule: list[Pass], source: str) -> None:
     """What a streaming run cannot do yet, refused before anything is loaded."""
     problems = []
     if not recipe.output.path:
         problems.append(("output.path", "model.streaming writes the pruned blocks as output shards: set an output path"))
     if recipe.output.format != "hf":
         problems.append(("output.format", "model.streaming writes the `hf` format only"))
-    for p in PassManager(list(recipe.passes)).schedule:
+    for p in schedule:
         if p.quantizes or p.final:
             index = next(j for j, q in enumerate(recipe.passes) if q is p.params)
             problems.append((f"passes[{index}]", f"'{p.name}' changes how weights are stored; model.streaming keeps each "
