@@ -72,7 +72,7 @@ def _method_passes(method: str, pattern: str, options: dict[str, Any]) -> list[d
         mask["true_sequential"] = True
         if options.get("sequential_stages"):
             mask["sequential_stages"] = options["sequential_stages"]
-    simple = {"magnitude", "wanda", "sparsegpt"}
+    simple = {"magnitude", "wanda", "sparsegpt", "admm"}  # admm: the ALPS-class baseline
     if options.get("refit_steps") and method not in ("magnitude", "wanda"):  # every OBS pass
         mask["refit_steps"] = options["refit_steps"]
     if method in simple:

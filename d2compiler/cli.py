@@ -108,22 +108,32 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     print("coverage (every linear layer targeted, as `targets = [\"Linear\"]`): " + "\n".join(coverage.lines()))
     print(f"attention: {len(structure.attention)} site(s) " + ", ".join(f"{s.kind}" for s in structure.attention))
     groups = {name: i for i, g in enumerate(structure.input_groups) for name in g}
-    width = max([len(layer.local_name) for layer in layers] + [len(b.local_name) for s in executor.structures() for b in s.experts])
+    width = max([len(layer.local_name) for layer in layers] + [len(b.local_name) + 7 for s in executor.structures() for b in s.experts])
     print(f"  {'linear':<{width}}  {'class':<8} {'role':<6} {'out x in':<12} {'input':<6} rows")
     for layer in layers:
         out_f, in_f = layer.shape
-        rows = f"{layer.rows[0]}..{layer.rows[1]} of the fused weight" if layer.rows else ""
+        rows = _rows_text(layer.rows) if layer.rows else ""
         print(f"  {layer.local_name:<{width}}  {type(layer.module).__name__:<8} {layer.role:<6} "
               f"{f'{out_f}x{in_f}':<12} {f'#{groups.get(layer.owner, -1)}':<6} {rows}".rstrip())
     shown = set()
     for bank in (b for s in executor.structures() for b in s.experts):
-        expert = next(la for la in all_layers if la.is_expert and la.local_name == f"{bank.local_name}.0")
-        if bank.local_name not in shown:
-            shown.add(bank.local_name)
+        if bank.local_name in shown:
+            continue
+        shown.add(bank.local_name)
+        how = f"x {bank.experts} experts (a 3-D bank{', used transposed' if bank.transposed else ''})"
+        pieces = {la.local_name: la for la in all_layers if la.is_expert and la.owner == f"{bank.local_name}.0"}
+        for expert in pieces.values():  # expert 0 of each block stands for the bank (its pieces, once)
             out_f, in_f = expert.shape
-            print(f"  {bank.local_name:<{width}}  {'experts':<8} {bank.role:<6} {f'{out_f}x{in_f}':<12} {'-':<6} "
-                  f"x {bank.experts} experts (a 3-D bank{', used transposed' if bank.transposed else ''})")
+            name = bank.local_name + (expert.local_name[len(expert.owner):] if expert.rows else "")
+            print(f"  {name:<{width}}  {'experts':<8} {expert.role:<6} {f'{out_f}x{in_f}':<12} {'-':<6} {how}"
+                  + (f", {_rows_text(expert.rows)}" if expert.rows else ""))
     return 0
+
+
+def _rows_text(rows: tuple[int, ...]) -> str:
+    """`rows 0..32 of the fused weight`, or `rows 0..64 step 2` for an interleaved slice."""
+    step = f" step {rows[2]}" if len(rows) > 2 and rows[2] != 1 else ""
+    return f"rows {rows[0]}..{rows[1]}{step} of the fused weight"
 
 
 def _eval_runner(args: argparse.Namespace, source: str) -> tuple[Any, Any]:

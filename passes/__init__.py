@@ -1,6 +1,7 @@
 """The shipped passes. Importing this package registers each pass under its recipe `type`."""
 
 from . import (  # noqa: F401
+    admm,
     attention_kl_update,
     calibrate,
     dual_taylor_mask,

@@ -120,6 +120,16 @@ def relative_error(before: torch.Tensor, after: torch.Tensor, hessian: torch.Ten
     return torch.where(den > 0, num / den, torch.zeros_like(num))
 
 
+class DampedParams(SparsityParams):
+    """Parameters of a pruning pass that solves with the damped Hessian."""
+
+    dampening_frac: float = Field(
+        default=0.01, gt=0.0, lt=10.0,
+        description="Damping added to the Hessian diagonal, as a fraction of its mean. It is raised "
+        "10× at a time (with a warning) when the Hessian is not positive definite.",
+    )
+
+
 class PruningPass(Pass):
     """Drives one pruning method over the targeted linears of a block. An unstructured pass prunes
     each layer at its `layer_sparsity` where a layer-wise allocation (`sparsity_allocation`) published
@@ -230,16 +240,20 @@ class PlannedPruningPass(PruningPass, UpdateVariants):
         return dataclasses.replace(super().plan_cost(), solves=True)
 
     def measure_rates(self, device: torch.device) -> dict[str, float]:
-        """`column_us`: the OBS loop's overhead per column, from one small solve."""
-        from .obs import obs_prune
-
+        """`column_us`: the solve's overhead per column, from one small solve (`probe_solve`)."""
         w, x = torch.randn(64, 256, device=device), torch.randn(512, 256, device=device)
         h = x.t() @ x / 512
         start = time.perf_counter()
-        obs_prune(w, h, sparsity=0.5, n_of_m=None, block_size=128, damping=0.01, layer="probe")
+        self.probe_solve(w, h)
         if device.type == "cuda":
             torch.cuda.synchronize()
         return {"column_us": (time.perf_counter() - start) / 256 * 1e6}
+
+    def probe_solve(self, weight: torch.Tensor, hessian: torch.Tensor) -> None:
+        """One solve of this pass's kind at 50%, timed by `measure_rates` (default: the OBS sweep)."""
+        from .obs import obs_prune
+
+        obs_prune(weight, hessian, sparsity=0.5, n_of_m=None, block_size=128, damping=0.01, layer="probe")
 
     @abstractmethod
     def compute_variant(self, ctx: BlockContext, layer: LinearLayer, weight: torch.Tensor, hessian: torch.Tensor,

@@ -10,16 +10,11 @@ from pydantic import Field
 from d2compiler.contract import register_pass
 
 from .obs import obs_prune
-from .pruning import PlannedPruningPass, SparsityParams
+from .pruning import DampedParams, PlannedPruningPass
 
 
-class SparseGPTParams(SparsityParams):
+class SparseGPTParams(DampedParams):
     block_size: int = Field(default=128, ge=1, le=65536, description="Columns per lazy-update block.")
-    dampening_frac: float = Field(
-        default=0.01, gt=0.0, lt=10.0,
-        description="Damping added to the Hessian diagonal, as a fraction of its mean. It is raised "
-        "10× at a time (with a warning) when the Hessian is not positive definite.",
-    )
     refit_steps: int = Field(
         default=0, ge=0, le=1000,
         description="After the OBS sweep, refit the kept weights of every updated layer towards the exact masked "

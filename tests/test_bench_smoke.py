@@ -34,13 +34,15 @@ SCRIPTS = {
     "onnx_large.py": [PY, "bench/onnx_large.py", "--smoke"],
     "compressed_export.py": [PY, "bench/compressed_export.py", "--smoke"],
     "ct_layout.py": [PY, "bench/ct_layout.py", "--smoke"],
+    "layer_errors.py": [PY, "bench/layer_errors.py", "--smoke", "--patterns", "0.7,2:4"],
 }
 WRITES = {"quality.py": ["quality.json", "quality.md"], "attention_fidelity.py": ["attention_fidelity.json", "attention_fidelity.png"],
           "arch.py": ["arch.json", "arch.md"], "cost.py": ["cost.json", "cost.md"], "deploy.py": ["deploy.json", "deploy.md"],
           "zeroshot.py": ["zeroshot.json", "zeroshot.md"], "tune_d2prune.sh": ["tuning.json"], "scale.py": ["scale.json", "scale.md"],
           "dtypes.py": ["dtypes.json", "dtypes.md"], "gpu_check.py": ["gpu.json", "gpu.md"],
           "distributed.py": ["distributed.json", "distributed.md"], "onnx_large.py": ["onnx_large.json", "onnx_large.md"],
-          "compressed_export.py": ["compressed_tensors.json", "compressed_tensors.md"], "ct_layout.py": ["ct_layout.json", "ct_layout.md"]}
+          "compressed_export.py": ["compressed_tensors.json", "compressed_tensors.md"], "ct_layout.py": ["ct_layout.json", "ct_layout.md"],
+          "layer_errors.py": ["layer_errors.json", "layer_errors.md"]}
 
 
 @pytest.fixture(scope="module")

@@ -30,7 +30,7 @@ def recipe(*passes: dict) -> dict:
 @pytest.mark.parametrize("passes,message", [
     ([{"type": "attention_kl_update"}],
      "pass 'attention_kl_update' provides 'update_plan', but no later pass uses it, so it would do nothing; add a pass "
-     "of type 'dual_taylor_mask' or 'sparsegpt' after it"),
+     "of type 'admm' or 'dual_taylor_mask' or 'sparsegpt' after it"),
     ([{"type": "attention_kl_update", "strategy": "fixed"}, {"type": "wanda", "sparsity": 0.5}],
      "pass 'attention_kl_update' provides 'update_plan', but no later pass uses it"),
 ])

@@ -139,9 +139,11 @@ def test_an_expert_no_token_reaches_falls_back_to_the_identity(moe_models, token
     summary = compress(validate_recipe(recipe), loaded=LoadedModel(model, tokenizer, "tiny-moe"), quiet=True)
     layers = summary.layers
     name = "model.layers.0.mlp.experts.gate_up_proj"
-    assert layers[f"{name}.3"]["calibration_tokens"] == 0
-    assert layers[f"{name}.3"]["statistics"] == "identity: no token reached it"
-    assert layers[f"{name}.0"]["calibration_tokens"] > 0 and "statistics" not in layers[f"{name}.0"]
+    for piece in ("gate", "up"):  # the fused bank's two slices of each expert, each with its own record
+        assert layers[f"{name}.3"]["slices"][piece]["calibration_tokens"] == 0
+        assert layers[f"{name}.3"]["slices"][piece]["statistics"] == "identity: no token reached it"
+        assert layers[f"{name}.0"]["slices"][piece]["calibration_tokens"] > 0 and "statistics" not in layers[f"{name}.0"]["slices"][piece]
+    assert layers[f"{name}.3"]["role"] == "gate_up"
     bank = model.model.layers[0].mlp.experts.gate_up_proj.detach()
     assert abs(float((bank[3] == 0).float().mean()) - 0.5) <= 0.01
     kept = bank[3] != 0  # by magnitude: every kept weight at least as large as every pruned one, row by row
@@ -232,9 +234,10 @@ def test_per_expert_hessians_equal_a_plain_loop(calibration, moe_models, record_
     hidden, routes = torch.cat([h for h, _r in observed]), torch.cat([r for _h, r in observed])
     for e in range(4):
         x = hidden[(routes == e).any(-1)] if calibration == "routed" else hidden
-        assert summary.layers[f"model.layers.0.mlp.experts.gate_up_proj.{e}"]["calibration_tokens"] == x.shape[0]
-        got = published[f"mlp.experts.gate_up_proj.{e}"]
-        assert torch.allclose(got, x.T @ x / x.shape[0], rtol=1e-5, atol=1e-7), e
+        for piece in ("gate", "up"):  # the two slices of the fused bank share the expert's input
+            assert summary.layers[f"model.layers.0.mlp.experts.gate_up_proj.{e}"]["slices"][piece]["calibration_tokens"] == x.shape[0]
+            got = published[f"mlp.experts.gate_up_proj.{e}[{piece}]"]
+            assert torch.allclose(got, x.T @ x / x.shape[0], rtol=1e-5, atol=1e-7), (e, piece)
         w = experts.gate_up_proj[e].detach().double()  # the down bank reads act(gate) * up of the same tokens
         gate, up = (x @ w.T).chunk(2, dim=-1)
         mid = torch.nn.functional.silu(gate) * up
@@ -293,3 +296,26 @@ def test_sparsity_allocation_spreads_over_blocks_and_each_blocks_experts_share_i
             per_block.setdefault(name.split(".mlp.")[0], set()).add(round(metrics["sparsity"], 2))
     assert len(per_block) == 2 and all(len(values) == 1 for values in per_block.values()), per_block
     assert abs(record["overall_sparsity"] - 0.6) < 0.02
+
+
+@pytest.mark.parametrize(("family", "gate_rows", "up_rows"), [
+    ("qwen3_moe", slice(0, 32), slice(32, 64)),  # gate, up = product.chunk(2, dim=-1)
+    ("gpt_oss", slice(0, 64, 2), slice(1, 64, 2)),  # interleaved: product[..., ::2], product[..., 1::2]
+])
+def test_a_fused_gate_up_bank_is_cut_into_gate_and_up_slices(family, gate_rows, up_rows, moe_models, tmp_path):
+    """Found from where the forward cuts the product and which piece reaches the activation: `role:gate`
+    prunes exactly the gate rows of every expert, and each slice gets its own exact count."""
+    import transformers as tf
+
+    passes = '[[passes]]\ntype = "magnitude"\nsparsity = 0.6\ntargets = ["role:gate"]\n'
+    code, record = run(tmp_path, moe_models[family], passes, extra="allow_untargeted = true\n")
+    assert code == 0
+    pruned = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    for layer in pruned.model.layers:
+        bank = layer.mlp.experts.gate_up_proj.detach()
+        for e in range(bank.shape[0]):
+            w = bank[e].t() if family == "gpt_oss" else bank[e]  # gpt-oss stores (in, out): x @ W[e]
+            assert int((w[gate_rows] == 0).sum()) == round(0.6 * w[gate_rows].numel()), e
+            assert int((w[up_rows] == 0).sum()) == 0, e
+    entry = record["layers"]["model.layers.0.mlp.experts.gate_up_proj.1"]
+    assert entry["role"] == "gate_up" and set(entry["slices"]) == {"gate"} and entry["slices"]["gate"]["role"] == "gate"

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from d2compiler.graph.coverage import Coverage
-from d2compiler.graph.layers import split_slice_name
+from d2compiler.graph.layers import fused_role, split_slice_name
 from d2compiler.recipe.pass_base import PassResult
 
 
@@ -53,7 +53,7 @@ class ExecutionReport:
 
 def merge_slices(layers: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """Fold `name[role]` entries into one `name` entry keyed by the module (what exporters address):
-    role `qkv`, the stacked shape, the row-weighted sparsity, and each slice's own metrics under
+    role `qkv` (or `gate_up`, see `layers.fused_role`), the stacked shape, the row-weighted sparsity, and each slice's own metrics under
     `slices`."""
     out: dict[str, dict[str, Any]] = {}
     for name, entry in layers.items():
@@ -62,7 +62,7 @@ def merge_slices(layers: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]
         passes = merged["passes"] + [p for p in entry.get("passes", []) if p not in merged["passes"]]
         if role:
             merged.setdefault("slices", {})[role] = entry
-            merged["role"] = "qkv"
+            merged["role"] = fused_role(role)
             merged.update({key: entry[key] for key in ("quant", "packed") if key in entry})
         else:
             merged.update(entry)

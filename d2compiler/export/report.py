@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 ROLE_COLOURS = {"q": "#1f77b4", "k": "#ff7f0e", "v": "#2ca02c", "o": "#d62728", "gate": "#9467bd",
-                "up": "#8c564b", "down": "#e377c2", "qkv": "#17becf", "other": "#7f7f7f"}
+                "up": "#8c564b", "down": "#e377c2", "qkv": "#17becf", "gate_up": "#bcbd22", "other": "#7f7f7f"}
 
 _PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>d2compiler report: {title}</title>

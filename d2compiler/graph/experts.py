@@ -11,8 +11,13 @@ loop per expert, so the block's traced structure has no layer for them. Here no 
   recording per bank whether it is used as (out, in) or transposed, and in which order each expert
   calls its banks;
 - each bank then gives E `ExpertSlice` layers. Roles come from that order: the banks an expert calls
-  first on the same input are its up projections (`gate` then `up` when there are two; a fused
-  `gate_up` bank is one `up` layer, the whole [2I, H] matrix), the bank it calls last is `down`;
+  first on the same input are its up projections (`gate` then `up` when there are two), the bank it
+  calls last is `down`. A fused bank (one first bank, [E, 2I, H]) is cut where the forward cuts its
+  product: the pieces it takes of the output features (`chunk`/`split`, or slices such as gpt-oss's
+  interleaved `[..., ::2]` / `[..., 1::2]`) become row slices of each expert (`...gate_up_proj.3[gate]`,
+  like GPT-2's `c_attn[q]`), and the piece whose values reach an activation function (followed
+  through the elementwise ops in between) is `gate`, the other `up`. A fused bank whose pieces cannot
+  be told apart this way stays one `gate_up` layer per expert;
 - from then on the experts module runs under `ExpertCalls` whenever the block runs, and every product
   with `bank[e]` goes through expert e's `ExpertSlice`, so that forward hooks (the passes'
   statistics) fire with exactly the tokens routed to that expert.
@@ -72,16 +77,35 @@ class BankUse:
     order: int = 0
 
 
+ACTIVATIONS = {F.silu, F.gelu, F.relu, F.sigmoid, F.tanh, F.softplus, F.mish, torch.sigmoid, torch.tanh, torch.relu,
+               torch._C.TensorBase.sigmoid, torch._C.TensorBase.tanh, torch._C.TensorBase.relu}
+CUTS = {torch.chunk, torch._C.TensorBase.chunk, torch.split, torch._C.TensorBase.split, torch.tensor_split,
+        torch._C.TensorBase.tensor_split}
+
+
+@dataclass
+class Pieces:
+    """How one expert's product with a fused bank is cut along its output features: the pieces' rows
+    (start, stop, step) in the order they were taken, and the piece that reached an activation."""
+
+    width: int
+    rows: list[tuple[int, int, int]] = field(default_factory=list)
+    gate: int | None = None
+
+
 @dataclass
 class ExpertCalls(TorchFunctionMode):
     """Sees `bank[e]` indexing and the linear products that use it (see the module docstring). With
-    `slices` ({(id(bank), e): ExpertSlice}), each product runs through its slice (hooks fire)."""
+    `slices` ({(id(bank), e): ExpertSlice}), each product runs through its slice (hooks fire);
+    without (probing), the first product of each bank is followed to see where it is cut (`pieces`)."""
 
     banks: dict[int, str]  # id(parameter) -> name in the owner module
     slices: dict[tuple[int, int], ExpertSlice] | None = None
     uses: dict[str, BankUse] = field(default_factory=dict)
+    pieces: dict[str, Pieces] = field(default_factory=dict)  # bank -> how its first product was cut
     _tags: dict[int, tuple[int, int, Any]] = field(default_factory=dict)
     _calls: dict[int, list[str]] = field(default_factory=dict)  # expert -> the banks it called, in order
+    _followed: dict[int, tuple[str, frozenset[int], Any]] = field(default_factory=dict)  # id -> (bank, pieces, tensor)
 
     def __post_init__(self) -> None:
         super().__init__()
@@ -100,12 +124,75 @@ class ExpertCalls(TorchFunctionMode):
             self._record(self.banks[bank_id], expert, transposed)
             if self.slices is not None and (bank_id, expert) in self.slices:
                 return self.slices[(bank_id, expert)](args[0])  # the mode is off inside its own handler
+            out = func(*args, **kwargs)
+            name = self.banks[bank_id]
+            if self.slices is None and name not in self.pieces and isinstance(out, torch.Tensor):
+                self.pieces[name] = Pieces(out.shape[-1])
+                self._followed[id(out)] = (name, frozenset(), out)  # the whole product: no piece yet
+            return out
+        if self._followed:
+            return self._follow(func, args, kwargs)
         return func(*args, **kwargs)
+
+    def _follow(self, func: Callable, args: tuple, kwargs: dict) -> Any:
+        """While probing: record the pieces taken of a followed product's features, carry each piece's
+        identity through the ops that use it, and note the piece that reaches an activation."""
+        out = func(*args, **kwargs)
+        source = next((self._followed[id(a)] for a in args if isinstance(a, torch.Tensor) and id(a) in self._followed), None)
+        if source is None:
+            return out
+        bank, from_pieces, tensor = source
+        pieces = self.pieces[bank]
+        if not from_pieces and tensor is args[0]:  # the whole product, being cut
+            cut = _cut_rows(func, args, kwargs, pieces.width)
+            if cut is not None:
+                outs = out if isinstance(out, (tuple, list)) else [out]
+                for rows, piece in zip(cut, outs):
+                    if rows not in pieces.rows:
+                        pieces.rows.append(rows)
+                    self._followed[id(piece)] = (bank, frozenset({pieces.rows.index(rows)}), piece)
+                return out
+        if func in ACTIVATIONS and len(from_pieces) == 1 and pieces.gate is None:
+            pieces.gate = next(iter(from_pieces))
+        inputs = {p for a in args if isinstance(a, torch.Tensor) and id(a) in self._followed for p in self._followed[id(a)][1]}
+        for result in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(result, torch.Tensor):
+                self._followed[id(result)] = (bank, frozenset(inputs), result)
+        return out
 
     def _record(self, bank: str, expert: int, transposed: bool) -> None:
         calls = self._calls.setdefault(expert, [])
         self.uses.setdefault(bank, BankUse(transposed, len(calls)))
         calls.append(bank)
+
+
+def _cut_rows(func: Callable, args: tuple, kwargs: dict, width: int) -> list[tuple[int, int, int]] | None:
+    """The output-feature rows (start, stop, step) of each piece `func` takes of a product with
+    `width` features: `chunk`/`split` on the last dimension, or indexing with a slice on it."""
+    if func in GETITEM and len(args) > 1:
+        index = args[1] if isinstance(args[1], tuple) else (args[1],)
+        *leading, last = index
+        whole = all(i is Ellipsis or (isinstance(i, slice) and i == slice(None)) for i in leading)
+        on_last_dim = any(i is Ellipsis for i in leading) or len(index) == args[0].dim()
+        return [last.indices(width)] if isinstance(last, slice) and whole and on_last_dim else None
+    if func not in CUTS:
+        return None
+    dim = kwargs.get("dim", args[2] if len(args) > 2 else 0)
+    tensor = args[0]
+    if dim not in (-1, tensor.dim() - 1):
+        return None
+    spec = kwargs.get("split_size_or_sections", kwargs.get("chunks", args[1] if len(args) > 1 else None))
+    if func in (torch.chunk, torch._C.TensorBase.chunk) and isinstance(spec, int):
+        size = -(-width // spec)
+        sizes = [min(size, width - i) for i in range(0, width, size)]
+    elif isinstance(spec, int):
+        sizes = [min(spec, width - i) for i in range(0, width, spec)]
+    elif isinstance(spec, (list, tuple)):
+        sizes = list(spec)
+    else:
+        return None
+    starts = [sum(sizes[:i]) for i in range(len(sizes))]
+    return [(a, a + n, 1) for a, n in zip(starts, sizes)]
 
 
 def banks_of(block: nn.Module) -> dict[str, list[tuple[str, nn.Module]]]:
@@ -127,6 +214,7 @@ class ExpertBank:
     experts: int
     transposed: bool
     role: str
+    pieces: dict[str, tuple[int, int, int]] = field(default_factory=dict)  # a fused bank: role -> its rows
 
     @property
     def local_name(self) -> str:
@@ -159,8 +247,26 @@ def probe_banks(block: nn.Module, run: Callable[[], Any]) -> list[ExpertBank]:
         else:
             role = "up"
         owner = dict(found[owner_of[name]])[name]
-        banks.append(ExpertBank(owner_of[name], name, getattr(owner, name).shape[0], use.transposed, role))
+        pieces = _gate_and_up(mode.pieces.get(name)) if role == "up" and len(first_readers) == 1 else {}
+        banks.append(ExpertBank(owner_of[name], name, getattr(owner, name).shape[0], use.transposed,
+                                "gate_up" if pieces or (role == "up" and _is_cut(mode.pieces.get(name))) else role, pieces))
     return banks
+
+
+def _is_cut(pieces: Pieces | None) -> bool:
+    return pieces is not None and len(pieces.rows) >= 2
+
+
+def _gate_and_up(pieces: Pieces | None) -> dict[str, tuple[int, int, int]]:
+    """{"gate": rows, "up": rows} for a fused bank cut into two pieces that cover its rows once, one
+    of which reached an activation; {} otherwise (left whole)."""
+    if pieces is None or len(pieces.rows) != 2 or pieces.gate is None:
+        return {}
+    covered = sorted(r for start, stop, step in pieces.rows for r in range(start, stop, step))
+    if covered != list(range(pieces.width)):
+        return {}
+    gate = pieces.rows[pieces.gate]
+    return {"gate": gate, "up": pieces.rows[1 - pieces.gate]}
 
 
 def attach_experts(block: nn.Module, banks: list[ExpertBank]) -> dict[str, ExpertSlice]:
@@ -253,12 +359,19 @@ def use_eager_experts(model: nn.Module) -> bool:
 
 def expert_layers(block: nn.Module, prefix: str, banks: list[ExpertBank]) -> list[Any]:
     """Every expert of every bank of `block` as a `LinearLayer` (`PREFIX.mlp.experts.down_proj.3`)."""
-    from d2compiler.graph.layers import LinearLayer
+    from d2compiler.graph.layers import LinearLayer, slice_name
 
     slices = attach_experts(block, banks)
-    roles = {bank.local_name: bank.role for bank in banks}
-    return [LinearLayer(f"{prefix}.{local}", local, module, roles[local.rpartition(".")[0]])
-            for local, module in slices.items()]
+    by_name = {bank.local_name: bank for bank in banks}
+    layers = []
+    for local, module in slices.items():
+        bank = by_name[local.rpartition(".")[0]]
+        if not bank.pieces:
+            layers.append(LinearLayer(f"{prefix}.{local}", local, module, bank.role))
+        for role, rows in bank.pieces.items():  # a fused bank: each expert's gate and up rows
+            named = slice_name(local, role)
+            layers.append(LinearLayer(f"{prefix}.{named}", named, module, role, rows=rows))
+    return layers
 
 
 @contextmanager

@@ -32,6 +32,11 @@ def split_slice_name(name: str) -> tuple[str, str | None]:
     return module, (role[:-1] if role else None)
 
 
+def fused_role(slice_role: str) -> str:
+    """The role of a whole fused linear from one of its slices' roles: `qkv` (attention) or `gate_up`."""
+    return "gate_up" if slice_role in ("gate", "up") else "qkv"
+
+
 @dataclass
 class LinearLayer:
     """A prunable linear of a block, bound to its module."""
@@ -40,7 +45,13 @@ class LinearLayer:
     local_name: str  # name inside the block, likewise
     module: nn.Module
     role: str
-    rows: tuple[int, int] | None = None  # for a slice of a fused weight: its output rows [start, stop)
+    rows: tuple[int, ...] | None = None  # for a slice of a fused weight: its output rows (start, stop[, step])
+
+    @property
+    def row_slice(self) -> slice:
+        """The slice's output rows (every row for a whole module): `start:stop`, or `start:stop:step`
+        for an interleaved slice (gpt-oss's `gate_up_proj` keeps gate and up in alternate rows)."""
+        return slice(*self.rows) if self.rows else slice(None)
 
     @property
     def owner(self) -> str:
@@ -61,13 +72,13 @@ class LinearLayer:
         """(out_features, in_features) of this layer (of the slice, for a slice)."""
         w = self.module.weight
         out_f, in_f = (w.shape[1], w.shape[0]) if self.transposed else (w.shape[0], w.shape[1])
-        return (self.rows[1] - self.rows[0], in_f) if self.rows else (out_f, in_f)
+        return (len(range(out_f)[self.row_slice]), in_f)
 
     def whole(self) -> LinearLayer:
         """The whole module as one layer (itself, unless this is a slice)."""
         if self.rows is None:
             return self
-        return LinearLayer(split_slice_name(self.name)[0], self.owner, self.module, "qkv")
+        return LinearLayer(split_slice_name(self.name)[0], self.owner, self.module, fused_role(self.role))
 
     def replaced_weight(self, value: torch.Tensor, base: torch.Tensor | None = None) -> torch.Tensor:
         """The module's weight with this layer's (out, in) matrix replaced by `value`, as a new tensor
@@ -75,18 +86,17 @@ class LinearLayer:
         the parameter, to compose the slices of a fused weight)."""
         full = (self.module.weight.detach() if base is None else base).clone()
         target = full.t() if self.transposed else full
-        target = target[self.rows[0] : self.rows[1]] if self.rows else target
-        target.copy_(value.to(dtype=target.dtype, device=target.device))
+        target[self.row_slice] = value.to(dtype=target.dtype, device=target.device)
         return full
 
     def stand_in(self, weights: dict[str, torch.Tensor], value: torch.Tensor) -> None:
         """Put this layer's (out, in) matrix `value` into `weights` (block parameter name -> tensor, for
         a functional call of the block), composed with the other slices of a fused weight already there."""
-        if self.is_expert:  # expert e of a 3-D bank: the bank with that expert's matrix replaced
-            key = self.local_name.rpartition(".")[0]
+        if self.is_expert:  # expert e of a 3-D bank: the bank with that expert's matrix (or its rows) replaced
+            key = self.owner.rpartition(".")[0]
             bank = (weights[key] if key in weights else self.module.bank.detach()).clone()
             target = bank[self.module.index].t() if self.transposed else bank[self.module.index]
-            target.copy_(value.to(dtype=target.dtype, device=target.device))
+            target[self.row_slice] = value.to(dtype=target.dtype, device=target.device)
             weights[key] = bank
             return
         key = f"{self.owner}.weight"
@@ -96,11 +106,11 @@ class LinearLayer:
         """The weight as an (out, in) view of the parameter data (no copy); a slice's rows only."""
         w = self.module.weight.data
         w = w.t() if self.transposed else w
-        return w[self.rows[0] : self.rows[1]] if self.rows else w
+        return w[self.row_slice]
 
     def output_of(self, output: torch.Tensor) -> torch.Tensor:
         """This layer's part of the module's forward output (its features, for a slice)."""
-        return output[..., self.rows[0] : self.rows[1]] if self.rows else output
+        return output[..., self.row_slice]
 
     def set_row_buffer(self, name: str, value: torch.Tensor) -> None:
         """Register a per-output-row buffer (e.g. a quantization scale) on the module; a slice writes
@@ -114,7 +124,7 @@ class LinearLayer:
         if not isinstance(current, torch.Tensor) or current.shape != (full_rows, *value.shape[1:]):
             current = torch.zeros((full_rows, *value.shape[1:]), dtype=value.dtype, device=value.device)
             self.module.register_buffer(name, current)
-        current[self.rows[0] : self.rows[1]] = value
+        current[self.row_slice] = value
 
     def set_weight_matrix(self, value: torch.Tensor) -> None:
         """Write an (out, in) matrix back, in the parameter's dtype and device."""

@@ -34,7 +34,7 @@ from d2compiler.graph.layers import LinearLayer, is_linear_module, slice_name
 
 log = logging.getLogger(__name__)
 
-ROLES = ("q", "k", "v", "o", "gate", "up", "down", "qkv", "router", "other")
+ROLES = ("q", "k", "v", "o", "gate", "up", "down", "qkv", "gate_up", "router", "other")
 
 _aten = torch.ops.aten
 LINEAR_OPS = {_aten.linear.default, _aten.addmm.default, _aten.mm.default, _aten.matmul.default}
