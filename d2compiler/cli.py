@@ -92,6 +92,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     from d2compiler.evaluation.model_kind import dummy_input
     from d2compiler.execution.block_io import capture_block_inputs
     from d2compiler.execution.executor import BlockExecutor
+    from d2compiler.graph.blocks import other_stacks
     from d2compiler.loading.models import load_model
 
     loaded = load_model(args.model, "float32", "cpu")
@@ -105,6 +106,9 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     coverage = executor.coverage({0: {layer.name for layer in all_layers}}, all_layers)  # as `targets = ["Linear"]`
     print(f"model: {type(model).__name__} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters)")
     print(f"blocks: {path} x {len(blocks)} ({type(blocks[0]).__name__})")
+    others = other_stacks(model, path)
+    if others:  # a recipe can name them all in model.blocks
+        print("other stacks of blocks (model.blocks): " + ", ".join(f"{name} x {count}" for name, count, _p in others))
     print("coverage (every linear layer targeted, as `targets = [\"Linear\"]`): " + "\n".join(coverage.lines()))
     print(f"attention: {len(structure.attention)} site(s) " + ", ".join(f"{s.kind}" for s in structure.attention))
     groups = {name: i for i, g in enumerate(structure.input_groups) for name in g}

@@ -112,3 +112,36 @@ def test_a_second_stack_of_blocks_left_dense_is_refused(tmp_path, tokenizer, cap
     err = capsys.readouterr().err
     assert "the passes act on one stack of blocks, model.decoder.layers; the stack model.encoder.layers (2 blocks" in err
     assert main(["--quiet", "run", str(recipe(tmp_path, folder, extra="allow_untargeted = true\n"))]) == 0
+
+
+def test_model_blocks_prunes_each_named_stack_in_order(tmp_path, tokenizer, capsys):
+    """BART with model.blocks naming both stacks: the encoder, then the decoder (calibrated on the pruned
+    encoder's outputs), each at exactly 50% per linear; the record covers both; a wrong path is one line."""
+    import json
+
+    import transformers as tf
+    from safetensors.torch import load_file
+
+    torch.manual_seed(0)
+    config = tf.BartConfig(vocab_size=len(tokenizer), d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+                           decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128, max_position_embeddings=128)
+    folder = tmp_path / "bart"
+    tf.BartForConditionalGeneration(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    stacks = 'blocks = ["model.encoder.layers", "model.decoder.layers"]\n'
+    assert main(["--quiet", "run", str(recipe(tmp_path, folder, extra=stacks))]) == 0
+    record = json.loads((tmp_path / "out" / "sparsity.json").read_text())
+    weights = load_file(tmp_path / "out" / "model.safetensors")
+    for stack in ("model.encoder.layers", "model.decoder.layers"):
+        names = [n for n in record["layers"] if n.startswith(stack + ".")]
+        assert len(names) == 2 * (6 if "encoder" in stack else 10), stack  # q/k/v/o + fc1/fc2 (+ cross-attention q/k/v/o)
+        for name in names:
+            w = weights[f"{name}.weight"]
+            assert int((w == 0).sum()) == w.numel() // 2, name
+    assert record["results"]["coverage"]["targeted_share"] > 0.3 and abs(record["results"]["block_weight_sparsity"] - 0.5) < 0.01
+    assert tf.BartForConditionalGeneration.from_pretrained(tmp_path / "out") is not None
+
+    wrong = 'blocks = ["model.encoder.layer"]\n'
+    assert main(["--quiet", "run", str(recipe(tmp_path, folder, extra=wrong, output=False))]) == 2
+    assert ("model.blocks: 'model.encoder.layer' is not a stack of blocks of BartForConditionalGeneration"
+            in capsys.readouterr().err)

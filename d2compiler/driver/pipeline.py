@@ -159,13 +159,15 @@ class Job:
 
 @dataclass
 class Pruned:
-    """What the pruning stage leaves: the report, the executor (its blocks) and the checkpoints."""
+    """What the pruning stage leaves: the report, the pruned stacks of blocks and their checkpoints
+    (one store per stack; none without an output)."""
 
     execution: ExecutionReport
-    executor: BlockExecutor
-    checkpoints: CheckpointStore | None
+    stacks: list[torch.nn.ModuleList]
+    checkpoints: list[CheckpointStore]
     prune_s: float
     compute: torch.dtype
+    device: torch.device
 
 
 def _compress(job: Job, loaded: LoadedModel | None) -> RunSummary:
@@ -179,13 +181,13 @@ def _compress(job: Job, loaded: LoadedModel | None) -> RunSummary:
     windows = _calibration_windows(job, loaded)
     metric, dense_value = _dense_metric(job, loaded, streamed)
     pruned = _prune(job, manager, loaded, streamed, windows)
-    readers = None if streamed is None else [pruned.checkpoints.reader(i) for i in range(len(streamed.blocks))]
+    readers = None if streamed is None else [pruned.checkpoints[0].reader(i) for i in range(len(streamed.blocks))]
     runner = ModelRunner(loaded.model, job.group.device, streamed=streamed, readers=readers, group=job.group)
     measured = Measured(metric, dense_value, None if metric is None else metric.measure(runner, desc=f"pruned {metric.name}"))
     layers = pruned.execution.layer_metrics()
     block_zeros, sha256 = None, None
     if job.main and streamed is None:
-        block_zeros = weight_zeros(module_weights(pruned.executor.blocks))
+        block_zeros = weight_zeros([w for stack in pruned.stacks for w in module_weights(stack)])
     elif job.main:  # the block files are read once: hashed and their zeros counted on the way
         block_zeros, sha256 = streamed_weights(streamed, readers, loaded.storage_dtype)
     block_sparsity = block_zeros[0] / block_zeros[1] if block_zeros and block_zeros[1] else None
@@ -243,39 +245,55 @@ def _prune(job: Job, manager: PassManager, loaded: LoadedModel, streamed: Stream
     if storage is not None and not job.quiet:
         log.info("computing in %s, storing the weights in the checkpoint's %s (model.dtype = auto on the CPU)",
                  dtype_name(compute), dtype_name(storage))
-    executor = BlockExecutor(loaded.model, manager.schedule, device=group.device, role_overrides=recipe.model.roles, quiet=job.quiet,
-                             streamed=streamed, group=group, storage_dtype=storage,
-                             allow_untargeted=recipe.model.allow_untargeted, experts_calibration=recipe.experts.calibration)
-    checkpoints = None
-    if job.out_path is not None:
-        checkpoints = CheckpointStore(work_dir_for(job.out_path), job_fingerprint(recipe, source_digest(loaded), windows),
-                                      processes=group.size, storage_dtype=storage)
-        if job.main and recipe.output.resume:
-            checkpoints.check_processes()
-        elif job.main:
-            checkpoints.discard()
+    stacks = recipe.model.blocks or []
+    reports, blocks, stores = [], [], []
     try:
-        execution = executor.run(windows, checkpoints)
+        for index in range(max(len(stacks), 1)):  # the stacks in order: a later one calibrates on the pruned earlier ones
+            executor = BlockExecutor(loaded.model, manager.schedule, device=group.device, role_overrides=recipe.model.roles,
+                                     quiet=job.quiet, streamed=streamed, group=group, storage_dtype=storage,
+                                     allow_untargeted=recipe.model.allow_untargeted,
+                                     experts_calibration=recipe.experts.calibration, stacks=stacks, stack=index)
+            checkpoints = _checkpoints(job, loaded, windows, index)
+            stores += [checkpoints] if checkpoints is not None else []
+            reports.append(executor.run(windows, checkpoints))
+            blocks.append(executor.blocks)
         if streamed is None:
             check_finite(loaded.model)
     except D2Error:
-        if checkpoints is not None and job.main:  # a deterministic failure: a rerun would fail the same way
-            checkpoints.discard()
+        if job.main:  # a deterministic failure: a rerun would fail the same way
+            for store in stores:
+                store.discard()
         raise
-    return Pruned(execution, executor, checkpoints, time.perf_counter() - start, compute)
+    return Pruned(ExecutionReport.combine(reports), blocks, stores, time.perf_counter() - start, compute, group.device)
 
 
-def _write(job: Job, loaded: LoadedModel, streamed: StreamedModel | None, checkpoints: CheckpointStore | None,
+def _checkpoints(job: Job, loaded: LoadedModel, windows: list[torch.Tensor], stack: int) -> CheckpointStore | None:
+    """The checkpoint store of stack `stack` (None without an output): `.NAME.d2c-work` beside the
+    output, `.NAME.d2c-work.stackN` for the later stacks of `model.blocks`; emptied unless resuming."""
+    if job.out_path is None:
+        return None
+    folder = work_dir_for(job.out_path)
+    folder = folder.with_name(f"{folder.name}.stack{stack}") if stack else folder
+    store = CheckpointStore(folder, job_fingerprint(job.recipe, source_digest(loaded), windows), processes=job.group.size,
+                            storage_dtype=loaded.storage_dtype)
+    if job.main and job.recipe.output.resume:
+        store.check_processes()
+    elif job.main:
+        store.discard()
+    return store
+
+
+def _write(job: Job, loaded: LoadedModel, streamed: StreamedModel | None, checkpoints: list[CheckpointStore],
            record: dict[str, Any]) -> None:
     """Write the output folder (shards from the block checkpoints when streaming), then drop the checkpoints."""
     model, tokenizer = loaded.model, loaded.tokenizer
     if streamed is not None:
         generation = getattr(model, "generation_config", None) if model.can_generate() else None
         write_sharded_output(job.out_path, streamed.outside_state(loaded.storage_dtype),
-                             [checkpoints.path(i) for i in range(len(streamed.blocks))], model.config, generation, tokenizer,
+                             [checkpoints[0].path(i) for i in range(len(streamed.blocks))], model.config, generation, tokenizer,
                              record, overwrite=job.overwrite, protected=job.protected)
     else:
         write_output(job.out_path, model, tokenizer, record, overwrite=job.overwrite, fmt=job.recipe.output.format,
                      protected=job.protected)
-    if checkpoints is not None:
-        checkpoints.discard()
+    for store in checkpoints:
+        store.discard()

@@ -15,6 +15,7 @@ the estimate with a measured run.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,6 +33,8 @@ from d2compiler.loading.dtypes import dtype_name, resolve_device
 from d2compiler.loading.models import load_model, load_streamed
 from d2compiler.recipe.pass_base import Pass
 from d2compiler.recipe.passmanager import PassManager
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -150,7 +153,10 @@ def make_plan(recipe: BaseModel) -> Plan:
         loaded = load_model(m.source, m.dtype, "cpu", m.revision, m.attn_implementation)
     model = loaded.model
     executor = BlockExecutor(model, manager.schedule, device=torch.device("cpu"), role_overrides=m.roles, quiet=True,
-                             streamed=streamed)
+                             streamed=streamed, stacks=m.blocks)
+    if m.blocks and len(m.blocks) > 1:
+        log.warning("d2c plan estimates the first stack of model.blocks (%s); the other stacks add their blocks' cost",
+                    m.blocks[0])
     sample = capture_block_inputs(model, executor.blocks, [dummy_input(model)], torch.device("cpu"))[0]
     per_block = [executor.layers_of(i, executor.structure(i, sample)) for i in range(len(executor.blocks))]
     all_layers = [layer for layers in per_block for layer in layers]

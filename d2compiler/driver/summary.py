@@ -129,7 +129,7 @@ def run_results(recipe: BaseModel, measured: Measured, pruned: Pruned, block_spa
                                                    "higher_is_better": metric.higher_is_better, "count": metric.count,
                                                    "sha256": data_digests(ev.source)},
         "prune_s": round(pruned.prune_s, 3),
-        "device": str(pruned.executor.device),
+        "device": str(pruned.device),
         "block_weight_sparsity": block_sparsity,
         "coverage": None if pruned.execution.coverage is None else pruned.execution.coverage.record(),
         "compute_dtype": dtype_name(pruned.compute),

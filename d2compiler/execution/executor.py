@@ -81,7 +81,7 @@ class BlockExecutor:
     def __init__(self, model: nn.Module, schedule: list[Pass], *, device: torch.device,
                  role_overrides: dict[str, str] | None = None, quiet: bool = False, streamed: StreamedModel | None = None,
                  group: Group = SINGLE, storage_dtype: torch.dtype | None = None, allow_untargeted: bool = False,
-                 experts_calibration: str = "routed"):
+                 experts_calibration: str = "routed", stacks: list[str] | None = None, stack: int = 0):
         self.model = model
         self.schedule = schedule
         self.device = device
@@ -93,7 +93,8 @@ class BlockExecutor:
         self.allow_untargeted = allow_untargeted
         self.experts_calibration = experts_calibration
         self._samples = (0, 0)  # (global index of this process's first window, windows over all processes)
-        self.placement = Placement(model, device, streamed)
+        self.stacks = stacks or []  # the stacks the recipe names (`model.blocks`); this executor prunes stacks[stack]
+        self.placement = Placement(model, device, streamed, self.stacks[stack] if self.stacks else None)
         self.blocks_path, self.blocks = self.placement.blocks_path, self.placement.blocks
         self._structures: dict[tuple, BlockStructure] = {}
         use_eager_experts(model)  # experts one by one, so that each one's statistics can be seen
@@ -271,7 +272,7 @@ class BlockExecutor:
         """The share of the model's parameters the passes target (see `graph.coverage`)."""
         ignore = [pattern for p in self.schedule if (patterns := p.target_patterns()) is not None for pattern in patterns[1]]
         return measure_coverage(self.model, self.blocks_path, layers, set().union(*targets.values()) if targets else set(),
-                                ignore)
+                                ignore, pruned_stacks=self.stacks)
 
     def check_coverage(self, targets: dict[int, set[str]], layers: list[LinearLayer]) -> Coverage:
         """Refuse (or, with `allow_untargeted`, warn about) a recipe that leaves REFUSE_SHARE or more

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from d2compiler.graph.blocks import find_blocks
+from d2compiler.graph.blocks import find_blocks, named_stack
 
 if TYPE_CHECKING:
     from d2compiler.execution.streaming import StreamedModel
@@ -43,9 +43,13 @@ class Placement:
     """Places `model`'s blocks on `device` one at a time (see the module docstring). With `streamed`,
     a block's weights are read when it is placed and released when it leaves."""
 
-    def __init__(self, model: nn.Module, device: torch.device, streamed: StreamedModel | None = None):
+    def __init__(self, model: nn.Module, device: torch.device, streamed: StreamedModel | None = None,
+                 blocks_path: str | None = None):
         self.model, self.device, self.streamed = model, device, streamed
-        self.blocks_path, self.blocks = find_blocks(model)
+        if blocks_path is None:
+            self.blocks_path, self.blocks = find_blocks(model)
+        else:  # a stack the recipe names (`model.blocks`)
+            self.blocks_path, self.blocks = blocks_path, named_stack(model, blocks_path)
 
     @contextmanager
     def block(self, index: int, read: Reader | None = None) -> Iterator[nn.Module]:

@@ -37,6 +37,16 @@ class ExecutionReport:
     roles: dict[str, str]
     coverage: Coverage | None = None
 
+    @classmethod
+    def combine(cls, parts: list[ExecutionReport]) -> ExecutionReport:
+        """One report for a run over several stacks (`model.blocks`), the stacks in order."""
+        if len(parts) == 1:
+            return parts[0]
+        roles = {name: role for part in parts for name, role in part.roles.items()}
+        coverages = [p.coverage for p in parts if p.coverage is not None]
+        return cls(", ".join(p.blocks_path for p in parts), sum(p.num_blocks for p in parts), [b for p in parts for b in p.blocks],
+                   roles, Coverage.combine(coverages) if coverages else None)
+
     def layer_metrics(self) -> dict[str, dict[str, Any]]:
         """Per module: the metrics of every pass that touched it (later passes win on conflicts). The
         slices of a fused linear merge into their module's entry (see `merge_slices`)."""

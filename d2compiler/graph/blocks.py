@@ -48,3 +48,14 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
 def block_signature(block: nn.Module) -> tuple:
     """Blocks with the same class and parameter shapes share one traced structure."""
     return (type(block).__qualname__, tuple((n, tuple(p.shape)) for n, p in block.named_parameters()))
+
+
+def named_stack(model: nn.Module, path: str) -> nn.ModuleList:
+    """The stack of blocks at module path `path` (`model.blocks`); a `TraceError` naming the stacks the
+    model has when `path` is not one."""
+    stacks = {name: stack for _count, name, stack in block_stacks(model)}
+    if path not in stacks:
+        known = ", ".join(f"{name} ({len(stack)} blocks)" for name, stack in stacks.items()) or "none"
+        raise TraceError(f"model.blocks: {path!r} is not a stack of blocks of {type(model).__name__} (a ModuleList of "
+                         f"same-class modules holding linears); its stacks: {known}")
+    return stacks[path]

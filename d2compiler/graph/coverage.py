@@ -93,14 +93,29 @@ class Coverage:
                 "untargeted_families": [{"family": f.name, "parameters": f.params - f.targeted, "dims": f.dims,
                                          "in_linear": f.in_linear} for f in self.untargeted_families()]}
 
+    @classmethod
+    def combine(cls, parts: list[Coverage]) -> Coverage:
+        """The coverage of a run over several stacks (`model.blocks`) from each stack's: block, targeted
+        and unexplained parameters add up; a weight family counts as inside the blocks if it is in one."""
+        families: dict[str, Family] = {}
+        for part in parts:
+            for fam in part.families:
+                merged = families.setdefault(fam.name, Family(fam.name, fam.params, 0, fam.dims, False, False))
+                merged.targeted += fam.targeted
+                merged.in_blocks |= fam.in_blocks
+                merged.in_linear |= fam.in_linear
+        return cls(parts[0].total, sum(p.block for p in parts), sum(p.targeted for p in parts), sum(p.unexplained for p in parts),
+                   list(families.values()), ", ".join(p.blocks_path for p in parts), parts[0].stacks_left)
+
     def refusal(self) -> str | None:
         """The message that stops a run (None when the recipe's coverage is acceptable)."""
         big = [s for s in self.stacks_left if s[2] >= REFUSE_SHARE * self.total]
         if big:
             name, count, params = big[0]
             return (f"the passes act on one stack of blocks, {self.blocks_path}; the stack {name} ({count} blocks, "
-                    f"{params / self.total:.1%} of the parameters) would stay dense (several stacks are not pruned yet): "
-                    f"set model.allow_untargeted = true to prune {self.blocks_path} only")
+                    f"{params / self.total:.1%} of the parameters) would stay dense: name the stacks to prune in order in "
+                    f"model.blocks (e.g. [\"{name}\", \"{self.blocks_path}\"]), or set model.allow_untargeted = true "
+                    f"to prune {self.blocks_path} only")
         if self.unexplained_share < REFUSE_SHARE:
             return None
         left = [f for f in self.untargeted_families() if not f.in_linear and f.in_blocks]
@@ -111,8 +126,10 @@ class Coverage:
 
 
 def measure_coverage(model: nn.Module, blocks_path: str, layers: list[LinearLayer], targeted: set[str],
-                     ignore: Iterable[str]) -> Coverage:
-    """The coverage of `targeted` (layer names) among `layers` (every block's linear layers)."""
+                     ignore: Iterable[str], pruned_stacks: Iterable[str] = ()) -> Coverage:
+    """The coverage of `targeted` (layer names) among `layers` (every block's linear layers of the
+    stack `blocks_path`). `pruned_stacks`: the stacks the run prunes (`model.blocks`), none of which
+    is a stack left dense."""
     ignore = list(ignore)
     def stored_in(layer: LinearLayer) -> int:  # the parameter holding the layer's weight: an expert's is its bank
         return id(layer.module.bank if layer.is_expert else layer.module.weight)
@@ -142,5 +159,5 @@ def measure_coverage(model: nn.Module, blocks_path: str, layers: list[LinearLaye
         fam = families.setdefault(key, Family(key, 0, 0, param.dim(), in_blocks, in_linear))
         fam.params += count
         fam.targeted += hit
-    return Coverage(total, block, targeted_total, unexplained, list(families.values()), blocks_path,
-                    other_stacks(model, blocks_path))
+    left = [stack for stack in other_stacks(model, blocks_path) if stack[0] not in set(pruned_stacks)]
+    return Coverage(total, block, targeted_total, unexplained, list(families.values()), blocks_path, left)

@@ -13,7 +13,7 @@ from functools import cache
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from d2compiler.errors import RecipeError
 from d2compiler.recipe.pass_base import Pass
@@ -72,6 +72,15 @@ class ModelSpec(_Strict):
         description="Override discovered roles for exotic models: maps a linear's name inside "
         "its block (e.g. `self_attn.q_proj`) to a role.",
     )
+    blocks: list[str] | None = Field(
+        default=None,
+        min_length=1,
+        description="The stacks of blocks to prune, in this order, by module path (llm-compressor's "
+        "`sequential_targets`), e.g. `[\"model.encoder.layers\", \"model.decoder.layers\"]` for an encoder-decoder. "
+        "Each stack is pruned block by block as usual, after the stacks before it (so a decoder is calibrated on the "
+        "pruned encoder's outputs), with its own survey and its own exact sparsity counts. Default: the stack of "
+        "blocks holding the most parameters; `d2c inspect` lists the stacks. Not with `streaming`.",
+    )
     allow_untargeted: bool = Field(
         default=False,
         description="Run even when 10% or more of the block parameters are in no linear layer a pass can act on "
@@ -79,6 +88,13 @@ class ModelSpec(_Strict):
         "dense and a warning lists them. Without it such a run is refused before it starts. `d2c plan` and the "
         "run's summary show the share of the parameters the passes target either way.",
     )
+
+    @field_validator("blocks")
+    @classmethod
+    def _distinct_stacks(cls, blocks: list[str] | None) -> list[str] | None:
+        if blocks is not None and (len(set(blocks)) != len(blocks) or not all(b.strip() for b in blocks)):
+            raise ValueError("each stack is named once, by a non-empty module path")
+        return blocks
 
 
 class DataSource(_Strict):
@@ -300,6 +316,8 @@ def _check_streaming(recipe: BaseModel, schedule: list[Pass], source: str) -> No
     problems = []
     if not recipe.output.path:
         problems.append(("output.path", "model.streaming writes the pruned blocks as output shards: set an output path"))
+    if recipe.model.blocks and len(recipe.model.blocks) > 1:
+        problems.append(("model.blocks", "model.streaming reads one stack of blocks; name one, or run without streaming"))
     if recipe.output.format != "hf":
         problems.append(("output.format", "model.streaming writes the `hf` format only"))
     for p in schedule:
