@@ -201,11 +201,12 @@ def record_expert_hessians():
         yield _PUBLISHED
 
 
-@pytest.mark.parametrize("calibration", ["routed", "all"])
+@pytest.mark.parametrize("calibration", ["routed", "all", "weighted"])
 def test_per_expert_hessians_equal_a_plain_loop(calibration, moe_models, record_expert_hessians):
     """calibrate's Hessian of expert e of the first block equals XᵀX/n over exactly the tokens the
-    router sent to e (`routed`), or over every token (`all`), captured at the experts module's input,
-    for both banks; with `all` the block's output is still the routed one."""
+    router sent to e (`routed`), over every token (`all`), or Σ w·x xᵀ/n over the routed tokens with
+    their routing weights (`weighted`), captured at the experts module's input, for both banks; with
+    `all` and `weighted` the block's output is still the routed one."""
     import transformers as tf
 
     from d2compiler.driver.pipeline import compress
@@ -215,12 +216,12 @@ def test_per_expert_hessians_equal_a_plain_loop(calibration, moe_models, record_
     published = record_expert_hessians
     published.clear()
     model = tf.AutoModelForCausalLM.from_pretrained(moe_models["qwen3_moe"]).eval()
-    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+    seen: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
     experts = model.model.layers[0].mlp.experts
 
     def record(_module, args):
         if type(args[0]) is torch.Tensor:  # not torch.export's fake tensors
-            seen.append((args[0].detach().double(), args[1].detach()))
+            seen.append((args[0].detach().double(), args[1].detach(), args[2].detach().double()))
 
     experts.register_forward_pre_hook(record)
     recipe = {"version": 1, "model": {"source": "tiny-moe", "device": "cpu", "dtype": "float32"},
@@ -229,20 +230,22 @@ def test_per_expert_hessians_equal_a_plain_loop(calibration, moe_models, record_
               "passes": [{"type": "calibrate"}, {"type": "test_record_expert_hessians"}]}
     summary = compress(validate_recipe(recipe), loaded=LoadedModel(model, tf.AutoTokenizer.from_pretrained(moe_models["qwen3_moe"]),
                                                                    "tiny-moe"), quiet=True)
-    routed_calls = [(h, r) for h, r in seen if r.shape[-1] == 2]  # `all` adds calls routing to all 4 experts
-    observed = routed_calls[1:4]  # after the probe forward (of the first sample): the observation, one per sample
-    hidden, routes = torch.cat([h for h, _r in observed]), torch.cat([r for _h, r in observed])
+    observed = seen[1:4]  # after the probe forward (of the first sample): the observation, one call per sample
+    hidden, routes, scores = (torch.cat([call[i] for call in observed]) for i in range(3))
     for e in range(4):
-        x = hidden[(routes == e).any(-1)] if calibration == "routed" else hidden
+        chosen = (routes == e).any(-1) if calibration != "all" else torch.ones(len(hidden), dtype=torch.bool)
+        x = hidden[chosen]
+        w = (scores * (routes == e)).sum(-1)[chosen] if calibration == "weighted" else torch.ones(len(x), dtype=x.dtype)
         for piece in ("gate", "up"):  # the two slices of the fused bank share the expert's input
             assert summary.layers[f"model.layers.0.mlp.experts.gate_up_proj.{e}"]["slices"][piece]["calibration_tokens"] == x.shape[0]
             got = published[f"mlp.experts.gate_up_proj.{e}[{piece}]"]
-            assert torch.allclose(got, x.T @ x / x.shape[0], rtol=1e-5, atol=1e-7), (e, piece)
-        w = experts.gate_up_proj[e].detach().double()  # the down bank reads act(gate) * up of the same tokens
-        gate, up = (x @ w.T).chunk(2, dim=-1)
+            assert torch.allclose(got, (x * w[:, None]).T @ x / x.shape[0], rtol=1e-5, atol=1e-7), (e, piece)
+        bank = experts.gate_up_proj[e].detach().double()  # the down bank reads act(gate) * up of the same tokens
+        gate, up = (x @ bank.T).chunk(2, dim=-1)
         mid = torch.nn.functional.silu(gate) * up
-        assert torch.allclose(published[f"mlp.experts.down_proj.{e}"], mid.T @ mid / mid.shape[0], rtol=1e-4, atol=1e-6), e
-    from d2compiler.graph.experts import every_token_to_every_expert
+        want = (mid * w[:, None]).T @ mid / mid.shape[0]
+        assert torch.allclose(published[f"mlp.experts.down_proj.{e}"], want, rtol=1e-4, atol=1e-6), e
+    from d2compiler.graph.experts import expert_statistics
 
     block, captured = model.model.layers[0], {}
     handle = block.register_forward_pre_hook(lambda _m, args, kwargs: captured.update(args=args, kwargs=kwargs),
@@ -251,10 +254,10 @@ def test_per_expert_hessians_equal_a_plain_loop(calibration, moe_models, record_
         model(torch.randint(0, 500, (1, 16)), use_cache=False)
         handle.remove()
         routed = block(*captured["args"], **captured["kwargs"])
-        with every_token_to_every_expert(True):  # statistics over every token; the output stays the routed one
-            every = block(*captured["args"], **captured["kwargs"])
-    routed, every = (routed[0], every[0]) if isinstance(routed, tuple) else (routed, every)
-    assert torch.equal(routed, every)
+        with expert_statistics(calibration):  # statistics over other tokens or weights; the output stays the routed one
+            other = block(*captured["args"], **captured["kwargs"])
+    routed, other = (routed[0], other[0]) if isinstance(routed, tuple) else (routed, other)
+    assert torch.equal(routed, other)
 
 
 def test_two_processes_give_one_process_masks_on_moe(moe_models, tmp_path):

@@ -14,7 +14,7 @@ from d2compiler.errors import PassError
 from d2compiler.execution.block_io import BlockInput, block_outputs_with, forward_block, forward_until
 from d2compiler.execution.distributed import Group
 from d2compiler.execution.invariants import blamed, check_statistics, ran_before
-from d2compiler.graph.experts import every_token_to_every_expert
+from d2compiler.graph.experts import expert_statistics
 from d2compiler.graph.layers import LinearLayer
 from d2compiler.graph.structure import BlockStructure
 from d2compiler.graph.targets import select_layers
@@ -47,7 +47,7 @@ class ExecutorContext:
     sample_count: int = 0  # calibration samples over all processes (0: len(inputs))
     active: Pass | None = None  # the pass the executor is running (its declarations govern `publish`)
     observing: frozenset[str] | None = None  # the layers an observation records statistics for (None: all targeted)
-    every_token_to_every_expert: bool = False  # experts.calibration = "all"
+    experts_calibration: str = "routed"  # which tokens the experts' statistics see (graph.experts.expert_statistics)
 
     def fingerprints(self) -> dict[str, torch.Tensor]:
         """Each block parameter's (sum, sum of squares) in float64, on its device (no host sync): what
@@ -159,7 +159,7 @@ class ExecutorContext:
                 with blamed(p, begin, ran_before(self, p)):
                     getattr(p, begin)(self)
             self.active = None
-            with every_token_to_every_expert(self.every_token_to_every_expert):
+            with expert_statistics(self.experts_calibration):
                 if stops is None:
                     self.dense_outputs = forward_block(self.module, self.inputs)
                 else:

@@ -306,7 +306,7 @@ class BlockExecutor:
         return ExecutorContext(index, f"{self.blocks_path}.{index}", block, layers, structure, self.device, inputs, needed, targeted,
                             schedule=self.schedule, group=self.group, sample_offset=self._samples[0],
                             sample_count=self._samples[1] if sample_count is None else sample_count,
-                            every_token_to_every_expert=self.experts_calibration == "all")
+                            experts_calibration=self.experts_calibration)
 
     def _run_block(self, index: int, block: nn.Module, inputs: list[BlockInput], needed: set[str], targets: dict[int, set[str]],
                    last: int) -> tuple[BlockReport, list[torch.Tensor]]:

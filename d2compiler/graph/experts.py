@@ -22,6 +22,13 @@ loop per expert, so the block's traced structure has no layer for them. Here no 
   with `bank[e]` goes through expert e's `ExpertSlice`, so that forward hooks (the passes'
   statistics) fire with exactly the tokens routed to that expert.
 
+With `experts.calibration = "weighted"`, the forwards that gather statistics run each experts module
+twice: once for the statistics, with every product's input rows scaled by √w (w: the routing weight
+of that token for that expert, found from the call's `(hidden, top_k_index, top_k_weights)` and the
+rows the forward takes of `hidden`) and its output scaled back, so that every statistic hook sees
+x·√w and y·√w (a Hessian Σ w·x xᵀ); then the routed forward that gives the block's output, seen by
+no statistic.
+
 A bank is changed in place (`ExpertSlice.weight` is a view of `bank[e]`): the model keeps its own
 layout, and its saved folder loads with `from_pretrained`."""
 
@@ -41,7 +48,7 @@ from torch.nn import functional as F
 from torch.overrides import TorchFunctionMode
 
 log = logging.getLogger(__name__)
-_EVERY_TOKEN: ContextVar[bool] = ContextVar("d2c_every_token_to_every_expert", default=False)
+_STATISTICS: ContextVar[str] = ContextVar("d2c_expert_statistics", default="routed")  # experts.calibration
 GETITEM = {torch._C.TensorBase.__getitem__, torch.Tensor.__getitem__}
 PRODUCTS = {F.linear, torch.matmul, torch._C.TensorBase.matmul, torch._C.TensorBase.__matmul__, torch.Tensor.__matmul__}
 
@@ -103,6 +110,8 @@ class ExpertCalls(TorchFunctionMode):
     slices: dict[tuple[int, int], ExpertSlice] | None = None
     uses: dict[str, BankUse] = field(default_factory=dict)
     pieces: dict[str, Pieces] = field(default_factory=dict)  # bank -> how its first product was cut
+    routing: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # weighted statistics: (hidden, index, weights)
+    _rows: torch.Tensor | None = None  # the token rows the forward last took of `hidden`
     _tags: dict[int, tuple[int, int, Any]] = field(default_factory=dict)
     _calls: dict[int, list[str]] = field(default_factory=dict)  # expert -> the banks it called, in order
     _followed: dict[int, tuple[str, frozenset[int], Any]] = field(default_factory=dict)  # id -> (bank, pieces, tensor)
@@ -112,6 +121,9 @@ class ExpertCalls(TorchFunctionMode):
 
     def __torch_function__(self, func: Callable, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
+        if self.routing is not None and func in GETITEM and args and args[0] is self.routing[0] and \
+                isinstance(args[1], torch.Tensor) and args[1].dtype in (torch.int32, torch.int64):
+            self._rows = args[1]  # hidden[token_idx]: the tokens of the expert about to run
         if func in GETITEM and args and id(args[0]) in self.banks:
             index = args[1]
             out = func(*args, **kwargs)
@@ -123,6 +135,8 @@ class ExpertCalls(TorchFunctionMode):
             transposed = func is not F.linear
             self._record(self.banks[bank_id], expert, transposed)
             if self.slices is not None and (bank_id, expert) in self.slices:
+                if self.routing is not None:
+                    return self._weighted(self.slices[(bank_id, expert)], args[0], expert)
                 return self.slices[(bank_id, expert)](args[0])  # the mode is off inside its own handler
             out = func(*args, **kwargs)
             name = self.banks[bank_id]
@@ -160,10 +174,24 @@ class ExpertCalls(TorchFunctionMode):
                 self._followed[id(result)] = (bank, frozenset(inputs), result)
         return out
 
+    def _weighted(self, expert_slice: ExpertSlice, x: torch.Tensor, expert: int) -> torch.Tensor:
+        """The slice's product with its input rows scaled by √w and its output scaled back (the hooks
+        see the weighted rows; the caller gets the plain product)."""
+        _hidden, index, weights = self.routing
+        if self._rows is None or x.shape[0] != self._rows.shape[0]:
+            raise RoutingUnseen
+        per_token = (weights * (index == expert)).sum(-1).to(x.dtype)  # a token is routed to an expert once at most
+        root = per_token[self._rows].clamp_min(torch.finfo(x.dtype).tiny).sqrt().unsqueeze(-1)
+        return expert_slice(x * root) / root
+
     def _record(self, bank: str, expert: int, transposed: bool) -> None:
         calls = self._calls.setdefault(expert, [])
         self.uses.setdefault(bank, BankUse(transposed, len(calls)))
         calls.append(bank)
+
+
+class RoutingUnseen(Exception):
+    """The experts forward did not take its tokens as `hidden[token_idx]`: no weights per row."""
 
 
 def _cut_rows(func: Callable, args: tuple, kwargs: dict, width: int) -> list[tuple[int, int, int]] | None:
@@ -293,28 +321,47 @@ def attach_experts(block: nn.Module, banks: list[ExpertBank]) -> dict[str, Exper
 
 
 @contextmanager
-def every_token_to_every_expert(enabled: bool) -> Iterator[None]:
-    """While enabled (`experts.calibration = "all"`, during the forwards that gather statistics), each
-    experts module first runs every token through every expert (outputs discarded: the statistics
-    see all tokens), then its routed forward without statistics (the block's output)."""
-    token = _EVERY_TOKEN.set(enabled)
+def expert_statistics(mode: str) -> Iterator[None]:
+    """While gathering statistics, the tokens an expert's statistics see (`experts.calibration`):
+    `routed` (its own tokens), `all` (each experts module first runs every token through every expert,
+    outputs discarded, then its routed forward without statistics) or `weighted` (its own tokens,
+    weighted by their routing weights; see the module docstring)."""
+    token = _STATISTICS.set(mode)
     try:
         yield
     finally:
-        _EVERY_TOKEN.reset(token)
+        _STATISTICS.reset(token)
 
 
-def _every_route(args: tuple, experts: int) -> tuple | None:
-    """The call's arguments with every token routed to every expert at weight zero; None unless the
-    call is the transformers-5 experts interface `(hidden_states, top_k_index [T, k], top_k_weights [T, k])`."""
+def _routing(args: tuple) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """(hidden, top_k_index [T, k], top_k_weights [T, k]) of a call of the transformers-5 experts
+    interface; None for any other call."""
     if len(args) < 3 or not all(isinstance(a, torch.Tensor) for a in args[:3]):
         return None
     hidden, index, weight = args[:3]
     if index.dtype not in (torch.int32, torch.int64) or index.dim() != 2 or tuple(weight.shape) != tuple(index.shape):
         return None
-    tokens = index.shape[0]
-    every = torch.arange(experts, dtype=index.dtype, device=index.device).expand(tokens, experts).contiguous()
-    return (hidden, every, torch.zeros(tokens, experts, dtype=weight.dtype, device=weight.device), *args[3:])
+    return hidden, index, weight
+
+
+def _statistics_forward(original: Callable, args: tuple, kwargs: dict, banks: dict[int, str],
+                        routed: dict[tuple[int, int], ExpertSlice], routing: tuple, mode: str, experts: int) -> bool:
+    """The forward the statistics see (outputs discarded): every token through every expert at weight
+    zero (`all`), or the routed tokens with √w-scaled rows (`weighted`). False when the forward does
+    not take its tokens as `hidden[token_idx]` (weighted only: nothing was recorded, see the caller)."""
+    hidden, index, weight = routing
+    with torch.no_grad():
+        if mode == "all":
+            every = torch.arange(experts, dtype=index.dtype, device=index.device).expand(index.shape[0], experts).contiguous()
+            with ExpertCalls(banks, routed):
+                original(hidden, every, torch.zeros(every.shape, dtype=weight.dtype, device=weight.device), *args[3:], **kwargs)
+            return True
+        try:
+            with ExpertCalls(banks, routed, routing=routing):
+                original(*args, **kwargs)
+        except RoutingUnseen:
+            return False
+    return True
 
 
 def _wrap_forward(owner: nn.Module, slices: dict[tuple[str, int], ExpertSlice]) -> None:
@@ -326,15 +373,15 @@ def _wrap_forward(owner: nn.Module, slices: dict[tuple[str, int], ExpertSlice]) 
     def forward(*args: Any, **kwargs: Any) -> Any:
         banks = {id(getattr(owner, attr)): attr for attr in attrs}
         routed = {(bank_id, e): s for (attr, e), s in slices.items() for bank_id, name in banks.items() if name == attr}
-        if _EVERY_TOKEN.get():
-            every = _every_route(args, getattr(owner, attrs[0]).shape[0])
-            if every is not None:
-                with ExpertCalls(banks, routed), torch.no_grad():
-                    original(*every, **kwargs)  # statistics over every token
+        mode = _STATISTICS.get()
+        if mode != "routed":
+            routing = _routing(args)
+            experts = getattr(owner, attrs[0]).shape[0]
+            if routing is not None and _statistics_forward(original, args, kwargs, banks, routed, routing, mode, experts):
                 with ExpertCalls(banks, None):
                     return original(*args, **kwargs)  # the routed output, seen by no statistic
-            log.warning("experts.calibration = all: %s is not called as (hidden, top_k_index, top_k_weights); its "
-                        "experts' statistics stay routed", type(owner).__name__)
+            log.warning("experts.calibration = %s: %s is not called as (hidden, top_k_index, top_k_weights) with "
+                        "hidden[token_idx] per expert; its experts' statistics stay routed", mode, type(owner).__name__)
         with ExpertCalls(banks, routed):
             return original(*args, **kwargs)
 

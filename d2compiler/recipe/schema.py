@@ -189,12 +189,14 @@ class OutputSpec(_Strict):
 
 
 class ExpertsSpec(_Strict):
-    calibration: Literal["routed", "all"] = Field(
+    calibration: Literal["routed", "all", "weighted"] = Field(
         default="routed", description="Which tokens a Mixture-of-Experts expert's statistics (Hessian, activation "
         "norms, D² statistics) come from. `routed`: the tokens the router sends to it (an expert no token reaches is "
         "pruned by magnitude, and the record says so). `all`: every calibration token goes through every expert for "
-        "the statistics only (E times the experts' compute while observing); the block's output, and so the next "
-        "block's input, stays the routed one. Ignored for models without experts.",
+        "the statistics only (E times the experts' compute while observing). `weighted`: the routed tokens, each "
+        "weighted by its routing weight for that expert (the Hessian is Σ w·x xᵀ / n), at twice the experts' compute "
+        "while observing. Either way the block's output, and so the next block's input, stays the routed one. "
+        "Ignored for models without experts.",
     )
 
 
