@@ -22,6 +22,16 @@ from d2compiler.recipe.artifacts import ARTIFACTS
 from d2compiler.recipe.pass_base import LayerWork, Pass, TargetedParams
 
 T = TypeVar("T")
+FINGERPRINT_CHUNK = 1 << 24  # entries squared at a time by `_fingerprint` (64 MiB of float32)
+
+
+def _fingerprint(param: torch.Tensor) -> torch.Tensor:
+    """(sum, sum of squares) of `param` in float64, chunk by chunk."""
+    total = torch.zeros(2, dtype=torch.float64, device=param.device)
+    for chunk in param.detach().reshape(-1).split(FINGERPRINT_CHUNK):
+        total[0] += chunk.sum(dtype=torch.float64)
+        total[1] += chunk.square().sum(dtype=torch.float64)
+    return total
 
 
 @dataclass
@@ -51,10 +61,10 @@ class ExecutorContext:
 
     def fingerprints(self) -> dict[str, torch.Tensor]:
         """Each block parameter's (sum, sum of squares) in float64, on its device (no host sync): what
-        the executor compares before and after every pass, to hold it to what it reported."""
+        the executor compares before and after every pass, to hold it to what it reported. Read in
+        chunks of `FINGERPRINT_CHUNK` entries, so a large expert bank needs no squared copy of itself."""
         with torch.no_grad():
-            return {name: torch.stack([param.sum(dtype=torch.float64), (param * param).sum(dtype=torch.float64)])
-                    for name, param in self.module.named_parameters()}
+            return {name: _fingerprint(param) for name, param in self.module.named_parameters()}
 
     @property
     def total_samples(self) -> int:
