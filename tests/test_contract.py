@@ -246,3 +246,17 @@ def test_a_pass_field_that_would_overwrite_a_core_key_of_the_record_is_refused(t
                                                    "'overall_sparsity', which d2compiler already writes to sparsity.json; "
                                                    "name it after the pass")
         assert not (tmp_path / "out").exists()
+
+
+def test_the_core_reads_in_one_sitting():
+    """No module of d2compiler/ over 400 lines, no function of execution/ or driver/ over 60 (issue 29)."""
+    long_files = [(str(p.relative_to(ROOT)), n) for p in (ROOT / "d2compiler").rglob("*.py")
+                  if (n := len(p.read_text().splitlines())) > 400]
+    assert not long_files, long_files
+    long_functions = []
+    for folder in ("execution", "driver"):
+        for path in (ROOT / "d2compiler" / folder).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno + 1 > 60:
+                    long_functions.append((str(path.relative_to(ROOT)), node.name, node.end_lineno - node.lineno + 1))
+    assert not long_functions, long_functions

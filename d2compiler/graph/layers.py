@@ -64,7 +64,7 @@ class LinearLayer:
 
     @property
     def is_expert(self) -> bool:
-        """One expert of a 3-D expert bank (`graph.experts.ExpertSlice`), not a module of its own."""
+        """One expert of a 3-D expert bank (`graph.expert_calls.ExpertSlice`), not a module of its own."""
         return hasattr(self.module, "bank")
 
     @property
