@@ -6,7 +6,10 @@
    (30 layers, hidden 576, 9 heads / 3 KV heads, intermediate 1536, vocabulary 49152: the real GGUF
    cannot travel to the GPU machine), in float32 and bfloat16, on CUDA and on the CPU with identical
    weights: perplexity on CUDA must be within 1% of the CPU run; the pruning wall time per phase;
-3. `Packed24Linear` (CUDA semi-structured sparse) vs a dense matmul for 4096x4096 and 11008x4096
+3. the same for a seeded synthetic Mixture-of-Experts (Qwen3-MoE layout: 3-D expert banks, 8 layers
+   of hidden 576, 8 experts of intermediate 768, top-2): SparseGPT at 60% in float32, every expert
+   pruned on its routed tokens, CUDA within 1% of the CPU;
+4. `Packed24Linear` (CUDA semi-structured sparse) vs a dense matmul for 4096x4096 and 11008x4096
    fp16 weights at 1, 16 and 2048 tokens.
 
 Writes bench/results/gpu.{json,md}. Without a CUDA device it stops at once with exit status 2: it
@@ -31,6 +34,10 @@ import protocol  # noqa: E402
 
 SMOLLM2_SHAPE = dict(layers=30, hidden=576, intermediate=1536, heads=9, kv_heads=3, vocab=49152)
 TINY_SHAPE = dict(layers=2, hidden=64, intermediate=128, heads=4, kv_heads=2, vocab=512)
+MOE_SHAPE = dict(layers=8, hidden=576, intermediate=1536, moe_intermediate=768, experts=8, top_k=2, heads=9, kv_heads=3,
+                 vocab=49152)
+TINY_MOE_SHAPE = dict(layers=2, hidden=64, intermediate=128, moe_intermediate=32, experts=4, top_k=2, heads=4, kv_heads=2,
+                      vocab=512)
 METHODS = {
     "sparsegpt": [{"type": "calibrate"}, {"type": "sparsegpt", "sparsity": 0.6}],
     "d2prune-kl": [{"type": "calibrate"}, {"type": "attention_kl_update", "strategy": "kl"},
@@ -53,6 +60,24 @@ def synthetic_model() -> Path:
                                           num_hidden_layers=shape["layers"], num_attention_heads=shape["heads"],
                                           num_key_value_heads=shape["kv_heads"], tie_word_embeddings=True)
         save_random_model(config, folder, tokenizer)
+    return folder
+
+
+def synthetic_moe() -> Path:
+    """A seeded random Qwen3-MoE-layout model (3-D expert banks), written once to the work folder."""
+    import transformers
+
+    from d2compiler.evaluation.synthetic import save_random_model, tiny_tokenizer
+
+    shape = protocol.pick(MOE_SHAPE, TINY_MOE_SHAPE)
+    folder = protocol.work_dir("gpu") / "synthetic-moe"
+    if not (folder / "config.json").is_file():
+        config = transformers.Qwen3MoeConfig(
+            vocab_size=shape["vocab"], hidden_size=shape["hidden"], intermediate_size=shape["intermediate"],
+            moe_intermediate_size=shape["moe_intermediate"], num_experts=shape["experts"], num_experts_per_tok=shape["top_k"],
+            num_hidden_layers=shape["layers"], num_attention_heads=shape["heads"], num_key_value_heads=shape["kv_heads"],
+            head_dim=shape["hidden"] // shape["heads"], tie_word_embeddings=True)
+        save_random_model(config, folder, tiny_tokenizer())
     return folder
 
 
@@ -145,12 +170,13 @@ def main() -> int:
         return 1
     model, out = synthetic_model(), protocol.work_dir("gpu") / "runs"
     runs = []
-    for method in METHODS:
-        for dtype in ("float32", "bfloat16"):
-            cpu, gpu = prune(model, method, dtype, "cpu", out), prune(model, method, dtype, device, out)
-            ratio = gpu["pruned_ppl"] / cpu["pruned_ppl"]
-            runs.append({"method": method, "dtype": dtype, "cpu": cpu, "cuda": gpu, "ratio": ratio})
-            print(json.dumps(runs[-1]), flush=True)
+    cases = [(model, method, dtype) for method in METHODS for dtype in ("float32", "bfloat16")]
+    cases.append((synthetic_moe(), "sparsegpt", "float32"))  # the experts: per-expert statistics and solves on CUDA
+    for source, method, dtype in cases:
+        label = method + (" (MoE)" if source.name == "synthetic-moe" else "")
+        cpu, gpu = (prune(source, method, dtype, where, out / source.name) for where in ("cpu", device))
+        runs.append({"method": label, "dtype": dtype, "cpu": cpu, "cuda": gpu, "ratio": gpu["pruned_ppl"] / cpu["pruned_ppl"]})
+        print(json.dumps(runs[-1]), flush=True)
     record = {"device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu (smoke)", "cuda_tests": tests, "runs": runs,
               "matmul": matmul_times(device), "wall_s": time.perf_counter() - started, "provenance": protocol.provenance()}
     protocol.publish("gpu", record, markdown(record))
