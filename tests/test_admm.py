@@ -47,30 +47,31 @@ def test_without_the_update_the_support_keeps_the_original_weights():
     assert layer_error(updated.weight, w, h) < layer_error(plain.weight, w, h)
 
 
-def test_admm_with_allocation_keeps_the_global_count_and_loads(tiny_models, tmp_path):
+def run_llama(tiny_models, tmp_path, passes: str) -> tuple[dict, dict[str, torch.Tensor]]:
+    """`d2c run` of `passes` on the tiny Llama: (sparsity.json, the output's weights)."""
     out = tmp_path / "out"
+    assert main(["--quiet", "run", str(write_recipe(tmp_path / "r.toml", str(tiny_models["llama"]), passes, output=out))]) == 0
+    return json.loads((out / "sparsity.json").read_text()), load_file(out / "model.safetensors")
+
+
+def test_admm_with_allocation_keeps_the_global_count_and_loads(tiny_models, tmp_path):
     passes = ('[[passes]]\ntype = "calibrate"\n[[passes]]\ntype = "sparsity_allocation"\nprofile = "error"\n'
               '[[passes]]\ntype = "admm"\nsparsity = 0.7\n')
-    assert main(["--quiet", "run", str(write_recipe(tmp_path / "r.toml", str(tiny_models["llama"]), passes, output=out))]) == 0
-    record = json.loads((out / "sparsity.json").read_text())
-    weights = load_file(out / "model.safetensors")
+    record, weights = run_llama(tiny_models, tmp_path, passes)
     sizes = {name: m["shape"][0] * m["shape"][1] for name, m in record["layers"].items()}
     assert sum(int((weights[f"{name}.weight"] == 0).sum()) for name in sizes) == round(0.7 * sum(sizes.values()))
     for name, metrics in record["layers"].items():
         assert metrics["admm_iterations"] >= 3 and metrics["passes"][-1] == "admm", name
         assert int((weights[f"{name}.weight"] == 0).sum()) == round(metrics["allocated_sparsity"] * sizes[name]), name
-    model = AutoModelForCausalLM.from_pretrained(out)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     assert torch.isfinite(model(torch.randint(0, 100, (1, 16))).logits).all()
 
 
 def test_admm_honours_an_update_plan(tiny_models, tmp_path):
-    out = tmp_path / "out"
     passes = ('[[passes]]\ntype = "calibrate"\n[[passes]]\ntype = "attention_kl_update"\n'
               '[[passes]]\ntype = "admm"\nmask_structure = "2:4"\n')
-    assert main(["--quiet", "run", str(write_recipe(tmp_path / "r.toml", str(tiny_models["llama"]), passes, output=out))]) == 0
-    record = json.loads((out / "sparsity.json").read_text())
+    record, weights = run_llama(tiny_models, tmp_path, passes)
     assert set(record["attention_choices"]) == {"0", "1"}  # a plan was made per block and applied by admm
-    weights = load_file(out / "model.safetensors")
     for name, metrics in record["layers"].items():
         assert metrics["passes"][-1] == "admm"
         assert torch.all((weights[f"{name}.weight"] == 0).reshape(metrics["shape"][0], -1, 4).sum(-1) >= 2), name

@@ -97,9 +97,8 @@ def test_a_dense_model_is_covered_and_its_sparsities_agree(tiny_models, tmp_path
     assert abs(results["block_weight_sparsity"] - 0.5) < 0.01  # every block weight is a pruned linear
 
 
-def test_a_second_stack_of_blocks_left_dense_is_refused(tmp_path, tokenizer, capsys):
-    """BART: one stack (the decoder's) is pruned; the encoder's would stay dense, so the run is refused
-    with a line naming it, unless model.allow_untargeted."""
+def tiny_bart(tmp_path, tokenizer):
+    """A seeded tiny BART (an encoder stack and a decoder stack of 2 blocks each), saved with `tokenizer`."""
     import transformers as tf
 
     torch.manual_seed(0)
@@ -108,6 +107,14 @@ def test_a_second_stack_of_blocks_left_dense_is_refused(tmp_path, tokenizer, cap
     folder = tmp_path / "bart"
     tf.BartForConditionalGeneration(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_a_second_stack_of_blocks_left_dense_is_refused(tmp_path, tokenizer, capsys):
+    """BART: one stack (the decoder's) is pruned; the encoder's would stay dense, so the run is refused
+    with a line naming it, unless model.allow_untargeted."""
+
+    folder = tiny_bart(tmp_path, tokenizer)
     assert main(["--quiet", "run", str(recipe(tmp_path, folder))]) == 2
     err = capsys.readouterr().err
     assert "the passes act on one stack of blocks, model.decoder.layers; the stack model.encoder.layers (2 blocks" in err
@@ -122,12 +129,7 @@ def test_model_blocks_prunes_each_named_stack_in_order(tmp_path, tokenizer, caps
     import transformers as tf
     from safetensors.torch import load_file
 
-    torch.manual_seed(0)
-    config = tf.BartConfig(vocab_size=len(tokenizer), d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
-                           decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128, max_position_embeddings=128)
-    folder = tmp_path / "bart"
-    tf.BartForConditionalGeneration(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+    folder = tiny_bart(tmp_path, tokenizer)
     stacks = 'blocks = ["model.encoder.layers", "model.decoder.layers"]\n'
     assert main(["--quiet", "run", str(recipe(tmp_path, folder, extra=stacks))]) == 0
     record = json.loads((tmp_path / "out" / "sparsity.json").read_text())

@@ -247,13 +247,14 @@ def _prune(job: Job, manager: PassManager, loaded: LoadedModel, streamed: Stream
                  dtype_name(compute), dtype_name(storage))
     stacks = recipe.model.blocks or []
     reports, blocks, stores = [], [], []
+    key = None if job.out_path is None else job_fingerprint(recipe, source_digest(loaded), windows)  # hashes the model files: once
     try:
         for index in range(max(len(stacks), 1)):  # the stacks in order: a later one calibrates on the pruned earlier ones
             executor = BlockExecutor(loaded.model, manager.schedule, device=group.device, role_overrides=recipe.model.roles,
                                      quiet=job.quiet, streamed=streamed, group=group, storage_dtype=storage,
                                      allow_untargeted=recipe.model.allow_untargeted,
                                      experts_calibration=recipe.experts.calibration, stacks=stacks, stack=index)
-            checkpoints = _checkpoints(job, loaded, windows, index)
+            checkpoints = None if key is None else _checkpoints(job, loaded.storage_dtype, key, index)
             stores += [checkpoints] if checkpoints is not None else []
             reports.append(executor.run(windows, checkpoints))
             blocks.append(executor.blocks)
@@ -267,15 +268,13 @@ def _prune(job: Job, manager: PassManager, loaded: LoadedModel, streamed: Stream
     return Pruned(ExecutionReport.combine(reports), blocks, stores, time.perf_counter() - start, compute, group.device)
 
 
-def _checkpoints(job: Job, loaded: LoadedModel, windows: list[torch.Tensor], stack: int) -> CheckpointStore | None:
-    """The checkpoint store of stack `stack` (None without an output): `.NAME.d2c-work` beside the
-    output, `.NAME.d2c-work.stackN` for the later stacks of `model.blocks`; emptied unless resuming."""
-    if job.out_path is None:
-        return None
+def _checkpoints(job: Job, storage: torch.dtype | None, key: str, stack: int) -> CheckpointStore:
+    """The checkpoint store of stack `stack` for the job `key` (`job_fingerprint`): `.NAME.d2c-work`
+    beside the output, `.NAME.d2c-work.stackN` for the later stacks of `model.blocks`; emptied unless
+    resuming."""
     folder = work_dir_for(job.out_path)
     folder = folder.with_name(f"{folder.name}.stack{stack}") if stack else folder
-    store = CheckpointStore(folder, job_fingerprint(job.recipe, source_digest(loaded), windows), processes=job.group.size,
-                            storage_dtype=loaded.storage_dtype)
+    store = CheckpointStore(folder, key, processes=job.group.size, storage_dtype=storage)
     if job.main and job.recipe.output.resume:
         store.check_processes()
     elif job.main:
