@@ -114,10 +114,17 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     groups = {name: i for i, g in enumerate(structure.input_groups) for name in g}
     width = max([len(layer.local_name) for layer in layers] + [len(b.local_name) + 7 for s in executor.structures() for b in s.experts])
     print(f"  {'linear':<{width}}  {'class':<8} {'role':<6} {'out x in':<12} {'input':<6} rows")
+    first_entry: dict[str, str] = {}
     for layer in layers:
         out_f, in_f = layer.shape
         rows = _rows_text(layer.rows) if layer.rows else ""
-        print(f"  {layer.local_name:<{width}}  {type(layer.module).__name__:<8} {layer.role:<6} "
+        name, experts = layer.local_name, structure.expert_lists.get(layer.expert_list or "")
+        if experts:  # the first expert stands for its list
+            entry, _, inner = name[len(layer.expert_list) + 1 :].partition(".")
+            if first_entry.setdefault(layer.expert_list, entry) != entry:
+                continue
+            name, rows = f"{layer.expert_list}.*.{inner}", f"x {experts} experts (a list of modules)"
+        print(f"  {name:<{width}}  {type(layer.module).__name__:<8} {layer.role:<6} "
               f"{f'{out_f}x{in_f}':<12} {f'#{groups.get(layer.owner, -1)}':<6} {rows}".rstrip())
     shown = set()
     for bank in (b for s in executor.structures() for b in s.experts):

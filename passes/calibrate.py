@@ -7,7 +7,7 @@ only the norms, so that every pruning pass can report its reconstruction error; 
 keeps only the norms unless a later pass requires the Hessian. Statistics are recorded only for
 the layers some later pass reads (`statistics_read`).
 
-Experts of a Mixture-of-Experts bank see only the tokens routed to them, so their statistics are
+Experts of a Mixture-of-Experts (3-D banks or lists of modules) see only the tokens routed to them, so their statistics are
 "routed" ones, and their token counts are reported (`calibration_tokens` per expert layer). An
 expert no calibration token reached gets the identity as its Hessian and unit activation norms
 (reported as `statistics = "identity: no token reached it"`): its pruning is then by weight
@@ -97,7 +97,7 @@ class CalibratePass(Pass):
         for group in ctx.observed_groups():
             first = group[0]
             acc = _Accumulator(want_hessian, first.shape[1], ctx.device)
-            self._accs[first.name] = (acc, [layer.name for layer in group], all(layer.is_expert for layer in group))
+            self._accs[first.name] = (acc, [layer.name for layer in group], all(layer.routed for layer in group))
             self._handles.append(first.module.register_forward_hook(lambda _m, inp, _o, acc=acc: acc.add(inp[0])))
 
     def end_observe(self, ctx: Any) -> None:

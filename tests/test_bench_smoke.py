@@ -35,6 +35,7 @@ SCRIPTS = {
     "compressed_export.py": [PY, "bench/compressed_export.py", "--smoke"],
     "ct_layout.py": [PY, "bench/ct_layout.py", "--smoke"],
     "layer_errors.py": [PY, "bench/layer_errors.py", "--smoke", "--patterns", "0.7,2:4"],
+    "moe.py": [PY, "bench/moe.py", "--smoke", "--recipes", "sparsegpt-unstructured-50", "--modes", "all", "--seeds", "1"],
 }
 WRITES = {"quality.py": ["quality.json", "quality.md"], "attention_fidelity.py": ["attention_fidelity.json", "attention_fidelity.png"],
           "arch.py": ["arch.json", "arch.md"], "cost.py": ["cost.json", "cost.md"], "deploy.py": ["deploy.json", "deploy.md"],
@@ -42,7 +43,7 @@ WRITES = {"quality.py": ["quality.json", "quality.md"], "attention_fidelity.py":
           "dtypes.py": ["dtypes.json", "dtypes.md"], "gpu_check.py": ["gpu.json", "gpu.md"],
           "distributed.py": ["distributed.json", "distributed.md"], "onnx_large.py": ["onnx_large.json", "onnx_large.md"],
           "compressed_export.py": ["compressed_tensors.json", "compressed_tensors.md"], "ct_layout.py": ["ct_layout.json", "ct_layout.md"],
-          "layer_errors.py": ["layer_errors.json", "layer_errors.md"]}
+          "layer_errors.py": ["layer_errors.json", "layer_errors.md"], "moe.py": ["moe.json", "moe.md"]}
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +53,8 @@ def smoke_dir(tmp_path_factory) -> Path:
 
 def test_every_bench_script_is_covered():
     scripts = {p.name for p in BENCH.iterdir() if p.suffix in (".py", ".sh") and p.name != "protocol.py"}
-    assert scripts == set(SCRIPTS) | {"llmc_job.py", "llmc_quant_job.py"}  # run by cost.py and ct_layout.py, in their own venv
+    assert scripts == set(SCRIPTS) | {"llmc_job.py", "llmc_quant_job.py", "upcycle.py"}  # run by cost.py and ct_layout.py
+    # (in their own venv) and by moe.py
 
 
 @pytest.mark.parametrize("script", list(SCRIPTS))

@@ -38,9 +38,9 @@ def qwen3_moe(tmp_path_factory, tokenizer):
 @pytest.fixture
 def unseen_experts(monkeypatch):
     """The executor finds no expert banks (see the module docstring)."""
-    from d2compiler.execution import executor
+    from d2compiler.graph import block_trace
 
-    monkeypatch.setattr(executor, "probe_banks", lambda _block, _run: [])
+    monkeypatch.setattr(block_trace, "probe_banks", lambda _block, _run: [])
 
 
 def recipe(tmp_path, model, passes=SPARSEGPT, extra="", output=True):

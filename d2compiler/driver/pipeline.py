@@ -290,7 +290,8 @@ def _write(job: Job, loaded: LoadedModel, streamed: StreamedModel | None, checkp
         generation = getattr(model, "generation_config", None) if model.can_generate() else None
         write_sharded_output(job.out_path, streamed.outside_state(loaded.storage_dtype),
                              [checkpoints[0].path(i) for i in range(len(streamed.blocks))], model.config, generation, tokenizer,
-                             record, overwrite=job.overwrite, protected=job.protected)
+                             record, overwrite=job.overwrite, protected=job.protected,
+                             layout=(set(streamed.converted), streamed.in_checkpoint_layout))
     else:
         write_output(job.out_path, model, tokenizer, record, overwrite=job.overwrite, fmt=job.recipe.output.format,
                      protected=job.protected)

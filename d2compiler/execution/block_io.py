@@ -48,11 +48,23 @@ def model_call_kwargs(model: nn.Module) -> dict[str, Any]:
 Call = torch.Tensor | dict[str, Any]  # one model input: the first positional argument (token ids, pixels) or keyword arguments
 
 
+def decoder_inputs(model: nn.Module, ids: torch.Tensor) -> dict[str, Any]:
+    """For an encoder-decoder given token ids only: the decoder's input, the ids shifted right as
+    the model prepares them from labels (T5-like models do not make one themselves; BART-like ones
+    make the same)."""
+    prepare = getattr(model, "prepare_decoder_input_ids_from_labels", None)
+    if not getattr(getattr(model, "config", None), "is_encoder_decoder", False) or not callable(prepare) or ids.is_floating_point():
+        return {}
+    return {"decoder_input_ids": prepare(labels=ids)}
+
+
 def invoke(model: nn.Module, call: Call, device: torch.device) -> Any:
-    """`model(call)` or `model(**call)`, the call's tensors moved to `device`, without a KV cache."""
+    """`model(call)` or `model(**call)`, the call's tensors moved to `device`, without a KV cache
+    (an encoder-decoder given token ids gets its decoder input, `decoder_inputs`)."""
     extra = model_call_kwargs(model)
     if isinstance(call, torch.Tensor):
-        return model(call.to(device), **extra)
+        ids = call.to(device)
+        return model(ids, **extra, **decoder_inputs(model, ids))
     return model(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in call.items()}, **extra)
 
 

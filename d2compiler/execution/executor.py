@@ -31,11 +31,12 @@ from d2compiler.execution.memory import current_rss_mb, peak_rss_mb
 from d2compiler.execution.placement import Placement, Reader
 from d2compiler.execution.progress import progress
 from d2compiler.execution.report import BlockReport, ExecutionReport
+from d2compiler.graph.block_trace import trace_with_experts
 from d2compiler.graph.blocks import block_signature
 from d2compiler.graph.coverage import Coverage, measure_coverage
-from d2compiler.graph.experts import expert_layers, experts_for_tracing, probe_banks, use_eager_experts
+from d2compiler.graph.experts import expert_layers, use_eager_experts
 from d2compiler.graph.layers import LinearLayer
-from d2compiler.graph.structure import BlockStructure, bind_linears, structure_from_roles, trace_block
+from d2compiler.graph.structure import BlockStructure, bind_linears, structure_from_roles
 from d2compiler.graph.targets import select_layers
 from d2compiler.recipe.pass_base import Pass, PassResult
 
@@ -115,10 +116,7 @@ class BlockExecutor:
                 self._structures[key] = structure_from_roles(block, self.role_overrides)
             else:
                 with self.on_device(index) as placed:
-                    with experts_for_tracing(self.model):
-                        structure = trace_block(placed, sample.args, sample.kwargs, label=label)
-                    structure.experts = probe_banks(placed, lambda: placed(*sample.args, **sample.kwargs))
-                    self._structures[key] = structure
+                    self._structures[key] = trace_with_experts(self.model, placed, sample, label, self.experts_calibration)
         return self._structures[key]
 
     def structures(self) -> list[BlockStructure]:

@@ -24,6 +24,7 @@ from safetensors import safe_open
 from torch import nn
 
 from d2compiler.errors import ModelLoadError
+from d2compiler.execution.checkpoint_layout import assemble, learn_layout, pieces_of
 from d2compiler.weight_index import tensor_files
 
 
@@ -137,29 +138,55 @@ class StreamedModel:
         self.blocks_path, self.blocks = find_blocks(model)
         self.tied = _tied(model)
         self.outside_loaded = False
+        self.converted: dict[str, tuple[int, ...]] = {}  # model tensors the checkpoint holds in its own layout: shape
         self.check_keys()
 
     def check_keys(self) -> None:
-        """Every parameter and persistent buffer of the model is in the files, with its shape, and
-        nothing else is (transformers' load report, as an error)."""
+        """Every parameter and persistent buffer of the model is in the files, with its shape (under
+        its own name, or in the checkpoint's own layout that transformers converts as it loads,
+        `checkpoint_layout`), and nothing else is (transformers' load report, as an error)."""
         wanted = {name: tuple(t.shape) for name, t in self.model.state_dict().items() if name not in self.tied}
         have = self.source.keys()
-        missing, unexpected = sorted(set(wanted) - have), sorted(have - set(wanted) - set(self.tied))
-        banks = [name for name in missing if len(wanted[name]) == 3]
-        if banks:
-            raise ModelLoadError(f"{self.source.folder}: the checkpoint stores the experts of {banks[0]} (and "
-                                 f"{len(banks) - 1} more banks) one by one, in the layout transformers converts into 3-D "
-                                 "banks as it loads; streaming reads tensors under the model's own names and does not "
-                                 "convert them yet: set model.streaming = false")
+        converted: set[str] = set()
+        for name in sorted(set(wanted) - have):  # one at a time: a bank's row numbers can be large
+            for pieces in learn_layout(self.model, {name: wanted[name]}).values():
+                for piece in pieces:
+                    if piece.key in have and self.source.shape(piece.key) != piece.shape():
+                        raise ModelLoadError(f"{self.source.folder}: tensor {piece.key} has the wrong shape (checkpoint "
+                                             f"{self.source.shape(piece.key)}, the model's {name} needs {piece.shape()})")
+                    converted.add(piece.key)
+                self.converted[name] = wanted[name]
+        missing = sorted(set(wanted) - have - set(self.converted)) + sorted(converted - have)
+        unexpected = sorted(have - set(wanted) - set(self.tied) - converted)
         for kind, keys in (("missing from the checkpoint", missing), ("in the checkpoint but not in the model", unexpected)):
             if keys:
                 more = f" and {len(keys) - 3} more" if len(keys) > 3 else ""
                 raise ModelLoadError(f"{self.source.folder}: {len(keys)} weights {kind} (does config.json match the "
                                      f"weights?): {', '.join(keys[:3])}{more}")
         for name, shape in wanted.items():
-            stored = self.source.shape(name)
+            stored = self.source.shape(name) if name in have else shape
             if stored != shape:
                 raise ModelLoadError(f"{self.source.folder}: tensor {name} has the wrong shape (checkpoint {stored}, model {shape})")
+
+    def read_source(self, name: str) -> torch.Tensor:
+        """The model's tensor `name` from the source files: stored under its name, or assembled from
+        the checkpoint tensors that hold it in the checkpoint's own layout."""
+        if name not in self.converted:
+            return self.source.read(name)
+        shape = self.converted[name]
+        pieces = learn_layout(self.model, {name: shape})[name]
+        return assemble(name, shape, pieces, self.source.read)
+
+    def in_checkpoint_layout(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """`tensors` (by model name) as the source checkpoint stores them: those it holds in its own
+        layout split into its tensors, the others as they are."""
+        out = {}
+        for name, tensor in tensors.items():
+            if name in self.converted:
+                out.update(pieces_of(tensor, learn_layout(self.model, {name: self.converted[name]})[name]))
+            else:
+                out[name] = tensor
+        return out
 
     def block_prefix(self, index: int) -> str:
         return f"{self.blocks_path}.{index}."
@@ -189,14 +216,14 @@ class StreamedModel:
         model ties."""
         for name in self.model.state_dict():
             if name not in self.tied and not name.startswith(self.blocks_path + "."):
-                self._set(self.model, name, self.source.read(name))
+                self._set(self.model, name, self.read_source(name))
         if self.tied:
             self.model.tie_weights()
         self.outside_loaded = True
 
     def load_block(self, index: int, read: Callable[[str], torch.Tensor] | None = None) -> nn.Module:
         """Materialise block `index` on the CPU from `read` (default: the source files)."""
-        block, read, prefix = self.blocks[index], read or self.source.read, self.block_prefix(index)
+        block, read, prefix = self.blocks[index], read or self.read_source, self.block_prefix(index)
         for name in block.state_dict():  # parameters and persistent buffers
             self._set(block, name, read(prefix + name))
         return block

@@ -46,6 +46,7 @@ class LinearLayer:
     module: nn.Module
     role: str
     rows: tuple[int, ...] | None = None  # for a slice of a fused weight: its output rows (start, stop[, step])
+    expert_list: str | None = None  # for an expert of a `ModuleList` of experts (`graph.expert_lists`): the list's name
 
     @property
     def row_slice(self) -> slice:
@@ -66,6 +67,11 @@ class LinearLayer:
     def is_expert(self) -> bool:
         """One expert of a 3-D expert bank (`graph.expert_calls.ExpertSlice`), not a module of its own."""
         return hasattr(self.module, "bank")
+
+    @property
+    def routed(self) -> bool:
+        """A Mixture-of-Experts expert (of a 3-D bank or of a list): it sees only the tokens routed to it."""
+        return self.is_expert or self.expert_list is not None
 
     @property
     def shape(self) -> tuple[int, int]:

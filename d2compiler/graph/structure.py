@@ -73,6 +73,7 @@ class BlockStructure:
     attention: list[AttentionSite] = field(default_factory=list)
     slices: dict[str, dict[str, tuple[int, int]]] = field(default_factory=dict)  # fused linear -> role -> rows
     experts: list[Any] = field(default_factory=list)  # the block's expert banks (`graph.experts.ExpertBank`)
+    expert_lists: dict[str, int] = field(default_factory=dict)  # the block's expert lists (`graph.expert_lists`): name -> E
 
     def group_of(self, name: str) -> list[str]:
         for group in self.input_groups:
@@ -354,5 +355,6 @@ def bind_linears(block: nn.Module, prefix: str, structure: BlockStructure, overr
                     for role, rows in structure.slices[local].items()]
         else:
             role = overrides.get(local, structure.roles.get(local, "other"))
-            out.append(LinearLayer(f"{prefix}.{local}", local, module, role))
+            expert_list = next((name for name in structure.expert_lists if local.startswith(name + ".")), None)
+            out.append(LinearLayer(f"{prefix}.{local}", local, module, role, expert_list=expert_list))
     return out
