@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -100,6 +101,20 @@ seq_len = {seq_len}
 {out}"""
     )
     return path
+
+
+def tiny_bart(tmp_path: Path, tokenizer: Any, *, decoder_layers: int = 2) -> Path:
+    """A seeded tiny BART (an encoder stack of 2 blocks and a decoder stack), saved with `tokenizer`."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    config = tf.BartConfig(vocab_size=len(tokenizer), d_model=64, encoder_layers=2, decoder_layers=decoder_layers,
+                           encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128,
+                           max_position_embeddings=128)
+    folder = tmp_path / "bart"
+    tf.BartForConditionalGeneration(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
 
 
 def kill_after_blocks(cmd: list[str], state_file: Path, blocks: int, *, group: bool = False) -> int:

@@ -15,7 +15,7 @@ import torch
 
 from d2compiler.cli import main
 
-from .conftest import write_recipe
+from .conftest import tiny_bart, write_recipe
 
 SPARSEGPT = '[[passes]]\ntype = "calibrate"\n[[passes]]\ntype = "sparsegpt"\nsparsity = 0.5\n'
 
@@ -97,19 +97,6 @@ def test_a_dense_model_is_covered_and_its_sparsities_agree(tiny_models, tmp_path
     assert abs(results["block_weight_sparsity"] - 0.5) < 0.01  # every block weight is a pruned linear
 
 
-def tiny_bart(tmp_path, tokenizer):
-    """A seeded tiny BART (an encoder stack and a decoder stack of 2 blocks each), saved with `tokenizer`."""
-    import transformers as tf
-
-    torch.manual_seed(0)
-    config = tf.BartConfig(vocab_size=len(tokenizer), d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
-                           decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128, max_position_embeddings=128)
-    folder = tmp_path / "bart"
-    tf.BartForConditionalGeneration(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
 def test_a_second_stack_of_blocks_left_dense_is_refused(tmp_path, tokenizer, capsys):
     """BART: one stack (the decoder's) is pruned; the encoder's would stay dense, so the run is refused
     with a line naming it, unless model.allow_untargeted."""
@@ -142,6 +129,12 @@ def test_model_blocks_prunes_each_named_stack_in_order(tmp_path, tokenizer, caps
             assert int((w == 0).sum()) == w.numel() // 2, name
     assert record["results"]["coverage"]["targeted_share"] > 0.3 and abs(record["results"]["block_weight_sparsity"] - 0.5) < 0.01
     assert tf.BartForConditionalGeneration.from_pretrained(tmp_path / "out") is not None
+    capsys.readouterr()
+    assert main(["plan", str(recipe(tmp_path, folder, extra=stacks, output=False))]) == 0
+    plan = capsys.readouterr().out
+    assert "(model.encoder.layers, model.decoder.layers x 4)" in plan  # both stacks, 2 blocks each
+    assert "model.encoder.layers blocks 0-1:" in plan and "model.decoder.layers blocks 0-1:" in plan
+    assert "encoder_attn.q_proj (q)" in plan.split("model.decoder.layers blocks 0-1:")[1]
 
     wrong = 'blocks = ["model.encoder.layer"]\n'
     assert main(["--quiet", "run", str(recipe(tmp_path, folder, extra=wrong, output=False))]) == 2

@@ -14,7 +14,7 @@ import torch
 from d2compiler.cli import main
 from d2compiler.execution.checkpoint import work_dir_for
 
-from .conftest import kill_after_blocks, write_recipe
+from .conftest import kill_after_blocks, tiny_bart, write_recipe
 
 SPARSEGPT = '[[passes]]\ntype = "calibrate"\n[[passes]]\ntype = "sparsegpt"\nsparsity = 0.5\n'
 
@@ -60,6 +60,31 @@ def test_kill_and_resume_is_byte_identical(tmp_path, deep_llama, streaming):
     assert resumed["weights_sha256"] == _record(reference)["weights_sha256"]
     assert [b["resumed"] for b in resumed["blocks"]] == [i < killed_at for i in range(8)]
     assert not work_dir_for(output).exists(), "the work folder outlived a finished run"
+
+
+def test_a_killed_run_over_two_stacks_resumes_in_the_second(tmp_path, tokenizer):
+    """BART with `model.blocks` naming both stacks, killed after the decoder's first block: the rerun
+    restores the encoder and the finished decoder blocks from their stores and ends with the
+    uninterrupted run's exact weights."""
+    folder = tiny_bart(tmp_path, tokenizer, decoder_layers=6)
+    recipe = write_recipe(tmp_path / "r.toml", str(folder), SPARSEGPT, samples=8, seq_len=64)
+    recipe.write_text(recipe.read_text().replace('device = "cpu"\n', 'device = "cpu"\nblocks = ["model.encoder.layers", '
+                                                 '"model.decoder.layers"]\n', 1))
+    reference = tmp_path / "reference"
+    assert main(["--quiet", "run", str(recipe), "--output", str(reference)]) == 0
+
+    output = tmp_path / "resumed"
+    decoder_state = work_dir_for(output).with_name(work_dir_for(output).name + ".stack1") / "state.json"
+    cmd = [sys.executable, "-m", "d2compiler.cli", "run", str(recipe), "--output", str(output)]
+    killed_at = kill_after_blocks(cmd, decoder_state, 1)
+    assert not output.exists() and 1 <= killed_at < 6
+    rerun = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"}, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert f"resuming at block {killed_at} of 6" in rerun.stderr
+    resumed = _record(output)
+    assert resumed["weights_sha256"] == _record(reference)["weights_sha256"]
+    # the encoder's first block comes from its store (a stack's last block is not checkpointed: it is recomputed)
+    assert [b["resumed"] for b in resumed["blocks"]] == [True, False] + [i < killed_at for i in range(6)]
 
 
 def test_checkpoints_of_another_recipe_are_discarded(tmp_path, tiny_models, caplog):

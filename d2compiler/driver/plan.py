@@ -42,6 +42,7 @@ class BlockPlan:
     first: int
     last: int
     touches: list[tuple[str, list[str]]]  # (pass name, ["self_attn.q_proj (q)", ...])
+    stack: str = ""  # the stack's path when the recipe names several (`model.blocks`)
 
 
 @dataclass
@@ -84,7 +85,7 @@ class Plan:
             lines.append(f"  {i}. {p.name:<22} requires {req}; provides {prov}")
         lines += ["", "per block (which linears each pass touches):"]
         for b in self.blocks:
-            span = f"block {b.first}" if b.first == b.last else f"blocks {b.first}-{b.last}"
+            span = (f"{b.stack} " if b.stack else "") + (f"block {b.first}" if b.first == b.last else f"blocks {b.first}-{b.last}")
             lines.append(f"  {span}:")
             if not b.touches:
                 lines.append("    (not run: after the last targeted block)")
@@ -140,8 +141,58 @@ def dtype_line(requested: str, device: torch.device, model: torch.nn.Module, sto
             f"{dtype_name(storage)} matmuls are several times slower than float32 on CPUs)")
 
 
+@dataclass
+class StackPlan:
+    """What tracing found in one stack of blocks: its executor, layers per block, what each pass
+    targets, the last targeted block and the linears that share statistics."""
+
+    executor: BlockExecutor
+    per_block: list[list[LinearLayer]]
+    targets: dict[int, set[str]]
+    last: int
+    groups: list[set[tuple[str, ...]]]
+    hidden: int
+    seq_of_image: int | None
+
+
+def _stack_plan(model: torch.nn.Module, manager: PassManager, recipe: BaseModel, streamed: Any, stack: int) -> StackPlan:
+    m = recipe.model
+    executor = BlockExecutor(model, manager.schedule, device=torch.device("cpu"), role_overrides=m.roles, quiet=True,
+                             streamed=streamed, stacks=m.blocks, stack=stack)
+    sample = capture_block_inputs(model, executor.blocks, [dummy_input(model)], torch.device("cpu"))[0]
+    per_block = [executor.layers_of(i, executor.structure(i, sample)) for i in range(len(executor.blocks))]
+    all_layers = [layer for layers in per_block for layer in layers]
+    targets = executor.targeted_names(all_layers)
+    executor.check_targets_match(targets, all_layers)
+    targeted = set().union(*targets.values()) if targets else set()
+    last = max((i for i, layers in enumerate(per_block) if any(la.name in targeted for la in layers)), default=-1)
+    groups = [{tuple(executor.structure(i, sample).group_of(la.owner)) for la in layers if la.name in targeted}
+              for i, layers in enumerate(per_block[: last + 1])]
+    return StackPlan(executor, per_block, targets, last, groups, sample.args[0].shape[-1],
+                     sample.args[0].shape[-2] if takes_images(model) else None)
+
+
+def _block_plans(part: StackPlan, schedule: list[Pass], label: str) -> list[BlockPlan]:
+    """Which linears each pass touches in each block of one stack (identical neighbours merged)."""
+    targeted = set().union(*part.targets.values()) if part.targets else set()
+    blocks: list[BlockPlan] = []
+    for i, layers in enumerate(part.per_block):
+        touches = []
+        if i <= part.last:
+            for pos, p in enumerate(schedule):
+                names = part.targets.get(pos)
+                chosen = [la for la in layers if (names is None and la.name in targeted) or (names is not None and la.name in names)]
+                touches.append((p.name, [_label(la) for la in chosen] if names is not None else []))
+        if blocks and blocks[-1].touches == touches and blocks[-1].last == i - 1:
+            blocks[-1].last = i
+        else:
+            blocks.append(BlockPlan(i, i, touches, label))
+    return blocks
+
+
 def make_plan(recipe: BaseModel) -> Plan:
-    """Plan `recipe` (see the module docstring). Loads the model; prunes nothing."""
+    """Plan `recipe` (see the module docstring): every stack `model.blocks` names, in order. Loads the
+    model; prunes nothing."""
     baseline_mb = current_rss_mb()
     device = resolve_device(recipe.model.device)
     manager = PassManager(list(recipe.passes))
@@ -152,56 +203,34 @@ def make_plan(recipe: BaseModel) -> Plan:
     else:
         loaded = load_model(m.source, m.dtype, "cpu", m.revision, m.attn_implementation)
     model = loaded.model
-    executor = BlockExecutor(model, manager.schedule, device=torch.device("cpu"), role_overrides=m.roles, quiet=True,
-                             streamed=streamed, stacks=m.blocks)
-    if m.blocks and len(m.blocks) > 1:
-        log.warning("d2c plan estimates the first stack of model.blocks (%s); the other stacks add their blocks' cost",
-                    m.blocks[0])
-    sample = capture_block_inputs(model, executor.blocks, [dummy_input(model)], torch.device("cpu"))[0]
-    per_block = [executor.layers_of(i, executor.structure(i, sample)) for i in range(len(executor.blocks))]
-    all_layers = [layer for layers in per_block for layer in layers]
-    targets = executor.targeted_names(all_layers)
-    executor.check_targets_match(targets, all_layers)
-    targeted = set().union(*targets.values()) if targets else set()
-    last = max((i for i, layers in enumerate(per_block) if any(la.name in targeted for la in layers)), default=-1)
-
-    blocks: list[BlockPlan] = []
-    for i, layers in enumerate(per_block):
-        touches = []
-        if i <= last:
-            for pos, p in enumerate(manager.schedule):
-                names = targets.get(pos)
-                chosen = [la for la in layers if (names is None and la.name in targeted) or (names is not None and la.name in names)]
-                touches.append((p.name, [_label(la) for la in chosen] if names is not None else []))
-        if blocks and blocks[-1].touches == touches and blocks[-1].last == i - 1:
-            blocks[-1].last = i
-        else:
-            blocks.append(BlockPlan(i, i, touches))
-
-    cal = recipe.data.calibration
-    seq = sample.args[0].shape[-2] if takes_images(model) else cal.seq_len  # an image is its patch tokens
+    parts = [_stack_plan(model, manager, recipe, streamed, stack) for stack in range(max(len(m.blocks or []), 1))]
+    several = len(parts) > 1
+    blocks = [b for part in parts for b in _block_plans(part, manager.schedule, part.executor.blocks_path if several else "")]
+    cal, first = recipe.data.calibration, parts[0]
+    seq = first.seq_of_image or cal.seq_len  # an image is its patch tokens
     tokens = cal.samples * seq
-    hidden = sample.args[0].shape[-1]
-    rates = _measure_rates(device, hidden, manager.schedule)
-    plan = Plan(m.source, executor.blocks_path, len(executor.blocks), manager.schedule, blocks, tokens, rates=rates,
-                dtypes=dtype_line(m.dtype, device, model, loaded.storage_dtype),
-                coverage=executor.coverage(targets, all_layers), allow_untargeted=m.allow_untargeted)
-    groups = [{tuple(executor.structure(i, sample).group_of(la.owner)) for la in layers if la.name in targeted}
-              for i, layers in enumerate(per_block[: last + 1])]
-    _estimate(plan, per_block[: last + 1], groups, targeted, seq, model, hidden, baseline_mb)
-    _estimate_storage(plan, model, executor, last, hidden, streaming=streamed is not None)
+    rates = _measure_rates(device, first.hidden, manager.schedule)
+    coverages = [part.executor.coverage(part.targets, [la for layers in part.per_block for la in layers]) for part in parts]
+    plan = Plan(m.source, ", ".join(p.executor.blocks_path for p in parts), sum(len(p.per_block) for p in parts),
+                manager.schedule, blocks, tokens, rates=rates, dtypes=dtype_line(m.dtype, device, model, loaded.storage_dtype),
+                coverage=Coverage.combine(coverages) if several else coverages[0], allow_untargeted=m.allow_untargeted)
+    targeted = set().union(*(names for part in parts for names in part.targets.values()))
+    _estimate(plan, [layers for p in parts for layers in p.per_block[: p.last + 1]], [g for p in parts for g in p.groups],
+              targeted, seq, model, first.hidden, baseline_mb)
+    _estimate_storage(plan, model, [b for p in parts for b in p.executor.blocks],
+                      [b for p in parts for b in p.executor.blocks[: max(p.last, 0)]], first.hidden, streaming=streamed is not None)
     return plan
 
 
-def _estimate_storage(plan: Plan, model: torch.nn.Module, executor: BlockExecutor, last: int, hidden: int, *,
-                      streaming: bool) -> None:
+def _estimate_storage(plan: Plan, model: torch.nn.Module, block_modules: list[torch.nn.Module],
+                      checkpointed: list[torch.nn.Module], hidden: int, *, streaming: bool) -> None:
     """Memory for the weights (all of them, or in a streaming run those outside the blocks plus two
     blocks: the one being pruned and the one being written), and the disk the output and the
     checkpoints need (hidden states: the latest set, and the next one while it is written)."""
     def size_mb(params: Any) -> float:
         return sum(p.numel() * p.element_size() for p in params) / 2**20
 
-    blocks = [size_mb(b.parameters()) for b in executor.blocks]
+    blocks = [size_mb(b.parameters()) for b in block_modules]
     total = size_mb(model.parameters())
     hidden_mb = 2 * plan.tokens * hidden * 4 / 2**20
     if streaming:
@@ -210,7 +239,7 @@ def _estimate_storage(plan: Plan, model: torch.nn.Module, executor: BlockExecuto
         plan.estimate_mb["two blocks' parameters (pruned, being written)"] = 2 * max(blocks)
         parts = {k: v for k, v in plan.estimate_mb.items() if k != "peak (sum)"}
         plan.estimate_mb = {**parts, "peak (sum)": sum(parts.values())}
-    checkpoint_blocks = sum(blocks) if streaming else sum(blocks[:last])
+    checkpoint_blocks = sum(blocks) if streaming else sum(size_mb(b.parameters()) for b in checkpointed)
     plan.estimate_disk_mb = {"output folder (weights)": total,
                              "checkpoints: finished blocks" + (" (hard-linked into the output)" if streaming else ""): checkpoint_blocks,
                              "checkpoints: hidden states": hidden_mb}

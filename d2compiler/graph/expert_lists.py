@@ -111,7 +111,11 @@ def probe_expert_lists(block: nn.Module, run: Callable[[], Any]) -> ListProbe:
     hooks = []
     for owner in probe.owners:
         module = block.get_submodule(owner)
-        hooks.append(module.register_forward_hook(lambda _m, _a, out, owner=owner: probe.outputs.setdefault(owner, out)))
+
+        def output(_m: nn.Module, _args: tuple, out: Any, owner: str = owner) -> None:  # None: the output stays
+            probe.outputs.setdefault(owner, out)
+
+        hooks.append(module.register_forward_hook(output))
         for local, linear in module.named_modules():
             if local and is_linear_module(linear):
                 name = f"{owner}.{local}" if owner else local
@@ -161,7 +165,7 @@ def _assign_roles(block: nn.Module, owner: str, probe: ListProbe, reads_input: d
         gated = len(inputs) == 2 and sum(n in activated for n in inputs) == 1
         for n in names:
             probe.roles[n] = "down" if n in seen and not reads_input[n] else ("gate" if gated and n in activated else "up")
-        probe.input_groups += [sorted(inputs)] + [[n] for n in names if n not in inputs]
+        probe.input_groups += [sorted(inputs)] * bool(inputs) + [[n] for n in names if n not in inputs]
     for expert_list in probe.lists:
         _roles_from_siblings(probe, expert_list, groups)
 
