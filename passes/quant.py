@@ -76,11 +76,11 @@ def fake_quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec
 
 def refuse_experts(pass_name: str, layers: list[Any], verb: str) -> None:
     """Raise a PassError naming the expert-bank layers among `layers`: their storage (one 3-D
-    parameter for all experts) has no place for per-expert scales or packed values yet."""
+    parameter for all experts) has no place for packed values yet."""
     experts = sorted({layer.local_name.rpartition(".")[0] for layer in layers if layer.is_expert})
     if experts:
         raise PassError(f"{pass_name}: cannot {verb} the Mixture-of-Experts banks {', '.join(experts)} yet (their experts "
-                        "are pruned, but a 3-D bank stores no per-expert scales or packed values); add "
+                        "are pruned and can be quantized, but a 3-D bank stores no packed values); add "
                         "\"re:.*experts\" to this pass's ignore")
 
 
@@ -109,7 +109,9 @@ class QuantizationPass(Pass):
     by its dequantized values (so the model stays a plain float model that computes exactly what
     the integer model computes), and the scales and zero points are attached to the module as
     `weight_scale` / `weight_zero_point` buffers, shaped (out, groups), for the exporters. Weights
-    that are zero (pruned) stay exactly zero, and the keep mask is recorded."""
+    that are zero (pruned) stay exactly zero, and the keep mask is recorded. An expert of a 3-D
+    Mixture-of-Experts bank is quantized in place the same way, but the bank has no place for its
+    scales: the `hf` output holds its dequantized values, and compressed-tensors refuses it."""
 
     Params = QuantParams
     quantizes = True
@@ -122,7 +124,6 @@ class QuantizationPass(Pass):
         """Return (dequantized weight, scale, zero, extra metrics) for one (out, in) fp32 weight."""
 
     def check_layers(self, layers: list[LinearLayer]) -> None:
-        refuse_experts(self.name, layers, "quantize")
         size = self.params.group_size
         bad = sorted({f"{layer.local_name} ({layer.shape[1]})" for layer in layers if size and layer.shape[1] % size})
         if bad:

@@ -152,12 +152,35 @@ def test_an_expert_no_token_reaches_falls_back_to_the_identity(moe_models, token
         assert dense[row][kept[row]].abs().min() >= dense[row][~kept[row]].abs().max()
 
 
-def test_quantizing_a_bank_is_refused_with_a_way_out(moe_models, tmp_path, capsys):
-    passes = '[[passes]]\ntype = "calibrate"\n[[passes]]\ntype = "gptq"\nbits = 4\ngroup_size = 32\n'
-    code, _ = run(tmp_path, moe_models["qwen3_moe"], passes)
+def test_banks_are_pruned_and_quantized_in_place_and_compressed_tensors_refuses_them(moe_models, tmp_path, capsys):
+    """SparseGPT 50% then GPTQ int4 (group 32) on every expert of a 3-D bank: each expert keeps its
+    exact 50% mask and every group of 32 weights of a row lies on a grid of at most 16 levels; the
+    compressed-tensors export (which has no place for a bank's scales yet) is one located line; 2:4
+    packing of a bank is refused with the way out."""
+    import transformers as tf
+
+    passes = ('[[passes]]\ntype = "calibrate"\n[[passes]]\ntype = "sparsegpt"\nsparsity = 0.5\n'
+              '[[passes]]\ntype = "gptq"\nbits = 4\ngroup_size = 32\n')
+    code, record = run(tmp_path, moe_models["qwen3_moe"], passes)
+    assert code == 0
+    model = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    for name, bank in banks(model).items():
+        dense = tf.AutoModelForCausalLM.from_pretrained(moe_models["qwen3_moe"]).get_parameter(name)
+        for e in range(bank.shape[0]):
+            layer = record["layers"][f"{name}.{e}"]
+            pruned = sum(part["pruned"] for part in layer["slices"].values()) if "slices" in layer else layer["pruned"]
+            assert layer["quant"]["bits"] == 4 and pruned == dense[e].numel() // 2, (name, e)
+            rows = bank[e].reshape(-1, 32) if bank.shape[-1] % 32 == 0 else bank[e].T.reshape(-1, 32)
+            assert max(len(torch.unique(group[group != 0])) for group in rows) <= 16, (name, e)
+    capsys.readouterr()
+    assert main(["export", str(tmp_path / "out"), "--format", "compressed-tensors", "--to", str(tmp_path / "ct")]) == 2
     err = capsys.readouterr().err
-    assert code == 2 and "gptq: cannot quantize the Mixture-of-Experts banks mlp.experts.down_proj" in err
-    ignored = passes + 'ignore = ["re:.*experts"]\n'
+    assert "an expert of the Mixture-of-Experts bank model.layers.0.mlp.experts" in err and "--format hf" in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "ct").exists()
+    packing = '[[passes]]\ntype = "sparsegpt"\nmask_structure = "2:4"\n[[passes]]\ntype = "pack_2_4"\n'
+    code, _ = run(tmp_path, moe_models["qwen3_moe"], '[[passes]]\ntype = "calibrate"\n' + packing, name="packed")
+    assert code == 2 and "pack_2_4: cannot pack the Mixture-of-Experts banks" in capsys.readouterr().err
+    ignored = '[[passes]]\ntype = "calibrate"\n' + packing + 'ignore = ["re:.*experts"]\n'
     assert run(tmp_path, moe_models["qwen3_moe"], ignored, name="ignored")[0] == 0
 
 

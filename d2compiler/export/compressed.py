@@ -44,6 +44,13 @@ def quantized_layers(model: nn.Module, layers: dict[str, dict[str, Any]]) -> dic
         quant = layer.get("quant")
         if not quant:
             continue
+        owner, _, index = name.rpartition(".")
+        bank = _parameter(model, owner)
+        if bank is not None and bank.dim() == 3 and index.isdigit():
+            raise OutputError(f"{name}: an expert of the Mixture-of-Experts bank {owner}, quantized in place (the hf "
+                              "output holds its dequantized weights); a compressed-tensors checkpoint of quantized 3-D "
+                              "expert banks is not written yet: export with --format hf, or quantize with "
+                              "ignore = [\"re:.*experts\"]")
         module = model.get_submodule(name)
         if type(module) is not nn.Linear:
             raise OutputError(f"{name}: compressed-tensors stores torch.nn.Linear layers, and this layer is a "
@@ -56,6 +63,13 @@ def quantized_layers(model: nn.Module, layers: dict[str, dict[str, Any]]) -> dic
         raise OutputError("compressed-tensors stores quantized weights and this output has no quantized layer: add a "
                           "quantization pass to the recipe, or write format hf")
     return found
+
+
+def _parameter(model: nn.Module, name: str) -> torch.Tensor | None:
+    try:
+        return model.get_parameter(name)
+    except AttributeError:
+        return None
 
 
 def quantization_config(model: nn.Module, quantized: dict[str, dict[str, Any]]) -> Any:
