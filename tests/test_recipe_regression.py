@@ -192,7 +192,7 @@ def test_shipped_recipe_matches_reference(name, windows):
 
 
 DELIBERATE_CHANGES = [  # (recipe, pass type -> fields, whether the mask changes too)
-    ("default.toml", {"sparsegpt": {"sparsity": 0.51}}, True),
+    ("default.toml", {"dual_taylor_mask": {"sparsity": 0.51}}, True),
     ("d2prune-unstructured-50.toml", {"dual_taylor_mask": {"sparsity": 0.51}}, True),
     ("wanda-unstructured-50.toml", {"wanda": {"sparsity": 0.49}}, True),
     ("d2prune-2of4.toml", {"attention_kl_update": {"strategy": "fixed"}}, False),  # another update rule

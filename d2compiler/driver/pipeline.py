@@ -40,6 +40,8 @@ from d2compiler.graph.packing import QUANT_BUFFERS
 from d2compiler.loading.dtypes import dtype_name, resolve_device
 from d2compiler.loading.models import LoadedModel, load_model, load_streamed, source_files
 from d2compiler.recipe.passmanager import PassManager
+from d2compiler.recipe.registry import default_registry
+from d2compiler.recipe.schema import baseline_pattern, validate_recipe
 
 log = logging.getLogger(__name__)
 
@@ -184,6 +186,7 @@ def _compress(job: Job, loaded: LoadedModel | None) -> RunSummary:
     readers = None if streamed is None else [pruned.checkpoints[0].reader(i) for i in range(len(streamed.blocks))]
     runner = ModelRunner(loaded.model, job.group.device, streamed=streamed, readers=readers, group=job.group)
     measured = Measured(metric, dense_value, None if metric is None else metric.measure(runner, desc=f"pruned {metric.name}"))
+    measured.baseline = _baseline(job, manager)
     layers = pruned.execution.layer_metrics()
     block_zeros, sha256 = None, None
     if job.main and streamed is None:
@@ -201,6 +204,28 @@ def _compress(job: Job, loaded: LoadedModel | None) -> RunSummary:
         record["results"]["peak_rss_mb"] = round(peak_rss_mb(), 1)
         _write(job, loaded, streamed, pruned.checkpoints, record)
     return run_summary(job, start, measured, pruned, layers, record, block_sparsity)
+
+
+def _baseline(job: Job, manager: PassManager) -> dict[str, Any] | None:
+    """`data.evaluation.baseline` (see its field): the recipe's passes that provide what the baseline
+    pass requires, then the baseline at the recipe's pattern, on a fresh copy of the model in this
+    process; its metric and pruning time."""
+    ev = job.recipe.data.evaluation
+    if ev is None or ev.baseline is None or not job.main:
+        return None
+    if job.group.size > 1:
+        log.warning("data.evaluation.baseline runs in one process: skipped in a run of %d processes", job.group.size)
+        return None
+    needs = default_registry().get(ev.baseline).requires
+    feeding = [spec.model_dump() for spec, p in zip(job.recipe.passes, manager.schedule) if p.provides & needs]
+    data = {**job.recipe.model_dump(include={"version", "model", "experts"}),
+            "data": job.recipe.data.model_dump(), "passes": [*feeding, {"type": ev.baseline, **baseline_pattern(manager.schedule)}]}
+    data["data"]["evaluation"].update(baseline=None, compare_dense=False)
+    if not job.quiet:
+        log.info("baseline: %s at %s on the same data", ev.baseline, baseline_pattern(manager.schedule))
+    summary = _compress(Job(validate_recipe(data), job.group, True, None, False, []), None)
+    return {"type": ev.baseline, **baseline_pattern(manager.schedule), "metric": summary.metric, "value": summary.pruned_value,
+            "prune_s": round(summary.prune_s, 2)}
 
 
 def _load(recipe: BaseModel, loaded: LoadedModel | None) -> tuple[LoadedModel, StreamedModel | None]:

@@ -35,6 +35,7 @@ class Measured:
     metric: Metric | None
     dense: float | None
     pruned: float | None
+    baseline: dict[str, Any] | None = None  # `data.evaluation.baseline`'s run: type, pattern, metric, value, prune_s
 
     @property
     def name(self) -> str | None:
@@ -59,6 +60,7 @@ class RunSummary:
     record: dict[str, Any] = field(default_factory=dict)
     rank: int = 0  # this process's rank (the first process reports)
     block_sparsity: float | None = None  # zeros over every >= 2-D weight of the blocks
+    baseline: dict[str, Any] | None = None  # `data.evaluation.baseline`'s run (`Measured.baseline`)
 
     @property
     def dense_ppl(self) -> float | None:
@@ -74,6 +76,7 @@ class RunSummary:
         rows = [
             (f"dense {label}", _fmt(self.dense_value)),
             (f"pruned {label}", _fmt(self.pruned_value)),
+            *([(f"{self.baseline['type']} {label} (same data)", _fmt(self.baseline["value"]))] if self.baseline else []),
             ("sparsity (pruned layers)", f"{self.sparsity:.4f}"),
             ("sparsity (all block weights)", "-" if self.block_sparsity is None else f"{self.block_sparsity:.4f}"),
             ("pruned layers", str(sum("sparsity" in m for m in self.layers.values()))),
@@ -85,7 +88,8 @@ class RunSummary:
             rows.append(("peak CUDA memory (MiB)", f"{self.peak_cuda_mb:.0f}"))
         coverage = self.execution.coverage
         if coverage is not None:
-            rows.insert(4, ("parameters targeted", f"{coverage.share:.1%} of {coverage.total:,}"))
+            at = [k for k, _ in rows].index("pruned layers")
+            rows.insert(at, ("parameters targeted", f"{coverage.share:.1%} of {coverage.total:,}"))
         if self.output is not None:
             rows.append(("output", str(self.output)))
         width = max(len(k) for k, _ in rows)
@@ -104,7 +108,7 @@ def run_summary(job: Job, start: float, measured: Measured, pruned: Pruned, laye
         output=job.out_path if job.main else None, metric=measured.name, dense_value=measured.dense, pruned_value=measured.pruned,
         sparsity=overall_sparsity(layers), wall_s=time.perf_counter() - start, prune_s=pruned.prune_s, peak_rss_mb=peak_rss_mb(),
         peak_cuda_mb=peak_cuda, layers=layers, execution=pruned.execution, record=record, rank=job.group.rank,
-        block_sparsity=block_sparsity)
+        block_sparsity=block_sparsity, baseline=measured.baseline)
 
 
 def data_digests(source: str) -> dict[str, str]:
@@ -134,6 +138,7 @@ def run_results(recipe: BaseModel, measured: Measured, pruned: Pruned, block_spa
         "coverage": None if pruned.execution.coverage is None else pruned.execution.coverage.record(),
         "compute_dtype": dtype_name(pruned.compute),
         "storage_dtype": dtype_name(storage or pruned.compute),
+        **({"baseline": measured.baseline} if measured.baseline else {}),
     }
 
 

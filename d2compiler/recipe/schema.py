@@ -157,6 +157,13 @@ class EvaluationData(DataSource):
         default=True, description="Also measure the dense model before compressing (always done for "
         "`embedding_cosine`, whose reference it is)."
     )
+    baseline: str | None = Field(
+        default=None, description="A pruning pass type to compare the recipe with in the same run: after the "
+        "recipe, a fresh copy of the model is pruned by `calibrate` and this pass alone, at the sparsity and mask "
+        "structure of the recipe's last pruning pass, on the same calibration windows, and measured on the same "
+        "evaluation data; its value is printed beside the recipe's and recorded in sparsity.json "
+        "(`results.baseline`). Costs a second pruning run; one process only.",
+    )
 
 
 class DataSpec(_Strict):
@@ -297,7 +304,33 @@ def validate_recipe(data: dict[str, Any], source: str = "<recipe>") -> BaseModel
         _check_compressed_tensors(schedule, source)
     if recipe.model.streaming:
         _check_streaming(recipe, schedule, source)
+    if recipe.data.evaluation is not None and recipe.data.evaluation.baseline is not None:
+        _check_baseline(recipe.data.evaluation.baseline, schedule, source)
     return recipe
+
+
+def baseline_pattern(schedule: list[Pass]) -> dict[str, Any]:
+    """The sparsity and mask structure of the last pass of `schedule` that has them (what a
+    `data.evaluation.baseline` prunes to); {} when none has."""
+    for p in reversed(schedule):
+        params = p.params.model_dump()
+        if "sparsity" in params and "mask_structure" in params:
+            return {"sparsity": params["sparsity"], "mask_structure": params["mask_structure"]}
+    return {}
+
+
+def _check_baseline(baseline: str, schedule: list[Pass], source: str) -> None:
+    """The baseline is a registered pruning pass and the recipe has a pattern to give it."""
+    def prunes(cls: type[Pass]) -> bool:
+        return "mask" in cls.provides and {"sparsity", "mask_structure"} <= set(cls.Params.model_fields)
+
+    registry = default_registry()
+    if baseline not in registry or not prunes(registry.get(baseline)):
+        raise RecipeError(source, [("data.evaluation.baseline", f"{baseline!r} is not a pruning pass; use "
+                                    f"{registry.names_where(prunes)}")])
+    if not baseline_pattern(schedule):
+        raise RecipeError(source, [("data.evaluation.baseline", "no pass of the recipe has a sparsity and a mask structure "
+                                    "to prune the baseline to")])
 
 
 def _check_compressed_tensors(schedule: list[Pass], source: str) -> None:
