@@ -135,6 +135,36 @@ def test_a_module_list_of_experts_gets_roles_routed_statistics_and_exact_sparsit
             assert module.weight_scale.shape == (param.shape[0], param.shape[1] // 32)  # quantized, with its scales
 
 
+class TwoMLPs(nn.Module):
+    """Not a MoE: a `ModuleList` of two gated MLPs that every token goes through."""
+
+    def __init__(self, hidden: int, inner: int):
+        super().__init__()
+        self.mlps = nn.ModuleList(Expert(hidden, inner) for _ in range(2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlps[0](x) + self.mlps[1](x)
+
+
+def test_a_module_list_every_token_goes_through_is_traced_not_probed(tokenizer):
+    import transformers as tf
+
+    from d2compiler.evaluation.synthetic import tiny_llama_config
+    from d2compiler.execution.block_io import capture_block_inputs
+    from d2compiler.execution.executor import BlockExecutor
+
+    torch.manual_seed(0)
+    model = tf.LlamaForCausalLM(tiny_llama_config(len(tokenizer))).eval()
+    for layer in model.model.layers:
+        layer.mlp = TwoMLPs(64, 32)
+    executor = BlockExecutor(model, [], device=torch.device("cpu"), quiet=True)
+    sample = capture_block_inputs(model, executor.blocks, [torch.randint(0, len(tokenizer), (1, 16))], torch.device("cpu"))[0]
+    structure = executor.structure(0, sample)
+    assert structure.expert_lists == {}
+    assert structure.roles["mlp.mlps.1.w2"] == "down" and structure.roles["mlp.mlps.1.w1"] in ("gate", "up")  # the graph's
+    assert any({"mlp.mlps.0.w1", "mlp.mlps.1.w3"} <= set(group) for group in structure.input_groups)  # one input, traced
+
+
 def test_inspect_shows_an_expert_list_in_one_line_per_linear(tiny_switch, capsys):
     assert main(["inspect", str(tiny_switch)]) == 0
     out = capsys.readouterr().out

@@ -3,8 +3,10 @@ linears (Switch Transformers and NLLB-MoE in transformers 5, older transformers 
 libraries), found from the module tree and one forward; no model class is named.
 
 - An *expert list* is an `nn.ModuleList` or `nn.ModuleDict` inside a block with at least two entries
-  of one class that each hold a linear. Its parent (the *MoE module*, which holds the router too)
-  routes tokens to them in a data-dependent loop, which `torch.export` cannot trace.
+  of one class that each hold a linear, whose entries see only some of their parent's tokens in one
+  eager forward (a list that every token goes through is not experts: it is traced as usual). The
+  parent (the *MoE module*, which holds the router too) routes tokens to them in a data-dependent
+  loop, which `torch.export` cannot trace.
 - While a block is traced, each MoE module is one opaque call (`d2c::opaque_module`, a custom op
   whose outputs have the shapes an eager call on the same input gave), so the rest of the block
   (attention, norms, residuals) traces as it does without experts.
@@ -108,12 +110,14 @@ def probe_expert_lists(block: nn.Module, run: Callable[[], Any]) -> ListProbe:
         return probe
     flow = _LinearFlow()
     reads_input: dict[str, bool] = {}
+    rows: dict[str, int] = {}  # MoE module or linear -> the rows (tokens) of its first call's input
     hooks = []
     for owner in probe.owners:
         module = block.get_submodule(owner)
 
-        def output(_m: nn.Module, _args: tuple, out: Any, owner: str = owner) -> None:  # None: the output stays
+        def output(_m: nn.Module, args: tuple, out: Any, owner: str = owner) -> None:  # None: the output stays
             probe.outputs.setdefault(owner, out)
+            rows.setdefault(owner, _rows(args))
 
         hooks.append(module.register_forward_hook(output))
         for local, linear in module.named_modules():
@@ -122,6 +126,7 @@ def probe_expert_lists(block: nn.Module, run: Callable[[], Any]) -> ListProbe:
 
                 def seen(_m: nn.Module, args: tuple, out: torch.Tensor, name: str = name) -> None:
                     reads_input.setdefault(name, not flow.of(args[0]))
+                    rows.setdefault(name, _rows(args))
                     flow.mark(out, frozenset({name}))
 
                 hooks.append(linear.register_forward_hook(seen))
@@ -131,9 +136,30 @@ def probe_expert_lists(block: nn.Module, run: Callable[[], Any]) -> ListProbe:
     finally:
         for hook in hooks:
             hook.remove()
+    probe.lists = {name: count for name, count in probe.lists.items() if _routed(block, name, rows)}
+    probe.outputs = {owner: out for owner, out in probe.outputs.items() if owner in probe.owners}
     for owner in probe.owners:
         _assign_roles(block, owner, probe, reads_input, flow.activated)
     return probe
+
+
+def _rows(args: tuple) -> int:
+    """The rows (tokens) of a call's first tensor argument: its size over all but the last dimension."""
+    first = next((a for a in args if isinstance(a, torch.Tensor)), None)
+    return 0 if first is None or first.dim() == 0 else first.numel() // first.shape[-1]
+
+
+def _routed(block: nn.Module, expert_list: str, rows: dict[str, int]) -> bool:
+    """Whether the entries of `expert_list` saw only some of the MoE module's tokens (one of them
+    fewer than all, or none): routed experts, not a list of modules every token goes through."""
+    total = rows.get(_parent(expert_list))
+    if not total:
+        return False
+    for key in block.get_submodule(expert_list)._modules:
+        seen = [count for name, count in rows.items() if name.startswith(f"{expert_list}.{key}.")]
+        if not seen or min(seen) < total:
+            return True
+    return False
 
 
 def _outputs(linear: nn.Module) -> int:
