@@ -35,14 +35,18 @@ def test_the_baseline_is_the_plain_pass_on_the_same_data(tiny_models, tmp_path, 
     assert json.loads((tmp_path / "sg" / "sparsity.json").read_text())["results"]["pruned_ppl"] == baseline["value"]
 
 
-@pytest.mark.parametrize(("baseline", "passes", "message"), [
-    ("calibrate", D2PRUNE, "'calibrate' is not a pruning pass; use"),
-    ("sparsegpt", '[[passes]]\ntype = "calibrate"\n', "no pass of the recipe has a sparsity and a mask structure"),
+@pytest.mark.parametrize(("baseline", "passes", "streaming", "message"), [
+    ("calibrate", D2PRUNE, False, "'calibrate' is not a pruning pass; use"),
+    ("sparsegpt", '[[passes]]\ntype = "calibrate"\n', False, "no pass of the recipe has a sparsity and a mask structure"),
+    ("sparsegpt", D2PRUNE, True, "prunes a copy of the model in memory; not with model.streaming"),
 ])
-def test_a_baseline_that_cannot_run_is_refused_at_validation(baseline, passes, message, tmp_path):
+def test_a_baseline_that_cannot_run_is_refused_at_validation(baseline, passes, streaming, message, tmp_path):
     from d2compiler.recipe.schema import load_recipe
 
-    recipe = write_recipe(tmp_path / "r.toml", "tiny", passes, extra=EVALUATION + f'baseline = "{baseline}"\n')
+    recipe = write_recipe(tmp_path / "r.toml", "tiny", passes, output=tmp_path / "out",
+                          extra=EVALUATION + f'baseline = "{baseline}"\n')
+    if streaming:
+        recipe.write_text(recipe.read_text().replace('device = "cpu"\n', 'device = "cpu"\nstreaming = true\n', 1))
     with pytest.raises(RecipeError, match="data.evaluation.baseline") as info:
         load_recipe(recipe)
     assert message in str(info.value)

@@ -234,6 +234,9 @@ def _load(recipe: BaseModel, loaded: LoadedModel | None) -> tuple[LoadedModel, S
     if m.streaming and loaded is not None:
         raise D2Error("model.streaming: the model is read from model.source; a model handed in cannot be streamed")
     if loaded is not None:
+        if recipe.data.evaluation is not None and recipe.data.evaluation.baseline is not None:
+            raise D2Error("data.evaluation.baseline: the baseline prunes a fresh copy loaded from model.source; a model "
+                          "handed in cannot be loaded again")
         return loaded, None
     log.info("loading %s%s", m.source, " (streaming)" if m.streaming else "")
     if m.streaming:

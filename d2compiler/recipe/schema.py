@@ -355,6 +355,9 @@ def _check_streaming(recipe: BaseModel, schedule: list[Pass], source: str) -> No
         problems.append(("model.blocks", "model.streaming reads one stack of blocks; name one, or run without streaming"))
     if recipe.output.format != "hf":
         problems.append(("output.format", "model.streaming writes the `hf` format only"))
+    if recipe.data.evaluation is not None and recipe.data.evaluation.baseline is not None:
+        problems.append(("data.evaluation.baseline", "the baseline prunes a copy of the model in memory; not with "
+                         "model.streaming"))
     for p in schedule:
         if p.quantizes or p.final:
             index = next(j for j, q in enumerate(recipe.passes) if q is p.params)
