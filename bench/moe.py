@@ -155,9 +155,15 @@ def markdown(records: list[dict[str, Any]]) -> str:
             lines.append(f"| {pattern} | {method} | {_cell(routed)} | {_cell(every)} | {_paired(every, routed)} | "
                          f"{'' if method == 'sparsegpt' else _paired(routed, base_r)} | {'' if method == 'sparsegpt' else _paired(every, base_a)} | "
                          f"{zeros} | {any_row['router_zeros']:.3f} | {routed['fewest_expert_tokens'] if routed else ''} |")
+    pruned = [r for r in records if r["recipe"] not in ("dense", "dense-smollm2")]
+    full = len(RECIPES) * len(MODES) * 3
     lines += ["", "Ratios are per seed, paired on the same calibration windows (mean ± std, number of shared seeds). "
               "Pruning times (`wall_s`) are in the JSON only: they are comparable only between runs that had the machine "
-              "to themselves.", ""]
+              "to themselves. The shipped D²Prune recipes allocate the sparsity across blocks (`sparsity_allocation`, "
+              "error profile), so their expert zeros span a range; the experts of one block share its sparsity.", "",
+              f"Measured: {len(pruned)} of the {full} pruned runs of the full table (`python bench/moe.py --seeds 3 --fresh`: "
+              f"{len(RECIPES)} recipes × {len(MODES)} calibration modes × 3 seeds)"
+              + (" — a partial table." if len(pruned) < full else "."), ""]
     return "\n".join(lines)
 
 
