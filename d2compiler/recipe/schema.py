@@ -159,8 +159,9 @@ class EvaluationData(DataSource):
     )
     baseline: str | None = Field(
         default=None, description="A pruning pass type to compare the recipe with in the same run: after the "
-        "recipe, a fresh copy of the model is pruned by `calibrate` and this pass alone, at the sparsity and mask "
-        "structure of the recipe's last pruning pass, on the same calibration windows, and measured on the same "
+        "recipe, a fresh copy of the model is pruned by the recipe's passes that provide what this pass requires (its "
+        "statistics) and then this pass alone, at the sparsity and mask structure of the recipe's last pruning pass, "
+        "on the same calibration windows, and measured on the same "
         "evaluation data; its value is printed beside the recipe's and recorded in sparsity.json "
         "(`results.baseline`). Costs a second pruning run; one process only.",
     )
