@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -36,10 +35,9 @@ from protocol import (  # noqa: E402
     provenance,
     results_dir,
     seq_len,
-    stamp,
     start,
 )
-from quality import aggregate, load_results, mean_std, recipe_from_file  # noqa: E402
+from quality import aggregate, load_results, mean_std, recipe_from_file, run_workers  # noqa: E402
 from upcycle import upcycled_moe  # noqa: E402
 
 RECIPES = [f"{method}-{pattern}" for pattern in ("unstructured-50", "unstructured-60", "2of4")
@@ -197,22 +195,10 @@ def main(argv: list[str] | None = None) -> int:
         done = {r["key"] for r in load_results(out) if r.get("provenance", {}).get("commit") == provenance()["commit"]}
         configs = [cfg for cfg in configs if key(cfg) not in done]
     print(f"building or finding the upcycled MoE: {upcycled_moe()}; {len(configs)} configurations", flush=True)
-    failed = 0
-    for cfg in configs:
-        proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(cfg)], capture_output=True, text=True, cwd=ROOT)
-        lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-        if proc.returncode or not lines:
-            print(f"FAILED {key(cfg)}\n{proc.stderr[-3000:]}", flush=True)
-            failed += 1
-            continue
-        record = stamp(json.loads(lines[-1][len("RESULT "):]))
-        records = [r for r in load_results(out) if r["key"] != record["key"]] + [record]
-        out.write_text(json.dumps(records, indent=1) + "\n")
-        out.with_suffix(".md").write_text(markdown(records))
-        print(f"{record['recipe']:>28} {record['mode']:>6} seed={record['seed']} ppl={record['ppl']:.3f} "
-              f"experts {record.get('expert_zeros_min', 0):.4f}-{record.get('expert_zeros_max', 0):.4f} "
-              f"wall={record['wall_s']:.1f}s rss={record['peak_rss_mb']:.0f}MB", flush=True)
-    return 1 if failed else 0
+    return run_workers(__file__, configs, out, key, markdown,
+                       lambda r: f"{r['recipe']:>28} {r['mode']:>6} seed={r['seed']} ppl={r['ppl']:.3f} "
+                                 f"experts {r.get('expert_zeros_min', 0):.4f}-{r.get('expert_zeros_max', 0):.4f} "
+                                 f"wall={r['wall_s']:.1f}s rss={r['peak_rss_mb']:.0f}MB")
 
 
 if __name__ == "__main__":

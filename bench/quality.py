@@ -31,6 +31,7 @@ import re
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -399,20 +400,29 @@ def main(argv: list[str] | None = None) -> int:
         out.unlink()
     print(f"protocol: {lm_source()}; calibration {args.calibration} first {args.samples} x {seq_len()}; "
           f"evaluation WikiText-2 {args.eval} first {args.windows} x {seq_len()}; {len(configs)} configurations", flush=True)
+    return run_workers(__file__, configs, out, config_key, markdown,
+                       lambda r: f"{label(r):>32} seed={r['seed']} {r['pattern']:>12} sparsity={r['sparsity']:.3f} ppl={r['ppl']:.3f} "
+                                 f"wall={r['wall_s']:.1f}s rss={r['peak_rss_mb']:.0f}MB")
+
+
+def run_workers(script: str, configs: list[dict[str, Any]], out: Path, key: Callable[[dict[str, Any]], str],
+                render: Callable[[list[dict[str, Any]]], str], describe: Callable[[dict[str, Any]], str]) -> int:
+    """Run each configuration as `script --worker CFG` in its own process; after each, replace its
+    record (by `key`) in the results file `out`, regenerate `out`'s .md with `render` and print
+    `describe(record)`. A failed configuration is reported and skipped; returns 1 if any failed."""
     failed = 0
     for cfg in configs:
-        proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(cfg)], capture_output=True, text=True, cwd=ROOT)
+        proc = subprocess.run([sys.executable, script, "--worker", json.dumps(cfg)], capture_output=True, text=True, cwd=ROOT)
         lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
         if proc.returncode or not lines:
-            print(f"FAILED {config_key(cfg)}\n{proc.stderr[-3000:]}", flush=True)
+            print(f"FAILED {key(cfg)}\n{proc.stderr[-3000:]}", flush=True)
             failed += 1
             continue
         record = stamp(json.loads(lines[-1][len("RESULT "):]))
         records = [r for r in load_results(out) if r["key"] != record["key"]] + [record]
         out.write_text(json.dumps(records, indent=1) + "\n")
-        out.with_suffix(".md").write_text(markdown(records))
-        print(f"{label(record):>32} seed={record['seed']} {record['pattern']:>12} sparsity={record['sparsity']:.3f} ppl={record['ppl']:.3f} "
-              f"wall={record['wall_s']:.1f}s rss={record['peak_rss_mb']:.0f}MB", flush=True)
+        out.with_suffix(".md").write_text(render(records))
+        print(describe(record), flush=True)
     return 1 if failed else 0
 
 
