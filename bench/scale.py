@@ -83,25 +83,28 @@ def job_recipe(source: str, out: str, samples: int, seq_len: int) -> Any:
     })
 
 
-def plan_job(source: str, out: str, samples: int, seq_len: int) -> None:
-    """`d2c plan`'s estimate of the same run, in its own process; prints `RESULT {...}`."""
+def plan_job(recipe: Any, nprocs: tuple[int, ...] = ()) -> None:
+    """`d2c plan`'s estimate of the run of `recipe`, in its own process (with the time projected for
+    each of `nprocs` processes); prints `RESULT {...}`."""
     from d2compiler.driver.plan import make_plan, plan_summary
 
-    print("RESULT " + json.dumps(plan_summary(make_plan(job_recipe(source, out, samples, seq_len)))), flush=True)
+    plan = make_plan(recipe)
+    projections = {n: plan.project(n, 100.0) for n in nprocs}
+    print("RESULT " + json.dumps({**plan_summary(plan), "projections": projections, "experts": plan.experts}), flush=True)
 
 
-def job(source: str, out: str, samples: int, seq_len: int) -> None:
-    """One streaming SparseGPT run in this process; prints `RESULT {...}`."""
+def job(recipe: Any) -> None:
+    """One streaming run of `recipe` in this process; prints `RESULT {...}`."""
     start = time.perf_counter()
     from d2compiler.driver.pipeline import compress
     from d2compiler.execution.memory import peak_rss_mb
 
-    recipe = job_recipe(source, out, samples, seq_len)
-    summary = compress(recipe, quiet=True, overwrite=True)  # out/scale-runs is this benchmark's own
+    summary = compress(recipe, quiet=True, overwrite=True)  # the output folder is the benchmark's own
     phases = protocol.phase_seconds(summary.record)
     print("RESULT " + json.dumps({"peak_rss_mb": peak_rss_mb(), "wall_s": time.perf_counter() - start, "prune_s": summary.prune_s,
                                   "phases_s": phases, "sparsity": summary.sparsity,
-                                  "block_peak_rss_mb": [b["memory"].get("peak_rss_mb") for b in summary.record["blocks"]]}),
+                                  "block_peak_rss_mb": [b["memory"].get("peak_rss_mb") for b in summary.record["blocks"]],
+                                  "blocks": [{"times_s": b["times_s"], "memory": b["memory"]} for b in summary.record["blocks"]]}),
           flush=True)
 
 
@@ -153,7 +156,7 @@ def main() -> int:
     protocol.start(args.smoke)
     if args.job or args.plan_job:
         source, out, samples, seq_len = args.job or args.plan_job
-        (job if args.job else plan_job)(source, out, int(samples), int(seq_len))
+        (job if args.job else plan_job)(job_recipe(source, out, int(samples), int(seq_len)))
         return 0
     samples, seq_len = args.samples or protocol.pick(8, 2), args.seq_len or protocol.pick(128, 32)
     out = protocol.work_dir("scale-runs")

@@ -87,6 +87,7 @@ class CalibratePass(Pass):
         self._handles: list[Any] = []
         self._accs: dict[str, tuple[_Accumulator, list[str], bool]] = {}
         self._tokens: dict[str, dict[str, Any]] = {}  # expert layer -> its calibration tokens (the report)
+        self._reported: tuple[str, PassResult] | None = None  # (block, the result apply returned for it)
 
     def statistics_read(self, ctx: Any) -> set[str]:
         """None: it records statistics for others."""
@@ -112,7 +113,7 @@ class CalibratePass(Pass):
                 report = {"calibration_tokens": acc.tokens}
                 if acc.tokens == 0:
                     report["statistics"] = "identity: no token reached it"
-                self._tokens.update(dict.fromkeys(names, report))
+                self._report_tokens(ctx, names, report)
             hessian, norms = acc.finish()
             for name in names:
                 if hessian is not None:
@@ -120,8 +121,17 @@ class CalibratePass(Pass):
                 ctx.publish("act_norms", name, norms)
         self._accs.clear()
 
+    def _report_tokens(self, ctx: Any, names: list[str], report: dict[str, Any]) -> None:
+        """Into the next result, or, for an observation after this pass ran on the block (a
+        true-sequential stage, a later group of experts), into the result it returned for it."""
+        if self._reported is not None and self._reported[0] == ctx.name:
+            self._reported[1].layers.update({name: dict(report) for name in names})
+        else:
+            self._tokens.update({name: dict(report) for name in names})
+
     def apply(self, ctx: Any) -> PassResult:
         result = PassResult(modified=False)
         result.layers.update(self._tokens)
         self._tokens = {}
+        self._reported = (ctx.name, result)
         return result

@@ -13,7 +13,9 @@ from pydantic import Field
 
 from d2compiler.contract import register_pass
 
-from .dual_taylor import DualTaylorSettings, LayerStats, prune_layer
+from .dual_taylor import DualTaylorSettings, LayerStats, obs_extra_score, prune_layer
+from .obs import ObsResult
+from .obs_batch import ObsProblem
 from .pruning import PlannedPruningPass
 from .sparsegpt import SparseGPTParams
 
@@ -65,6 +67,14 @@ class DualTaylorMaskPass(PlannedPruningPass):
             stats.reduce(ctx)
             ctx.publish("d2_stats", name, stats)
         self._stats = {}
+
+    def obs_problem(self, ctx: Any, layer: Any) -> ObsProblem:
+        cfg = dataclasses.replace(self.settings, sparsity=self.sparsity_of(ctx, layer))
+        extra = obs_extra_score(ctx.artifact("d2_stats", layer.name), ctx.artifact("act_norms", layer.name), cfg)
+        return ObsProblem(layer.name, cfg.sparsity, cfg.n_of_m, cfg.block_size, cfg.damping, extra, cfg.refit_steps)
+
+    def solved_info(self, res: ObsResult) -> dict[str, Any]:
+        return {"update": True, "score": "d2-sparsegpt", **res.metrics()}
 
     def compute_variant(self, ctx: Any, layer: Any, weight: torch.Tensor, hessian: torch.Tensor,
                         update: bool) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:

@@ -14,6 +14,9 @@ from pydantic import Field, field_validator, model_validator
 
 from d2compiler.contract import Pass, PassError, PassResult, PlanCost, TargetedParams, UpdateVariants, obs_cost
 
+from .obs import ObsResult
+from .obs_batch import ObsProblem, obs_prune_many
+
 if TYPE_CHECKING:
     from d2compiler.contract import BlockContext, LinearLayer
 
@@ -173,6 +176,9 @@ class PruningPass(Pass):
         result.info["stages"] = [[layer.role for layer in stage] for stage in stages]
         return result
 
+    def reobserves_upstream(self) -> bool:
+        return bool(self.params.true_sequential)
+
     def statistics_read(self, ctx: BlockContext) -> set[str]:
         """Its targets; with `true_sequential`, only the first stage's (the later ones are re-observed)."""
         layers = ctx.select(self.params)
@@ -196,34 +202,50 @@ class PruningPass(Pass):
     def forget_variants(self, ctx: BlockContext, layers: list[LinearLayer]) -> None:
         """Drop pruned variants computed ahead (from statistics that are now stale). Default: none kept."""
 
+    def batches(self, ctx: BlockContext, layers: list[LinearLayer]) -> list[list[LinearLayer]]:
+        """`layers` in the units they are pruned in: each alone by default; a pass that solves several
+        at once (`prune_batch`) returns those together."""
+        return [[layer] for layer in layers]
+
+    def prune_batch(self, ctx: BlockContext, layers: list[LinearLayer]) -> list[tuple[torch.Tensor, torch.Tensor, dict[str, Any]]]:
+        """(new fp32 weight, keep, metrics) of each of `layers`, one unit of `batches`. Default: one by one."""
+        return [self.prune_layer(layer, layer.weight_matrix().to(device=ctx.device, dtype=torch.float32, copy=True), ctx)
+                for layer in layers]
+
     def _prune(self, ctx: BlockContext, layers: list[LinearLayer], result: PassResult) -> None:
         params: SparsityParams = self.params  # type: ignore[assignment]
 
-        def compute(layer: LinearLayer) -> tuple[tuple[torch.Tensor, ...], dict[str, Any]]:
+        def compute(batch: list[LinearLayer]) -> tuple[tuple[torch.Tensor, ...], dict[str, Any]]:
             start = time.perf_counter()
-            weight = layer.weight_matrix().to(device=ctx.device, dtype=torch.float32, copy=True)
-            new_weight, keep, extra = self.prune_layer(layer, weight, ctx)
-            earlier = ctx.artifact("mask", layer.name)
-            if earlier is not None:  # an earlier pass's pruned weights stay pruned
-                keep = keep & earlier.to(keep.device)
-            new_weight = new_weight.masked_fill(~keep, 0.0)  # one new tensor (no zeros tensor beside it)
-            return (new_weight, keep), {**extra, "time_s": round(time.perf_counter() - start, 4)}
+            weights, keeps, infos = [], [], []
+            for layer, (new_weight, keep, extra) in zip(batch, self.prune_batch(ctx, batch)):
+                earlier = ctx.artifact("mask", layer.name)
+                if earlier is not None:  # an earlier pass's pruned weights stay pruned
+                    keep = keep & earlier.to(keep.device)
+                weights.append(new_weight.masked_fill(~keep, 0.0))  # one new tensor (no zeros tensor beside it)
+                keeps.append(keep)
+                infos.append(extra)
+            seconds = round((time.perf_counter() - start) / len(batch), 4)  # a batch's time, shared by its layers
+            stack = (lambda ts: ts[0].unsqueeze(0)) if len(batch) == 1 else torch.stack
+            return (stack(weights), stack(keeps)), {"layers": [{**info, "time_s": seconds} for info in infos]}
 
-        for layer, (new_weight, keep), info in ctx.map_layers(layers, compute):
-            weight = layer.weight_matrix().to(device=ctx.device, dtype=torch.float32, copy=True)
-            layer.set_weight_matrix(new_weight)
-            ctx.record_mask(layer.name, keep)
-            stored = layer.weight_matrix()
-            result.layers[layer.name] = {  # the executor adds the layer's role and shape
-                "sparsity": (stored == 0).sum() / stored.numel(),
-                "pruned": (~keep).sum(),
-                "pattern": params.mask_structure,
-                "recon_error": relative_error(weight, new_weight, ctx.artifact("hessian", layer.name)),
-                "time_s": info.pop("time_s"),
-                **info,
-            }
+        units = self.batches(ctx, layers)
+        work = ctx.share_work(units, compute, [sum(obs_cost(la) for la in batch) for batch in units])
+        for batch, (new_weights, keeps), infos in work:
+            for layer, new_weight, keep, info in zip(batch, new_weights, keeps, infos["layers"]):
+                weight = layer.weight_matrix().to(device=ctx.device, dtype=torch.float32, copy=True)
+                layer.set_weight_matrix(new_weight)
+                ctx.record_mask(layer.name, keep)
+                stored = layer.weight_matrix()
+                result.layers[layer.name] = {  # the executor adds the layer's role and shape
+                    "sparsity": (stored == 0).sum() / stored.numel(),
+                    "pruned": (~keep).sum(),
+                    "pattern": params.mask_structure,
+                    "recon_error": relative_error(weight, new_weight, ctx.artifact("hessian", layer.name)),
+                    "time_s": info.pop("time_s"),
+                    **info,
+                }
             result.modified = True
-
 
 
 class PlannedPruningPass(PruningPass, UpdateVariants):
@@ -292,6 +314,40 @@ class PlannedPruningPass(PruningPass, UpdateVariants):
             h = ctx.artifact("hessian", layer.name) if hessian is None else hessian
             cache[(update, tag)] = self.compute_variant(ctx, layer, weight, h.to(weight.device), update)
         return cache[(update, tag)]
+
+    def obs_problem(self, ctx: BlockContext, layer: LinearLayer) -> ObsProblem | None:
+        """The OBS problem of `layer` with the update, for `obs_batch.obs_prune_many`; None: this pass
+        solves its layers one by one."""
+        return None
+
+    def solved_info(self, res: ObsResult) -> dict[str, Any]:
+        """The metrics of a layer solved in a batch (what `compute_variant` reports with the update)."""
+        return res.metrics()
+
+    def batches(self, ctx: BlockContext, layers: list[LinearLayer]) -> list[list[LinearLayer]]:
+        """Routed experts of one role and shape that take the update (no update plan names them) are
+        solved together (`obs_batch`), each batch where its first member stands; the rest one by one."""
+        units: list[list[LinearLayer]] = []
+        together: dict[tuple[str, tuple[int, int]], list[LinearLayer]] = {}
+        for layer in layers:
+            if layer.routed and ctx.artifact("update_plan", layer.name) is None and self.obs_problem(ctx, layer) is not None:
+                key = (layer.role, layer.shape)
+                if key not in together:
+                    together[key] = []
+                    units.append(together[key])
+                together[key].append(layer)
+            else:
+                units.append([layer])
+        return units
+
+    def prune_batch(self, ctx: BlockContext, layers: list[LinearLayer]) -> list[tuple[torch.Tensor, torch.Tensor, dict[str, Any]]]:
+        if len(layers) == 1:
+            return super().prune_batch(ctx, layers)
+        weights = [layer.weight_matrix().to(device=ctx.device, dtype=torch.float32, copy=True) for layer in layers]
+        hessians = [ctx.artifact("hessian", layer.name).to(ctx.device) for layer in layers]
+        problems = [self.obs_problem(ctx, layer) for layer in layers]
+        solved = obs_prune_many(weights, hessians, [p for p in problems if p is not None])
+        return [(res.weight, res.keep, {**self.solved_info(res), "batch": len(layers)}) for res in solved]
 
     def prune_layer(self, layer: LinearLayer, weight: torch.Tensor, ctx: BlockContext) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
         plan = ctx.artifact("update_plan", layer.name)

@@ -10,6 +10,7 @@ from pydantic import Field
 from d2compiler.contract import register_pass
 
 from .obs import obs_prune
+from .obs_batch import ObsProblem
 from .pruning import DampedParams, PlannedPruningPass
 
 
@@ -31,6 +32,11 @@ class SparseGPTPass(PlannedPruningPass):
     requires = frozenset({"hessian"})
     summary = ("Blocked OBS pruning with weight reconstruction (Frantar & Alistarh 2023); where an update plan says "
                "no update, the same mask without the reconstruction.")
+
+    def obs_problem(self, ctx: Any, layer: Any) -> ObsProblem:
+        p: SparseGPTParams = self.params  # type: ignore[assignment]
+        return ObsProblem(layer.name, self.sparsity_of(ctx, layer), p.n_of_m, p.block_size, p.dampening_frac,
+                          refit_steps=p.refit_steps)
 
     def compute_variant(self, ctx: Any, layer: Any, weight: torch.Tensor, hessian: torch.Tensor,
                         update: bool) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:

@@ -117,8 +117,14 @@ def test_a_module_list_of_experts_gets_roles_routed_statistics_and_exact_sparsit
     recipe = {"version": 1, "model": {"source": "tiny-list-moe", "device": "cpu", "dtype": "float32"},
               "data": {"calibration": {"source": "builtin:python-docs", "samples": 4, "seq_len": 32}},
               "passes": [{"type": "calibrate"}, {"type": "sparsegpt", "sparsity": 0.5}, {"type": "gptq", "bits": 4, "group_size": 32}]}
+    grouped = copy.deepcopy(model)
     summary = compress(validate_recipe(recipe), loaded=LoadedModel(model, tokenizer, "tiny-list-moe"), quiet=True)
     layers = summary.layers
+    in_pairs = compress(validate_recipe({**recipe, "experts": {"group_size": 2}}),  # issue 28: experts in groups of 2
+                        loaded=LoadedModel(grouped, tokenizer, "tiny-list-moe"), quiet=True)
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(grouped.state_dict()[name], tensor), name
+    assert {b["memory"].get("expert_groups") for b in in_pairs.record["blocks"]} == {2}
     prefix = "model.layers.0.mlp"
     for e in range(4):
         assert [layers[f"{prefix}.experts.{e}.{w}"]["role"] for w in ("w1", "w3", "w2")] == ["gate", "up", "down"]

@@ -60,3 +60,38 @@ def test_obs_escalates_damping_on_indefinite_hessian(caplog):
     res = obs_prune(w[:, :32], h, sparsity=0.5, n_of_m=None, block_size=16, damping=0.01, layer="layer.x")
     assert res.damping > 0.01
     assert "layer.x" in caplog.text
+
+
+def test_batched_obs_equals_one_by_one(caplog):
+    """Experts solved together (`obs_batch`, issue 28) get exactly `obs_prune`'s weights and masks:
+    each its own sparsity, saliency term, refit, dead inputs, and a Hessian whose factorisation
+    fails retried alone with more damping."""
+    from passes.obs import _FACTORS
+    from passes.obs_batch import ObsProblem, obs_prune_many
+
+    problems, weights, hessians = [], [], []
+    for seed in range(5):
+        w, h = synthetic(rows=24, cols=64, tokens=256, seed=seed)
+        if seed == 1:
+            h[7, :] = 0
+            h[:, 7] = 0  # a dead input
+        if seed == 3:
+            h = h - 2 * torch.eye(64) * h.diag().max()  # indefinite: the batched factorisation fails for it alone
+            h.fill_diagonal_(1.0)
+        weights.append(w)
+        hessians.append(h)
+        extra = (lambda wb, cols: 0.1 * wb.abs()) if seed % 2 else None
+        problems.append(ObsProblem(f"expert.{seed}", 0.4 + 0.05 * seed, None, 16, 0.01, extra, refit_steps=3 if seed == 2 else 0))
+    for nm in (None, (2, 4)):
+        for p in problems:
+            p.n_of_m = nm
+        _FACTORS.clear()
+        batched = obs_prune_many(weights, hessians, problems)
+        _FACTORS.clear()
+        for w, h, p, got in zip(weights, hessians, problems, batched):
+            alone = obs_prune(w, h, sparsity=p.sparsity, n_of_m=p.n_of_m, block_size=p.block_size, damping=p.damping,
+                              layer=p.layer, extra_score=p.extra_score, refit_steps=p.refit_steps)
+            assert torch.equal(got.keep, alone.keep) and torch.equal(got.weight, alone.weight), (p.layer, nm)
+            assert got.damping == alone.damping and got.refit_ratio == alone.refit_ratio
+    assert batched[3].damping > 0.01 and "expert.3" in caplog.text
+    assert torch.all(batched[1].weight[:, 7] == 0)

@@ -70,8 +70,8 @@ def test_plan_counts_the_survey_and_true_sequential_forwards(tmp_path, tiny_mode
               '[[passes]]\ntype = "sparsegpt"\nsparsity = 0.6\ntrue_sequential = true\n')
     recipe = write_recipe(tmp_path / "r.toml", str(tiny_models["llama"]), passes)
     assert main(["--quiet", "plan", str(recipe)]) == 0
-    assert "further block forwards (survey, true-sequential stages, block-output scoring)" in capsys.readouterr().out
+    assert "further block forwards (survey, true-sequential stages, expert groups, block-output scoring)" in capsys.readouterr().out
     estimate = make_plan(load_recipe(recipe)).estimate_s
-    further = estimate["further block forwards (survey, true-sequential stages, block-output scoring)"]
+    further = estimate["further block forwards (survey, true-sequential stages, expert groups, block-output scoring)"]
     # 3 stages more, and the survey's dense run and trial on all 4 samples (it asks for 8): 5 against the usual 2
     assert further == pytest.approx(2.5 * estimate["block forwards (observe + re-forward)"])

@@ -281,7 +281,8 @@ def _prune(job: Job, manager: PassManager, loaded: LoadedModel, streamed: Stream
             executor = BlockExecutor(loaded.model, manager.schedule, device=group.device, role_overrides=recipe.model.roles,
                                      quiet=job.quiet, streamed=streamed, group=group, storage_dtype=storage,
                                      allow_untargeted=recipe.model.allow_untargeted,
-                                     experts_calibration=recipe.experts.calibration, stacks=stacks, stack=index)
+                                     experts_calibration=recipe.experts.calibration, expert_group_size=recipe.experts.group_size,
+                                     stacks=stacks, stack=index)
             checkpoints = None if key is None else _checkpoints(job, loaded.storage_dtype, key, index)
             stores += [checkpoints] if checkpoints is not None else []
             reports.append(executor.run(windows, checkpoints))

@@ -26,6 +26,7 @@ from pydantic import BaseModel
 from d2compiler.evaluation.model_kind import dummy_input, takes_images
 from d2compiler.execution.block_io import capture_block_inputs
 from d2compiler.execution.executor import BlockExecutor
+from d2compiler.execution.expert_groups import GroupPlan, layer_grouping, statistics_bytes
 from d2compiler.execution.memory import current_rss_mb
 from d2compiler.graph.coverage import Coverage
 from d2compiler.graph.layers import LinearLayer
@@ -63,6 +64,7 @@ class Plan:
     dtypes: str = ""  # what the run computes in and stores
     coverage: Coverage | None = None
     allow_untargeted: bool = False
+    experts: str = ""  # how the first block with experts splits them (`GroupPlan.describe`)
 
     def project(self, nproc: int, link_gbs: float) -> dict[str, float]:
         """The time projected for `nproc` processes (kept for `render`)."""
@@ -78,6 +80,8 @@ class Plan:
             problem = self.coverage.refusal()
             if problem:
                 lines.append(("warning (model.allow_untargeted): " if self.allow_untargeted else "the run will refuse: ") + problem)
+        if self.experts:
+            lines.append(f"experts: {self.experts}")
         lines += ["", "pass schedule:"]
         for i, p in enumerate(self.schedule, 1):
             req = ", ".join(sorted(p.requires)) or "-"
@@ -153,9 +157,11 @@ class StackPlan:
     groups: list[set[tuple[str, ...]]]
     hidden: int
     seq_of_image: int | None
+    groupings: list[GroupPlan]  # per block up to `last`: how its experts are split (`expert_groups`)
 
 
-def _stack_plan(model: torch.nn.Module, manager: PassManager, recipe: BaseModel, streamed: Any, stack: int) -> StackPlan:
+def _stack_plan(model: torch.nn.Module, manager: PassManager, recipe: BaseModel, streamed: Any, stack: int,
+                device: torch.device) -> StackPlan:
     m = recipe.model
     executor = BlockExecutor(model, manager.schedule, device=torch.device("cpu"), role_overrides=m.roles, quiet=True,
                              streamed=streamed, stacks=m.blocks, stack=stack)
@@ -168,8 +174,10 @@ def _stack_plan(model: torch.nn.Module, manager: PassManager, recipe: BaseModel,
     last = max((i for i, layers in enumerate(per_block) if any(la.name in targeted for la in layers)), default=-1)
     groups = [{tuple(executor.structure(i, sample).group_of(la.owner)) for la in layers if la.name in targeted}
               for i, layers in enumerate(per_block[: last + 1])]
+    groupings = [layer_grouping([la for la in layers if la.name in targeted], executor.structure(i, sample).group_of,
+                                manager.schedule, recipe.experts.group_size, device) for i, layers in enumerate(per_block[: last + 1])]
     return StackPlan(executor, per_block, targets, last, groups, sample.args[0].shape[-1],
-                     sample.args[0].shape[-2] if takes_images(model) else None)
+                     sample.args[0].shape[-2] if takes_images(model) else None, groupings)
 
 
 def _block_plans(part: StackPlan, schedule: list[Pass], label: str) -> list[BlockPlan]:
@@ -203,7 +211,7 @@ def make_plan(recipe: BaseModel) -> Plan:
     else:
         loaded = load_model(m.source, m.dtype, "cpu", m.revision, m.attn_implementation)
     model = loaded.model
-    parts = [_stack_plan(model, manager, recipe, streamed, stack) for stack in range(max(len(m.blocks or []), 1))]
+    parts = [_stack_plan(model, manager, recipe, streamed, stack, device) for stack in range(max(len(m.blocks or []), 1))]
     several = len(parts) > 1
     blocks = [b for part in parts for b in _block_plans(part, manager.schedule, part.executor.blocks_path if several else "")]
     cal, first = recipe.data.calibration, parts[0]
@@ -216,7 +224,7 @@ def make_plan(recipe: BaseModel) -> Plan:
                 coverage=Coverage.combine(coverages) if several else coverages[0], allow_untargeted=m.allow_untargeted)
     targeted = set().union(*(names for part in parts for names in part.targets.values()))
     _estimate(plan, [layers for p in parts for layers in p.per_block[: p.last + 1]], [g for p in parts for g in p.groups],
-              targeted, seq, model, first.hidden, baseline_mb)
+              targeted, seq, model, first.hidden, baseline_mb, [g for p in parts for g in p.groupings])
     _estimate_storage(plan, model, [b for p in parts for b in p.executor.blocks],
                       [b for p in parts for b in p.executor.blocks[: max(p.last, 0)]], first.hidden, streaming=streamed is not None)
     return plan
@@ -307,7 +315,7 @@ def project(costs: list[BlockCost], nproc: int, link_gbs: float) -> dict[str, fl
 
 
 def _estimate(plan: Plan, blocks: list[list[LinearLayer]], block_groups: list[set[tuple[str, ...]]], targeted: set[str],
-              seq: int, model: torch.nn.Module, hidden: int, baseline_mb: float) -> None:
+              seq: int, model: torch.nn.Module, hidden: int, baseline_mb: float, groupings: list[GroupPlan]) -> None:
     tokens = plan.tokens
     costs = [p.plan_cost() for p in plan.schedule]
     solves = any(c.solves for c in costs)
@@ -315,19 +323,24 @@ def _estimate(plan: Plan, blocks: list[list[LinearLayer]], block_groups: list[se
     copies = max(c.statistics_copies for c in costs)
     heads = getattr(model.config, "num_attention_heads", 1) or 1
     working = 0.0
-    for layers, input_groups in zip(blocks, block_groups):
+    regrouped = 0.0  # the later groups' routed forwards (`expert_groups`), in block forwards
+    for layers, input_groups, grouping in zip(blocks, block_groups, groupings):
         chosen = [la for la in layers if la.name in targeted]
         by_owner = {la.owner: la for la in layers}
         groups = [by_owner[g[0]].shape[1] for g in input_groups if g[0] in by_owner]  # one Hessian per shared input
+        others = [by_owner[g[0]].shape[1] for g in input_groups if g[0] in by_owner and not by_owner[g[0]].routed]
         cost = block_cost([(la.role, *la.shape) for la in chosen], groups, tokens=tokens, seq=seq, hidden=hidden, heads=heads,
                           rates=plan.rates, obs=solves, kl_samples=kl_samples,
                           forward_params=sum(la.shape[0] * la.shape[1] for la in layers))
         plan.costs.append(cost)
         # statistics: a float64 sum and a float32 scratch per accumulator (passes/gram.py), times the copies a
         # pass keeps (held-out Hessians); the OBS solve: three float32 n x n matrices and the weights
-        block_mb = (sum(i * i for i in groups) * 12 * copies
+        block_mb = (statistics_bytes(others, copies) + grouping.statistics_bytes  # the experts: one group's at a time
                     + max(12 * la.shape[1] ** 2 + 16 * la.shape[0] * la.shape[1] for la in chosen or layers)) / 2**20
         working = max(working, block_mb)
+        regrouped += (grouping.groups - 1) * cost.forward_s / 2
+        if grouping.experts and not plan.experts:
+            plan.experts = grouping.describe()
     fwd = sum(c.forward_s for c in plan.costs)
     stats = sum(c.stats_s for c in plan.costs)
     obs = sum(sum(c.solves_s) for c in plan.costs)
@@ -336,8 +349,9 @@ def _estimate(plan: Plan, blocks: list[list[LinearLayer]], block_groups: list[se
     samples = max(tokens // seq, 1)
     extra = sum(c.extra_forwards + c.sample_forwards[0] * min(c.sample_forwards[1] or samples, samples) / samples
                 for c in costs) * fwd / 2  # fwd is two full forwards
+    extra += regrouped
     if extra:
-        plan.estimate_s["further block forwards (survey, true-sequential stages, block-output scoring)"] = extra
+        plan.estimate_s["further block forwards (survey, true-sequential stages, expert groups, block-output scoring)"] = extra
     if solves:
         plan.estimate_s["masks and OBS updates"] = obs
     if kl_s:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -208,6 +209,26 @@ class ExecutorContext:
         (`fingerprints()`), else 0."""
         after = self.fingerprints()
         return {name: (after[name] != old).any().int() for name, old in before.items()}
+
+    @contextmanager
+    def narrowed(self, names: set[str]) -> Iterator[None]:
+        """Within: `layers` and `targeted` are those named in `names` only (one group of experts,
+        `execution.expert_groups`), so every pass sees and acts on that group alone."""
+        layers, targeted = self.layers, self.targeted
+        self.layers, self.targeted = [layer for layer in layers if layer.name in names], targeted & names
+        try:
+            yield
+        finally:
+            self.layers, self.targeted = layers, targeted
+
+    def forget(self, names: set[str]) -> None:
+        """Drop the artifacts (statistics, masks, ...) of the layers in `names`: a finished group of
+        experts, whose weights already hold what the passes did."""
+        for per_layer in self.artifacts.values():
+            for name in names:
+                per_layer.pop(name, None)
+        for name in names:
+            self.masks.pop(name, None)
 
     def record_mask(self, layer: str, keep: torch.Tensor) -> None:
         """Record a keep-mask; a weight already masked stays masked (masks compose by AND)."""

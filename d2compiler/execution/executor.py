@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -26,11 +26,12 @@ from d2compiler.execution.block_io import BlockInput, capture_block_inputs, forw
 from d2compiler.execution.checkpoint import CheckpointStore
 from d2compiler.execution.context import ExecutorContext
 from d2compiler.execution.distributed import SINGLE, Group
+from d2compiler.execution.expert_groups import block_grouping, split
 from d2compiler.execution.invariants import blamed, check_precondition, check_statistics, ran_before, settle
 from d2compiler.execution.memory import current_rss_mb, peak_rss_mb
 from d2compiler.execution.placement import Placement, Reader
 from d2compiler.execution.progress import progress
-from d2compiler.execution.report import BlockReport, ExecutionReport
+from d2compiler.execution.report import BlockReport, ExecutionReport, merge_results
 from d2compiler.graph.block_trace import trace_with_experts
 from d2compiler.graph.blocks import block_signature
 from d2compiler.graph.coverage import Coverage, measure_coverage
@@ -82,7 +83,8 @@ class BlockExecutor:
     def __init__(self, model: nn.Module, schedule: list[Pass], *, device: torch.device,
                  role_overrides: dict[str, str] | None = None, quiet: bool = False, streamed: StreamedModel | None = None,
                  group: Group = SINGLE, storage_dtype: torch.dtype | None = None, allow_untargeted: bool = False,
-                 experts_calibration: str = "routed", stacks: list[str] | None = None, stack: int = 0):
+                 experts_calibration: str = "routed", expert_group_size: int | None = None, stacks: list[str] | None = None,
+                 stack: int = 0):
         self.model = model
         self.schedule = schedule
         self.device = device
@@ -93,6 +95,7 @@ class BlockExecutor:
         self.storage_dtype = storage_dtype  # weights are rounded to it after each block (None: kept as computed)
         self.allow_untargeted = allow_untargeted
         self.experts_calibration = experts_calibration
+        self.expert_group_size = expert_group_size  # experts whose statistics are held at once (None: as many as fit)
         self._samples = (0, 0)  # (global index of this process's first window, windows over all processes)
         self.stacks = stacks or []  # the stacks the recipe names (`model.blocks`); this executor prunes stacks[stack]
         self.placement = Placement(model, device, streamed, self.stacks[stack] if self.stacks else None)
@@ -308,26 +311,25 @@ class BlockExecutor:
 
     def _run_block(self, index: int, block: nn.Module, inputs: list[BlockInput], needed: set[str], targets: dict[int, set[str]],
                    last: int) -> tuple[BlockReport, list[torch.Tensor]]:
-        """Observe, apply the passes, and return the block's outputs (empty for the last block).
-        `block` is already on the compute device (see `on_device`)."""
+        """Observe, apply the passes (group of experts by group, `expert_groups`), and return the
+        block's outputs (empty for the last block). `block` is already on the compute device."""
         ctx = self.context(index, block, inputs, needed, targets)
         self._check_finite_weights(ctx)
         times: dict[str, float] = {}
-        results: list[tuple[str, PassResult]] = []
+        parts: dict[int, list[tuple[str, PassResult]]] = {}
         start = time.perf_counter()
-        if ctx.targeted and any(p.observes for p in self.schedule):
-            read = set()
-            for p in self.schedule:
-                with blamed(p, "statistics_read", ran_before(ctx, p)):
-                    read |= p.statistics_read(ctx)
-            read &= ctx.targeted  # e.g. true-sequential's later stages are not read from this observation
-            ctx.bracketed_forward(self.schedule, observing=None if read >= ctx.targeted else frozenset(read))
-            check_statistics(ctx)
-            times["observe"] = time.perf_counter() - start
-        for p in self.schedule if ctx.targeted else []:
-            t0 = time.perf_counter()
-            results.append((p.name, self._apply(ctx, p)))
-            times[p.name] = times.get(p.name, 0.0) + time.perf_counter() - t0
+        grouping = block_grouping(ctx, self.schedule, self.expert_group_size)
+        groups = split(ctx.layers, grouping, others_first=any(p.reobserves_upstream() for p in self.schedule))
+        for number, names in enumerate(groups):
+            with ctx.narrowed(names) if len(groups) > 1 else nullcontext():
+                self._observe(ctx, times, later=number > 0)
+                for position, p in enumerate(self.schedule if ctx.targeted else []):
+                    t0 = time.perf_counter()
+                    parts.setdefault(position, []).append((p.name, self._apply(ctx, p)))
+                    times[p.name] = times.get(p.name, 0.0) + time.perf_counter() - t0
+            if len(groups) > 1:
+                ctx.forget(names)
+        results = merge_results(parts)
         modified = any(result.modified for _name, result in results)  # each False checked against the fingerprints
         t0 = time.perf_counter()
         if modified and self.storage_dtype is not None:
@@ -341,7 +343,29 @@ class BlockExecutor:
         memory = {"peak_rss_mb": round(peak_rss_mb(), 1), "rss_mb": round(current_rss_mb(), 1)}
         if self.device.type == "cuda":
             memory["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+        if grouping.experts:
+            memory.update(expert_groups=grouping.groups, expert_group_size=grouping.size,
+                          expert_statistics_mb=round(grouping.statistics_bytes / 2**20, 1))
         return BlockReport(index, ctx.name, {k: round(v, 4) for k, v in times.items()}, results, memory), outputs
+
+    def _observe(self, ctx: ExecutorContext, times: dict[str, float], *, later: bool) -> None:
+        """The statistics of the targeted layers (of the current group): a dense forward with the
+        observing passes bracketed around it. A later group's forward ends once its layers have run
+        (its layers' inputs are those of the dense block: see `expert_groups`)."""
+        if not ctx.targeted or not any(p.observes for p in self.schedule):
+            return
+        start = time.perf_counter()
+        read: set[str] = set()
+        for p in self.schedule:
+            with blamed(p, "statistics_read", ran_before(ctx, p)):
+                read |= p.statistics_read(ctx)
+        read &= ctx.targeted  # e.g. true-sequential's later stages are not read from this observation
+        if later and not read:
+            return
+        stops = [layer.module for layer in ctx.layers if layer.name in read] if later else None
+        ctx.bracketed_forward(self.schedule, observing=None if read >= ctx.targeted else frozenset(read), stops=stops)
+        check_statistics(ctx)
+        times["observe"] = times.get("observe", 0.0) + time.perf_counter() - start
 
     def _apply(self, ctx: ExecutorContext, p: Pass) -> PassResult:
         """One pass on the block: precondition, `apply` (an unexpected exception becomes a located

@@ -29,6 +29,23 @@ class BlockReport:
         return cls(data["index"], data["name"], data["times"], results, data.get("memory", {}), resumed=True)
 
 
+def merge_results(parts: dict[int, list[tuple[str, PassResult]]]) -> list[tuple[str, PassResult]]:
+    """One result per scheduled pass (by position, in order) from the results of each group of
+    experts (`execution.expert_groups`): modified if any group modified, the layers of every group,
+    later info winning. Folded once the block is done: a pass may still add to a result it returned
+    (the calibration tokens of a later observation)."""
+    out = []
+    for position in sorted(parts):
+        name, first = parts[position][0]
+        merged = PassResult(first.modified, dict(first.layers), dict(first.info))
+        for _name, result in parts[position][1:]:
+            merged.modified |= result.modified
+            merged.layers.update(result.layers)
+            merged.info.update(result.info)
+        out.append((name, merged))
+    return out
+
+
 @dataclass
 class ExecutionReport:
     blocks_path: str

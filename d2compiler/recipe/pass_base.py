@@ -240,6 +240,12 @@ class Pass(ABC):
         """Refuse (raise `PassOrderError`) a recipe in which this pass cannot do what it was asked,
         given the other scheduled passes. Default: accept."""
 
+    def reobserves_upstream(self) -> bool:
+        """Whether this pass re-observes layers once the layers before them are pruned (true-sequential):
+        then the groups of a block's experts (`execution.expert_groups`) come after the block's other
+        layers, not before them. Default: False."""
+        return False
+
     def statistics_read(self, ctx: BlockContext) -> set[str]:
         """Names of the layers whose statistics, as the block's first observation records them, this
         pass reads (`hessian`, `act_norms`, or what it observes itself). That observation records

@@ -206,6 +206,15 @@ class ExpertsSpec(_Strict):
         "while observing. Either way the block's output, and so the next block's input, stays the routed one. "
         "Ignored for models without experts.",
     )
+    group_size: int | None = Field(
+        default=None, ge=1, le=1_000_000,
+        description="How many experts of a block have their statistics held at once. A block whose experts do not "
+        "fit is compressed group by group: each group is observed (one more routed forward of the block, ending once "
+        "the group's experts have run), pruned by every pass, and its statistics dropped; the layers that are not "
+        "routed experts go with the last group. Default: as many as fit in half the memory free when the block "
+        "starts (all of them, one group, whenever they fit). The result is the same as with one group for passes "
+        "whose statistics are per layer. `d2c plan` shows the statistics' memory and the groups.",
+    )
 
 
 def _recipe_base() -> type[BaseModel]:
