@@ -27,11 +27,18 @@ def prune_count(numel: int, sparsity: float) -> int:
 
 
 def lowest_k(score: torch.Tensor, k: int) -> torch.Tensor:
-    """Prune mask (True = pruned) of the k lowest scores over the whole tensor (ties: first)."""
-    prune = torch.zeros(score.numel(), dtype=torch.bool, device=score.device)
-    if k > 0:
-        idx = torch.argsort(score.flatten(), stable=True)[:k]
-        prune[idx] = True
+    """Prune mask (True = pruned) of the k lowest scores over the whole tensor (ties: first), the
+    first k of a stable ascending sort, found without sorting: every score below the k-th smallest,
+    then the first of those equal to it (in flattened order) until k are taken."""
+    flat = score.flatten()
+    if k <= 0:
+        return torch.zeros_like(score, dtype=torch.bool)
+    if k >= flat.numel():
+        return torch.ones_like(score, dtype=torch.bool)
+    kth = torch.kthvalue(flat, k).values
+    below = flat < kth
+    tied = flat == kth
+    prune = below | (tied & (torch.cumsum(tied, 0) <= k - below.sum()))
     return prune.view_as(score)
 
 

@@ -3,8 +3,9 @@
 A layer with E experts has E × 3 OBS problems of a few shapes. Solved one by one, each is a Python
 loop over its columns whose tensor operations are small (an expert of a 128-expert model sees ~6%
 of the tokens and has a narrow intermediate width), so the interpreter, not the arithmetic, sets
-the pace. Here the problems of one shape are stacked: the damped Hessians are factorised in one
-batched call (`torch.linalg.cholesky_ex` / `cholesky_inverse` over a batch), and one column sweep
+the pace. Here the problems of one shape are stacked: the damped Hessians are factorised in batched
+calls (`torch.linalg.cholesky_ex` / `cholesky_inverse`, each matrix on one thread as in `obs`, the
+matrices spread over the CPU's threads), and one column sweep
 updates every expert's weights with batched operations. Each problem keeps its own sparsity,
 saliency term and mask; the masks are chosen per problem with the same helpers as `obs_prune`, so
 the result is that of `obs_prune` on each (up to the rounding of a batched matrix product).
@@ -15,6 +16,7 @@ definite) is retried alone with the growing damping of `obs._factor`, with its w
 from __future__ import annotations
 
 import weakref
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -75,14 +77,31 @@ def factors(hessians: list[torch.Tensor], damping: float, layers: list[str]) -> 
     if todo:
         pending = list(todo.values())
         damped = [damped_hessian(h, damping) for h, _name in pending]
-        with _one_thread(pending[0][0].device):
-            chol, failed = torch.linalg.cholesky_ex(torch.stack([h for h, _dead in damped]))
-            upper, failed_inverse = torch.linalg.cholesky_ex(torch.cholesky_inverse(chol), upper=True)
-        bad = (failed != 0) | (failed_inverse != 0)
-        for k, ((h, name), (_h, dead), broken) in enumerate(zip(pending, damped, bad.tolist())):
+        upper, bad = _factor_stack(torch.stack([h for h, _dead in damped]))
+        for k, ((h, name), (_h, dead), broken) in enumerate(zip(pending, damped, bad)):
             _FACTORS[(id(h), damping)] = _factor(h, damping, name) if broken else (upper[k].clone(), damping, dead)
             weakref.finalize(h, _FACTORS.pop, (id(h), damping), None)
     return [_FACTORS[(id(h), damping)] for h in hessians]
+
+
+def _factor_stack(damped: torch.Tensor) -> tuple[torch.Tensor, list[bool]]:
+    """(U of each damped Hessian's inverse, whether it failed). Each matrix is factorised on one
+    thread, as `obs._factor` does (LAPACK's last bits depend on the thread count); on the CPU the
+    matrices are spread over as many Python threads as torch had intra-op threads."""
+    def run(part: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        chol, failed = torch.linalg.cholesky_ex(part)
+        upper, failed_inverse = torch.linalg.cholesky_ex(torch.cholesky_inverse(chol), upper=True)
+        return upper, (failed != 0) | (failed_inverse != 0)
+
+    workers = torch.get_num_threads() if damped.device.type == "cpu" else 1
+    with _one_thread(damped.device):
+        if workers == 1 or len(damped) == 1:
+            upper, bad = run(damped)
+        else:
+            with ThreadPoolExecutor(workers) as pool:
+                parts = list(pool.map(run, damped.tensor_split(min(workers, len(damped)))))
+            upper, bad = torch.cat([u for u, _b in parts]), torch.cat([b for _u, b in parts])
+    return upper, bad.tolist()
 
 
 def _batch(weights: list[torch.Tensor], hessians: list[torch.Tensor], problems: list[ObsProblem]) -> list[ObsResult]:
