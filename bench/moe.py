@@ -46,7 +46,8 @@ MODES = ("routed", "all")
 
 
 def key(cfg: dict[str, Any]) -> str:
-    return f"{cfg['recipe']}|{cfg['mode']}|{cfg['samples']}|{cfg['windows']}|seed={cfg['seed']}"
+    extra = "".join(f"|{name}={cfg[name]}" for name in ("split", "expert_lmbda") if name in cfg)  # bench/moe_allocation.py
+    return f"{cfg['recipe']}|{cfg['mode']}|{cfg['samples']}|{cfg['windows']}|seed={cfg['seed']}{extra}"
 
 
 def expert_zeros(model: torch.nn.Module) -> dict[str, float]:
@@ -97,8 +98,11 @@ def worker(cfg: dict[str, Any]) -> dict[str, Any]:
         extra: dict[str, Any] = {"sparsity": 0.0, "wall_s": 0.0}
     else:
         data = recipe_from_file({**cfg, "recipe": f"recipes/{cfg['recipe']}.toml"}, folder, calibration_source(),
-                                evaluation_source("test"), seq_len())
+                                evaluation_source(cfg.get("split", "test")), seq_len())
         data["experts"] = {"calibration": cfg["mode"]}
+        for spec in data["passes"]:  # bench/moe_allocation.py: the spread across each layer's experts
+            if spec["type"] == "sparsity_allocation" and "expert_lmbda" in cfg:
+                spec["expert_lmbda"] = cfg["expert_lmbda"]
         loaded = load_model(folder, "float32", "cpu")
         summary = compress(validate_recipe(data), loaded=loaded, quiet=True)
         ppl = summary.pruned_ppl

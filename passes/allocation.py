@@ -20,6 +20,14 @@ def error_block_sparsities(errors: list[float], sparsity: float, lmbda: float) -
     return _spread([math.log(max(e, 1e-30)) for e in errors], sparsity, lmbda)
 
 
+def expert_sparsities(tokens: list[int], sparsity: float, lmbda: float) -> list[float]:
+    """The `expert_lmbda` rule (ours): the experts of one role in one block, given the tokens routed
+    to each, get sparsities in [s−λ, s+λ] around their block's s, spread like OWL's: the most used
+    expert the lowest, the least used the highest (an expert a token rarely reaches adds little to
+    the block's output). Equal counts give s everywhere."""
+    return _spread([float(t) for t in tokens], sparsity, lmbda)
+
+
 def _spread(scores: list[float], sparsity: float, lmbda: float) -> list[float]:
     """Sparsities S − (scaled score − mean scaled score), the scaled scores in [0, 2λ], clipped to
     [S−λ, S+λ] (the OWL paper's stated range; its code's mean-centring can leave it when the scores

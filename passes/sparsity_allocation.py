@@ -11,8 +11,12 @@ s_b lie in [S−λ, S+λ] around the pruning pass's `sparsity` S:
   are Wanda-pruned at S (weights passed functionally,
   `BlockContext.output_error_sums`); larger error, lower sparsity (the log error is scaled, see `allocation`).
 
-Every layer of a block gets the block's sparsity; then per-layer prune counts are made exact: the
-pruned total over the targeted layers is round(S · their weights) (`allocation.exact_counts`).
+Every layer of a block gets the block's sparsity, except Mixture-of-Experts experts with
+`expert_lmbda` > 0: the experts of one role in a block are spread in [s_b−λₓ, s_b+λₓ] by the tokens
+the router sent each of them in the survey, the most used pruned least (`allocation.expert_sparsities`;
+with `experts.calibration = "all"` every expert sees every token, so they stay at s_b). Then per-layer
+prune counts are made exact: the pruned total over the targeted layers is round(S · their weights)
+(`allocation.exact_counts`).
 N:M patterns fix every layer at N/M, so the pass refuses them."""
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ from d2compiler.contract import (
     register_pass,
 )
 
-from .allocation import error_block_sparsities, exact_counts, owl_block_sparsities
+from .allocation import error_block_sparsities, exact_counts, expert_sparsities, owl_block_sparsities
 from .masks import lowest_per_row, row_counts
 
 
@@ -47,6 +51,9 @@ class SparsityAllocationParams(PassParams):
                          "score exceeds M times the mean score of its block (`owl` only).")
     owl_lmbda: float = Field(default=0.08, ge=0.0, lt=1.0, description="λ: block sparsities lie in [S−λ, S+λ] around the "
                              "pruning pass's sparsity S (both profiles; the name is llm-compressor's).")
+    expert_lmbda: float = Field(default=0.0, ge=0.0, lt=1.0, description="λₓ: the routed experts of one role in a "
+                                "block get sparsities in [s−λₓ, s+λₓ] around their block's s, by the tokens routed to each in "
+                                "the survey (the most used expert pruned least). 0: every expert at its block's sparsity.")
     survey_samples: int = Field(default=8, ge=1, le=100000, description="Calibration samples (the first ones) the "
                                 "survey runs the dense blocks on: the activation norms of `owl` and the trial output errors "
                                 "of `error` come from them.")
@@ -55,6 +62,11 @@ class SparsityAllocationParams(PassParams):
 def _add_squares(acc: torch.Tensor, x: torch.Tensor) -> None:
     """acc += Σ over tokens of x_j² (float64); returns None, so the hooked layer's output stays its own."""
     acc.add_(x.detach().reshape(-1, x.shape[-1]).double().pow(2).sum(0))
+
+
+def _add_rows(count: torch.Tensor, x: torch.Tensor) -> None:
+    """count += the tokens (rows) of x; returns None, so the hooked layer's output stays its own."""
+    count.add_(x.numel() // x.shape[-1])
 
 
 @register_pass
@@ -73,6 +85,7 @@ class SparsityAllocationPass(Pass):
         self._sums: dict[str, torch.Tensor] = {}
         self._scores: dict[int, float] = {}
         self._sizes: dict[int, dict[str, int]] = {}
+        self._routed: dict[int, dict[str, tuple[str, tuple[int, int], torch.Tensor]]] = {}  # block -> expert -> (role, shape, tokens)
         self._allocation: dict[str, float] = {}
         self._block_sparsity: dict[int, float] = {}
         self._target = 0.0
@@ -100,10 +113,10 @@ class SparsityAllocationPass(Pass):
         if len(levels) > 1:
             raise PassOrderError(f"sparsity_allocation: the pruning passes after it prune at different sparsities "
                                  f"({', '.join(str(s) for s in sorted(levels))}); one allocation needs one target")
-        target, lmbda = levels.pop(), self.params.owl_lmbda
+        target, lmbda = levels.pop(), self.params.owl_lmbda + self.params.expert_lmbda
         if target - lmbda < 0 or target + lmbda >= 1:
-            raise PassOrderError(f"sparsity_allocation: owl_lmbda = {lmbda} puts block sparsities outside [0, 1) around "
-                                 f"the target {target}; use owl_lmbda <= {min(target, 1 - target):.4g}")
+            raise PassOrderError(f"sparsity_allocation: owl_lmbda + expert_lmbda = {lmbda} puts sparsities outside [0, 1) "
+                                 f"around the target {target}; use owl_lmbda + expert_lmbda <= {min(target, 1 - target):.4g}")
 
     def plan_cost(self) -> PlanCost:
         """The survey: one dense forward per block over `survey_samples` (`error`: and the trial)."""
@@ -122,6 +135,13 @@ class SparsityAllocationPass(Pass):
         for layer in layers:
             total = self._sums[layer.name] = torch.zeros(layer.shape[1], dtype=torch.float64, device=ctx.device)
             self._handles.append(layer.module.register_forward_hook(lambda _m, inp, _o, acc=total: _add_squares(acc, inp[0])))
+        routed = {layer.name: (layer.role, layer.shape, torch.zeros((), dtype=torch.int64, device=ctx.device))
+                  for layer in layers if layer.routed and self.params.expert_lmbda > 0}
+        self._routed[ctx.index] = routed
+        for layer in layers:
+            if layer.name in routed:
+                count = routed[layer.name][2]
+                self._handles.append(layer.module.register_forward_hook(lambda _m, inp, _o, n=count: _add_rows(n, inp[0])))
 
     def end_survey(self, ctx: Any) -> None:
         for handle in self._handles:
@@ -134,6 +154,8 @@ class SparsityAllocationPass(Pass):
         for layer in layers:
             ctx.reduce(self._sums[layer.name])
             norms[layer.name] = self._sums[layer.name].sqrt().float()
+        for _role, _shape, count in self._routed.get(ctx.index, {}).values():
+            ctx.reduce(count)
         if self.params.profile == "owl":
             score = self._outlier_ratio(layers, norms)
         else:
@@ -172,14 +194,29 @@ class SparsityAllocationPass(Pass):
         per_block = dict(zip(blocks, spread([self._scores[b] for b in blocks], consumer_sparsity, self.params.owl_lmbda)))
         names = [(b, name) for b in blocks for name in self._sizes[b]]
         sizes = [self._sizes[b][name] for b, name in names]
-        counts = exact_counts(sizes, [per_block[b] for b, _n in names], consumer_sparsity,
-                              consumer_sparsity - self.params.owl_lmbda, consumer_sparsity + self.params.owl_lmbda)
+        targets = {name: per_block[b] for b, name in names}
+        for b in blocks:
+            targets.update(self._spread_experts(b, per_block[b]))
+        reach = self.params.owl_lmbda + self.params.expert_lmbda
+        counts = exact_counts(sizes, [targets[name] for _b, name in names], consumer_sparsity,
+                              consumer_sparsity - reach, consumer_sparsity + reach)
         self._allocation = {name: count / size for (_b, name), count, size in zip(names, counts, sizes)}
         pruned: dict[int, list[int]] = {b: [0, 0] for b in blocks}
         for (b, _name), count, size in zip(names, counts, sizes):
             pruned[b][0] += count
             pruned[b][1] += size
         self._block_sparsity = {b: count / size for b, (count, size) in pruned.items()}  # as applied, after exact rounding
+
+    def _spread_experts(self, block: int, sparsity: float) -> dict[str, float]:
+        """The sparsity of each routed expert of `block` (`expert_lmbda`), by role and shape."""
+        groups: dict[tuple[str, tuple[int, int]], list[tuple[str, int]]] = {}
+        for name, (role, shape, count) in self._routed.get(block, {}).items():
+            groups.setdefault((role, shape), []).append((name, int(count)))
+        out = {}
+        for members in groups.values():
+            spread = expert_sparsities([tokens for _n, tokens in members], sparsity, self.params.expert_lmbda)
+            out.update({name: value for (name, _t), value in zip(members, spread)})
+        return out
 
     # --- pruning ------------------------------------------------------------------------------
 
@@ -202,7 +239,7 @@ class SparsityAllocationPass(Pass):
         if not infos:
             return {}
         return {"sparsity_allocation": {"profile": self.params.profile, "owl_m": self.params.owl_m,
-                                        "owl_lmbda": self.params.owl_lmbda,
+                                        "owl_lmbda": self.params.owl_lmbda, "expert_lmbda": self.params.expert_lmbda,
                                         "blocks": {i: {"sparsity": info["block_sparsity"], "score": info["score"]}
                                                    for i, info in sorted(infos.items())}}}
 

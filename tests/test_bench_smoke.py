@@ -38,6 +38,7 @@ SCRIPTS = {
     "moe.py": [PY, "bench/moe.py", "--smoke", "--recipes", "sparsegpt-unstructured-50", "--modes", "all", "--seeds", "1"],
     "moe_solves.py": [PY, "bench/moe_solves.py", "--smoke"],
     "moe_scale.py": [PY, "bench/moe_scale.py", "--smoke"],
+    "moe_allocation.py": [PY, "bench/moe_allocation.py", "--smoke", "--splits", "valid"],
 }
 WRITES = {"quality.py": ["quality.json", "quality.md"], "attention_fidelity.py": ["attention_fidelity.json", "attention_fidelity.png"],
           "arch.py": ["arch.json", "arch.md"], "cost.py": ["cost.json", "cost.md"], "deploy.py": ["deploy.json", "deploy.md"],
@@ -46,7 +47,8 @@ WRITES = {"quality.py": ["quality.json", "quality.md"], "attention_fidelity.py":
           "distributed.py": ["distributed.json", "distributed.md"], "onnx_large.py": ["onnx_large.json", "onnx_large.md"],
           "compressed_export.py": ["compressed_tensors.json", "compressed_tensors.md"], "ct_layout.py": ["ct_layout.json", "ct_layout.md"],
           "layer_errors.py": ["layer_errors.json", "layer_errors.md"], "moe.py": ["moe.json", "moe.md"],
-          "moe_solves.py": ["moe_solves.json", "moe_solves.md"], "moe_scale.py": ["moe_scale.json", "moe_scale.md"]}
+          "moe_solves.py": ["moe_solves.json", "moe_solves.md"], "moe_scale.py": ["moe_scale.json", "moe_scale.md"],
+          "moe_allocation.py": ["moe_allocation.json", "moe_allocation.md"]}
 
 
 @pytest.fixture(scope="module")

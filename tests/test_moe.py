@@ -304,7 +304,9 @@ def test_two_processes_give_one_process_masks_on_moe(moe_models, tmp_path):
 
     passes = '[[passes]]\ntype = "calibrate"\n[[passes]]\ntype = "sparsegpt"\nsparsity = 0.5\n'
     assert run(tmp_path, moe_models["qwen3_moe"], passes, name="one")[0] == 0
-    two = subprocess.run([sys.executable, "-m", "d2compiler", "--quiet", "run", str(tmp_path / "one.toml"), "--output",
+    grouped = (tmp_path / "one.toml").read_text().replace('device = "cpu"\n', 'device = "cpu"\n[experts]\ngroup_size = 3\n', 1)
+    (tmp_path / "two.toml").write_text(grouped)  # and the experts in groups (issue 28): the processes go group by group
+    two = subprocess.run([sys.executable, "-m", "d2compiler", "--quiet", "run", str(tmp_path / "two.toml"), "--output",
                           str(tmp_path / "two"), "--nproc", "2", "--oversubscribe"], capture_output=True, text=True, timeout=300)
     assert two.returncode == 0, two.stderr[-2000:]
     a, b = load_file(str(tmp_path / "one" / "model.safetensors")), load_file(str(tmp_path / "two" / "model.safetensors"))

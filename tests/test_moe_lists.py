@@ -177,3 +177,29 @@ def test_inspect_shows_an_expert_list_in_one_line_per_linear(tiny_switch, capsys
     assert "mlp.experts.*.wi" in out and "x 4 experts (a list of modules)" in out
     assert "router.classifier" in out and "router" in out.split("router.classifier")[1].split("\n")[0]
     assert "expert_1" not in out.split("attention:")[1]
+
+
+def test_all_tokens_statistics_for_a_module_list_of_experts(tokenizer, caplog):
+    """`experts.calibration = "all"` on experts held as modules: every expert (the one the router
+    never picks too) sees every calibration token once, while the block's output stays routed."""
+    import transformers as tf
+
+    from d2compiler.driver.pipeline import compress
+    from d2compiler.evaluation.synthetic import tiny_llama_config
+    from d2compiler.loading.models import LoadedModel
+    from d2compiler.recipe.schema import validate_recipe
+
+    torch.manual_seed(0)
+    model = tf.LlamaForCausalLM(tiny_llama_config(len(tokenizer))).eval()
+    for layer in model.model.layers:
+        layer.mlp = ListMoE(64, 32)
+    recipe = {"version": 1, "model": {"source": "tiny-list-moe", "device": "cpu", "dtype": "float32"},
+              "data": {"calibration": {"source": "builtin:python-docs", "samples": 4, "seq_len": 32}},
+              "experts": {"calibration": "all"}, "passes": [{"type": "calibrate"}, {"type": "sparsegpt", "sparsity": 0.5}]}
+    summary = compress(validate_recipe(recipe), loaded=LoadedModel(model, tokenizer, "tiny-list-moe"), quiet=True)
+    assert "keep routed statistics" not in caplog.text and "stay routed" not in caplog.text
+    for block in range(2):
+        for e in range(4):
+            entry = summary.layers[f"model.layers.{block}.mlp.experts.{e}.w1"]
+            assert entry["calibration_tokens"] == 4 * 32 and "statistics" not in entry  # expert 3 too
+            assert entry["pruned"] == 32 * 64 // 2

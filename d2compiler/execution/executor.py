@@ -35,6 +35,7 @@ from d2compiler.execution.report import BlockReport, ExecutionReport, merge_resu
 from d2compiler.graph.block_trace import trace_with_experts
 from d2compiler.graph.blocks import block_signature
 from d2compiler.graph.coverage import Coverage, measure_coverage
+from d2compiler.graph.expert_lists import attach_list_statistics
 from d2compiler.graph.experts import expert_layers, use_eager_experts
 from d2compiler.graph.layers import LinearLayer
 from d2compiler.graph.structure import BlockStructure, bind_linears, structure_from_roles
@@ -137,6 +138,7 @@ class BlockExecutor:
     def layers_of(self, index: int, structure: BlockStructure) -> list[LinearLayer]:
         """The block's linear layers: its modules' (`bind_linears`) and its experts' (`expert_layers`)."""
         prefix = f"{self.blocks_path}.{index}"
+        attach_list_statistics(self.blocks[index], structure.expert_lists)
         return [*bind_linears(self.blocks[index], prefix, structure, self.role_overrides),
                 *expert_layers(self.blocks[index], prefix, structure.experts)]
 

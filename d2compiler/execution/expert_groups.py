@@ -126,19 +126,28 @@ def free_memory_bytes(device: torch.device) -> float | None:
 
 
 def block_grouping(ctx: ExecutorContext, schedule: list[Pass], group_size: int | None) -> GroupPlan:
-    """How the block of `ctx` splits its targeted experts (`layer_grouping`)."""
+    """How the block of `ctx` splits its targeted experts (`layer_grouping`). With several processes
+    the first one's split holds for all (their forwards and reductions go group by group together),
+    and processes that share the host's memory share its budget."""
     targeted = [layer for layer in ctx.layers if layer.name in ctx.targeted]
-    return layer_grouping(targeted, ctx.structure.group_of, schedule, group_size, ctx.device)
+    processes = ctx.group.size if ctx.device.type == "cpu" else 1
+    plan = layer_grouping(targeted, ctx.structure.group_of, schedule, group_size, ctx.device, processes)
+    if ctx.group.size == 1 or not plan.experts:
+        return plan
+    size = int(ctx.group.broadcast(torch.tensor([plan.size], dtype=torch.int64), 0).item())
+    return GroupPlan(plan.experts, size, plan.bytes_per_expert)
 
 
 def layer_grouping(targeted: list[LinearLayer], group_of: Callable[[str], list[str]], schedule: list[Pass],
-                   group_size: int | None, device: torch.device) -> GroupPlan:
+                   group_size: int | None, device: torch.device, processes: int = 1) -> GroupPlan:
     """How a block with these targeted layers splits its experts: `group_size` each, or as many as fit
-    in the memory free now on `device`. `group_of` names the linears sharing a layer's input."""
+    in the memory free now on `device`, shared by `processes`. `group_of` names the linears sharing a
+    layer's input."""
     units = expert_order(targeted)
     if not units:
         return plan_groups(0, 0.0, None, None)
     widths = {tuple(group_of(layer.owner)): layer.shape[1] for layer in targeted if expert_key(layer) == units[0]}
     copies = max((p.plan_cost().statistics_copies for p in schedule if p.observes), default=1)
     free = None if group_size is not None else free_memory_bytes(device)
+    free = None if free is None else free / processes
     return plan_groups(len(units), statistics_bytes(widths.values(), copies), group_size, free)

@@ -30,7 +30,7 @@ def trace_with_experts(model: nn.Module, block: nn.Module, sample: Any, label: s
     structure.roles.update(lists.roles)
     structure.input_groups += lists.input_groups
     structure.expert_lists = lists.lists
-    if lists.lists and experts_calibration != "routed":
+    if lists.lists and experts_calibration == "weighted":
         log.warning("experts.calibration = %s needs 3-D expert banks; the expert lists %s of %s keep routed statistics",
                     experts_calibration, ", ".join(lists.lists), label)
     return structure

@@ -18,13 +18,19 @@ libraries), found from the module tree and one forward; no model class is named.
   outputs as the list has experts, is a `router`: a score, left out of the `Linear` target. An expert that no token of that forward reached takes its siblings' roles, by the
   linear's name inside the expert.
 - From then on the experts are ordinary linears: statistics hooks see exactly the tokens routed to
-  each one, and every pass and export works on them as on any linear. `experts.calibration = "all"`
-  or `"weighted"` needs the transformers-5 routing call of 3-D banks; for lists it stays `routed`
-  (with a warning)."""
+  each one, and every pass and export works on them as on any linear.
+- `experts.calibration = "all"`: while statistics are gathered, each MoE module first calls every
+  expert of its lists on all of its input's tokens (outputs discarded), then runs its routed forward
+  with the hooks of the lists' modules silenced, so statistics see every token once and the block's
+  output stays the routed one (`attach_list_statistics`). An expert that cannot be called on the
+  tokens alone keeps routed statistics, with a warning. `"weighted"` needs the transformers-5 routing
+  call of 3-D banks; for lists it stays `routed` (with a warning)."""
 
 from __future__ import annotations
 
 import itertools
+import logging
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -36,7 +42,10 @@ from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
 from d2compiler.graph.expert_calls import ACTIVATIONS
+from d2compiler.graph.experts import statistics_mode
 from d2compiler.graph.layers import is_linear_module, weight_is_transposed
+
+log = logging.getLogger(__name__)
 
 
 def find_expert_lists(block: nn.Module) -> dict[str, int]:
@@ -256,10 +265,65 @@ def opaque_moe_modules(block: nn.Module, probe: ListProbe) -> Iterator[None]:
                 tensors = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
                 return pytree.tree_unflatten(list(torch.ops.d2c.opaque_module(tensors, _handle)), _spec)
 
+            patched.append((module, handle, module.__dict__.get("forward")))  # its own forward, or a wrapper of ours
             object.__setattr__(module, "forward", forward)
-            patched.append((module, handle))
         yield
     finally:
-        for module, handle in patched:
-            del module.forward
+        for module, handle, previous in patched:
+            if previous is None:
+                del module.forward
+            else:
+                object.__setattr__(module, "forward", previous)
             _OPAQUE.pop(handle, None)
+
+
+def attach_list_statistics(block: nn.Module, lists: dict[str, int]) -> None:
+    """Let each MoE module of `block` holding the expert `lists` serve `experts.calibration = "all"`
+    (see the module docstring); once per module, a no-op in `routed` mode."""
+    for owner in {_parent(name) for name in lists}:
+        module = block.get_submodule(owner) if owner else block
+        if getattr(module, "_d2c_list_statistics", False):
+            continue
+        experts = [entry for name in lists if _parent(name) == owner
+                   for entry in block.get_submodule(name)._modules.values() if entry is not None]
+        _wrap_for_all_tokens(module, experts)
+        object.__setattr__(module, "_d2c_list_statistics", True)
+
+
+def _wrap_for_all_tokens(module: nn.Module, experts: list[nn.Module]) -> None:
+    original = module.forward
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        hidden = next((a for a in pytree.tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor) and a.is_floating_point()), None)
+        if statistics_mode() != "all" or hidden is None:
+            return original(*args, **kwargs)
+        tokens = hidden.reshape(-1, hidden.shape[-1])
+        inner = [m for expert in experts for m in expert.modules()]
+        try:
+            with torch.no_grad(), _silenced(inner):
+                for expert in experts:
+                    expert(tokens[:1])  # can the expert take the tokens alone? (seen by no statistic)
+        except (TypeError, RuntimeError) as err:
+            log.warning("experts.calibration = all: the experts of %s cannot be called on the tokens alone (%s); "
+                        "their statistics stay routed", type(module).__name__, err)
+            return original(*args, **kwargs)
+        with torch.no_grad():
+            for expert in experts:
+                expert(tokens)
+        with _silenced(inner):
+            return original(*args, **kwargs)  # the routed output, seen by no statistic of the experts
+
+    object.__setattr__(module, "forward", forward)
+
+
+@contextmanager
+def _silenced(modules: list[nn.Module]) -> Iterator[None]:
+    """Within: the forward hooks of `modules` do not fire."""
+    saved = [(m, m._forward_hooks, m._forward_pre_hooks) for m in modules]
+    try:
+        for m, _hooks, _pre in saved:
+            m._forward_hooks, m._forward_pre_hooks = OrderedDict(), OrderedDict()
+        yield
+    finally:
+        for m, hooks, pre in saved:
+            m._forward_hooks, m._forward_pre_hooks = hooks, pre

@@ -159,6 +159,11 @@ def expert_statistics(mode: str) -> Iterator[None]:
         _STATISTICS.reset(token)
 
 
+def statistics_mode() -> str:
+    """The `experts.calibration` mode of the statistics forward now running (`routed` outside one)."""
+    return _STATISTICS.get()
+
+
 def _routing(args: tuple) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
     """(hidden, top_k_index [T, k], top_k_weights [T, k]) of a call of the transformers-5 experts
     interface; None for any other call."""
