@@ -5,7 +5,7 @@ routed statistics, with the experts of each role in a block spread by their rout
 sparsity, the recipe as shipped). Perplexity on the first 32 windows of WikiText-2 `valid` (where
 λₓ is chosen) and `test` (reported), one process per run. Writes bench/results/moe_allocation.{json,md}.
 
-    python bench/moe_allocation.py --lmbdas 0,0.1 --splits valid,test [--recipe d2prune-unstructured-50] [--seeds 1]
+    python bench/moe_allocation.py --lmbdas 0,0.1 --splits valid,test [--recipe d2prune-unstructured-50] [--seeds 0,1]
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def main() -> int:
     parser.add_argument("--recipe", default="d2prune-unstructured-50")
     parser.add_argument("--lmbdas", default="0,0.1")
     parser.add_argument("--splits", default="valid,test")
-    parser.add_argument("--seeds", type=int, default=1)
+    parser.add_argument("--seeds", default="0", help="comma list of calibration seeds (seed k: the k-th disjoint C4 block)")
     parser.add_argument("--smoke", action="store_true", help="the same code path on a tiny random model")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -54,7 +54,7 @@ def main() -> int:
         return 0
     common = {"recipe": args.recipe, "mode": "routed", "samples": pick(32, 4), "windows": pick(32, 2)}
     configs = [{**common, "split": split, "expert_lmbda": float(lmbda), "seed": seed} for split in args.splits.split(",")
-               for lmbda in args.lmbdas.split(",") for seed in range(args.seeds)]
+               for lmbda in args.lmbdas.split(",") for seed in map(int, args.seeds.split(","))]
     print(f"building or finding the upcycled MoE: {upcycled_moe()}; {len(configs)} configurations", flush=True)
     out = results_dir() / "moe_allocation.json"
     return run_workers(__file__, configs, out, key, markdown,
