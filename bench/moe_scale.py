@@ -23,7 +23,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 import protocol  # noqa: E402
-from scale import job, plan_job, sizes  # noqa: E402
+from scale import add_job_flags, child_job, sizes  # noqa: E402
 
 SHAPE = dict(layers=4, hidden=2048, experts=128, inner=768, top_k=8, heads=32, kv_heads=4, head_dim=128)
 SMOKE_SHAPE = dict(layers=2, hidden=64, experts=8, inner=32, top_k=2, heads=4, kv_heads=2, head_dim=16)
@@ -116,15 +116,12 @@ def main() -> int:
     parser.add_argument("--samples", type=int, default=None, help="calibration windows (16; smoke: 2)")
     parser.add_argument("--seq-len", type=int, default=None, help="tokens per window (512; smoke: 32)")
     parser.add_argument("--group-size", type=int, default=None, help="experts per group (32; smoke: 3)")
-    parser.add_argument("--job", nargs=5, help=argparse.SUPPRESS)
-    parser.add_argument("--plan-job", nargs=5, help=argparse.SUPPRESS)
+    add_job_flags(parser, 5)
     protocol.add_smoke_flag(parser)
     args = parser.parse_args()
     protocol.start(args.smoke)
-    if args.job or args.plan_job:
-        source, out, samples, seq_len, group = args.job or args.plan_job
-        built = recipe(source, out, int(samples), int(seq_len), int(group))
-        job(built) if args.job else plan_job(built, (1, 8))
+    if child_job(args, lambda source, out, samples, seq_len, group: recipe(source, out, int(samples), int(seq_len), int(group)),
+                 nprocs=(1, 8)):
         return 0
     samples, seq_len = args.samples or protocol.pick(16, 2), args.seq_len or protocol.pick(512, 32)
     group = args.group_size or protocol.pick(32, 3)

@@ -21,6 +21,7 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -93,6 +94,23 @@ def plan_job(recipe: Any, nprocs: tuple[int, ...] = ()) -> None:
     print("RESULT " + json.dumps({**plan_summary(plan), "projections": projections, "experts": plan.experts}), flush=True)
 
 
+def add_job_flags(parser: argparse.ArgumentParser, count: int) -> None:
+    """The hidden flags by which a benchmark's child process runs one plan or one run (`--plan-job` /
+    `--job` with `count` arguments)."""
+    parser.add_argument("--job", nargs=count, help=argparse.SUPPRESS)
+    parser.add_argument("--plan-job", nargs=count, help=argparse.SUPPRESS)
+
+
+def child_job(args: argparse.Namespace, build: Callable[..., Any], nprocs: tuple[int, ...] = ()) -> bool:
+    """In a child started with `--plan-job` / `--job` ARGS: run the plan (with the projections for
+    `nprocs` processes) or the run of the recipe `build(*ARGS)`, and return True; False in the parent."""
+    if not (args.job or args.plan_job):
+        return False
+    recipe = build(*(args.job or args.plan_job))
+    job(recipe) if args.job else plan_job(recipe, nprocs)
+    return True
+
+
 def job(recipe: Any) -> None:
     """One streaming run of `recipe` in this process; prints `RESULT {...}`."""
     start = time.perf_counter()
@@ -149,14 +167,11 @@ def main() -> int:
     parser.add_argument("--models", default="llama-24,llama-12,smollm2")
     parser.add_argument("--samples", type=int, default=None, help="calibration windows (8; smoke: 2)")
     parser.add_argument("--seq-len", type=int, default=None, help="tokens per window (128; smoke: 32)")
-    parser.add_argument("--job", nargs=4, help=argparse.SUPPRESS)
-    parser.add_argument("--plan-job", nargs=4, help=argparse.SUPPRESS)
+    add_job_flags(parser, 4)
     protocol.add_smoke_flag(parser)
     args = parser.parse_args()
     protocol.start(args.smoke)
-    if args.job or args.plan_job:
-        source, out, samples, seq_len = args.job or args.plan_job
-        (job if args.job else plan_job)(job_recipe(source, out, int(samples), int(seq_len)))
+    if child_job(args, lambda source, out, samples, seq_len: job_recipe(source, out, int(samples), int(seq_len))):
         return 0
     samples, seq_len = args.samples or protocol.pick(8, 2), args.seq_len or protocol.pick(128, 32)
     out = protocol.work_dir("scale-runs")

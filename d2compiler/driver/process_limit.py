@@ -15,6 +15,7 @@ import os
 from pydantic import BaseModel
 
 from d2compiler.errors import D2Error
+from d2compiler.execution.memory import available_memory_mb
 
 OVERRIDE = "--oversubscribe"
 log = logging.getLogger(__name__)
@@ -26,18 +27,6 @@ def usable_cores() -> int:
         return len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         return os.cpu_count() or 1
-
-
-def available_memory_mb() -> float | None:
-    """MemAvailable from /proc/meminfo in MiB; None where it cannot be read."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) / 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
 
 
 def process_peak_mb(recipe: BaseModel) -> float:

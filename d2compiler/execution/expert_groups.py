@@ -26,11 +26,11 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
+from d2compiler.execution.memory import available_memory_mb
 from d2compiler.graph.layers import LinearLayer
 
 if TYPE_CHECKING:
@@ -94,8 +94,7 @@ def plan_groups(experts: int, bytes_per_expert: float, group_size: int | None, f
     if not experts:
         return GroupPlan(0, 1, bytes_per_expert)
     if group_size is None:
-        fit = experts if free_bytes is None or bytes_per_expert <= 0 else int(HEADROOM * free_bytes // bytes_per_expert)
-        group_size = fit
+        group_size = experts if free_bytes is None or bytes_per_expert <= 0 else int(HEADROOM * free_bytes // bytes_per_expert)
     return GroupPlan(experts, max(1, min(group_size, experts)), bytes_per_expert)
 
 
@@ -116,13 +115,8 @@ def free_memory_bytes(device: torch.device) -> float | None:
     when it cannot be read."""
     if device.type == "cuda":
         return float(torch.cuda.mem_get_info(device)[0])
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return float(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
+    available = available_memory_mb()
+    return None if available is None else available * 2**20
 
 
 def block_grouping(ctx: ExecutorContext, schedule: list[Pass], group_size: int | None) -> GroupPlan:

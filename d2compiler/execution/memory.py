@@ -1,4 +1,4 @@
-"""Process memory measurements."""
+"""Memory measurements: this process's resident memory, and the memory the host has available."""
 
 from __future__ import annotations
 
@@ -29,3 +29,15 @@ def current_rss_mb() -> float:
     """Resident memory of this process now, in MiB (Linux /proc; falls back to the peak)."""
     rss = _status_mb("VmRSS")
     return rss if rss is not None else peak_rss_mb()
+
+
+def available_memory_mb() -> float | None:
+    """MemAvailable from /proc/meminfo in MiB; None where it cannot be read."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) / 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
