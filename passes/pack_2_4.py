@@ -1,5 +1,7 @@
 """`pack_2_4`: verify that every targeted weight is exactly 2:4 and replace those linears in the
 block with `Packed24Linear` (compact storage; CUDA semi-structured sparse matmul on fp16/bf16).
+The experts of a 3-D Mixture-of-Experts bank are verified the same way and stay in their bank (the
+model's forward indexes it): the `d2c-packed` output stores the bank packed, and it computes dense.
 It must be the last pass: later passes could not change packed weights."""
 
 from __future__ import annotations
@@ -17,8 +19,6 @@ from d2compiler.contract import (
     violations_2_4,
 )
 
-from .quant import refuse_experts
-
 
 class Pack24Params(TargetedParams):
     """`pack_2_4` has only `targets` / `ignore`."""
@@ -33,7 +33,6 @@ class Pack24Pass(Pass):
     summary = "Check exact 2:4 sparsity and store the targeted linears packed (values + 2-bit positions)."
 
     def check_layers(self, layers: list[Any]) -> None:
-        refuse_experts(self.name, layers, "pack")
         bad = sorted({f"{layer.local_name} ({layer.shape[1]})" for layer in layers if layer.shape[1] % 8})
         if bad:
             raise PassError(f"pack_2_4: in_features must be a multiple of 8 to pack; not so for {', '.join(bad)}")
@@ -52,7 +51,9 @@ class Pack24Pass(Pass):
     def apply(self, ctx: Any) -> PassResult:
         result = PassResult(modified=False)
         for layer in self._layers(ctx):
-            ctx.module.set_submodule(layer.local_name, Packed24Linear.replacing(layer.module, layer.weight_matrix(), layer.transposed))
+            if not layer.is_expert:  # an expert of a 3-D bank stays in its bank, checked 2:4 (the output packs the bank)
+                ctx.module.set_submodule(layer.local_name, Packed24Linear.replacing(layer.module, layer.weight_matrix(),
+                                                                                    layer.transposed))
             result.layers[layer.name] = {"packed": "2:4"}
             result.modified = True
         return result

@@ -74,16 +74,6 @@ def fake_quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec
     return q, (q - z) * s
 
 
-def refuse_experts(pass_name: str, layers: list[Any], verb: str) -> None:
-    """Raise a PassError naming the expert-bank layers among `layers`: their storage (one 3-D
-    parameter for all experts) has no place for packed values yet."""
-    experts = sorted({layer.local_name.rpartition(".")[0] for layer in layers if layer.is_expert})
-    if experts:
-        raise PassError(f"{pass_name}: cannot {verb} the Mixture-of-Experts banks {', '.join(experts)} yet (their experts "
-                        "are pruned and can be quantized, but a 3-D bank stores no packed values); add "
-                        "\"re:.*experts\" to this pass's ignore")
-
-
 class QuantParams(TargetedParams):
     """Parameters shared by the weight-only quantization passes."""
 

@@ -13,6 +13,8 @@ from d2compiler.errors import OutputError
 from d2compiler.export.hf import write_output
 from d2compiler.export.onnx_export import export_onnx
 from d2compiler.export.output_dir import RECORD_FILE, check_output_path, output_lock, user_path
+from d2compiler.export.packed_banks import mark_packed_banks
+from d2compiler.graph.experts import is_bank_expert
 from d2compiler.graph.layers import weight_is_transposed
 from d2compiler.graph.packing import Packed24Linear, violations_2_4
 from d2compiler.loading.dtypes import DTYPES
@@ -21,8 +23,10 @@ from d2compiler.loading.dtypes import DTYPES
 def pack_model(model: torch.nn.Module, layers: dict[str, dict[str, Any]]) -> int:
     """Replace every recorded layer that is exactly 2:4 by a `Packed24Linear`; returns how many layers
     are packed (counting those that already were)."""
-    count = 0
+    count = mark_packed_banks(model, layers)  # the experts of 3-D banks (stored packed by the writer)
     for name in layers:
+        if is_bank_expert(model, name):
+            continue
         module = model.get_submodule(name)
         if isinstance(module, Packed24Linear):  # already packed (a d2c-packed source)
             count += 1

@@ -36,7 +36,7 @@ from d2compiler.export.metadata import (
 )
 from d2compiler.export.output_dir import check_free_space, check_output_path, output_lock, user_path
 from d2compiler.graph.experts import use_eager_experts
-from d2compiler.graph.packing import QUANT_BUFFERS
+from d2compiler.graph.packing import is_quant_buffer
 from d2compiler.loading.dtypes import dtype_name, resolve_device
 from d2compiler.loading.models import LoadedModel, load_model, load_streamed, source_files
 from d2compiler.recipe.passmanager import PassManager
@@ -88,7 +88,7 @@ def output_bytes_needed(model: torch.nn.Module, windows: list[torch.Tensor], hid
 
 def check_finite(model: torch.nn.Module) -> None:
     """Refuse to go on with NaN or Inf anywhere in the model (a NaN model is never written)."""
-    weights = [(n, b) for n, b in model.named_buffers() if n.rpartition(".")[2] in ("values", *QUANT_BUFFERS)]
+    weights = [(n, b) for n, b in model.named_buffers() if n.rpartition(".")[2] == "values" or is_quant_buffer(n)]
     for name, param in [*model.named_parameters(), *weights]:
         if param.is_floating_point() and not torch.isfinite(param).all():
             raise PassError(f"{name}: contains NaN or Inf after pruning; nothing was written")

@@ -3,7 +3,7 @@ blocks' tensors under their full names) become `model-0000K-of-0000N.safetensors
 the file system allows, else copied), the tensors outside the blocks go into the first shard, and
 `model.safetensors.index.json` maps every tensor to its shard, as transformers writes a sharded
 checkpoint. A model whose source checkpoint stores some tensors in its own layout (Mixture-of-Experts
-banks saved one tensor per expert, `execution.checkpoint_layout`) gets them written back in that
+banks saved one tensor per expert, `graph.checkpoint_layout`) gets them written back in that
 layout, as `save_pretrained` does. The folder loads with `from_pretrained`."""
 
 from __future__ import annotations

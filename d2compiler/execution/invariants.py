@@ -74,6 +74,8 @@ def settle(ctx: ExecutorContext, pass_: Pass, result: PassResult, before: dict[s
         if layer.name in result.layers:
             result.layers[layer.name].setdefault("role", layer.role)
             result.layers[layer.name].setdefault("shape", list(layer.shape))
+            if layer.is_expert and layer.transposed:  # a bank used as x @ W[e] (exporters need to know)
+                result.layers[layer.name].setdefault("transposed", True)
     with blamed(pass_, "postconditions", ran_before(ctx, pass_)):
         conditions = pass_.postconditions(ctx, result)
     conditions = [*conditions, *claims(ctx, pass_, result, before)]

@@ -90,7 +90,7 @@ def merge_slices(layers: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]
         if role:
             merged.setdefault("slices", {})[role] = entry
             merged["role"] = fused_role(role)
-            merged.update({key: entry[key] for key in ("quant", "packed") if key in entry})
+            merged.update({key: entry[key] for key in ("quant", "packed", "transposed") if key in entry})
         else:
             merged.update(entry)
         merged["passes"] = passes

@@ -24,7 +24,7 @@ from safetensors import safe_open
 from torch import nn
 
 from d2compiler.errors import ModelLoadError
-from d2compiler.execution.checkpoint_layout import assemble, learn_layout, pieces_of
+from d2compiler.graph.checkpoint_layout import assemble, learn_layout, pieces_of
 from d2compiler.weight_index import tensor_files
 
 

@@ -24,6 +24,14 @@ import torch
 from torch import nn
 
 from d2compiler.errors import OutputError
+from d2compiler.export.compressed_experts import (
+    QuantizedBank,
+    expert_linears,
+    grid_of,
+    module_tree,
+    quantized_banks,
+)
+from d2compiler.graph.experts import is_bank_expert
 from d2compiler.graph.packing import QUANT_BUFFERS
 
 FORMAT = "compressed-tensors"
@@ -37,20 +45,14 @@ def available() -> bool:
 
 
 def quantized_layers(model: nn.Module, layers: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """name -> the `quant` entry of every recorded layer that a quantization pass produced (checked:
-    each must be an `nn.Linear` carrying its scales and zero points)."""
+    """name -> the `quant` entry of every recorded linear module that a quantization pass produced
+    (checked: each must be an `nn.Linear` carrying its scales and zero points). The experts of 3-D
+    banks are left to `compressed_experts`."""
     found = {}
     for name, layer in layers.items():
         quant = layer.get("quant")
-        if not quant:
+        if not quant or is_bank_expert(model, name):
             continue
-        owner, _, index = name.rpartition(".")
-        bank = _parameter(model, owner)
-        if bank is not None and bank.dim() == 3 and index.isdigit():
-            raise OutputError(f"{name}: an expert of the Mixture-of-Experts bank {owner}, quantized in place (the hf "
-                              "output holds its dequantized weights); a compressed-tensors checkpoint of quantized 3-D "
-                              "expert banks is not written yet: export with --format hf, or quantize with "
-                              "ignore = [\"re:.*experts\"]")
         module = model.get_submodule(name)
         if type(module) is not nn.Linear:
             raise OutputError(f"{name}: compressed-tensors stores torch.nn.Linear layers, and this layer is a "
@@ -59,17 +61,7 @@ def quantized_layers(model: nn.Module, layers: dict[str, dict[str, Any]]) -> dic
             raise OutputError(f"{name}: sparsity.json says it is quantized, but the model has no scales for it "
                               "(was quantization.safetensors removed from the output folder?)")
         found[name] = quant
-    if not found:
-        raise OutputError("compressed-tensors stores quantized weights and this output has no quantized layer: add a "
-                          "quantization pass to the recipe, or write format hf")
     return found
-
-
-def _parameter(model: nn.Module, name: str) -> torch.Tensor | None:
-    try:
-        return model.get_parameter(name)
-    except AttributeError:
-        return None
 
 
 def quantization_config(model: nn.Module, quantized: dict[str, dict[str, Any]]) -> Any:
@@ -84,7 +76,7 @@ def quantization_config(model: nn.Module, quantized: dict[str, dict[str, Any]]) 
 
     kinds: dict[tuple[int, int, bool], list[str]] = {}
     for name, quant in quantized.items():
-        kinds.setdefault((quant["bits"], quant["group_size"], quant["symmetric"]), []).append(name)
+        kinds.setdefault(grid_of(quant), []).append(name)
     groups = {}
     for index, ((bits, group_size, symmetric), names) in enumerate(sorted(kinds.items())):
         weights = QuantizationArgs(num_bits=bits, type="int", symmetric=symmetric,
@@ -94,44 +86,97 @@ def quantization_config(model: nn.Module, quantized: dict[str, dict[str, Any]]) 
     return QuantizationConfig(config_groups=groups, ignore=ignore, quantization_status=QuantizationStatus.FROZEN)
 
 
+def moe_quantization_config(model: nn.Module, quantized: dict[str, dict[str, Any]], banks: list[QuantizedBank],
+                            checkpoint_weights: list[str], experts: set[str]) -> Any:
+    """The `QuantizationConfig` of a model with quantized expert banks: one group targeting `Linear`
+    (what vLLM's fused-MoE method reads, and the layout of published MoE checkpoints), with every
+    linear and 2-D checkpoint weight that is not quantized in `ignore` (routers included), by the
+    model's name and by the checkpoint's."""
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme, QuantizationStatus
+
+    grids = {grid_of(quant) for quant in quantized.values()} | {bank.grid for bank in banks}
+    if len(grids) > 1:
+        raise OutputError(f"{banks[0].name}: the model's quantized layers use {len(grids)} grids {sorted(grids)}; a "
+                          "compressed-tensors Mixture-of-Experts checkpoint is written with one scheme (bits, group "
+                          "size, symmetric) for every quantized linear: quantize them alike, or export with --format hf")
+    bits, group_size, symmetric = grids.pop()
+    weights = QuantizationArgs(num_bits=bits, type="int", symmetric=symmetric, strategy="group" if group_size else "channel",
+                               group_size=group_size or None)
+    embeddings = {name for name, module in model.named_modules() if isinstance(module, nn.Embedding)}
+    ignore = {name for name, module in model.named_modules() if isinstance(module, nn.Linear) and name not in quantized}
+    ignore |= {key.removesuffix(".weight") for key in checkpoint_weights} - embeddings - set(quantized) - experts
+    return QuantizationConfig(config_groups={"group_0": QuantizationScheme(targets=["Linear"], weights=weights)},
+                              ignore=sorted(ignore), quantization_status=QuantizationStatus.FROZEN)
+
+
+def _checkpoint_weights(model: nn.Module) -> list[str]:
+    """The names of the 2-D `.weight` tensors `save_pretrained` would write (shapes only: converted on
+    the meta device)."""
+    from transformers.core_model_loading import revert_weight_conversion
+
+    state = {name: torch.empty(t.shape, dtype=t.dtype, device="meta") for name, t in model.state_dict().items()}
+    return [key for key, t in revert_weight_conversion(model, state).items() if key.endswith(".weight") and t.dim() == 2]
+
+
+def _set_grid(module: nn.Module, scale: torch.Tensor, zero: torch.Tensor, bits: int, name: str) -> None:
+    """Copy our scales and (unsigned) zero points into the package's parameters (see the module docstring)."""
+    if module.weight_scale.shape != scale.shape:
+        raise OutputError(f"{name}: scales shaped {tuple(scale.shape)}, compressed-tensors expects "
+                          f"{tuple(module.weight_scale.shape)}")
+    module.weight_scale.copy_(scale)
+    if hasattr(module, "weight_zero_point"):  # symmetric schemes keep no zero point
+        module.weight_zero_point.copy_(zero - 2 ** (bits - 1))
+
+
 def write_compressed_tensors(folder: Path, model: nn.Module, layers: dict[str, dict[str, Any]]) -> None:
     """Write `model` (a d2compiler model whose quantized linears carry `weight_scale` /
-    `weight_zero_point` buffers) into `folder` as a compressed-tensors checkpoint. The model is
-    consumed: its quantized linears are compressed in place."""
+    `weight_zero_point` buffers, and whose quantized expert banks carry them stacked) into `folder`
+    as a compressed-tensors checkpoint. The model is consumed: its quantized linears are compressed
+    in place."""
     if not available():
         raise OutputError(f"format {FORMAT} needs the compressed-tensors package; {INSTALL_HINT}")
     from compressed_tensors.compressors import ModelCompressor
     from compressed_tensors.compressors.base import compress_module
     from compressed_tensors.quantization import QuantizationStatus, apply_quantization_config
 
+    banks = quantized_banks(model, layers)
     quantized = quantized_layers(model, layers)
-    asymmetric = [name for name, quant in quantized.items() if not quant["symmetric"]]
+    if not quantized and not banks:
+        raise OutputError("compressed-tensors stores quantized weights and this output has no quantized layer: add a "
+                          "quantization pass to the recipe, or write format hf")
+    asymmetric = [name for name, quant in quantized.items() if not quant["symmetric"]] + [b.name for b in banks if not b.grid[2]]
     if asymmetric:
         log.warning("%s: %d linear(s) (e.g. %s) have asymmetric grids: written in compressed-tensors' own layout, "
                     "which loads with CompressedTensorsConfig(dequantize=True) (and d2compiler.load) but not with plain "
                     "from_pretrained (transformers' compressed mode, up to 5.25 at least, misreads packed zero points: "
                     "docs/deploy.md); quantize with symmetric = true for plain loading", folder, len(asymmetric),
                     asymmetric[0])
-    grids = {}
-    for name in quantized:
-        module = model.get_submodule(name)
-        grids[name] = tuple(module._buffers.pop(b) for b in QUANT_BUFFERS)
-    config = quantization_config(model, quantized)
+    checkpoint_weights = _checkpoint_weights(model) if banks else []
+    experts, replaced = expert_linears(model, banks)
+    grids = {name: (model.get_submodule(name), quant["bits"]) for name, quant in quantized.items()}
+    grids.update({name: (linear, banks[0].grid[0]) for name, linear in experts.items()})
+    buffers = {name: tuple(module._buffers.pop(b) for b in QUANT_BUFFERS) for name, (module, _bits) in grids.items()}
+    config = (moe_quantization_config(model, quantized, banks, checkpoint_weights, set(experts)) if banks
+              else quantization_config(model, quantized))
     apply_quantization_config(model, config, show_progress=False)
+    tree = module_tree(experts)
+    if experts:
+        apply_quantization_config(tree, config, show_progress=False)
     with torch.no_grad():
-        for name, (scale, zero) in grids.items():
-            module = model.get_submodule(name)
-            if module.weight_scale.shape != scale.shape:
-                raise OutputError(f"{name}: scales shaped {tuple(scale.shape)}, compressed-tensors expects "
-                                  f"{tuple(module.weight_scale.shape)}")
-            module.weight_scale.copy_(scale)
-            if hasattr(module, "weight_zero_point"):  # symmetric schemes keep no zero point
-                module.weight_zero_point.copy_(zero - 2 ** (quantized[name]["bits"] - 1))
+        for name, (module, bits) in grids.items():
+            _set_grid(module, *buffers[name], bits, name)
     compressor = ModelCompressor.from_pretrained_model(model)
-    for name in quantized:  # ModelCompressor.compress_model's loop, without its progress bar (--quiet)
-        compress_module(model.get_submodule(name))
+    for module, _bits in grids.values():  # ModelCompressor.compress_model's loop, without its progress bar (--quiet)
+        compress_module(module)
     compressor.quantization_config.quantization_status = QuantizationStatus.COMPRESSED
-    model.save_pretrained(folder, safe_serialization=True)
+    if experts:
+        from transformers.core_model_loading import revert_weight_conversion
+
+        state = {k: v for k, v in revert_weight_conversion(model, dict(model.state_dict())).items() if k not in replaced}
+        model.save_pretrained(folder, safe_serialization=True, state_dict={**state, **tree.state_dict()},
+                              save_original_format=False)
+    else:
+        model.save_pretrained(folder, safe_serialization=True)
     compressor.update_config(str(folder))
 
 

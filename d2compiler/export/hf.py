@@ -17,7 +17,7 @@ from d2compiler.export.compressed import write_compressed_tensors
 from d2compiler.export.output_dir import atomic_output_dir, write_record
 from d2compiler.export.packed import write_packed
 from d2compiler.export.report import write_report
-from d2compiler.graph.packing import QUANT_BUFFERS, Packed24Linear, unpack_linears
+from d2compiler.graph.packing import Packed24Linear, is_quant_buffer, unpack_linears
 
 QUANT_FILE = "quantization.safetensors"
 
@@ -47,7 +47,7 @@ def write_output(path: Path, model: nn.Module, tokenizer: Any, record: dict[str,
             write_compressed_tensors(tmp, model, record.get("layers", {}))
         else:
             state = dense_state(model)
-            quant = {k: v.contiguous() for k, v in state.items() if k.rpartition(".")[2] in QUANT_BUFFERS}
+            quant = {k: v.contiguous() for k, v in state.items() if is_quant_buffer(k)}
             # the plain folder keeps standard keys; scales and zero points go beside it
             model.save_pretrained(tmp, safe_serialization=True, state_dict={k: v for k, v in state.items() if k not in quant})
             if quant:

@@ -16,7 +16,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from d2compiler.errors import ModelLoadError
-from d2compiler.graph.packing import QUANT_BUFFERS, Packed24Linear
+from d2compiler.export.packed_banks import bank_quant_buffers, pack_bank, packed_bank_names, restore_bank
+from d2compiler.graph.packing import BANK_SEPARATOR, QUANT_BUFFERS, Packed24Linear, bank_buffer_name, is_quant_buffer
 
 FORMAT = "d2c-packed"
 FORMAT_VERSION = "1"
@@ -54,9 +55,27 @@ def _from_nibbles(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack([packed & 0xF, packed >> 4], dim=-1).reshape(packed.shape[0], -1)
 
 
+def _store(tensors: dict[str, torch.Tensor], name: str, values: torch.Tensor, meta: torch.Tensor,
+           grid: tuple[torch.Tensor, torch.Tensor] | None, quant: dict[str, Any] | None, in_features: int,
+           entry: dict[str, Any]) -> None:
+    """Put one packed layer's (or bank's) tensors in `tensors`: positions, and kept values or, when
+    quantized, their integer levels with the scales and zero points."""
+    tensors[f"{name}.meta"] = meta.cpu().contiguous()
+    if quant and grid is not None:
+        scale, zero = (t.cpu().reshape(meta.shape[0], -1) for t in grid)
+        group = quant["group_size"] or in_features
+        levels = _levels(values.cpu(), meta.cpu(), scale, zero, group)
+        tensors[f"{name}.qvalues"] = _nibbles(levels) if quant["bits"] == 4 else levels.to(torch.uint8)
+        tensors[f"{name}.weight_scale"], tensors[f"{name}.weight_zero_point"] = scale.contiguous(), zero.to(torch.uint8).contiguous()
+        entry["quant"] = {"bits": quant["bits"], "group_size": group}
+    else:
+        tensors[f"{name}.values"] = values.cpu().contiguous()
+
+
 def packed_state(model: nn.Module, layers: dict[str, dict[str, Any]]) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
     """The tensors and the per-layer entries of a packed checkpoint. `layers` is sparsity.json's
-    per-layer record (it says which layers are quantized, with how many bits and what group size)."""
+    per-layer record (it says which layers are quantized, with how many bits and what group size,
+    and which expert banks are packed)."""
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     entries = []
     for name, module in model.named_modules():
@@ -66,17 +85,16 @@ def packed_state(model: nn.Module, layers: dict[str, dict[str, Any]]) -> tuple[d
             tensors.pop(f"{name}.{key}", None)
         entry: dict[str, Any] = {"name": name, "shape": [module.out_features, module.in_features],
                                  "transposed": module.transposed, "dtype": str(module.values.dtype).removeprefix("torch.")}
-        tensors[f"{name}.meta"] = module.meta.cpu().contiguous()
-        quant = layers.get(name, {}).get("quant")
-        if quant and hasattr(module, "weight_scale"):
-            scale, zero = module.weight_scale.cpu(), module.weight_zero_point.cpu()
-            group = quant["group_size"] or module.in_features
-            levels = _levels(module.values.cpu(), module.meta.cpu(), scale, zero, group)
-            tensors[f"{name}.qvalues"] = _nibbles(levels) if quant["bits"] == 4 else levels.to(torch.uint8)
-            tensors[f"{name}.weight_scale"], tensors[f"{name}.weight_zero_point"] = scale.contiguous(), zero.to(torch.uint8).contiguous()
-            entry["quant"] = {"bits": quant["bits"], "group_size": group}
-        else:
-            tensors[f"{name}.values"] = module.values.cpu().contiguous()
+        grid = (module.weight_scale, module.weight_zero_point) if hasattr(module, "weight_scale") else None
+        _store(tensors, name, module.values, module.meta, grid, layers.get(name, {}).get("quant"), module.in_features, entry)
+        entries.append(entry)
+    for name in packed_bank_names(model, layers):
+        first = layers[f"{name}.0"]
+        values, meta, entry = pack_bank(model, name, bool(first.get("transposed")))
+        owner, _, attr = name.rpartition(".")
+        for key in (name, *(f"{owner}.{bank_buffer_name(attr, b)}" for b in QUANT_BUFFERS)):
+            tensors.pop(key, None)
+        _store(tensors, name, values, meta, bank_quant_buffers(model, name), first.get("quant"), entry["shape"][2], entry)
         entries.append(entry)
     return tensors, entries
 
@@ -103,6 +121,20 @@ def _untie(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+def _stored_values(tensors: dict[str, torch.Tensor], name: str, entry: dict[str, Any], meta: torch.Tensor
+                   ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+    """(kept values, (scale, zero point) when quantized) of one packed entry, taken out of `tensors`."""
+    if "quant" not in entry:
+        return tensors.pop(f"{name}.values"), None  # kept in the stored dtype (cast at compute)
+    q = tensors.pop(f"{name}.qvalues")
+    levels = (_from_nibbles(q) if entry["quant"]["bits"] == 4 else q).float()
+    scale = tensors.pop(f"{name}.weight_scale")
+    zero = tensors.pop(f"{name}.weight_zero_point").float()
+    g = _kept_columns(meta) // entry["quant"]["group_size"]
+    values = ((levels - torch.gather(zero, 1, g)) * torch.gather(scale, 1, g)).to(getattr(torch, entry["dtype"]))
+    return values, (scale, zero)
+
+
 def load_packed(folder: Path) -> nn.Module:
     """Rebuild the model of a packed checkpoint, with `Packed24Linear` layers."""
     from transformers import AutoConfig
@@ -119,33 +151,35 @@ def load_packed(folder: Path) -> nn.Module:
     config = AutoConfig.from_pretrained(folder)
     model = model_class(config, str(folder))(config)  # float32: stored fp16/bf16 tensors are widened exactly
     dtype = next(model.parameters()).dtype
+    banks: list[tuple[dict[str, Any], torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]] = []
     for entry in entries:
         name = entry["name"]
         meta_t = tensors.pop(f"{name}.meta")
-        if "quant" in entry:
-            q = tensors.pop(f"{name}.qvalues")
-            levels = (_from_nibbles(q) if entry["quant"]["bits"] == 4 else q).float()
-            scale = tensors.pop(f"{name}.weight_scale")
-            zero = tensors.pop(f"{name}.weight_zero_point").float()
-            g = _kept_columns(meta_t) // entry["quant"]["group_size"]
-            values = ((levels - torch.gather(zero, 1, g)) * torch.gather(scale, 1, g)).to(getattr(torch, entry["dtype"]))
-        else:
-            values = tensors.pop(f"{name}.values")  # kept in the stored dtype (cast at compute)
+        values, grid = _stored_values(tensors, name, entry, meta_t)
+        if entry.get("bank"):  # written into the model once its other tensors are loaded
+            banks.append((entry, values, meta_t, grid))
+            continue
         bias = tensors.pop(f"{name}.bias", None)
         bias = bias.to(dtype) if bias is not None else None
         packed = Packed24Linear(entry["shape"][1], entry["shape"][0], values, meta_t, bias, entry["transposed"])
-        if "quant" in entry:
-            packed.register_buffer("weight_scale", scale)
-            packed.register_buffer("weight_zero_point", zero)
+        if grid is not None:
+            packed.register_buffer("weight_scale", grid[0])
+            packed.register_buffer("weight_zero_point", grid[1])
         model.set_submodule(name, packed)
+    bank_grids = {key: tensors.pop(key) for key in list(tensors) if BANK_SEPARATOR in key and is_quant_buffer(key)}
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     packed_names = {e["name"] for e in entries}
-    missing = {k for k in missing if k.rpartition(".")[0] not in packed_names}  # set from the packed tensors above
+    missing = {k for k in missing if k.rpartition(".")[0] not in packed_names and k not in packed_names}  # set above
     tied = {k for k in missing if k.endswith("lm_head.weight")} if getattr(config, "tie_word_embeddings", False) else set()
     if unexpected or missing - tied:
         raise ModelLoadError(f"{path}: tensors do not match the model (missing {sorted(missing - tied)[:5]}, "
                              f"unexpected {sorted(unexpected)[:5]})")
     if tied:
         model.tie_weights()
+    for bank in banks:
+        restore_bank(model, *bank)
+    for key, tensor in bank_grids.items():  # the scales of a quantized bank that is not packed
+        owner, _, buffer = key.rpartition(".")
+        model.get_submodule(owner).register_buffer(buffer, tensor)
     return model.eval()
 

@@ -16,6 +16,8 @@ from torch import nn
 from torch.nn import functional as F
 from torch.overrides import TorchFunctionMode
 
+from d2compiler.graph.packing import bank_buffer_name
+
 GETITEM = {torch._C.TensorBase.__getitem__, torch.Tensor.__getitem__}
 PRODUCTS = {F.linear, torch.matmul, torch._C.TensorBase.matmul, torch._C.TensorBase.__matmul__, torch.Tensor.__matmul__}
 
@@ -37,6 +39,20 @@ class ExpertSlice(nn.Module):
     @property
     def weight(self) -> torch.Tensor:  # type: ignore[override]
         return self.bank[self.index]
+
+    def set_row_buffer(self, name: str, rows: slice, value: torch.Tensor) -> None:
+        """Write this expert's `rows` (its output features) of the bank's per-row buffer `name` (e.g. a
+        quantization scale), kept on the owner module stacked over the experts as `bank_buffer_name(attr,
+        name)`, [E, out, ...], zeros until each expert has written: the buffer travels with the model's
+        state dict as the bank does."""
+        owner, bank = self._owner(), self.bank
+        key = bank_buffer_name(self.attr, name)
+        shape = (bank.shape[0], bank.shape[2] if self.transposed_weight else bank.shape[1], *value.shape[1:])
+        current = getattr(owner, key, None)
+        if not isinstance(current, torch.Tensor) or tuple(current.shape) != shape or current.dtype != value.dtype:
+            current = torch.zeros(shape, dtype=value.dtype, device=value.device)
+            owner.register_buffer(key, current)
+        current[self.index, rows] = value.to(current.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.bank.data[self.index].to(x.dtype)

@@ -219,6 +219,21 @@ def _wrap_forward(owner: nn.Module, slices: dict[tuple[str, int], ExpertSlice]) 
     object.__setattr__(owner, "forward", forward)
 
 
+def bank_parameter(model: nn.Module, name: str) -> torch.Tensor | None:
+    """The 3-D parameter (bank) `name` of `model`, or None when `name` is not one."""
+    try:
+        param = model.get_parameter(name)
+    except AttributeError:
+        return None
+    return param if param.dim() == 3 else None
+
+
+def is_bank_expert(model: nn.Module, layer: str) -> bool:
+    """Whether a recorded layer name is one expert of a bank (`...experts.gate_up_proj.3`)."""
+    owner, _, index = layer.rpartition(".")
+    return index.isdigit() and bank_parameter(model, owner) is not None
+
+
 def bank_names(model: nn.Module) -> list[str]:
     """The names of the model's expert banks (its parameters of three dimensions)."""
     return [name for name, param in model.named_parameters() if param.dim() == 3]

@@ -120,8 +120,12 @@ class LinearLayer:
 
     def set_row_buffer(self, name: str, value: torch.Tensor) -> None:
         """Register a per-output-row buffer (e.g. a quantization scale) on the module; a slice writes
-        its rows of one module-sized buffer, zeros until every slice has written."""
+        its rows of one module-sized buffer, zeros until every slice has written; an expert of a bank,
+        its rows of the bank's stacked buffer."""
         value = value.to(self.module.weight.device)
+        if self.is_expert:  # kept stacked on the bank's owner (`ExpertSlice.set_row_buffer`)
+            self.module.set_row_buffer(name, self.row_slice, value)
+            return
         if self.rows is None:
             self.module.register_buffer(name, value)
             return

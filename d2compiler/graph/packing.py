@@ -16,6 +16,20 @@ from torch import nn
 # Buffers a quantization pass attaches to a linear (scale and integer zero point per group); they
 # travel with the layer when it is packed or unpacked.
 QUANT_BUFFERS = ("weight_scale", "weight_zero_point")
+BANK_SEPARATOR = "__"  # a 3-D expert bank `attr` keeps its experts' buffers, stacked, as `attr__weight_scale`
+
+
+def bank_buffer_name(attr: str, buffer: str) -> str:
+    """The name, on the bank's owner module, of the stacked per-expert `buffer` of the bank `attr`."""
+    return f"{attr}{BANK_SEPARATOR}{buffer}"
+
+
+def is_quant_buffer(key: str) -> bool:
+    """Whether a state-dict key is a quantization buffer: a linear's `weight_scale` /
+    `weight_zero_point`, or a bank's stacked `attr__weight_scale` / `attr__weight_zero_point`."""
+    last = key.rpartition(".")[2]
+    attr, separator, buffer = last.rpartition(BANK_SEPARATOR)
+    return last in QUANT_BUFFERS or (bool(attr and separator) and buffer in QUANT_BUFFERS)
 
 
 def carry_quant_buffers(source: nn.Module, target: nn.Module) -> None:
