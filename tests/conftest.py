@@ -144,3 +144,31 @@ def kill_after_blocks(cmd: list[str], state_file: Path, blocks: int, *, group: b
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
     return json.loads(state_file.read_text())["blocks_done"]
+
+
+_PUBLISHED: dict[str, torch.Tensor] = {}
+
+
+@pytest.fixture(scope="module")
+def record_expert_hessians():
+    """A pass (registered once) that keeps the Hessians calibrate published for block 0's layers
+    (Mixture-of-Experts tests: experts of banks and of lists)."""
+    from d2compiler.contract import Pass, PassResult, TargetedParams
+    from d2compiler.recipe.registry import PASSES
+
+    class RecordHessians(Pass):
+        name = "test_record_expert_hessians"
+        Params = TargetedParams
+        requires = frozenset({"hessian"})
+        reads_only = True
+
+        def apply(self, ctx):
+            for layer in ctx.layers:
+                hessian = ctx.artifact("hessian", layer.name)
+                if ctx.index == 0 and hessian is not None:
+                    _PUBLISHED[layer.local_name] = hessian.double().cpu()
+            return PassResult(modified=False)
+
+    _PUBLISHED.clear()
+    with PASSES.temporarily(RecordHessians):
+        yield _PUBLISHED

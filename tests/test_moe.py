@@ -205,32 +205,6 @@ def test_streaming_equals_in_memory_on_moe(family, moe_models, tmp_path):
         assert torch.equal(reloaded[name], tensor), name
 
 
-_PUBLISHED: dict[str, torch.Tensor] = {}
-
-
-@pytest.fixture(scope="module")
-def record_expert_hessians():
-    """A pass (registered once) that keeps the Hessians calibrate published for block 0's experts."""
-    from d2compiler.contract import Pass, PassResult, TargetedParams
-    from d2compiler.recipe.registry import PASSES
-
-    class RecordHessians(Pass):
-        name = "test_record_expert_hessians"
-        Params = TargetedParams
-        requires = frozenset({"hessian"})
-        reads_only = True
-
-        def apply(self, ctx):
-            for layer in ctx.layers:
-                if layer.is_expert and ctx.index == 0:
-                    _PUBLISHED[layer.local_name] = ctx.artifact("hessian", layer.name).double().cpu()
-            return PassResult(modified=False)
-
-    _PUBLISHED.clear()
-    with PASSES.temporarily(RecordHessians):
-        yield _PUBLISHED
-
-
 @pytest.mark.parametrize("calibration", ["routed", "all", "weighted"])
 def test_per_expert_hessians_equal_a_plain_loop(calibration, moe_models, record_expert_hessians):
     """calibrate's Hessian of expert e of the first block equals XᵀX/n over exactly the tokens the

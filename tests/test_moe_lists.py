@@ -203,3 +203,55 @@ def test_all_tokens_statistics_for_a_module_list_of_experts(tokenizer, caplog):
             entry = summary.layers[f"model.layers.{block}.mlp.experts.{e}.w1"]
             assert entry["calibration_tokens"] == 4 * 32 and "statistics" not in entry  # expert 3 too
             assert entry["pruned"] == 32 * 64 // 2
+
+
+def test_weighted_statistics_for_a_module_list_of_experts(tokenizer, record_expert_hessians, caplog):
+    """`experts.calibration = "weighted"` on experts held as modules: the Hessian of each expert's
+    input projection is Σ w·x xᵀ / n over the tokens routed to it, w the routing weight the module
+    multiplies that expert's output by (found from the gradient; here the renormalised top-2
+    softmax), and its `down` projection sees act(gate)·up of the same rows, weighted alike; the shared
+    expert keeps plain statistics, and the block's output stays the routed one."""
+    import transformers as tf
+
+    from d2compiler.driver.pipeline import compress
+    from d2compiler.evaluation.synthetic import tiny_llama_config
+    from d2compiler.graph.experts import expert_statistics
+    from d2compiler.loading.models import LoadedModel
+    from d2compiler.recipe.schema import validate_recipe
+
+    torch.manual_seed(0)
+    model = tf.LlamaForCausalLM(tiny_llama_config(len(tokenizer))).eval()
+    for layer in model.model.layers:
+        layer.mlp = ListMoE(64, 32)
+    moe = model.model.layers[0].mlp
+    seen = []
+    handle = moe.register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach().reshape(-1, 64).double()))
+    recipe = {"version": 1, "model": {"source": "tiny-list-moe", "device": "cpu", "dtype": "float32"},
+              "data": {"calibration": {"source": "builtin:python-docs", "samples": 3, "seq_len": 32}},
+              "experts": {"calibration": "weighted"}, "passes": [{"type": "calibrate"}, {"type": "test_record_expert_hessians"}]}
+    record_expert_hessians.clear()
+    compress(validate_recipe(recipe), loaded=LoadedModel(model, tokenizer, "tiny-list-moe"), quiet=True)
+    handle.remove()
+    assert "stay routed" not in caplog.text
+    x = torch.cat(seen[-3:])  # the observation: one call per calibration sample
+    with torch.no_grad():
+        logits = moe.gate(x.float()).double()
+        logits[:, moe.never] = float("-inf")
+        weights, chosen = torch.topk(torch.softmax(logits, -1), 2, -1)
+        weights = weights / weights.sum(-1, keepdim=True)
+        for e in range(3):  # expert 3 is never chosen
+            rows = (chosen == e).any(-1)
+            w = (weights * (chosen == e)).sum(-1)[rows]
+            xe = x[rows]
+            want = (xe * w[:, None]).T @ xe / len(xe)
+            assert torch.allclose(record_expert_hessians[f"mlp.experts.{e}.w1"], want, rtol=1e-4, atol=1e-7), e
+            expert = moe.experts[e].double()
+            mid = torch.nn.functional.silu(expert.w1(xe)) * expert.w3(xe)
+            want = (mid * w[:, None]).T @ mid / len(mid)
+            assert torch.allclose(record_expert_hessians[f"mlp.experts.{e}.w2"], want, rtol=1e-4, atol=1e-7), e
+            moe.experts[e].float()
+        assert torch.allclose(record_expert_hessians["mlp.shared.w1"], x.T @ x / len(x), rtol=1e-4, atol=1e-7)
+        hidden = torch.randn(1, 16, 64)
+        routed = moe(hidden)
+        with expert_statistics("weighted"):
+            assert torch.equal(moe(hidden), routed)

@@ -120,7 +120,7 @@ class BlockExecutor:
                 self._structures[key] = structure_from_roles(block, self.role_overrides)
             else:
                 with self.on_device(index) as placed:
-                    self._structures[key] = trace_with_experts(self.model, placed, sample, label, self.experts_calibration)
+                    self._structures[key] = trace_with_experts(self.model, placed, sample, label)
         return self._structures[key]
 
     def structures(self) -> list[BlockStructure]:

@@ -4,7 +4,6 @@ grouped implementation and probed after (`graph.experts`)."""
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 from torch import nn
@@ -13,10 +12,8 @@ from d2compiler.graph.expert_lists import opaque_moe_modules, probe_expert_lists
 from d2compiler.graph.experts import experts_for_tracing, probe_banks
 from d2compiler.graph.structure import BlockStructure, trace_block
 
-log = logging.getLogger(__name__)
 
-
-def trace_with_experts(model: nn.Module, block: nn.Module, sample: Any, label: str, experts_calibration: str = "routed") -> BlockStructure:
+def trace_with_experts(model: nn.Module, block: nn.Module, sample: Any, label: str) -> BlockStructure:
     """The structure of `block` (of `model`) traced on `sample` (a captured block call with `args`
     and `kwargs`): roles from the traced dataflow, those of expert-list linears from one eager
     forward, and the expert banks."""
@@ -30,7 +27,4 @@ def trace_with_experts(model: nn.Module, block: nn.Module, sample: Any, label: s
     structure.roles.update(lists.roles)
     structure.input_groups += lists.input_groups
     structure.expert_lists = lists.lists
-    if lists.lists and experts_calibration == "weighted":
-        log.warning("experts.calibration = %s needs 3-D expert banks; the expert lists %s of %s keep routed statistics",
-                    experts_calibration, ", ".join(lists.lists), label)
     return structure

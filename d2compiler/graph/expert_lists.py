@@ -23,14 +23,14 @@ libraries), found from the module tree and one forward; no model class is named.
   expert of its lists on all of its input's tokens (outputs discarded), then runs its routed forward
   with the hooks of the lists' modules silenced, so statistics see every token once and the block's
   output stays the routed one (`attach_list_statistics`). An expert that cannot be called on the
-  tokens alone keeps routed statistics, with a warning. `"weighted"` needs the transformers-5 routing
-  call of 3-D banks; for lists it stays `routed` (with a warning)."""
+  tokens alone keeps routed statistics, with a warning. `"weighted"`: each routed token's statistics
+  weighted by its routing weight, found as the gradient of the module's output with respect to its
+  experts' outputs (`graph.list_weights`)."""
 
 from __future__ import annotations
 
 import itertools
 import logging
-from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -44,6 +44,7 @@ from torch.utils import _pytree as pytree
 from d2compiler.graph.expert_calls import ACTIVATIONS
 from d2compiler.graph.experts import statistics_mode
 from d2compiler.graph.layers import is_linear_module, weight_is_transposed
+from d2compiler.graph.list_weights import routing_weights, silenced, weighted_statistics
 
 log = logging.getLogger(__name__)
 
@@ -279,28 +280,31 @@ def opaque_moe_modules(block: nn.Module, probe: ListProbe) -> Iterator[None]:
 
 def attach_list_statistics(block: nn.Module, lists: dict[str, int]) -> None:
     """Let each MoE module of `block` holding the expert `lists` serve `experts.calibration = "all"`
-    (see the module docstring); once per module, a no-op in `routed` mode."""
+    and `"weighted"` (see the module docstring); once per module, a no-op in `routed` mode."""
     for owner in {_parent(name) for name in lists}:
         module = block.get_submodule(owner) if owner else block
         if getattr(module, "_d2c_list_statistics", False):
             continue
         experts = [entry for name in lists if _parent(name) == owner
                    for entry in block.get_submodule(name)._modules.values() if entry is not None]
-        _wrap_for_all_tokens(module, experts)
+        _wrap_for_statistics(module, experts)
         object.__setattr__(module, "_d2c_list_statistics", True)
 
 
-def _wrap_for_all_tokens(module: nn.Module, experts: list[nn.Module]) -> None:
+def _wrap_for_statistics(module: nn.Module, experts: list[nn.Module]) -> None:
     original = module.forward
 
     def forward(*args: Any, **kwargs: Any) -> Any:
+        mode = statistics_mode()
+        if mode == "weighted":
+            return _weighted(original, module, experts, args, kwargs)
         hidden = next((a for a in pytree.tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor) and a.is_floating_point()), None)
-        if statistics_mode() != "all" or hidden is None:
+        if mode != "all" or hidden is None:
             return original(*args, **kwargs)
         tokens = hidden.reshape(-1, hidden.shape[-1])
         inner = [m for expert in experts for m in expert.modules()]
         try:
-            with torch.no_grad(), _silenced(inner):
+            with torch.no_grad(), silenced(inner):
                 for expert in experts:
                     expert(tokens[:1])  # can the expert take the tokens alone? (seen by no statistic)
         except (TypeError, RuntimeError) as err:
@@ -310,20 +314,22 @@ def _wrap_for_all_tokens(module: nn.Module, experts: list[nn.Module]) -> None:
         with torch.no_grad():
             for expert in experts:
                 expert(tokens)
-        with _silenced(inner):
+        with silenced(inner):
             return original(*args, **kwargs)  # the routed output, seen by no statistic of the experts
 
     object.__setattr__(module, "forward", forward)
 
 
-@contextmanager
-def _silenced(modules: list[nn.Module]) -> Iterator[None]:
-    """Within: the forward hooks of `modules` do not fire."""
-    saved = [(m, m._forward_hooks, m._forward_pre_hooks) for m in modules]
-    try:
-        for m, _hooks, _pre in saved:
-            m._forward_hooks, m._forward_pre_hooks = OrderedDict(), OrderedDict()
-        yield
-    finally:
-        for m, hooks, pre in saved:
-            m._forward_hooks, m._forward_pre_hooks = hooks, pre
+def _weighted(original: Callable[..., Any], module: nn.Module, experts: list[nn.Module], args: tuple, kwargs: dict) -> Any:
+    """`weighted` statistics of one MoE module call (`graph.list_weights`); its routed output."""
+    out, weights = routing_weights(original, experts, args, kwargs)
+    if weights is None:
+        log.warning("experts.calibration = weighted: the output of %s is not a weighted sum of its experts' outputs; "
+                    "their statistics stay routed", type(module).__name__)
+        inner = [m for m in module.modules() if m is not module and any(m is e or m in e.modules() for e in experts)]
+        others = [m for m in module.modules() if m is not module and m not in inner]
+        with silenced(others), torch.no_grad():  # the experts' routed statistics (the others saw their tokens)
+            original(*args, **kwargs)
+        return out
+    weighted_statistics(original, module, experts, weights, args, kwargs)
+    return out
