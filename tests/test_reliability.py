@@ -83,8 +83,8 @@ def test_a_killed_run_over_two_stacks_resumes_in_the_second(tmp_path, tokenizer)
     assert f"resuming at block {killed_at} of 6" in rerun.stderr
     resumed = _record(output)
     assert resumed["weights_sha256"] == _record(reference)["weights_sha256"]
-    # the encoder's first block comes from its store (a stack's last block is not checkpointed: it is recomputed)
-    assert [b["resumed"] for b in resumed["blocks"]] == [True, False] + [i < killed_at for i in range(6)]
+    # both encoder blocks come from their store (a stack followed by another saves its last block too)
+    assert [b["resumed"] for b in resumed["blocks"]] == [True, True] + [i < killed_at for i in range(6)]
 
 
 def test_checkpoints_of_another_recipe_are_discarded(tmp_path, tiny_models, caplog):

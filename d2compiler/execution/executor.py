@@ -99,6 +99,7 @@ class BlockExecutor:
         self.expert_group_size = expert_group_size  # experts whose statistics are held at once (None: as many as fit)
         self._samples = (0, 0)  # (global index of this process's first window, windows over all processes)
         self.stacks = stacks or []  # the stacks the recipe names (`model.blocks`); this executor prunes stacks[stack]
+        self.stack_follows = stack < len(self.stacks) - 1  # a later stack runs after this one (its last block is saved)
         self.placement = Placement(model, device, streamed, self.stacks[stack] if self.stacks else None)
         self.blocks_path, self.blocks = self.placement.blocks_path, self.placement.blocks
         self._structures: dict[tuple, BlockStructure] = {}
@@ -198,7 +199,7 @@ class BlockExecutor:
         if self.group.size > 1 and checkpoints is not None:  # the others read what the first one verified
             done = int(self.group.broadcast(torch.tensor([done], dtype=torch.int64), 0).item())
         streaming = self.streamed is not None
-        if not 0 < done <= (len(self.blocks) if streaming else last):
+        if not 0 < done <= (len(self.blocks) if streaming else last + self.stack_follows):
             return Progress(0, inputs)
         log.info("resuming at block %d of %d from %s", done, last + 1, checkpoints.folder)
         if not streaming:  # a streaming run's finished blocks stay in their files
@@ -225,7 +226,7 @@ class BlockExecutor:
                 with self.on_device(index) as block:
                     report, outputs = self._run_block(index, block, inputs, needed, targets.by_pass, last)
                     reports.append(report)
-                    if checkpoints is not None and (index < last or streaming):  # several processes: no hidden states, a resume replays
+                    if checkpoints is not None and (index < last or streaming or self.stack_follows):  # several processes: no hidden states, a resume replays
                         hidden = outputs if self.group.size == 1 else []
                         checkpoints.save_block(index, block, hidden, [r.to_json() for r in reports], self.prefix(index))
                 inputs = [inp.with_hidden(h) for inp, h in zip(inputs, outputs)]
