@@ -78,7 +78,7 @@ def _method_passes(method: str, pattern: str, options: dict[str, Any]) -> list[d
         mask["refit_steps"] = options["refit_steps"]
     if method in simple:
         return [{"type": "calibrate"}, {"type": method, **mask}]
-    d2 = {k: v for k, v in options.items() if k in ("lambda1", "lambda2", "s", "stats")}
+    d2 = {k: v for k, v in options.items() if k in ("lambda1", "lambda2", "s", "stats", "solver")}
     if method == "d2-sparsegpt":
         return [{"type": "calibrate"}, {"type": "dual_taylor_mask", **mask, **d2}]
     if method in ("d2prune-fixed", "d2prune-kl"):

@@ -27,6 +27,7 @@ error) with `refit_steps` steps; ρ, the iteration cap and the schedule are para
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -57,22 +58,34 @@ class AdmmResult:
         return out
 
 
-def support(values: torch.Tensor, sparsity: float, n_of_m: tuple[int, int] | None) -> torch.Tensor:
-    """Keep-mask of the largest |values|: the layer's exact count, or M − N of every M inputs."""
-    score = values.abs()
+ExtraScore = Callable[[torch.Tensor, slice], torch.Tensor]  # (weights, their input columns) -> a saliency term
+
+
+def support(values: torch.Tensor, sparsity: float, n_of_m: tuple[int, int] | None,
+            rank: Callable[[torch.Tensor], torch.Tensor] = torch.abs) -> torch.Tensor:
+    """Keep-mask of the highest `rank(values)` (default |values|): the layer's exact count, or M − N of
+    every M inputs."""
+    score = rank(values)
     prune = lowest_k(score, prune_count(score.numel(), sparsity)) if n_of_m is None else lowest_n_of_m(score, *n_of_m)
     return ~prune
 
 
 def admm_prune(weight: torch.Tensor, hessian: torch.Tensor, *, sparsity: float, n_of_m: tuple[int, int] | None,
                damping: float, layer: str, rho: float = 0.1, max_iterations: int = 300, refit_steps: int = 30,
-               update: bool = True) -> AdmmResult:
+               update: bool = True, extra_score: ExtraScore | None = None) -> AdmmResult:
     """Prune an (out, in) fp32 weight: ADMM chooses the support (see the module docstring), then the
     kept weights are refit by at most `refit_steps` CG steps. With `update = False` the support is
-    the same and the original weights are kept on it (no reconstruction)."""
+    the same and the original weights are kept on it (no reconstruction). `extra_score` (as in
+    `obs.obs_prune`, a saliency term of the weights in their own coordinates) makes each projection
+    keep the highest z² + extra(z / ‖x‖) instead of the largest |z| (z² = W²·H_jj: the loss one weight
+    costs alone, in the units of the OBS saliency); D²Prune's activation terms go there."""
     h, dead = damped_hessian(hessian, damping)
     dense = weight.masked_fill(dead.unsqueeze(0), 0.0)
     scale = torch.sqrt(torch.diagonal(h)).clamp_min(1e-8)
+    rank: Callable[[torch.Tensor], torch.Tensor] = torch.abs
+    if extra_score is not None:
+        every = slice(None)
+        rank = lambda z: z.pow(2) + extra_score(z / scale, every)  # noqa: E731
     unit = h / scale.unsqueeze(0) / scale.unsqueeze(1)  # H with a unit diagonal
     eigenvalues, vectors = torch.linalg.eigh(unit.double())
     eigenvalues, vectors = eigenvalues.to(h.dtype), vectors.to(h.dtype)
@@ -82,7 +95,7 @@ def admm_prune(weight: torch.Tensor, hessian: torch.Tensor, *, sparsity: float, 
     def solve(rhs: torch.Tensor, penalty: float) -> torch.Tensor:
         return ((rhs @ vectors) / (eigenvalues + penalty)) @ vectors.t()
 
-    keep = support(start, sparsity, n_of_m)
+    keep = support(start, sparsity, n_of_m, rank)
     kept_count = max(int(keep.sum()), 1)
     d = start * keep
     v = torch.zeros_like(start)
@@ -91,7 +104,7 @@ def admm_prune(weight: torch.Tensor, hessian: torch.Tensor, *, sparsity: float, 
     for iterations in range(1, max_iterations + 1):
         b = solve(target - v + rho * d, rho)
         z = b + v / rho
-        keep = support(z, sparsity, n_of_m)
+        keep = support(z, sparsity, n_of_m, rank)
         d = z * keep
         v = v + rho * (b - d)
         if iterations % CHECK_EVERY:
@@ -106,7 +119,7 @@ def admm_prune(weight: torch.Tensor, hessian: torch.Tensor, *, sparsity: float, 
             rho *= 1.1
         elif change:  # moving only a little before the penalty grew: start over with a smaller one
             rho /= 5
-            b, d, v = start, start * support(start, sparsity, n_of_m), torch.zeros_like(start)
+            b, d, v = start, start * support(start, sparsity, n_of_m, rank), torch.zeros_like(start)
         elif grown:
             break  # the support holds still under a grown penalty: converged
         else:
@@ -114,7 +127,7 @@ def admm_prune(weight: torch.Tensor, hessian: torch.Tensor, *, sparsity: float, 
         rho = min(rho, RHO_CAP)
         if iterations >= SETTLE_AFTER and change < SETTLED_SHARE * kept_count:
             break
-    keep = support(b, sparsity, n_of_m)
+    keep = support(b, sparsity, n_of_m, rank)
     if not update:
         return AdmmResult(dense.masked_fill(~keep, 0.0), keep, damping, iterations, rho)
     projected = (b * keep) / scale

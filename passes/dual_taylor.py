@@ -28,6 +28,7 @@ import torch
 
 from d2compiler.contract import ArtifactKind, PassError, register_artifact
 
+from .admm_solver import AdmmResult, admm_prune
 from .masks import lowest_n_of_m, lowest_per_row, row_counts
 from .obs import ObsResult, obs_prune
 
@@ -52,6 +53,9 @@ class DualTaylorSettings:
     block_size: int
     damping: float
     refit_steps: int = 0
+    solver: str = "obs"  # "obs": SparseGPT's blocked OBS sweep; "admm": ALPS-class ADMM support selection
+    rho: float = 0.1  # admm: the penalty's starting value
+    max_iterations: int = 300  # admm: the iteration cap
 
 
 @dataclass
@@ -150,9 +154,16 @@ def wanda_score(weight: torch.Tensor, stats: LayerStats, x_rms: torch.Tensor, cf
 
 
 def prune_layer(weight: torch.Tensor, hessian: torch.Tensor, stats: LayerStats, x_rms: torch.Tensor,
-                cfg: DualTaylorSettings, *, update: bool, layer: str) -> tuple[torch.Tensor, torch.Tensor, ObsResult | None]:
-    """Prune one (out, in) fp32 weight: D²-SparseGPT with the OBS update (and the refit, if set), or
-    D²-Wanda without. Returns (new weight, keep mask, the OBS result or None)."""
+                cfg: DualTaylorSettings, *, update: bool, layer: str
+                ) -> tuple[torch.Tensor, torch.Tensor, ObsResult | AdmmResult | None]:
+    """Prune one (out, in) fp32 weight: D²-SparseGPT with the OBS update (or D²-ADMM: the dual-Taylor
+    score ranking ADMM's projections; the refit, if set), or D²-Wanda without. Returns (new weight,
+    keep mask, the solver's result or None)."""
+    if update and cfg.solver == "admm":
+        res = admm_prune(weight, hessian.to(weight.device), sparsity=cfg.sparsity, n_of_m=cfg.n_of_m, damping=cfg.damping,
+                         layer=layer, rho=cfg.rho, max_iterations=cfg.max_iterations, refit_steps=cfg.refit_steps,
+                         extra_score=obs_extra_score(stats, x_rms, cfg))
+        return res.weight, res.keep, res
     if update:
         res = obs_prune(weight, hessian.to(weight.device), sparsity=cfg.sparsity, n_of_m=cfg.n_of_m,
                         block_size=cfg.block_size, damping=cfg.damping, layer=layer,

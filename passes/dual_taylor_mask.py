@@ -13,6 +13,7 @@ from pydantic import Field
 
 from d2compiler.contract import register_pass
 
+from .admm_solver import admm_prune
 from .dual_taylor import DualTaylorSettings, LayerStats, obs_extra_score, prune_layer
 from .obs import ObsResult
 from .obs_batch import ObsProblem
@@ -30,6 +31,15 @@ class DualTaylorParams(SparseGPTParams):
         "and s mean the same for any sample count and sequence length. `reference`: the reference code's "
         "running-sum accumulation, reproduced exactly (its effective scale grows with N).",
     )
+    solver: Literal["obs", "admm"] = Field(
+        default="obs",
+        description="How updated layers choose their support and weights. `obs`: SparseGPT's blocked OBS sweep with the "
+        "dual-Taylor saliency (D²-SparseGPT, the paper). `admm`: the ALPS-class ADMM of the `admm` pass, each "
+        "projection keeping the highest dual-Taylor saliency z² + activation terms instead of the largest |z| "
+        "(D²-ADMM), then `refit_steps` of masked least squares.",
+    )
+    rho: float = Field(default=0.1, gt=0.0, le=1e6, description="`solver = admm`: the penalty's starting value (see the `admm` pass).")
+    max_iterations: int = Field(default=300, ge=1, le=100000, description="`solver = admm`: at most this many ADMM iterations per layer.")
 
 
 @register_pass
@@ -50,7 +60,7 @@ class DualTaylorMaskPass(PlannedPruningPass):
     def settings(self) -> DualTaylorSettings:
         p: DualTaylorParams = self.params  # type: ignore[assignment]
         return DualTaylorSettings(p.lambda1, p.lambda2, p.s, p.stats, p.target_sparsity, p.n_of_m, p.block_size, p.dampening_frac,
-                                  p.refit_steps)
+                                  p.refit_steps, p.solver, p.rho, p.max_iterations)
 
     def begin_observe(self, ctx: Any) -> None:
         for layer in ctx.observed(ctx.select(self.params)):
@@ -68,7 +78,18 @@ class DualTaylorMaskPass(PlannedPruningPass):
             ctx.publish("d2_stats", name, stats)
         self._stats = {}
 
-    def obs_problem(self, ctx: Any, layer: Any) -> ObsProblem:
+    def probe_solve(self, weight: torch.Tensor, hessian: torch.Tensor) -> None:
+        """One solve with this recipe's solver (`d2c plan` costs the pass from it)."""
+        p: DualTaylorParams = self.params  # type: ignore[assignment]
+        if p.solver != "admm":
+            return super().probe_solve(weight, hessian)
+        admm_prune(weight, hessian, sparsity=0.5, n_of_m=None, damping=p.dampening_frac, layer="probe", rho=p.rho,
+                   max_iterations=p.max_iterations, refit_steps=p.refit_steps)
+        return None
+
+    def obs_problem(self, ctx: Any, layer: Any) -> ObsProblem | None:
+        if self.params.solver != "obs":  # ADMM solves one layer at a time
+            return None
         cfg = dataclasses.replace(self.settings, sparsity=self.sparsity_of(ctx, layer))
         extra = obs_extra_score(ctx.artifact("d2_stats", layer.name), ctx.artifact("act_norms", layer.name), cfg)
         return ObsProblem(layer.name, cfg.sparsity, cfg.n_of_m, cfg.block_size, cfg.damping, extra, cfg.refit_steps)
@@ -82,4 +103,5 @@ class DualTaylorMaskPass(PlannedPruningPass):
                                        dataclasses.replace(self.settings, sparsity=self.sparsity_of(ctx, layer)),
                                        update=update, layer=layer.name)
         metrics = res.metrics() if res is not None else {}
-        return new_weight, keep, {"update": update, "score": "d2-sparsegpt" if update else "d2-wanda", **metrics}
+        score = ("d2-admm" if self.params.solver == "admm" else "d2-sparsegpt") if update else "d2-wanda"
+        return new_weight, keep, {"update": update, "score": score, **metrics}

@@ -75,3 +75,22 @@ def test_admm_honours_an_update_plan(tiny_models, tmp_path):
     for name, metrics in record["layers"].items():
         assert metrics["passes"][-1] == "admm"
         assert torch.all((weights[f"{name}.weight"] == 0).reshape(metrics["shape"][0], -1, 4).sum(-1) >= 2), name
+
+
+def test_d2prune_with_the_admm_solver(tiny_models, tmp_path):
+    """`dual_taylor_mask` with `solver = "admm"` (D²-ADMM): with λ1 = 0 its projections rank z², the
+    same order as the `admm` pass's |z|, so both give the same weights; with λ1 > 0 the dual-Taylor
+    activation term changes which weights are kept, and every layer keeps its exact count."""
+    admm = ('[[passes]]\ntype = "calibrate"\n[[passes]]\ntype = "admm"\nsparsity = 0.6\nmax_iterations = 60\n')
+    d2 = ('[[passes]]\ntype = "calibrate"\n[[passes]]\ntype = "dual_taylor_mask"\nsparsity = 0.6\nsolver = "admm"\n'
+          'max_iterations = 60\nrefit_steps = 30\nlambda1 = {}\n')
+    for name in ("admm", "zero", "d2"):
+        (tmp_path / name).mkdir()
+    _, plain = run_llama(tiny_models, tmp_path / "admm", admm)
+    record, same = run_llama(tiny_models, tmp_path / "zero", d2.format(0.0))
+    assert all(torch.equal(same[name], tensor) for name, tensor in plain.items())
+    assert {m["score"] for m in record["layers"].values()} == {"d2-admm"}
+    record, moved = run_llama(tiny_models, tmp_path / "d2", d2.format(1000.0))
+    assert any(not torch.equal(moved[name] == 0, plain[name] == 0) for name in plain if name.endswith("proj.weight"))
+    for name, metrics in record["layers"].items():
+        assert int((moved[f"{name}.weight"] == 0).sum()) == round(0.6 * metrics["shape"][0] * metrics["shape"][1]), name
