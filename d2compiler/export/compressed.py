@@ -7,6 +7,10 @@ naming the quantized linears exactly and `ignore` naming every other linear; `ap
 attaches the schemes, our scales and zero points are copied in, the package's `compress_module`
 packs each layer and `ModelCompressor` writes the config (the package picks `pack-quantized` for weight-only int4 and int8) and writes the config.
 
+A model whose Mixture-of-Experts banks are quantized gets one config group targeting `Linear` (the
+layout of published compressed-tensors MoE checkpoints, which vLLM's fused-MoE method reads), each
+bank written as the per-expert linears of the model's checkpoint layout (`compressed_experts`).
+
 Grids: d2compiler stores unsigned levels q ∈ [0, 2^b − 1] with w = (q − z)·s; compressed-tensors
 stores signed levels with w = (q' − z')·s, so q' = q − 2^(b−1) and z' = z − 2^(b−1) (0 when
 symmetric). The weights are already on the grid, so the package's rounding reproduces our levels
@@ -25,6 +29,7 @@ from torch import nn
 
 from d2compiler.errors import OutputError
 from d2compiler.export.compressed_experts import (
+    Grid,
     QuantizedBank,
     expert_linears,
     grid_of,
@@ -64,11 +69,19 @@ def quantized_layers(model: nn.Module, layers: dict[str, dict[str, Any]]) -> dic
     return found
 
 
+def weight_args(grid: Grid) -> Any:
+    """The package's weight-only `QuantizationArgs` of one grid (bits, group size or 0 per channel, symmetric)."""
+    from compressed_tensors.quantization import QuantizationArgs
+
+    bits, group_size, symmetric = grid
+    return QuantizationArgs(num_bits=bits, type="int", symmetric=symmetric, strategy="group" if group_size else "channel",
+                            group_size=group_size or None)
+
+
 def quantization_config(model: nn.Module, quantized: dict[str, dict[str, Any]]) -> Any:
     """The package's `QuantizationConfig`: one weight-only group per grid kind, the quantized linears
     as exact targets, every other linear in `ignore`."""
     from compressed_tensors.quantization import (
-        QuantizationArgs,
         QuantizationConfig,
         QuantizationScheme,
         QuantizationStatus,
@@ -77,11 +90,8 @@ def quantization_config(model: nn.Module, quantized: dict[str, dict[str, Any]]) 
     kinds: dict[tuple[int, int, bool], list[str]] = {}
     for name, quant in quantized.items():
         kinds.setdefault(grid_of(quant), []).append(name)
-    groups = {}
-    for index, ((bits, group_size, symmetric), names) in enumerate(sorted(kinds.items())):
-        weights = QuantizationArgs(num_bits=bits, type="int", symmetric=symmetric,
-                                   strategy="group" if group_size else "channel", group_size=group_size or None)
-        groups[f"group_{index}"] = QuantizationScheme(targets=sorted(names), weights=weights)
+    groups = {f"group_{index}": QuantizationScheme(targets=sorted(names), weights=weight_args(grid))
+              for index, (grid, names) in enumerate(sorted(kinds.items()))}
     ignore = [name for name, module in model.named_modules() if isinstance(module, nn.Linear) and name not in quantized]
     return QuantizationConfig(config_groups=groups, ignore=ignore, quantization_status=QuantizationStatus.FROZEN)
 
@@ -92,16 +102,14 @@ def moe_quantization_config(model: nn.Module, quantized: dict[str, dict[str, Any
     (what vLLM's fused-MoE method reads, and the layout of published MoE checkpoints), with every
     linear and 2-D checkpoint weight that is not quantized in `ignore` (routers included), by the
     model's name and by the checkpoint's."""
-    from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme, QuantizationStatus
+    from compressed_tensors.quantization import QuantizationConfig, QuantizationScheme, QuantizationStatus
 
     grids = {grid_of(quant) for quant in quantized.values()} | {bank.grid for bank in banks}
     if len(grids) > 1:
         raise OutputError(f"{banks[0].name}: the model's quantized layers use {len(grids)} grids {sorted(grids)}; a "
                           "compressed-tensors Mixture-of-Experts checkpoint is written with one scheme (bits, group "
                           "size, symmetric) for every quantized linear: quantize them alike, or export with --format hf")
-    bits, group_size, symmetric = grids.pop()
-    weights = QuantizationArgs(num_bits=bits, type="int", symmetric=symmetric, strategy="group" if group_size else "channel",
-                               group_size=group_size or None)
+    weights = weight_args(grids.pop())
     embeddings = {name for name, module in model.named_modules() if isinstance(module, nn.Embedding)}
     ignore = {name for name, module in model.named_modules() if isinstance(module, nn.Linear) and name not in quantized}
     ignore |= {key.removesuffix(".weight") for key in checkpoint_weights} - embeddings - set(quantized) - experts
