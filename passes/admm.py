@@ -32,6 +32,13 @@ class AdmmParams(DampedParams):
     )
 
 
+def probe_admm(weight: torch.Tensor, hessian: torch.Tensor, p: Any) -> None:
+    """One ADMM solve at 50% with the `dampening_frac`, `rho`, `max_iterations` and `refit_steps` of
+    the params `p` (of `admm`, or of `dual_taylor_mask` with its ADMM solver): the probe `d2c plan` times."""
+    admm_prune(weight, hessian, sparsity=0.5, n_of_m=None, damping=p.dampening_frac, layer="probe", rho=p.rho,
+               max_iterations=p.max_iterations, refit_steps=p.refit_steps)
+
+
 @register_pass
 class AdmmPass(PlannedPruningPass):
     name = "admm"
@@ -43,9 +50,7 @@ class AdmmPass(PlannedPruningPass):
 
     def probe_solve(self, weight: torch.Tensor, hessian: torch.Tensor) -> None:
         """One ADMM solve with this recipe's settings (`d2c plan` costs it like an OBS sweep's columns)."""
-        p: AdmmParams = self.params  # type: ignore[assignment]
-        admm_prune(weight, hessian, sparsity=0.5, n_of_m=None, damping=p.dampening_frac, layer="probe", rho=p.rho,
-                   max_iterations=p.max_iterations, refit_steps=p.refit_steps)
+        probe_admm(weight, hessian, self.params)
 
     def compute_variant(self, ctx: Any, layer: Any, weight: torch.Tensor, hessian: torch.Tensor,
                         update: bool) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:

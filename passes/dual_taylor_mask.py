@@ -13,7 +13,7 @@ from pydantic import Field
 
 from d2compiler.contract import register_pass
 
-from .admm_solver import admm_prune
+from .admm import probe_admm
 from .dual_taylor import DualTaylorSettings, LayerStats, obs_extra_score, prune_layer
 from .obs import ObsResult
 from .obs_batch import ObsProblem
@@ -80,12 +80,9 @@ class DualTaylorMaskPass(PlannedPruningPass):
 
     def probe_solve(self, weight: torch.Tensor, hessian: torch.Tensor) -> None:
         """One solve with this recipe's solver (`d2c plan` costs the pass from it)."""
-        p: DualTaylorParams = self.params  # type: ignore[assignment]
-        if p.solver != "admm":
+        if self.params.solver != "admm":
             return super().probe_solve(weight, hessian)
-        admm_prune(weight, hessian, sparsity=0.5, n_of_m=None, damping=p.dampening_frac, layer="probe", rho=p.rho,
-                   max_iterations=p.max_iterations, refit_steps=p.refit_steps)
-        return None
+        return probe_admm(weight, hessian, self.params)
 
     def obs_problem(self, ctx: Any, layer: Any) -> ObsProblem | None:
         if self.params.solver != "obs":  # ADMM solves one layer at a time

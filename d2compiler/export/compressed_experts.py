@@ -10,7 +10,7 @@ tensor holds which rows of the bank (`graph.checkpoint_layout.learn_layout`, e.g
 `nn.Linear` with its rows of the scales, compressed by the package like every other linear. That is
 the layout of the published compressed-tensors MoE checkpoints, which vLLM's fused-MoE loaders stack
 back into their banks and transformers' compressed-tensors loader decompresses and merges into its
-own (checked with transformers: `tests/test_compressed_experts.py`).
+own (checked with transformers: `tests/test_moe_outputs.py`).
 
 Refused with one located line: a bank only some of whose experts are quantized or whose experts
 use two grids (the fused kernels take one scheme per bank), a bank the checkpoint layout keeps 3-D
@@ -26,8 +26,8 @@ from torch import nn
 
 from d2compiler.errors import OutputError
 from d2compiler.graph.checkpoint_layout import Piece, learn_layout
-from d2compiler.graph.experts import bank_parameter, is_bank_expert
-from d2compiler.graph.packing import QUANT_BUFFERS, bank_buffer_name
+from d2compiler.graph.experts import bank_parameter, bank_quant_buffers, is_bank_expert
+from d2compiler.graph.packing import QUANT_BUFFERS
 
 Grid = tuple[int, int, bool]  # (bits, group size, symmetric)
 WAY_OUT = "export with --format hf, or quantize with ignore = [\"re:.*experts\"]"
@@ -66,17 +66,6 @@ def quantized_banks(model: nn.Module, layers: dict[str, dict[str, Any]]) -> list
                               f"(vLLM's fused kernels take one scheme): quantize all of them alike, or {WAY_OUT}")
         banks.append(QuantizedBank(owner, next(iter(by_expert.values()))))
     return banks
-
-
-def _stacked_buffers(model: nn.Module, bank: str) -> list[torch.Tensor]:
-    """The bank's stacked scales and zero points, taken off its owner module."""
-    owner_name, _, attr = bank.rpartition(".")
-    owner = model.get_submodule(owner_name)
-    keys = [bank_buffer_name(attr, b) for b in QUANT_BUFFERS]
-    if not all(key in owner._buffers for key in keys):
-        raise OutputError(f"{bank}: sparsity.json says its experts are quantized, but the model has no scales for them "
-                          "(was quantization.safetensors removed from the output folder?)")
-    return [owner._buffers.pop(key) for key in keys]  # type: ignore[misc]
 
 
 def _whole_rows(piece: Piece, width: int) -> torch.Tensor | None:
@@ -118,7 +107,11 @@ def expert_linears(model: nn.Module, banks: list[QuantizedBank]) -> tuple[dict[s
         if not pieces:
             raise OutputError(f"{bank.name}: this model's checkpoints keep the bank 3-D (one tensor for all its experts), "
                               f"with no per-expert linears for compressed-tensors to store: {WAY_OUT}")
-        scale, zero = _stacked_buffers(model, bank.name)
+        grid = bank_quant_buffers(model, bank.name, take=True)
+        if grid is None:
+            raise OutputError(f"{bank.name}: sparsity.json says its experts are quantized, but the model has no scales for "
+                              "them (was quantization.safetensors removed from the output folder?)")
+        scale, zero = grid
         for piece in pieces:
             linears[piece.key.removesuffix(".weight")] = _expert_linear(bank.name, piece, weight, scale, zero)
             replaced.add(piece.key)

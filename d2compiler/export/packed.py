@@ -16,7 +16,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from d2compiler.errors import ModelLoadError
-from d2compiler.export.packed_banks import bank_quant_buffers, pack_bank, packed_bank_names, restore_bank
+from d2compiler.export.packed_banks import pack_bank, packed_bank_names, restore_bank
+from d2compiler.graph.experts import bank_quant_buffers
 from d2compiler.graph.packing import BANK_SEPARATOR, QUANT_BUFFERS, Packed24Linear, bank_buffer_name, is_quant_buffer
 
 FORMAT = "d2c-packed"

@@ -53,14 +53,6 @@ def expert_rows(bank: torch.Tensor, transposed: bool) -> torch.Tensor:
     return matrices.reshape(-1, matrices.shape[-1])
 
 
-def bank_quant_buffers(model: nn.Module, name: str) -> list[torch.Tensor] | None:
-    """The bank's stacked (scale, zero point), [E, out, groups] each, if it is quantized."""
-    owner, _, attr = name.rpartition(".")
-    module = model.get_submodule(owner)
-    found = [module._buffers.get(bank_buffer_name(attr, b)) for b in QUANT_BUFFERS]
-    return None if any(t is None for t in found) else found  # type: ignore[return-value]
-
-
 def pack_bank(model: nn.Module, name: str, transposed: bool) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
     """(values (E·out, in/2), meta (E·out, in/8), the checkpoint entry) of a 2:4 bank."""
     bank = model.get_parameter(name).detach().cpu()

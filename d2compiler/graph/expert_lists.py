@@ -44,7 +44,7 @@ from torch.utils import _pytree as pytree
 from d2compiler.graph.expert_calls import ACTIVATIONS
 from d2compiler.graph.experts import statistics_mode
 from d2compiler.graph.layers import is_linear_module, weight_is_transposed
-from d2compiler.graph.list_weights import routing_weights, silenced, weighted_statistics
+from d2compiler.graph.list_weights import outside_experts, routing_weights, silenced, weighted_statistics
 
 log = logging.getLogger(__name__)
 
@@ -326,9 +326,7 @@ def _weighted(original: Callable[..., Any], module: nn.Module, experts: list[nn.
     if weights is None:
         log.warning("experts.calibration = weighted: the output of %s is not a weighted sum of its experts' outputs; "
                     "their statistics stay routed", type(module).__name__)
-        inner = [m for m in module.modules() if m is not module and any(m is e or m in e.modules() for e in experts)]
-        others = [m for m in module.modules() if m is not module and m not in inner]
-        with silenced(others), torch.no_grad():  # the experts' routed statistics (the others saw their tokens)
+        with silenced(outside_experts(module, experts)), torch.no_grad():  # the experts' routed statistics (the others saw their tokens)
             original(*args, **kwargs)
         return out
     weighted_statistics(original, module, experts, weights, args, kwargs)

@@ -45,6 +45,7 @@ import torch
 from torch import nn
 
 from d2compiler.graph.expert_calls import ExpertCalls, ExpertSlice, Pieces, RoutingUnseen
+from d2compiler.graph.packing import QUANT_BUFFERS, bank_buffer_name
 
 log = logging.getLogger(__name__)
 _STATISTICS: ContextVar[str] = ContextVar("d2c_expert_statistics", default="routed")  # experts.calibration
@@ -226,6 +227,18 @@ def bank_parameter(model: nn.Module, name: str) -> torch.Tensor | None:
     except AttributeError:
         return None
     return param if param.dim() == 3 else None
+
+
+def bank_quant_buffers(model: nn.Module, name: str, *, take: bool = False) -> list[torch.Tensor] | None:
+    """The stacked (scale, zero point) of the bank `name`, [E, out, groups] each, kept on its owner
+    module (`graph.packing.bank_buffer_name`); None when the bank is not quantized. `take`: remove
+    them from the owner."""
+    owner_name, _, attr = name.rpartition(".")
+    owner = model.get_submodule(owner_name)
+    keys = [bank_buffer_name(attr, b) for b in QUANT_BUFFERS]
+    if not all(key in owner._buffers for key in keys):
+        return None
+    return [owner._buffers.pop(key) if take else owner._buffers[key] for key in keys]  # type: ignore[misc]
 
 
 def is_bank_expert(model: nn.Module, layer: str) -> bool:

@@ -44,8 +44,15 @@ def silenced(modules: list[nn.Module]) -> Iterator[None]:
             m._forward_hooks, m._forward_pre_hooks = hooks, pre
 
 
-def _first_float(out: Any) -> torch.Tensor | None:
+def _first_with_grad(out: Any) -> torch.Tensor | None:
     return next((t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.requires_grad), None)
+
+
+def outside_experts(module: nn.Module, experts: list[nn.Module]) -> list[nn.Module]:
+    """The modules inside the MoE `module` (itself excluded) that are not part of an expert (router,
+    shared experts): their statistics must see each token once, whatever the experts' mode does."""
+    inner = {id(m) for expert in experts for m in expert.modules()}
+    return [m for m in module.modules() if m is not module and id(m) not in inner]
 
 
 def routing_weights(forward: Callable[..., Any], experts: list[nn.Module], args: tuple, kwargs: dict
@@ -69,7 +76,7 @@ def routing_weights(forward: Callable[..., Any], experts: list[nn.Module], args:
             expert.register_forward_hook(capture(index))  # dropped with the silenced hooks on exit
         out = forward(*args, **kwargs)
         leaves = [leaf for expert_calls in calls for leaf in expert_calls]
-        y = _first_float(out)
+        y = _first_with_grad(out)
         grads = torch.autograd.grad(y.sum(), leaves, allow_unused=True) if y is not None and leaves else None
     out = pytree.tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t, out)
     if grads is None:
@@ -96,8 +103,7 @@ def weighted_statistics(forward: Callable[..., Any], module: nn.Module, experts:
     hooks of every module outside the experts silenced."""
     current: dict[str, torch.Tensor] = {}
     counts = [0] * len(experts)
-    inner = {id(m) for expert in experts for m in expert.modules()}
-    others = [m for m in module.modules() if m is not module and id(m) not in inner]
+    others = outside_experts(module, experts)
 
     def enter(index: int) -> Callable[..., None]:
         def pre(_module: nn.Module, _args: tuple) -> None:
