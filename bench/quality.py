@@ -57,10 +57,14 @@ C4_REL = "../shared/data/c4/c4_demo_llamafactory.jsonl"  # as the recipes in rec
 def method_passes(method: str, pattern: str, options: dict[str, Any]) -> list[dict[str, Any]]:
     """The recipe passes of a benchmark method at one sparsity pattern ("0.6" or "2:4")."""
     passes = _method_passes(method, pattern, options)
+    if options.get("dense_target") is not None:  # right after calibrate (its strength α)
+        passes.insert(1, {"type": "dense_target", "strength": options["dense_target"]})
     if options.get("allocation"):
         allocation = {"type": "sparsity_allocation", "profile": options["allocation"],
                       **{k: v for k, v in options.items() if k in ("owl_m", "owl_lmbda", "survey_samples")}}
         passes.insert(len(passes) - 1, allocation)  # just before the pruning pass
+    if options.get("gptq_group") is not None:  # then GPTQ int4 (symmetric) with this group size: the deployment combination
+        passes.append({"type": "gptq", "bits": 4, "group_size": options["gptq_group"]})
     return passes
 
 

@@ -4,6 +4,7 @@ from . import (  # noqa: F401
     admm,
     attention_kl_update,
     calibrate,
+    dense_target,
     dual_taylor_mask,
     gptq,
     magnitude,
