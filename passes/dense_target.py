@@ -168,7 +168,10 @@ class DenseTargetPass(Pass):
             for handle in handles:
                 handle.remove()
         self._stream = (ctx.index + 1, outputs)
-        for drift in self._drift.values():
+        for first, drift in self._drift.items():
+            if drift.calls != len(drift.observed):
+                raise PassError(f"dense_target: {first} ran {len(drift.observed)} times on the calibration inputs and "
+                                f"{drift.calls} in the dense stream; the two streams must call it alike")
             drift.observed = []
             ctx.reduce(drift.cross)
             ctx.reduce(drift.norms)
