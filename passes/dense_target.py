@@ -40,6 +40,8 @@ from d2compiler.contract import (
     register_pass,
 )
 
+from .obs import damped_hessian
+
 
 class DenseTargetParams(TargetedParams):
     """`dense_target` re-aims the targeted linears at the dense model's outputs before pruning."""
@@ -60,7 +62,7 @@ class DenseTargetParams(TargetedParams):
 def retarget_shift(weight: torch.Tensor, hessian: torch.Tensor, cross: torch.Tensor, damping: float, layer: str) -> torch.Tensor:
     """W·G·(H + λI)⁻¹ with λ = `damping` × mean diag H, for an (out, in) fp32 `weight`, H = XᵀX/n and
     G = (X_d − X)ᵀX/n: the step from W to the least-squares map of X to W·X_d (exact as λ → 0)."""
-    damped = hessian + damping * hessian.diagonal().mean() * torch.eye(hessian.shape[0], device=hessian.device)
+    damped, _dead = damped_hessian(hessian, damping)  # the OBS passes' damping (dead inputs at 1 first)
     factor, info = torch.linalg.cholesky_ex(damped)
     if info.item() != 0:
         raise PassError(f"dense_target: the damped Hessian of {layer} is not positive definite; raise dampening_frac")
