@@ -56,3 +56,34 @@ def test_builtin_minilm_is_the_real_encoder(capsys):
     for local, role in [("attention.self.query", "q"), ("attention.self.key", "k"), ("attention.self.value", "v"),
                         ("attention.output.dense", "o"), ("intermediate.dense", "up"), ("output.dense", "down")]:
         assert any(line.split()[:3] == [local, "Linear", role] for line in out.splitlines() if line.strip()), local
+
+
+def test_a_gguf_conversion_is_keyed_by_content(tmp_path, monkeypatch):
+    """The same GGUF bytes under a new path (a reinstalled package) reuse the cached conversion; an
+    edited file gets its own; a known path, size and mtime is not hashed again."""
+    import os
+
+    from d2compiler.loading import content_key as keys
+    from d2compiler.loading import models
+
+    monkeypatch.setenv("D2C_CACHE", str(tmp_path / "cache"))
+    first, second = tmp_path / "a" / "model.gguf", tmp_path / "b" / "model.gguf"
+    for path in (first, second):
+        path.parent.mkdir()
+        path.write_bytes(b"GGUF" + bytes(range(256)) * 64)
+    os.utime(second, ns=(1, 1))  # another mtime, as a reinstall gives
+    converted = []
+    monkeypatch.setattr(models, "_convert_gguf", lambda gguf, target: converted.append(target) or _fake_conversion(target))
+    assert models.gguf_folder(first) == models.gguf_folder(second) and len(converted) == 1
+    hashed = []
+    real = keys.file_sha256
+    monkeypatch.setattr(keys, "file_sha256", lambda path: hashed.append(path) or real(path))
+    models.gguf_folder(first)
+    assert not hashed  # remembered by path, size and mtime
+    second.write_bytes(b"GGUF" + bytes(64))
+    assert models.gguf_folder(second) != models.gguf_folder(first) and len(converted) == 2 and hashed == [second]
+
+
+def _fake_conversion(target):
+    target.mkdir(parents=True)
+    (target / "config.json").write_text("{}")

