@@ -109,6 +109,8 @@ SUITE = [  # (recipe, seeds): the README's quality table (`--suite`); seeds are 
     ("recipes/sparsegpt-2of4.toml", 3), ("recipes/d2prune-2of4.toml", 3),
     # SparseGPT with the refit D²Prune's 2:4 and 70% recipes use (and at 70% the same allocation): one seed each
     ("recipes/sparsegpt-refit-2of4.toml", 1), ("recipes/sparsegpt-alloc-refit-unstructured-70.toml", 1),
+    # the ALPS-class baseline with the same allocation and refit, and the D²Prune recipe that competes with it
+    ("recipes/admm-alloc-refit-unstructured-70.toml", 3), ("recipes/d2prune-admm-unstructured-70.toml", 3),
 ]
 
 
@@ -250,20 +252,23 @@ def aggregate(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
 UNIFORM_SPARSEGPT = re.compile(r"sparsegpt-(unstructured-\d+|2of4)$")  # the plain baseline recipes
 ALLOCATED_SPARSEGPT = re.compile(r"sparsegpt-alloc-unstructured-\d+$")  # SparseGPT with the allocation D²Prune uses
 REFIT_SPARSEGPT = re.compile(r"sparsegpt-(alloc-)?refit-(unstructured-\d+|2of4)$")  # ... and with D²Prune's refit
+ALPS_CLASS = re.compile(r"admm-alloc-refit-(unstructured-\d+|2of4)$")  # the ALPS-class baseline, same allocation and refit
 
 
 def ratio_lines(rows: list[dict[str, Any]]) -> list[str]:
     """Per pattern: each recipe's mean ppl over plain uniform SparseGPT's (`sparsegpt-*` recipes), and
-    D²Prune's over SparseGPT with the same allocation and with the same allocation and refit; the ratio per seed (paired on the same
+    D²Prune's over SparseGPT with the same allocation, with the same allocation and refit, and over the ALPS-class
+    `admm` with the same allocation and refit; the ratio per seed (paired on the same
     calibration set), mean ± std, and the ratio of mean pruning times."""
     def baselines(pattern: re.Pattern) -> dict[tuple[str, float], dict[str, Any]]:
         return {(r["pattern"], round(r["sparsity"], 2)): r for r in rows if r.get("recipe") and pattern.match(label(r))}
 
-    uniform, allocated, refit = (baselines(p) for p in (UNIFORM_SPARSEGPT, ALLOCATED_SPARSEGPT, REFIT_SPARSEGPT))
+    uniform, allocated, refit, alps = (baselines(p) for p in (UNIFORM_SPARSEGPT, ALLOCATED_SPARSEGPT, REFIT_SPARSEGPT, ALPS_CLASS))
     lines = []
     for r in rows:
         key = (r["pattern"], round(r["sparsity"], 2))
-        refs = [uniform.get(key)] + ([allocated.get(key), refit.get(key)] if label(r).startswith("d2prune") else [])
+        d2 = label(r).startswith("d2prune")
+        refs = [uniform.get(key)] + ([allocated.get(key), refit.get(key), alps.get(key)] if d2 else [])
         for ref in refs:
             if ref is None or r is ref or not r.get("recipe"):
                 continue
@@ -286,39 +291,52 @@ SUMMARY_COLUMNS = [  # (column, recipe stem patterns with {p} for the pattern's 
     ("Wanda", ("wanda-{p}",)), ("SparseGPT", ("sparsegpt-{p}",)), ("SparseGPT + OWL", ("sparsegpt-owl-{p}",)),
     ("SparseGPT + error allocation", ("sparsegpt-alloc-{p}",)),
     ("SparseGPT (+ allocation) + refit", ("sparsegpt-alloc-refit-{p}", "sparsegpt-refit-{p}")),
-    ("D²Prune (shipped recipe)", ("d2prune-{p}",)),
+    ("ALPS-class admm + allocation + refit", ("admm-alloc-refit-{p}",)),
+    ("D²Prune (shipped OBS recipe)", ("d2prune-{p}",)), ("D²Prune (ADMM + dense target)", ("d2prune-admm-{p}",)),
 ]
+SUMMARY_PATTERNS = (("unstructured-50", "50%"), ("unstructured-60", "60%"), ("unstructured-70", "70%"),
+                    ("unstructured-80", "80%"), ("2of4", "2:4"))
+D2PRUNE_COLUMNS = ("D²Prune (shipped OBS recipe)", "D²Prune (ADMM + dense target)")
+RATIO_COLUMNS = (("SparseGPT", "SparseGPT"), ("SparseGPT + allocation", "SparseGPT + error allocation"),
+                 ("SparseGPT (+ allocation) + refit", "SparseGPT (+ allocation) + refit"),
+                 ("ALPS-class", "ALPS-class admm + allocation + refit"))
+
+
+def paired_ratio(a: dict[str, Any] | None, b: dict[str, Any] | None) -> str:
+    """a's perplexity over b's per seed, paired on the same calibration set: mean (± sample std)."""
+    if a is None or b is None:
+        return ""
+    ratios = [a["ppls"][k] / b["ppls"][k] for k in a["ppls"] if k in b["ppls"]]
+    if not ratios:
+        return ""
+    mean, std = mean_std(ratios)
+    return f"{mean:.3f}" + (f" ± {std:.3f}" if len(ratios) > 1 else "")
 
 
 def summary_table(rows: list[dict[str, Any]]) -> list[str]:
     """The README table: per pattern, the mean test perplexity (± std over seeds) of each suite recipe,
-    and D²Prune's seed-paired ratios to uniform SparseGPT, to SparseGPT with the same allocation, and
-    to SparseGPT with the same allocation and refit."""
+    and the best D²Prune recipe's (the lower mean of the two D²Prune columns) seed-paired ratios to
+    uniform SparseGPT, to SparseGPT with the same allocation, with the same allocation and refit, and
+    to the ALPS-class baseline with the same allocation and refit."""
     by_label = {label(r): r for r in rows if r.get("recipe")}
     if not by_label:
         return []
     lines = ["### Summary (the README table)", "",
-             "| pattern | " + " | ".join(c for c, _ in SUMMARY_COLUMNS) + " | D²Prune / SparseGPT | D²Prune / SparseGPT + allocation | "
-             "D²Prune / SparseGPT (+ allocation) + refit | D²Prune wall / SparseGPT wall |", "|---" * (len(SUMMARY_COLUMNS) + 5) + "|"]
-    for suffix, name in (("unstructured-50", "50%"), ("unstructured-60", "60%"), ("unstructured-70", "70%"), ("2of4", "2:4")):
-        cells = []
-        found = {}
-        for column, stems in SUMMARY_COLUMNS:
-            r = next((by_label[x] for x in (st.format(p=suffix) for st in stems) if x in by_label), None)
-            found[column] = r
-            cells.append("" if r is None else f"{r['ppl_mean']:.2f}" + (f" ± {r['ppl_std']:.2f}" if len(r["ppls"]) > 1 else ""))
-        d2, base, alloc, refit = (found[c] for c in ("D²Prune (shipped recipe)", "SparseGPT", "SparseGPT + error allocation",
-                                                     "SparseGPT (+ allocation) + refit"))
-
-        def paired(a: dict[str, Any] | None, b: dict[str, Any] | None) -> str:
-            if a is None or b is None:
-                return ""
-            ratios = [a["ppls"][k] / b["ppls"][k] for k in a["ppls"] if k in b["ppls"]]
-            mean, std = mean_std(ratios)
-            return f"{mean:.3f}" + (f" ± {std:.3f}" if len(ratios) > 1 else "")
-
+             "| pattern | " + " | ".join(c for c, _ in SUMMARY_COLUMNS) + " | best D²Prune | "
+             + " | ".join(f"best D²Prune / {name}" for name, _ in RATIO_COLUMNS) + " | best D²Prune wall / SparseGPT wall |",
+             "|---" * (len(SUMMARY_COLUMNS) + len(RATIO_COLUMNS) + 3) + "|"]
+    for suffix, name in SUMMARY_PATTERNS:
+        found = {column: next((by_label[x] for x in (st.format(p=suffix) for st in stems) if x in by_label), None)
+                 for column, stems in SUMMARY_COLUMNS}
+        if not any(found.values()):
+            continue
+        cells = ["" if r is None else f"{r['ppl_mean']:.2f}" + (f" ± {r['ppl_std']:.2f}" if len(r["ppls"]) > 1 else "")
+                 for r in found.values()]
+        d2 = min((found[c] for c in D2PRUNE_COLUMNS if found[c] is not None), key=lambda r: r["ppl_mean"], default=None)
+        base = found["SparseGPT"]
         wall = f"{d2['wall_mean'] / base['wall_mean']:.2f}×" if d2 and base and base["wall_mean"] else ""
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {paired(d2, base)} | {paired(d2, alloc)} | {paired(d2, refit)} | {wall} |")
+        ratios = [paired_ratio(d2, found[column]) for _name, column in RATIO_COLUMNS]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {label(d2) if d2 else ''} | " + " | ".join(ratios) + f" | {wall} |")
     return [*lines, ""]
 
 
