@@ -48,11 +48,12 @@ run: setup
 	$(VENV)/bin/d2c run recipes/default.toml --overwrite
 
 # The suite in one pytest worker per usable core (at most 4; a file's tests stay on one worker, so its
-# module fixtures are built once): on 2 cores about 15 minutes instead of 22.
+# module fixtures are built once): on 2 cores about 15 minutes instead of 22. The slowest tests (20 s or
+# more) are listed at the end, to keep the suite's time in view.
 TEST_WORKERS := $(shell python3 -c 'import os; print(max(1, min(len(os.sched_getaffinity(0)), 4)))')
 
 test: setup browser
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=30 --durations-min=20
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -112,7 +112,7 @@ class DenseTargetPass(Pass):
         self._handles: list[Any] = []
 
     def plan_cost(self) -> PlanCost:
-        return PlanCost(extra_forwards=1.0)
+        return PlanCost(extra_forwards=1.0, keeps_inputs=True)
 
     def reobserves_upstream(self) -> bool:
         """True: a block's layers other than routed experts are then observed first, while the whole

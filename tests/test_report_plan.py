@@ -75,3 +75,20 @@ def test_plan_counts_the_survey_and_true_sequential_forwards(tmp_path, tiny_mode
     further = estimate["further block forwards (survey, true-sequential stages, expert groups, block-output scoring)"]
     # 3 stages more, and the survey's dense run and trial on all 4 samples (it asks for 8): 5 against the usual 2
     assert further == pytest.approx(2.5 * estimate["block forwards (observe + re-forward)"])
+
+
+def test_plan_counts_the_dense_targets_kept_inputs(tmp_path, tiny_models):
+    """The dense target holds a block's observed layer inputs (one float32 per shared input) and a second
+    stream of hidden states: the plan's memory says so, sized from the block's input widths."""
+    from d2compiler.driver.plan import make_plan
+    from d2compiler.recipe.schema import load_recipe
+
+    passes = '[[passes]]\ntype = "calibrate"\n{}[[passes]]\ntype = "sparsegpt"\nsparsity = 0.5\n'
+    line = "kept layer inputs and a second hidden-state stream"
+    plain = make_plan(load_recipe(write_recipe(tmp_path / "a.toml", str(tiny_models["llama"]), passes.format(""))))
+    target = '[[passes]]\ntype = "dense_target"\n'
+    kept = make_plan(load_recipe(write_recipe(tmp_path / "b.toml", str(tiny_models["llama"]), passes.format(target))))
+    assert line not in plain.estimate_mb and kept.estimate_mb[line] > 0
+    fixed = {"process before loading", "peak (sum)", line}  # the first is measured (this process's memory now)
+    assert {k: v for k, v in kept.estimate_mb.items() if k not in fixed} == {k: v for k, v in plain.estimate_mb.items() if k not in fixed}
+    assert kept.estimate_mb["peak (sum)"] == pytest.approx(sum(v for k, v in kept.estimate_mb.items() if k != "peak (sum)"))

@@ -322,7 +322,7 @@ def _estimate(plan: Plan, blocks: list[list[LinearLayer]], block_groups: list[se
     kl_samples = next((c.kl_samples for c in costs if c.kl_samples is not None), None)
     copies = max(c.statistics_copies for c in costs)
     heads = getattr(model.config, "num_attention_heads", 1) or 1
-    working = 0.0
+    working = kept = 0.0
     regrouped = 0.0  # the later groups' routed forwards (`expert_groups`), in block forwards
     for layers, input_groups, grouping in zip(blocks, block_groups, groupings):
         chosen = [la for la in layers if la.name in targeted]
@@ -338,6 +338,7 @@ def _estimate(plan: Plan, blocks: list[list[LinearLayer]], block_groups: list[se
         block_mb = (statistics_bytes(others, copies) + grouping.statistics_bytes  # the experts: one group's at a time
                     + max(12 * la.shape[1] ** 2 + 16 * la.shape[0] * la.shape[1] for la in chosen or layers)) / 2**20
         working = max(working, block_mb)
+        kept = max(kept, tokens * sum(others) * 4 / 2**20)  # one float32 input per shared input
         regrouped += (grouping.groups - 1) * cost.forward_s / 2
         if grouping.experts and not plan.experts:
             plan.experts = grouping.describe()
@@ -362,6 +363,8 @@ def _estimate(plan: Plan, blocks: list[list[LinearLayer]], block_groups: list[se
     plan.estimate_mb = {"process before loading": baseline_mb, "model parameters": weight_mb,
                         "checkpoint pages read while loading": weight_mb,
                         "calibration hidden states": hidden_mb, "largest block's working set": working}
+    if any(c.keeps_inputs for c in costs):
+        plan.estimate_mb["kept layer inputs and a second hidden-state stream"] = kept + tokens * hidden * 4 / 2**20
     plan.estimate_mb["peak (sum)"] = sum(plan.estimate_mb.values())
 
 

@@ -87,6 +87,8 @@ class PlanCost:
     extra_forwards: float = 0.0  # further block forwards over all calibration samples (true-sequential stages)
     sample_forwards: tuple[float, int] = (0.0, 0)  # (further forwards per sample, on the first n samples; 0: all):
     # the survey, block-output scoring
+    keeps_inputs: bool = False  # holds a block's observed layer inputs (one per shared input, routed experts
+    # aside) and a second stream of hidden states through the block
 
 
 class ProcessGroup(Protocol):
