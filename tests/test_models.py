@@ -60,7 +60,8 @@ def test_builtin_minilm_is_the_real_encoder(capsys):
 
 def test_a_gguf_conversion_is_keyed_by_content(tmp_path, monkeypatch):
     """The same GGUF bytes under a new path (a reinstalled package) reuse the cached conversion; an
-    edited file gets its own; a known path, size and mtime is not hashed again."""
+    edited file gets its own; a known path, size and mtime is not hashed again; stale conversions of
+    the same name go."""
     import os
 
     from d2compiler.loading import content_key as keys
@@ -72,9 +73,12 @@ def test_a_gguf_conversion_is_keyed_by_content(tmp_path, monkeypatch):
         path.parent.mkdir()
         path.write_bytes(b"GGUF" + bytes(range(256)) * 64)
     os.utime(second, ns=(1, 1))  # another mtime, as a reinstall gives
+    stale = tmp_path / "cache" / "converted" / "model-0123456789abcdef"  # keyed by path and mtime (earlier versions)
+    _fake_conversion(stale)
     converted = []
     monkeypatch.setattr(models, "_convert_gguf", lambda gguf, target: converted.append(target) or _fake_conversion(target))
     assert models.gguf_folder(first) == models.gguf_folder(second) and len(converted) == 1
+    assert not stale.exists()  # a conversion removes those of the same name whose source is gone or changed
     hashed = []
     real = keys.file_sha256
     monkeypatch.setattr(keys, "file_sha256", lambda path: hashed.append(path) or real(path))
@@ -82,6 +86,7 @@ def test_a_gguf_conversion_is_keyed_by_content(tmp_path, monkeypatch):
     assert not hashed  # remembered by path, size and mtime
     second.write_bytes(b"GGUF" + bytes(64))
     assert models.gguf_folder(second) != models.gguf_folder(first) and len(converted) == 2 and hashed == [second]
+    assert all(folder.is_dir() for folder in converted)  # both sources exist: both conversions stay
 
 
 def _fake_conversion(target):

@@ -10,11 +10,14 @@ remembered in a small JSON index beside the cache; a file whose stat changed is 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 from pathlib import Path
 
 from d2compiler.execution.checkpoint import file_sha256
+
+log = logging.getLogger(__name__)
 
 
 def _stat_key(path: Path) -> str:
@@ -38,9 +41,11 @@ def content_key(path: Path, index: Path) -> str:
     key = _stat_key(path)
     if key in entries:
         return entries[key]
+    log.info("hashing %s (once per path, size and mtime)", path)
     digest = file_sha256(path)
     kept = {k: v for k, v in entries.items() if Path(k.rsplit("|", 2)[0]).exists()}
     kept[key] = digest
+    tmp = None
     try:
         index.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{index.name}-", dir=index.parent)
@@ -48,5 +53,11 @@ def content_key(path: Path, index: Path) -> str:
             json.dump(kept, f, indent=0, sort_keys=True)
         os.replace(tmp, index)
     except OSError:
-        pass
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
     return digest
+
+
+def known_digests(index: Path) -> set[str]:
+    """The sha256 values `index` remembers (of files that existed when it was last written)."""
+    return set(_read_index(index).values())

@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import re
 import shutil
 import tempfile
 import warnings
@@ -22,7 +23,7 @@ from d2compiler.evaluation.model_kind import takes_images
 from d2compiler.export.hf import QUANT_FILE
 from d2compiler.export.packed import is_packed_folder, load_packed
 from d2compiler.graph.model_class import model_class
-from d2compiler.loading.content_key import content_key
+from d2compiler.loading.content_key import content_key, known_digests
 from d2compiler.loading.dtypes import compute_dtype, resolve_device, resolve_dtype, stored_dtype
 from d2compiler.weight_index import index_shards
 
@@ -97,7 +98,19 @@ def gguf_folder(gguf: Path) -> Path:
     target = converted / f"{gguf.stem}-{key}"
     if not (target / "config.json").is_file():
         _convert_gguf(gguf, target)
+        _drop_stale_conversions(converted, gguf.stem, known_digests(converted / CONTENT_INDEX) | {key})
     return target
+
+
+def _drop_stale_conversions(converted: Path, stem: str, digests: set[str]) -> None:
+    """Remove the cached conversions named after `stem` whose source no longer exists or changed (no
+    remembered sha256 starts with their key; the path-keyed folders of earlier versions among them)."""
+    keys = {digest[:16] for digest in digests}
+    for folder in converted.glob(f"{stem}-*"):
+        key = folder.name[len(stem) + 1 :]
+        if folder.is_dir() and re.fullmatch(r"[0-9a-f]{16}", key) and key not in keys:
+            log.info("removing the stale conversion %s", folder)
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def _convert_gguf(gguf: Path, target: Path) -> None:
