@@ -104,6 +104,11 @@ class SparsityAllocationPass(Pass):
         if not users:
             raise PassOrderError("sparsity_allocation: no pruning pass after it takes the allocation; add magnitude, "
                                  "wanda, sparsegpt or dual_taylor_mask after it")
+        between = schedule[schedule.index(self) + 1 : schedule.index(users[0])]
+        rivals = [p.name for p in between if "layer_sparsity" in p.provides]
+        if rivals:
+            raise PassOrderError(f"sparsity_allocation: {rivals[0]} after it allocates the sparsities of {users[0].name} "
+                                 "again and would silently replace this allocation; keep one allocation per pruning pass")
         structured = [p.name for p in users if getattr(p.params, "n_of_m", None) is not None]
         if structured:
             raise PassOrderError(f"sparsity_allocation: {', '.join(structured)} uses an N:M pattern, which fixes every "

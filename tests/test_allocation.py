@@ -97,6 +97,7 @@ def test_planted_layers_get_lower_sparsity(profile, kind, tmp_path, tokenizer):
 @pytest.mark.parametrize(("pruning", "message"), [
     ('type = "sparsegpt"\nmask_structure = "2:4"\n', "N:M pattern"),
     ('type = "wanda"\nsparsity = 0.95\n', "outside [0, 1)"),
+    ('type = "sparsity_allocation"\nprofile = "owl"\n[[passes]]\ntype = "sparsegpt"\nsparsity = 0.5\n', "keep one allocation"),
 ])
 def test_refused_schedules(pruning, message, tiny_models, tmp_path, capsys):
     passes = f'[[passes]]\ntype = "calibrate"\n[[passes]]\ntype = "sparsity_allocation"\n[[passes]]\n{pruning}'
