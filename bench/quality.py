@@ -110,7 +110,10 @@ SUITE = [  # (recipe, seeds): the README's quality table (`--suite`); seeds are 
     # SparseGPT with the refit D²Prune's 2:4 and 70% recipes use (and at 70% the same allocation): one seed each
     ("recipes/sparsegpt-refit-2of4.toml", 1), ("recipes/sparsegpt-alloc-refit-unstructured-70.toml", 1),
     # the ALPS-class baseline with the same allocation and refit, and the D²Prune recipe that competes with it
+    ("recipes/admm-alloc-refit-unstructured-60.toml", 3), ("recipes/d2prune-admm-unstructured-60.toml", 3),
     ("recipes/admm-alloc-refit-unstructured-70.toml", 3), ("recipes/d2prune-admm-unstructured-70.toml", 3),
+    ("recipes/sparsegpt-unstructured-80.toml", 3), ("recipes/admm-alloc-refit-unstructured-80.toml", 3),
+    ("recipes/d2prune-admm-unstructured-80.toml", 3),
 ]
 
 
