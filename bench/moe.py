@@ -37,7 +37,7 @@ from protocol import (  # noqa: E402
     seq_len,
     start,
 )
-from quality import aggregate, load_results, mean_std, recipe_from_file, run_workers  # noqa: E402
+from quality import aggregate, load_results, paired_ratio, recipe_from_file, run_workers  # noqa: E402
 from upcycle import upcycled_moe  # noqa: E402
 
 RECIPES = [f"{method}-{pattern}" for pattern in ("unstructured-50", "unstructured-60", "2of4")
@@ -120,17 +120,6 @@ def _cell(row: dict[str, Any] | None) -> str:
     return f"{row['ppl_mean']:.2f}{spread}"
 
 
-def _paired(a: dict[str, Any] | None, b: dict[str, Any] | None) -> str:
-    """The mean ± std over shared seeds of a's perplexity over b's."""
-    if a is None or b is None:
-        return ""
-    ratios = [a["ppls"][k] / b["ppls"][k] for k in a["ppls"] if k in b["ppls"]]
-    if not ratios:
-        return ""
-    mean, std = mean_std(ratios)
-    return f"{mean:.3f}" + (f" ± {std:.3f}" if len(ratios) > 1 else "") + f" ({len(ratios)})"
-
-
 def markdown(records: list[dict[str, Any]]) -> str:
     rows = {(r["recipe"], r["mode"]): r for r in aggregate(records)}
     commits = sorted({c for r in rows.values() for c in r["commits"]})
@@ -154,8 +143,8 @@ def markdown(records: list[dict[str, Any]]) -> str:
             base_r, base_a = rows.get((f"sparsegpt-{pattern}", "routed")), rows.get((f"sparsegpt-{pattern}", "all"))
             any_row = routed or every
             zeros = f"{min(r['expert_zeros_min'] for r in (routed, every) if r):.4f}–{max(r['expert_zeros_max'] for r in (routed, every) if r):.4f}"
-            lines.append(f"| {pattern} | {method} | {_cell(routed)} | {_cell(every)} | {_paired(every, routed)} | "
-                         f"{'' if method == 'sparsegpt' else _paired(routed, base_r)} | {'' if method == 'sparsegpt' else _paired(every, base_a)} | "
+            lines.append(f"| {pattern} | {method} | {_cell(routed)} | {_cell(every)} | {paired_ratio(every, routed, count=True)} | "
+                         f"{'' if method == 'sparsegpt' else paired_ratio(routed, base_r, count=True)} | {'' if method == 'sparsegpt' else paired_ratio(every, base_a, count=True)} | "
                          f"{zeros} | {any_row['router_zeros']:.3f} | {routed['fewest_expert_tokens'] if routed else ''} |")
     pruned = [r for r in records if r["recipe"] not in ("dense", "dense-smollm2")]
     full = len(RECIPES) * len(MODES) * 3

@@ -305,15 +305,16 @@ RATIO_COLUMNS = (("SparseGPT", "SparseGPT"), ("SparseGPT + allocation", "SparseG
                  ("ALPS-class", "ALPS-class admm + allocation + refit"))
 
 
-def paired_ratio(a: dict[str, Any] | None, b: dict[str, Any] | None) -> str:
-    """a's perplexity over b's per seed, paired on the same calibration set: mean (± sample std)."""
+def paired_ratio(a: dict[str, Any] | None, b: dict[str, Any] | None, *, count: bool = False) -> str:
+    """a's perplexity over b's per seed, paired on the same calibration set: mean (± sample std), and
+    with `count` the number of shared seeds in parentheses; "" when they share none."""
     if a is None or b is None:
         return ""
     ratios = [a["ppls"][k] / b["ppls"][k] for k in a["ppls"] if k in b["ppls"]]
     if not ratios:
         return ""
     mean, std = mean_std(ratios)
-    return f"{mean:.3f}" + (f" ± {std:.3f}" if len(ratios) > 1 else "")
+    return f"{mean:.3f}" + (f" ± {std:.3f}" if len(ratios) > 1 else "") + (f" ({len(ratios)})" if count else "")
 
 
 def summary_table(rows: list[dict[str, Any]]) -> list[str]:
