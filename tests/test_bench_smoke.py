@@ -1,54 +1,32 @@
-"""Every script in bench/ runs at HEAD in smoke mode (`--smoke`: the same code path on a tiny random
-model, results in a temporary folder, never in bench/results/), so no benchmark can rot unseen."""
+"""Every script in bench/ runs at HEAD in smoke mode, so no benchmark can rot unseen (tests/bench_smoke.py).
+This file runs the tuning, quality and layer-error scripts; test_bench_smoke_scale.py and test_bench_smoke_moe.py the
+rest, so that `--dist loadfile` puts the three on different workers."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-BENCH = ROOT / "bench"
-PY = sys.executable
+from tests.bench_smoke import BENCH, SCRIPTS, run_smoke
 
-SCRIPTS = {
-    "quality.py": [PY, "bench/quality.py", "--smoke", "--recipes", "recipes/sparsegpt-unstructured-70.toml,recipes/d2prune-unstructured-70.toml",
-                   "--seeds", "2"],  # the --suite path: recipe files, seeds, the ratio tables
-    "attention_fidelity.py": [PY, "bench/attention_fidelity.py", "--smoke", "--methods", "sparsegpt,d2prune-kl"],
-    "arch.py": [PY, "bench/arch.py", "--smoke", "--models", "minilm,digits-vit"],
-    "cost.py": [PY, "bench/cost.py", "--smoke"],
-    "deploy.py": [PY, "bench/deploy.py", "--smoke"],
-    "zeroshot.py": [PY, "bench/zeroshot.py", "--smoke"],
-    "digits_vit.py": [PY, "bench/digits_vit.py", "vit", "{tmp}/vit", "--smoke"],
-    "tune_d2prune.sh": ["bash", "bench/tune_d2prune.sh", "--smoke"],
-    "run_d2prune.sh": ["bash", "bench/run_d2prune.sh", "--smoke"],
-    "best_options.py": [PY, "bench/best_options.py", "--smoke"],
-    "scale.py": [PY, "bench/scale.py", "--smoke"],
-    "dtypes.py": [PY, "bench/dtypes.py", "--smoke"],
-    "gpu_check.py": [PY, "bench/gpu_check.py", "--smoke"],
-    "distributed.py": [PY, "bench/distributed.py", "--smoke"],
-    "onnx_large.py": [PY, "bench/onnx_large.py", "--smoke"],
-    "compressed_export.py": [PY, "bench/compressed_export.py", "--smoke"],
-    "ct_layout.py": [PY, "bench/ct_layout.py", "--smoke"],
-    "layer_errors.py": [PY, "bench/layer_errors.py", "--smoke", "--patterns", "0.7,2:4"],
-    "moe.py": [PY, "bench/moe.py", "--smoke", "--recipes", "sparsegpt-unstructured-50", "--modes", "all", "--seeds", "1"],
-    "moe_solves.py": [PY, "bench/moe_solves.py", "--smoke"],
-    "moe_scale.py": [PY, "bench/moe_scale.py", "--smoke"],
-    "moe_allocation.py": [PY, "bench/moe_allocation.py", "--smoke", "--splits", "valid"],
+SPLIT = {  # test file -> its scripts, about a third of the smoke time each (durations of `make test`)
+    # in this order and in one folder: best_options.py and run_d2prune.sh read the tuning.json tune_d2prune.sh writes
+    "test_bench_smoke.py": ["tune_d2prune.sh", "best_options.py", "run_d2prune.sh", "quality.py", "layer_errors.py"],
+    "test_bench_smoke_scale.py": ["scale.py", "deploy.py", "cost.py", "dtypes.py", "compressed_export.py", "ct_layout.py",
+                                  "attention_fidelity.py", "zeroshot.py", "digits_vit.py"],
+    "test_bench_smoke_moe.py": ["moe_scale.py", "moe.py", "gpu_check.py", "moe_allocation.py", "distributed.py", "arch.py",
+                                "onnx_large.py", "moe_solves.py"],
 }
-WRITES = {"quality.py": ["quality.json", "quality.md"], "attention_fidelity.py": ["attention_fidelity.json", "attention_fidelity.png"],
-          "arch.py": ["arch.json", "arch.md"], "cost.py": ["cost.json", "cost.md"], "deploy.py": ["deploy.json", "deploy.md"],
-          "zeroshot.py": ["zeroshot.json", "zeroshot.md"], "tune_d2prune.sh": ["tuning.json"], "scale.py": ["scale.json", "scale.md"],
-          "dtypes.py": ["dtypes.json", "dtypes.md"], "gpu_check.py": ["gpu.json", "gpu.md"],
-          "distributed.py": ["distributed.json", "distributed.md"], "onnx_large.py": ["onnx_large.json", "onnx_large.md"],
-          "compressed_export.py": ["compressed_tensors.json", "compressed_tensors.md"], "ct_layout.py": ["ct_layout.json", "ct_layout.md"],
-          "layer_errors.py": ["layer_errors.json", "layer_errors.md"], "moe.py": ["moe.json", "moe.md"],
-          "moe_solves.py": ["moe_solves.json", "moe_solves.md"], "moe_scale.py": ["moe_scale.json", "moe_scale.md"],
-          "moe_allocation.py": ["moe_allocation.json", "moe_allocation.md"]}
+
+
+def test_every_bench_script_is_covered_once():
+    scripts = {p.name for p in BENCH.iterdir() if p.suffix in (".py", ".sh") and p.name != "protocol.py"}
+    assert scripts == set(SCRIPTS) | {"llmc_job.py", "llmc_quant_job.py", "upcycle.py"}  # run by cost.py and ct_layout.py
+    # (in their own venv) and by moe.py
+    split = [s for names in SPLIT.values() for s in names]
+    assert sorted(split) == sorted(SCRIPTS), "every script in exactly one smoke test file"
+    assert all((Path(__file__).parent / name).is_file() for name in SPLIT)
 
 
 @pytest.fixture(scope="module")
@@ -56,30 +34,6 @@ def smoke_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("bench-smoke")
 
 
-def test_every_bench_script_is_covered():
-    scripts = {p.name for p in BENCH.iterdir() if p.suffix in (".py", ".sh") and p.name != "protocol.py"}
-    assert scripts == set(SCRIPTS) | {"llmc_job.py", "llmc_quant_job.py", "upcycle.py"}  # run by cost.py and ct_layout.py
-    # (in their own venv) and by moe.py
-
-
-@pytest.mark.parametrize("script", list(SCRIPTS))
+@pytest.mark.parametrize("script", SPLIT["test_bench_smoke.py"])
 def test_bench_script_smoke(script, smoke_dir):
-    results = ROOT / "bench" / "results"
-    before = {p.name: p.stat().st_mtime_ns for p in results.iterdir()}
-    env = {**os.environ, "D2C_BENCH_SMOKE": str(smoke_dir), "PY": PY}
-    cmd = [part.format(tmp=smoke_dir) for part in SCRIPTS[script]]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    assert "FAILED" not in proc.stdout
-    for name in WRITES.get(script, []):
-        assert (smoke_dir / "results" / name).is_file(), name
-        if name.endswith(".json"):
-            data = json.loads((smoke_dir / "results" / name).read_text())
-            prov = data["provenance"] if isinstance(data, dict) and "provenance" in data else None
-            if prov is None:  # accumulating files: every record, or every model entry, carries its own
-                entries = data if isinstance(data, list) else list(data["models"].values())
-                prov = entries[-1]["provenance"]
-            assert prov["smoke"] is True and prov["command"] and prov["commit"]
-    if script == "cost.py" and not (ROOT / ".venv-llmc").exists():
-        assert "llm-compressor side skipped" in proc.stdout
-    assert {p.name: p.stat().st_mtime_ns for p in results.iterdir()} == before, "a smoke run wrote into bench/results"
+    run_smoke(script, smoke_dir)

@@ -1,0 +1,20 @@
+"""The scale share of the bench/ smoke runs (tests/test_bench_smoke.py has the split and its check)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.bench_smoke import run_smoke
+from tests.test_bench_smoke import SPLIT
+
+
+@pytest.fixture(scope="module")
+def smoke_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("bench-smoke-scale")
+
+
+@pytest.mark.parametrize("script", SPLIT["test_bench_smoke_scale.py"])
+def test_bench_script_smoke(script, smoke_dir):
+    run_smoke(script, smoke_dir)
