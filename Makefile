@@ -51,9 +51,12 @@ run: setup
 # module fixtures are built once): on 2 cores about 15 minutes instead of 22. The slowest tests (20 s or
 # more) are listed at the end, to keep the suite's time in view.
 TEST_WORKERS := $(shell python3 -c 'import os; print(max(1, min(len(os.sched_getaffinity(0)), 4)))')
+# torch threads per worker: the cores shared out (more threads than cores makes small parallel ops wait on
+# each other: one SparseGPT layer took 2-13x longer with 2 threads beside another busy process on 2 cores than with 1)
+TEST_THREADS := $(shell python3 -c 'import os; print(max(1, len(os.sched_getaffinity(0)) // $(TEST_WORKERS)))')
 
 test: setup browser
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=30 --durations-min=20
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-$(TEST_THREADS)} $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=30 --durations-min=20
 
 lint: setup
 	$(VENV)/bin/ruff check .
