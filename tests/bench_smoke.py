@@ -50,8 +50,6 @@ WRITES = {"quality.py": ["quality.json", "quality.md"], "attention_fidelity.py":
           "moe_allocation.py": ["moe_allocation.json", "moe_allocation.md"]}
 
 
-
-
 def run_smoke(script: str, smoke_dir: Path) -> None:
     """Run one script of SCRIPTS in smoke mode; assert it succeeds, writes its results into `smoke_dir`
     with their provenance, and leaves bench/results/ untouched."""
