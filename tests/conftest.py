@@ -172,3 +172,10 @@ def record_expert_hessians():
     _PUBLISHED.clear()
     with PASSES.temporarily(RecordHessians):
         yield _PUBLISHED
+
+
+@pytest.fixture(scope="module")
+def smoke_dir(tmp_path_factory) -> Path:
+    """One results folder per test module for the bench/ smoke runs (tests/bench_smoke.py): scripts of
+    one file share it, so later ones read what earlier ones wrote (run_d2prune.sh reads tuning.json)."""
+    return tmp_path_factory.mktemp("bench-smoke")

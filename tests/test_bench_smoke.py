@@ -29,11 +29,6 @@ def test_every_bench_script_is_covered_once():
     assert all((Path(__file__).parent / name).is_file() for name in SPLIT)
 
 
-@pytest.fixture(scope="module")
-def smoke_dir(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("bench-smoke")
-
-
 @pytest.mark.parametrize("script", SPLIT["test_bench_smoke.py"])
 def test_bench_script_smoke(script, smoke_dir):
     run_smoke(script, smoke_dir)

@@ -2,17 +2,10 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from tests.bench_smoke import run_smoke
 from tests.test_bench_smoke import SPLIT
-
-
-@pytest.fixture(scope="module")
-def smoke_dir(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("bench-smoke-scale")
 
 
 @pytest.mark.parametrize("script", SPLIT["test_bench_smoke_scale.py"])
