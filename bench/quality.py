@@ -114,6 +114,7 @@ SUITE = [  # (recipe, seeds): the README's quality table (`--suite`); seeds are 
     ("recipes/admm-alloc-refit-unstructured-70.toml", 3), ("recipes/d2prune-admm-unstructured-70.toml", 3),
     ("recipes/sparsegpt-unstructured-80.toml", 3), ("recipes/admm-alloc-refit-unstructured-80.toml", 3),
     ("recipes/d2prune-admm-unstructured-80.toml", 3),
+    ("recipes/admm-refit-2of4.toml", 3), ("recipes/d2prune-admm-2of4.toml", 3),
 ]
 
 

@@ -20,7 +20,9 @@ it. Everything the run depends on is built here from seeded `torch.rand` draws (
 windows), not from a library's initialiser or a corpus that differs between Python versions.
 
 `python -m tests.test_recipe_regression write` rewrites the reference: run it only when a change is
-meant to alter results, and say why in the commit."""
+meant to alter results, and say why in the commit. `write NAME.toml ...` (re)writes only those recipes'
+entries, e.g. for a newly shipped recipe; the others keep theirs (it refuses on another torch or CPU
+than the one that wrote the file)."""
 
 from __future__ import annotations
 
@@ -217,42 +219,59 @@ NOISE_PROBES: dict[str, dict[str, str]] = {
 }
 
 
-def fingerprints_here(folder: Path) -> dict[str, Fingerprint]:
+def fingerprints_here(folder: Path, names: list[str]) -> dict[str, Fingerprint]:
     nudge = os.environ.get("D2C_REGRESSION_NUDGE") == "1"
-    return {name: run_recipe(name, token_windows(folder), nudge=nudge) for name in RECIPES}
+    return {name: run_recipe(name, token_windows(folder), nudge=nudge) for name in names}
+
+
+def machine() -> dict[str, Any]:
+    import platform
+
+    return {"cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__,
+            "python": platform.python_version(), "probes": NOISE_PROBES}
 
 
 def main(argv: list[str]) -> None:
-    """`write`: fingerprint every recipe here, measure the noise under NOISE_PROBES (each in its own
-    process) and write tests/recipe_fingerprints.json. `dump FILE`: write this process's
-    fingerprints to FILE (what each probe runs)."""
+    """`write [NAME.toml ...]`: fingerprint every recipe (or only those named) here, measure the noise
+    under NOISE_PROBES (each in its own process) and write tests/recipe_fingerprints.json (keeping the
+    other recipes' entries). `dump FILE NAME...`: write this process's fingerprints of those recipes to
+    FILE (what each probe runs)."""
     import tempfile
 
     command = argv[0] if argv else "write"
+    names = argv[1:] if command == "write" else argv[2:]
+    unknown = sorted(set(names) - set(RECIPES))
+    if command not in ("write", "dump") or unknown:
+        raise SystemExit(f"usage: python -m tests.test_recipe_regression write [NAME.toml ...] (not recipes/: {unknown})")
+    names = names or RECIPES
+    recorded: dict[str, Any] = {}
+    if command == "write" and names != RECIPES:
+        old = json.loads(FINGERPRINTS.read_text())
+        if old["written_on"] != machine():
+            raise SystemExit(f"{FINGERPRINTS.name} was written on {old['written_on']}, this is {machine()}: "
+                             "rewrite every recipe (write with no names)")
+        recorded = old["recipes"]
     with tempfile.TemporaryDirectory() as tmp:
         if command == "dump":
-            Path(argv[1]).write_text(json.dumps(fingerprints_here(Path(tmp))))
+            Path(argv[1]).write_text(json.dumps(fingerprints_here(Path(tmp), names)))
             return
-        here = fingerprints_here(Path(tmp))
-        noise: dict[str, dict[str, dict[str, float]]] = {name: {} for name in RECIPES}
+        here = fingerprints_here(Path(tmp), names)
+        noise: dict[str, dict[str, dict[str, float]]] = {name: {} for name in names}
         for probe, env in NOISE_PROBES.items():
             out = Path(tmp) / f"{probe}.json"
-            subprocess.run([sys.executable, "-m", "tests.test_recipe_regression", "dump", str(out)],
+            subprocess.run([sys.executable, "-m", "tests.test_recipe_regression", "dump", str(out), *names],
                            cwd=ROOT, env=os.environ | env, check=True)
             probed = json.loads(out.read_text())
-            for name in RECIPES:
+            for name in names:
                 for tensor, diff in differences(probed[name], here[name]).items():
                     worst = noise[name].setdefault(tensor, {"zeros": 0, "norm": 0.0, "sketch": 0.0})
                     for key, value in diff.items():
                         worst[key] = max(worst[key], value)
             print(f"{probe}: largest zero flips {max(d['zeros'] for n in noise.values() for d in n.values())}, "
                   f"relative sketch {max(d['sketch'] for n in noise.values() for d in n.values()):.3g}")
-    import platform
-
-    written_on = {"cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__,
-                  "python": platform.python_version(), "probes": NOISE_PROBES}
-    recipes = {name: {"fingerprint": here[name], "noise": noise[name]} for name in RECIPES}
-    FINGERPRINTS.write_text(json.dumps({"written_on": written_on, "recipes": recipes}, separators=(",", ":")) + "\n")
+    recipes = recorded | {name: {"fingerprint": here[name], "noise": noise[name]} for name in names}
+    recipes = {name: recipes[name] for name in RECIPES if name in recipes}
+    FINGERPRINTS.write_text(json.dumps({"written_on": machine(), "recipes": recipes}, separators=(",", ":")) + "\n")
 
 
 if __name__ == "__main__":
