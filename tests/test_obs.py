@@ -31,6 +31,18 @@ def test_masks():
     assert per_row.sum(1).tolist() == [3, 5]
 
 
+def test_n_of_m_is_the_stable_sort_with_ties_and_nan():
+    """The pairwise selection of small groups prunes exactly the first n of a stable ascending sort
+    (ties: the earlier input; NaN last), as the sort it replaced, and large groups still sort."""
+    gen = torch.Generator().manual_seed(0)
+    for n, m in ((2, 4), (1, 4), (4, 8), (3, 8), (1, 2), (8, 16)):
+        score = torch.randint(0, 4, (30, 16 * m), generator=gen).float()  # many ties
+        score[torch.rand(score.shape, generator=gen) < 0.1] = float("nan")
+        order = torch.argsort(score.view(30, 16, m), dim=2, stable=True)[..., :n]
+        want = torch.zeros(30, 16, m, dtype=torch.bool).scatter_(2, order, True).view(30, 16 * m)
+        assert torch.equal(lowest_n_of_m(score, n, m), want), (n, m)
+
+
 def test_obs_exact_and_better_than_magnitude():
     w, h = synthetic()
     res = obs_prune(w, h, sparsity=0.6, n_of_m=None, block_size=32, damping=0.01, layer="t")
