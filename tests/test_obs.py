@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from passes.masks import lowest_n_of_m, lowest_per_row, split_count
+from passes.masks import kth_smallest, lowest_n_of_m, lowest_per_row, split_count
 from passes.obs import obs_prune
 from passes.pruning import relative_error
 
@@ -41,6 +41,17 @@ def test_n_of_m_is_the_stable_sort_with_ties_and_nan():
         order = torch.argsort(score.view(30, 16, m), dim=2, stable=True)[..., :n]
         want = torch.zeros(30, 16, m, dtype=torch.bool).scatter_(2, order, True).view(30, 16 * m)
         assert torch.equal(lowest_n_of_m(score, n, m), want), (n, m)
+
+
+def test_kth_smallest_is_kthvalue():
+    """The bracketed selection returns exactly torch.kthvalue's value, for spread, tied, skewed and
+    sorted data and for ks at both ends (where the bracket misses and it falls back)."""
+    gen = torch.Generator().manual_seed(0)
+    data = {"normal": torch.randn(50000, generator=gen), "ties": torch.randint(0, 5, (40000,), generator=gen).float(),
+            "skewed": torch.rand(30000, generator=gen).pow(8), "sorted": torch.arange(20000.0)}
+    for name, flat in data.items():
+        for k in (1, 2, 17, flat.numel() // 3, flat.numel() // 2, flat.numel() - 1, flat.numel()):
+            assert kth_smallest(flat, k) == torch.kthvalue(flat, k).values, (name, k)
 
 
 def test_obs_exact_and_better_than_magnitude():
