@@ -389,7 +389,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--options", default="{}", help="JSON of method options (lambda1, lambda2, s, rho, ...)")
     parser.add_argument("--results", default=None, help="results file name in the results folder (default quality.json)")
     parser.add_argument("--seeds", type=int, default=1, help="disjoint calibration sets per configuration (seed k: offset k x samples)")
-    parser.add_argument("--first-seed", type=int, default=0, help="with --seeds: run seeds first-seed .. first-seed + seeds - 1 (e.g. to add seeds to a search)")
+    parser.add_argument("--first-seed", type=int, default=0, help="with --seeds (methods or --recipes): run seeds first-seed .. first-seed + seeds - 1 (e.g. to add seeds to a search)")
     parser.add_argument("--suite", action="store_true", help="run the recipes of SUITE (the README table) instead of --methods")
     parser.add_argument("--recipes", default=None, help="comma list of recipe files to run instead of --methods (with --seeds)")
     parser.add_argument("--fresh", action="store_true", help="drop every earlier record of the results file first")
@@ -416,7 +416,9 @@ def main(argv: list[str] | None = None) -> int:
         configs.append({"method": "dense", "pattern": "-", **common, "options": {}})
         for path, seeds in runs:
             method, pattern = recipe_method(path)
-            configs += [{"method": method, "pattern": pattern, "recipe": path, "seed": k, **common, "options": {}} for k in range(seeds)]
+            first = 0 if args.suite else args.first_seed
+            configs += [{"method": method, "pattern": pattern, "recipe": path, "seed": k, **common, "options": {}}
+                        for k in range(first, first + seeds)]
     else:
         for method in args.methods.split(","):
             for pattern in (["-"] if method == "dense" else args.patterns.split(",")):
