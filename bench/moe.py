@@ -32,12 +32,11 @@ from protocol import (  # noqa: E402
     evaluation_source,
     lm_source,
     pick,
-    provenance,
     results_dir,
     seq_len,
     start,
 )
-from quality import aggregate, load_results, paired_ratio, recipe_from_file, run_workers  # noqa: E402
+from quality import aggregate, load_results, missing, paired_ratio, recipe_from_file, run_workers  # noqa: E402
 from upcycle import upcycled_moe  # noqa: E402
 
 RECIPES = [f"{method}-{pattern}" for pattern in ("unstructured-50", "unstructured-60", "2of4")
@@ -185,8 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.fresh and out.exists():
         out.unlink()
     if args.missing:
-        done = {r["key"] for r in load_results(out) if r.get("provenance", {}).get("commit") == provenance()["commit"]}
-        configs = [cfg for cfg in configs if key(cfg) not in done]
+        configs = missing(configs, out, key)
     print(f"building or finding the upcycled MoE: {upcycled_moe()}; {len(configs)} configurations", flush=True)
     return run_workers(__file__, configs, out, key, markdown,
                        lambda r: f"{r['recipe']:>28} {r['mode']:>6} seed={r['seed']} ppl={r['ppl']:.3f} "

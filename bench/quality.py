@@ -18,8 +18,9 @@ seeds of each configuration, and the ratios of the best D²Prune recipe to unifo
 k·samples .. (k+1)·samples−1 of the C4 text (`data.calibration.offset`). `--suite` runs the
 recipes of `SUITE` (files in recipes/, each with its number of seeds) exactly as written, except the
 calibration offset of each seed; `--fresh` first drops every earlier record of the results file, so
-the table comes from this one run. `--options '{"allocation": "owl"}'` puts a `sparsity_allocation`
-pass before the pruning pass of a method (with `owl_m`, `owl_lmbda`, `survey_samples`).
+the table comes from this one run (`--suite --missing` continues an interrupted one at the same
+commit). `--options '{"allocation": "owl"}'` puts a `sparsity_allocation` pass before the pruning
+pass of a method (with `owl_m`, `owl_lmbda`, `survey_samples`).
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from protocol import (  # noqa: E402
     evaluation_source,
     lm_source,
     pick,
+    provenance,
     results_dir,
     seq_len,
     smoke,
@@ -227,6 +229,15 @@ def load_results(path: Path) -> list[dict[str, Any]]:
     return json.loads(path.read_text()) if path.exists() else []
 
 
+def missing(configs: list[dict[str, Any]], out: Path, key: Callable[[dict[str, Any]], str]) -> list[dict[str, Any]]:
+    """The `configs` that `out` has no record of from this commit with a clean tree (`--missing`: an
+    interrupted table continues at the commit it started from, and only there)."""
+    here = provenance()
+    done = {r["key"] for r in load_results(out)
+            if not here["dirty"] and r.get("provenance", {}).get("commit") == here["commit"] and not r["provenance"].get("dirty")}
+    return [cfg for cfg in configs if key(cfg) not in done]
+
+
 def label(record: dict[str, Any]) -> str:
     """A row's name: its recipe file, else its method."""
     return Path(record["recipe"]).stem if record.get("recipe") else record["method"]
@@ -393,6 +404,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--suite", action="store_true", help="run the recipes of SUITE (the README table) instead of --methods")
     parser.add_argument("--recipes", default=None, help="comma list of recipe files to run instead of --methods (with --seeds)")
     parser.add_argument("--fresh", action="store_true", help="drop every earlier record of the results file first")
+    parser.add_argument("--missing", action="store_true", help="skip the configurations the results file already has a record "
+                        "of from this commit (clean tree): continues an interrupted run, e.g. `--suite --missing` after `--suite --fresh`")
     parser.add_argument("--render", action="store_true", help="only regenerate the .md from the results file's records")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     add_smoke_flag(parser)
@@ -427,6 +440,8 @@ def main(argv: list[str] | None = None) -> int:
                             for k in seeds]
     if args.fresh and out.exists():
         out.unlink()
+    if args.missing:
+        configs = missing(configs, out, config_key)
     print(f"protocol: {lm_source()}; calibration {args.calibration} first {args.samples} x {seq_len()}; "
           f"evaluation WikiText-2 {args.eval} first {args.windows} x {seq_len()}; {len(configs)} configurations", flush=True)
     return run_workers(__file__, configs, out, config_key, markdown,
