@@ -24,7 +24,7 @@ from safetensors import safe_open
 from torch import nn
 
 from d2compiler.errors import ModelLoadError
-from d2compiler.graph.checkpoint_layout import assemble, learn_layout, pieces_of
+from d2compiler.graph.checkpoint_layout import assemble, assemble_expert, learn_layout, pieces_of
 from d2compiler.weight_index import tensor_files
 
 
@@ -43,6 +43,13 @@ class WeightSource:
 
     def read(self, key: str) -> torch.Tensor:
         return _read(self.files[key], key)
+
+    def read_part(self, key: str, lead: slice | None = None) -> torch.Tensor:
+        """Tensor `key`, or only its leading-dimension range `lead` (the rest of the file is not read)."""
+        if lead is None:
+            return self.read(key)
+        with safe_open(str(self.files[key]), "pt") as f:
+            return f.get_slice(key)[lead.start : lead.stop]
 
     def shape(self, key: str) -> tuple[int, ...]:
         with safe_open(str(self.files[key]), "pt") as f:
@@ -139,6 +146,7 @@ class StreamedModel:
         self.tied = _tied(model)
         self.outside_loaded = False
         self.converted: dict[str, tuple[int, ...]] = {}  # model tensors the checkpoint holds in its own layout: shape
+        self._expert_pieces: dict[str, list[Any]] = {}  # banks read expert by expert: their pieces
         self.check_keys()
 
     def check_keys(self) -> None:
@@ -176,6 +184,17 @@ class StreamedModel:
         shape = self.converted[name]
         pieces = learn_layout(self.model, {name: shape})[name]
         return assemble(name, shape, pieces, self.source.read)
+
+    def read_source_expert(self, name: str, expert: int) -> torch.Tensor:
+        """Expert `expert` ([out, in] as stored) of the model's bank `name` from the source files,
+        stored under its name or in the checkpoint's own layout; the bank is never read whole."""
+        if name not in self.converted:
+            return self.source.read_part(name, slice(expert, expert + 1))[0]
+        if name not in self._expert_pieces:
+            if len(self._expert_pieces) >= 8:  # the banks of the blocks before are done with
+                self._expert_pieces.pop(next(iter(self._expert_pieces)))
+            self._expert_pieces[name] = learn_layout(self.model, {name: self.converted[name]})[name]
+        return assemble_expert(name, self.converted[name], self._expert_pieces[name], expert, self.source.read_part)
 
     def in_checkpoint_layout(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """`tensors` (by model name) as the source checkpoint stores them: those it holds in its own

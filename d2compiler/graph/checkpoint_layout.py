@@ -103,6 +103,40 @@ def assemble(name: str, shape: tuple[int, ...], pieces: list[Piece], read: Calla
     return out.view(shape)
 
 
+def assemble_expert(name: str, shape: tuple[int, ...], pieces: list[Piece], expert: int,
+                    read: Callable[[str, slice | None], torch.Tensor]) -> torch.Tensor:
+    """Entry `expert` of the first dimension of the model tensor `name` of `shape` (one expert of a
+    bank, [out, in]) from the pieces that hold its rows, never the whole tensor: `read(key, lead)`
+    returns a checkpoint tensor, or only its leading-dimension range `lead` when that is not None (a
+    piece that holds several experts is read only where this one's rows are)."""
+    width = pieces[0].width
+    per = prod(shape[1:]) // width  # the model tensor's rows (as (-1, width)) in one expert
+    lo, hi = expert * per, (expert + 1) * per
+    out: torch.Tensor | None = None
+    for piece in pieces:
+        rows = piece.rows
+        inside = (rows >= lo) & (rows < hi)
+        if not bool(inside.any()):
+            continue
+        lead = None
+        if not piece.transposed and rows.dim() >= 1 and not bool(inside.all()):
+            hit = inside.reshape(rows.shape[0], -1).any(1).nonzero().flatten()
+            lead = slice(int(hit[0]), int(hit[-1]) + 1)
+            rows, inside = rows[lead], inside[lead]
+        tensor = read(piece.key, lead)
+        expected = piece.shape() if lead is None else (lead.stop - lead.start, *piece.shape()[1:])
+        if tuple(tensor.shape) != tuple(expected):
+            raise ModelLoadError(f"{piece.key}: shape {tuple(tensor.shape)} in the checkpoint, but the model's {name} "
+                                 f"{shape} needs {tuple(expected)}")
+        flat = (tensor.T if piece.transposed else tensor).reshape(-1, width)
+        if out is None:
+            out = torch.empty(per, width, dtype=tensor.dtype)
+        out[rows.reshape(-1)[inside.reshape(-1)] - lo] = flat[inside.reshape(-1)]
+    if out is None:
+        raise ModelLoadError(f"{name}: the checkpoint holds no row of expert {expert}")
+    return out.view(shape[1:])
+
+
 def pieces_of(tensor: torch.Tensor, pieces: list[Piece]) -> dict[str, torch.Tensor]:
     """The checkpoint tensors that hold `tensor` (the inverse of `assemble`)."""
     width = pieces[0].width

@@ -16,6 +16,8 @@ from torch import nn
 from torch.nn import functional as F
 from torch.overrides import TorchFunctionMode
 
+from d2compiler.errors import D2Error
+from d2compiler.graph.expert_store import ExpertStore, store_of
 from d2compiler.graph.packing import bank_buffer_name
 
 GETITEM = {torch._C.TensorBase.__getitem__, torch.Tensor.__getitem__}
@@ -25,7 +27,8 @@ PRODUCTS = {F.linear, torch.matmul, torch._C.TensorBase.matmul, torch._C.TensorB
 class ExpertSlice(nn.Module):
     """Expert `index` of the 3-D parameter `attr` of `owner`, as a linear layer: `weight` is a view of
     `owner.attr[index]` ((out, in), or (in, out) when `transposed`), read afresh each time (a
-    streaming run replaces the parameter). Not registered in the model: the model's layout is kept."""
+    streaming run replaces the parameter), or the owner's `ExpertStore` tensor of that expert when it
+    has one (`graph.expert_store`). Not registered in the model: the model's layout is kept."""
 
     def __init__(self, owner: nn.Module, attr: str, index: int, transposed: bool):
         super().__init__()
@@ -38,7 +41,8 @@ class ExpertSlice(nn.Module):
 
     @property
     def weight(self) -> torch.Tensor:  # type: ignore[override]
-        return self.bank[self.index]
+        store = store_of(self._owner())
+        return store.weight(self.attr, self.index) if store is not None else self.bank[self.index]
 
     def set_row_buffer(self, name: str, rows: slice, value: torch.Tensor) -> None:
         """Write this expert's `rows` (its output features) of the bank's per-row buffer `name` (e.g. a
@@ -55,7 +59,7 @@ class ExpertSlice(nn.Module):
         current[self.index, rows] = value.to(current.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.bank.data[self.index].to(x.dtype)
+        w = self.weight.detach().to(x.dtype)
         return x @ w if self.transposed_weight else F.linear(x, w)
 
 
@@ -94,6 +98,7 @@ class ExpertCalls(TorchFunctionMode):
     uses: dict[str, BankUse] = field(default_factory=dict)
     pieces: dict[str, Pieces] = field(default_factory=dict)  # bank -> how its first product was cut
     routing: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # weighted statistics: (hidden, index, weights)
+    store: ExpertStore | None = None  # banks held one group at a time: bank[e] comes from it (`graph.expert_store`)
     _rows: torch.Tensor | None = None  # the token rows the forward last took of `hidden`
     _tags: dict[int, tuple[int, int, Any]] = field(default_factory=dict)
     _calls: dict[int, list[str]] = field(default_factory=dict)  # expert -> the banks it called, in order
@@ -109,19 +114,23 @@ class ExpertCalls(TorchFunctionMode):
             self._rows = args[1]  # hidden[token_idx]: the tokens of the expert about to run
         if func in GETITEM and args and id(args[0]) in self.banks:
             index = args[1]
-            out = func(*args, **kwargs)
-            if isinstance(index, (int, torch.Tensor)) and (not isinstance(index, torch.Tensor) or index.numel() == 1):
+            single = isinstance(index, (int, torch.Tensor)) and (not isinstance(index, torch.Tensor) or index.numel() == 1)
+            out = func(*args, **kwargs) if self.store is None else self._stored(self.banks[id(args[0])], args[0], index, single)
+            if single:
                 self._tags[id(out)] = (id(args[0]), int(index), out)  # keep `out` alive while tagged
             return out
         if func in PRODUCTS and len(args) >= 2 and id(args[1]) in self._tags:
-            bank_id, expert, _ = self._tags.pop(id(args[1]))
+            bank_id, expert, weight = self._tags.pop(id(args[1]))
             transposed = func is not F.linear
             self._record(self.banks[bank_id], expert, transposed)
-            if self.slices is not None and (bank_id, expert) in self.slices:
+            if weight.is_meta and self.store is not None:  # an expert that is not resident: contributes nothing
+                out = args[0].new_zeros(*args[0].shape[:-1], weight.shape[-1] if transposed else weight.shape[0])
+            elif self.slices is not None and (bank_id, expert) in self.slices:
                 if self.routing is not None:
                     return self._weighted(self.slices[(bank_id, expert)], args[0], expert)
                 return self.slices[(bank_id, expert)](args[0])  # the mode is off inside its own handler
-            out = func(*args, **kwargs)
+            else:
+                out = func(*args, **kwargs)
             name = self.banks[bank_id]
             if self.slices is None and name not in self.pieces and isinstance(out, torch.Tensor):
                 self.pieces[name] = Pieces(out.shape[-1])
@@ -130,6 +139,14 @@ class ExpertCalls(TorchFunctionMode):
         if self._followed:
             return self._follow(func, args, kwargs)
         return func(*args, **kwargs)
+
+    def _stored(self, attr: str, bank: torch.Tensor, index: Any, single: bool) -> torch.Tensor:
+        """`bank[index]` of a bank held in the store: the resident tensor, or a meta tensor of its shape."""
+        if not single:
+            raise D2Error(f"bank {attr} is indexed by {type(index).__name__} {getattr(index, 'shape', '')}, not by one expert: "
+                          "experts held one group at a time need a forward that takes bank[e] per expert")
+        resident = self.store.get(attr, int(index))
+        return resident if resident is not None else torch.empty(bank.shape[1:], dtype=bank.dtype, device="meta")
 
     def _follow(self, func: Callable, args: tuple, kwargs: dict) -> Any:
         """While probing: record the pieces taken of a followed product's features, carry each piece's

@@ -45,6 +45,7 @@ import torch
 from torch import nn
 
 from d2compiler.graph.expert_calls import ExpertCalls, ExpertSlice, Pieces, RoutingUnseen
+from d2compiler.graph.expert_store import ExpertStore, store_of
 from d2compiler.graph.packing import QUANT_BUFFERS, bank_buffer_name
 
 log = logging.getLogger(__name__)
@@ -84,7 +85,8 @@ def probe_banks(block: nn.Module, run: Callable[[], Any]) -> list[ExpertBank]:
     if not found:
         return []
     ids = {id(getattr(owner, attr)): attr for entries in found.values() for attr, owner in entries}
-    mode = ExpertCalls(ids)
+    stores = [store for entries in found.values() if (store := store_of(entries[0][1])) is not None]
+    mode = ExpertCalls(ids, store=stores[0] if stores else None)
     with mode, torch.no_grad():
         run()
     owner_of = {attr: owner_name for owner_name, entries in found.items() for attr, _owner in entries}
@@ -177,7 +179,8 @@ def _routing(args: tuple) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | N
 
 
 def _statistics_forward(original: Callable, args: tuple, kwargs: dict, banks: dict[int, str],
-                        routed: dict[tuple[int, int], ExpertSlice], routing: tuple, mode: str, experts: int) -> bool:
+                        routed: dict[tuple[int, int], ExpertSlice], routing: tuple, mode: str, experts: int,
+                        store: ExpertStore | None = None) -> bool:
     """The forward the statistics see (outputs discarded): every token through every expert at weight
     zero (`all`), or the routed tokens with √w-scaled rows (`weighted`). False when the forward does
     not take its tokens as `hidden[token_idx]` (weighted only: nothing was recorded, see the caller)."""
@@ -185,11 +188,11 @@ def _statistics_forward(original: Callable, args: tuple, kwargs: dict, banks: di
     with torch.no_grad():
         if mode == "all":
             every = torch.arange(experts, dtype=index.dtype, device=index.device).expand(index.shape[0], experts).contiguous()
-            with ExpertCalls(banks, routed):
+            with ExpertCalls(banks, routed, store=store):
                 original(hidden, every, torch.zeros(every.shape, dtype=weight.dtype, device=weight.device), *args[3:], **kwargs)
             return True
         try:
-            with ExpertCalls(banks, routed, routing=routing):
+            with ExpertCalls(banks, routed, routing=routing, store=store):
                 original(*args, **kwargs)
         except RoutingUnseen:
             return False
@@ -204,17 +207,18 @@ def _wrap_forward(owner: nn.Module, slices: dict[tuple[str, int], ExpertSlice]) 
 
     def forward(*args: Any, **kwargs: Any) -> Any:
         banks = {id(getattr(owner, attr)): attr for attr in attrs}
+        store = store_of(owner)
         routed = {(bank_id, e): s for (attr, e), s in slices.items() for bank_id, name in banks.items() if name == attr}
         mode = _STATISTICS.get()
         if mode != "routed":
             routing = _routing(args)
             experts = getattr(owner, attrs[0]).shape[0]
-            if routing is not None and _statistics_forward(original, args, kwargs, banks, routed, routing, mode, experts):
-                with ExpertCalls(banks, None):
+            if routing is not None and _statistics_forward(original, args, kwargs, banks, routed, routing, mode, experts, store):
+                with ExpertCalls(banks, None, store=store):
                     return original(*args, **kwargs)  # the routed output, seen by no statistic
             log.warning("experts.calibration = %s: %s is not called as (hidden, top_k_index, top_k_weights) with "
                         "hidden[token_idx] per expert; its experts' statistics stay routed", mode, type(owner).__name__)
-        with ExpertCalls(banks, routed):
+        with ExpertCalls(banks, routed, store=store):
             return original(*args, **kwargs)
 
     object.__setattr__(owner, "forward", forward)
