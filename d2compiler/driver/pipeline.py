@@ -97,19 +97,27 @@ def check_finite(model: torch.nn.Module) -> None:
 def streamed_weights(streamed: StreamedModel, readers: list[Any], storage: torch.dtype | None) -> tuple[tuple[int, int], str]:
     """A streaming run's (zeros, entries) over its block weights and its `weights_sha256`, from one
     read of the block files (the hash reads every tensor; the weights are counted as they pass)."""
-    counts, counted_keys = [0, 0], set()
+    counts, counted = [0, 0], set()
 
-    def counting(read: Any) -> Any:
-        def read_and_count(key: str) -> torch.Tensor:
-            tensor = read(key)
-            if key not in counted_keys and not key.endswith("bias"):
-                counted_keys.add(key)
-                zeros, entries = weight_zeros([tensor])
-                counts[0], counts[1] = counts[0] + zeros, counts[1] + entries
-            return tensor
-        return read_and_count
+    def count(key: str, tensor: torch.Tensor) -> torch.Tensor:
+        if key not in counted and not key.partition("#")[0].endswith("bias"):  # KEY#e: expert e of bank KEY
+            counted.add(key)
+            zeros, entries = weight_zeros([tensor])
+            counts[0], counts[1] = counts[0] + zeros, counts[1] + entries
+        return tensor
 
-    sha256 = streamed.weights_sha256([counting(read) for read in readers], storage)
+    class Counting:
+        """A block reader that counts the weights it reads (whole, or one expert at a time)."""
+
+        def __init__(self, read: Any):
+            self.read = read
+            if hasattr(read, "expert"):
+                self.expert = lambda key, e: count(f"{key}#{e}", read.expert(key, e))
+
+        def __call__(self, key: str) -> torch.Tensor:
+            return count(key, self.read(key))
+
+    sha256 = streamed.weights_sha256([Counting(read) for read in readers], storage)
     return (counts[0], counts[1]), sha256
 
 
@@ -282,7 +290,7 @@ def _prune(job: Job, manager: PassManager, loaded: LoadedModel, streamed: Stream
                                      quiet=job.quiet, streamed=streamed, group=group, storage_dtype=storage,
                                      allow_untargeted=recipe.model.allow_untargeted,
                                      experts_calibration=recipe.experts.calibration, expert_group_size=recipe.experts.group_size,
-                                     stacks=stacks, stack=index)
+                                     stacks=stacks, stack=index, experts_load=recipe.experts.load)
             checkpoints = None if key is None else _checkpoints(job, loaded.storage_dtype, key, index)
             stores += [checkpoints] if checkpoints is not None else []
             reports.append(executor.run(windows, checkpoints))
@@ -320,7 +328,8 @@ def _write(job: Job, loaded: LoadedModel, streamed: StreamedModel | None, checkp
         write_sharded_output(job.out_path, streamed.outside_state(loaded.storage_dtype),
                              [checkpoints[0].path(i) for i in range(len(streamed.blocks))], model.config, generation, tokenizer,
                              record, overwrite=job.overwrite, protected=job.protected,
-                             layout=(set(streamed.converted), streamed.in_checkpoint_layout))
+                             layout=(set(streamed.converted), streamed.in_checkpoint_layout),
+                             by_expert=streamed.checkpoint_pieces if streamed.experts_by_group else None)
     else:
         write_output(job.out_path, model, tokenizer, record, overwrite=job.overwrite, fmt=job.recipe.output.format,
                      protected=job.protected)

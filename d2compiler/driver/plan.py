@@ -164,7 +164,7 @@ def _stack_plan(model: torch.nn.Module, manager: PassManager, recipe: BaseModel,
                 device: torch.device) -> StackPlan:
     m = recipe.model
     executor = BlockExecutor(model, manager.schedule, device=torch.device("cpu"), role_overrides=m.roles, quiet=True,
-                             streamed=streamed, stacks=m.blocks, stack=stack)
+                             streamed=streamed, stacks=m.blocks, stack=stack, experts_load=recipe.experts.load)
     sample = capture_block_inputs(model, executor.blocks, [dummy_input(model)], torch.device("cpu"))[0]
     per_block = [executor.layers_of(i, executor.structure(i, sample)) for i in range(len(executor.blocks))]
     all_layers = [layer for layers in per_block for layer in layers]
@@ -226,15 +226,18 @@ def make_plan(recipe: BaseModel) -> Plan:
     _estimate(plan, [layers for p in parts for layers in p.per_block[: p.last + 1]], [g for p in parts for g in p.groups],
               targeted, seq, model, first.hidden, baseline_mb, [g for p in parts for g in p.groupings])
     _estimate_storage(plan, model, [b for p in parts for b in p.executor.blocks],
-                      [b for p in parts for b in p.executor.blocks[: max(p.last, 0)]], first.hidden, streaming=streamed is not None)
+                      [b for p in parts for b in p.executor.blocks[: max(p.last, 0)]], first.hidden, streaming=streamed is not None,
+                      group=max((g.size for p in parts for g in p.groupings if g.experts), default=0) if first.executor.by_group else None)
     return plan
 
 
 def _estimate_storage(plan: Plan, model: torch.nn.Module, block_modules: list[torch.nn.Module],
-                      checkpointed: list[torch.nn.Module], hidden: int, *, streaming: bool) -> None:
+                      checkpointed: list[torch.nn.Module], hidden: int, *, streaming: bool, group: int | None = None) -> None:
     """Memory for the weights (all of them, or in a streaming run those outside the blocks plus two
-    blocks: the one being pruned and the one being written), and the disk the output and the
-    checkpoints need (hidden states: the latest set, and the next one while it is written)."""
+    blocks: the one being pruned and the one being written; with experts read by `group`, two
+    blocks without their expert banks, one group of experts, and the experts' recorded inputs and
+    summed outputs), and the disk the output and the checkpoints need (hidden states: the latest
+    set, and the next one while it is written)."""
     def size_mb(params: Any) -> float:
         return sum(p.numel() * p.element_size() for p in params) / 2**20
 
@@ -244,7 +247,15 @@ def _estimate_storage(plan: Plan, model: torch.nn.Module, block_modules: list[to
     if streaming:
         del plan.estimate_mb["model parameters"], plan.estimate_mb["checkpoint pages read while loading"]
         plan.estimate_mb["parameters outside the blocks"] = total - sum(blocks)
-        plan.estimate_mb["two blocks' parameters (pruned, being written)"] = 2 * max(blocks)
+        if group is None:
+            plan.estimate_mb["two blocks' parameters (pruned, being written)"] = 2 * max(blocks)
+        else:  # experts.load = "group"
+            banks = [[p for p in b.parameters() if p.dim() == 3] for b in block_modules]
+            plan.estimate_mb["two blocks' parameters outside their expert banks"] = 2 * max(
+                size - size_mb(bank) for size, bank in zip(blocks, banks))
+            plan.estimate_mb[f"one group of {group} experts (experts read by group)"] = max(
+                group * size_mb(bank) / bank[0].shape[0] if bank else 0.0 for bank in banks)
+            plan.estimate_mb["the experts' recorded inputs and summed outputs"] = 2 * plan.tokens * hidden * 4 / 2**20
         parts = {k: v for k, v in plan.estimate_mb.items() if k != "peak (sum)"}
         plan.estimate_mb = {**parts, "peak (sum)": sum(parts.values())}
     checkpoint_blocks = sum(blocks) if streaming else sum(size_mb(b.parameters()) for b in checkpointed)

@@ -225,10 +225,18 @@ class CheckpointStore:
         self.flush()
         self._pending = self._writer.submit(self._save, index, params, states, list(reports))
 
-    def _save(self, index: int, params: dict[str, torch.Tensor], states: dict[str, torch.Tensor],
+    def adopt_block(self, index: int, written: Path, hidden: list[torch.Tensor], reports: list[dict[str, Any]]) -> None:
+        """`save_block` for a block whose file is already written (`experts_by_group`: never whole in
+        memory): `written` becomes the block's file."""
+        states = {f"h{i}": h.detach().to("cpu").contiguous() for i, h in enumerate(hidden)}
+        self.flush()
+        self._pending = self._writer.submit(self._save, index, written, states, list(reports))
+
+    def _save(self, index: int, params: dict[str, torch.Tensor] | Path, states: dict[str, torch.Tensor],
               reports: list[dict[str, Any]]) -> None:
-        self._files[block_file(index)] = self._write_atomic(block_file(index),
-                                                            lambda p: save_file(params, str(p), metadata={"format": "pt"}))
+        write = (lambda p: os.replace(params, p)) if isinstance(params, Path) else \
+            (lambda p: save_file(params, str(p), metadata={"format": "pt"}))
+        self._files[block_file(index)] = self._write_atomic(block_file(index), write)
         self._files[hidden_file(index)] = self._write_atomic(hidden_file(index), lambda p: save_file(states, str(p)))
         previous = hidden_file(index - 1)
         self._files.pop(previous, None)

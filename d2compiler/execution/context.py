@@ -12,9 +12,10 @@ import torch
 from torch import nn
 
 from d2compiler.errors import PassError
-from d2compiler.execution.block_io import BlockInput, block_outputs_with, forward_block, forward_until
+from d2compiler.execution.block_io import BlockInput, block_outputs_with, forward_until
 from d2compiler.execution.distributed import Group
 from d2compiler.execution.invariants import blamed, check_statistics, ran_before
+from d2compiler.execution.lazy_experts import held_experts, run_block
 from d2compiler.graph.experts import expert_statistics
 from d2compiler.graph.layers import LinearLayer
 from d2compiler.graph.structure import BlockStructure
@@ -65,7 +66,11 @@ class ExecutorContext:
         the executor compares before and after every pass, to hold it to what it reported. Read in
         chunks of `FINGERPRINT_CHUNK` entries, so a large expert bank needs no squared copy of itself."""
         with torch.no_grad():
-            return {name: _fingerprint(param) for name, param in self.module.named_parameters()}
+            out = {name: _fingerprint(param) for name, param in self.module.named_parameters() if not param.is_meta}
+            held = held_experts(self.module)  # banks held one group at a time: the resident experts
+            if held is not None:
+                out.update({f"{attr}.{e} (resident expert)": _fingerprint(t) for (attr, e), t in held[1].resident.items()})
+            return out
 
     @property
     def total_samples(self) -> int:
@@ -156,12 +161,14 @@ class ExecutorContext:
         return self.artifacts.get(artifact, {}).get(layer)
 
     def bracketed_forward(self, passes: list[Pass], begin: str = "begin_observe", end: str = "end_observe",
-                          observing: frozenset[str] | None = None, stops: list[nn.Module] | None = None) -> list[torch.Tensor]:
+                          observing: frozenset[str] | None = None, stops: list[nn.Module] | None = None,
+                          run: Callable[[], list[torch.Tensor] | None] | None = None) -> list[torch.Tensor]:
         """Run the block as it now is over `inputs`, each of `passes` called (method `begin`, then
         `end`, e.g. `begin_observe` / `end_observe`) before and after as the active writer; the outputs
         are kept in `dense_outputs` and returned. `observing` is the layers the passes record
         statistics for meanwhile (`observed`; None: all targeted). With `stops`, each call ends once
-        those modules have run (`forward_until`) and `dense_outputs` is left as it was."""
+        those modules have run (`forward_until`) and `dense_outputs` is left as it was. With `run`,
+        that runs instead of the forward (its outputs, when not None, become `dense_outputs`)."""
         running = self.active
         self.observing = observing
         try:
@@ -171,8 +178,11 @@ class ExecutorContext:
                     getattr(p, begin)(self)
             self.active = None
             with expert_statistics(self.experts_calibration):
-                if stops is None:
-                    self.dense_outputs = forward_block(self.module, self.inputs)
+                if run is not None:
+                    outputs = run()
+                    self.dense_outputs = self.dense_outputs if outputs is None else outputs
+                elif stops is None:
+                    self.dense_outputs = run_block(self.module, self.inputs)[0]
                 else:
                     forward_until(self.module, self.inputs, stops)
             for p in passes:
@@ -196,6 +206,9 @@ class ExecutorContext:
         """(Σ‖Y′−Y‖², Σ‖Y‖²) in float64 over this process's samples `indices` (into `inputs`): Y′ the
         block's outputs with `weights` standing in (`LinearLayer.stand_in`; the block is not written),
         Y its `dense_outputs`. Not reduced over the processes: sum several, then `reduce` once."""
+        if held_experts(self.module) is not None:
+            raise PassError(f"pass '{getattr(self.active, 'name', '?')}' compares the outputs of {self.name} with stand-in "
+                            "weights, which needs every expert at once: not available with experts.load = \"group\"")
         sums = torch.zeros(2, dtype=torch.float64, device=self.device)
         outputs = block_outputs_with(self.module, [self.inputs[i] for i in indices], weights)
         for i, out in zip(indices, outputs):

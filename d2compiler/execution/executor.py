@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -22,16 +23,19 @@ import torch
 from torch import nn
 
 from d2compiler.errors import D2Error, PassError
-from d2compiler.execution.block_io import BlockInput, capture_block_inputs, forward_block
+from d2compiler.execution.block_io import BlockInput, capture_block_inputs
 from d2compiler.execution.checkpoint import CheckpointStore
 from d2compiler.execution.context import ExecutorContext
 from d2compiler.execution.distributed import SINGLE, Group
 from d2compiler.execution.expert_groups import block_grouping, split
+from d2compiler.execution.experts_by_group import by_group_file, copy_block, hold_experts_by_group, prune_by_groups
 from d2compiler.execution.invariants import blamed, check_precondition, check_statistics, ran_before, settle
+from d2compiler.execution.lazy_experts import held_experts, run_block
 from d2compiler.execution.memory import current_rss_mb, peak_rss_mb
 from d2compiler.execution.placement import Placement, Reader
 from d2compiler.execution.progress import progress
 from d2compiler.execution.report import BlockReport, ExecutionReport, merge_results
+from d2compiler.execution.survey import survey
 from d2compiler.graph.block_trace import trace_with_experts
 from d2compiler.graph.blocks import block_signature
 from d2compiler.graph.coverage import Coverage, measure_coverage
@@ -74,7 +78,7 @@ def round_to_storage(module: nn.Module, dtype: torch.dtype) -> None:
     resumes and evaluates with exactly the weights that are written."""
     with torch.no_grad():
         for tensor in [*module.parameters(), *module.buffers()]:
-            if tensor.is_floating_point() and tensor.dtype != dtype:
+            if tensor.is_floating_point() and tensor.dtype != dtype and not tensor.is_meta:
                 tensor.copy_(tensor.to(dtype))
 
 
@@ -85,7 +89,7 @@ class BlockExecutor:
                  role_overrides: dict[str, str] | None = None, quiet: bool = False, streamed: StreamedModel | None = None,
                  group: Group = SINGLE, storage_dtype: torch.dtype | None = None, allow_untargeted: bool = False,
                  experts_calibration: str = "routed", expert_group_size: int | None = None, stacks: list[str] | None = None,
-                 stack: int = 0):
+                 stack: int = 0, experts_load: str = "block"):
         self.model = model
         self.schedule = schedule
         self.device = device
@@ -104,6 +108,10 @@ class BlockExecutor:
         self.blocks_path, self.blocks = self.placement.blocks_path, self.placement.blocks
         self._structures: dict[tuple, BlockStructure] = {}
         use_eager_experts(model)  # experts one by one, so that each one's statistics can be seen
+        self.by_group = experts_load == "group"  # banks stay in the files, read one group at a time (`experts_by_group`)
+        if self.by_group:
+            hold_experts_by_group(streamed, schedule, group.size, expert_group_size)
+        self._work: CheckpointStore | None = None
 
     def on_device(self, index: int, read: Reader | None = None) -> AbstractContextManager[nn.Module]:
         """Block `index` on the compute device for the duration (see `placement.Placement`, the one
@@ -155,9 +163,12 @@ class BlockExecutor:
     def run(self, windows: list[torch.Tensor], checkpoints: CheckpointStore | None = None) -> ExecutionReport:
         """Prune block by block. With `checkpoints`, every finished block is saved, and the blocks a
         previous (killed) run of the same job finished are restored instead of recomputed."""
+        if self.by_group and checkpoints is None:
+            raise D2Error('experts.load = "group" writes the pruned experts to the run\'s work folder: set output.path')
+        self._work = checkpoints
         inputs = self._capture(windows)
         targets = self._find_targets(inputs[0])
-        self.survey(inputs, targets.by_pass, targets.last)  # before any resume: it always sees the dense model
+        survey(self, inputs, targets.by_pass, targets.last)  # before any resume: it always sees the dense model
         writes = checkpoints is not None and self.group.is_main  # one process writes the checkpoints
         start = self._resume(checkpoints, inputs, targets.last, writes)
         reports = self._run_blocks(start, targets, checkpoints if writes else None)
@@ -228,48 +239,39 @@ class BlockExecutor:
                     reports.append(report)
                     if checkpoints is not None and (index < last or streaming or self.stack_follows):  # several processes: no hidden states, a resume replays
                         hidden = outputs if self.group.size == 1 else []
-                        checkpoints.save_block(index, block, hidden, [r.to_json() for r in reports], self.prefix(index))
+                        self._save(checkpoints, index, block, hidden, [r.to_json() for r in reports])
                 inputs = [inp.with_hidden(h) for inp, h in zip(inputs, outputs)]
             if streaming and checkpoints is not None:
                 for index in range(max(start.first, last + 1), len(self.blocks)):
-                    with self.streamed.block(index) as block:
-                        checkpoints.save_block(index, block, [], [r.to_json() for r in reports], self.prefix(index))
+                    self._save_untouched(checkpoints, index, [r.to_json() for r in reports])
         finally:  # an interrupted run still leaves its last finished block durable
             if checkpoints is not None:
                 checkpoints.flush()
         return reports
 
-    def survey(self, inputs: list[BlockInput], targets: dict[int, set[str]], last: int) -> None:
-        """The dense sweep of the passes with `surveys = True` (e.g. a layer-wise sparsity allocation
-        that must see every block before the first is pruned): blocks 0..last run dense over the
-        first calibration inputs (as many as the passes' `survey_samples` ask for), each bracketed by the passes' `begin_survey` / `end_survey`, then
-        `finish_survey`. The blocks are not changed (checked: a survey that writes is a PassError)."""
-        surveyors = [p for p in self.schedule if p.surveys]
-        if not surveyors or last < 0:
-            return
-        wanted = [p.survey_samples() for p in surveyors]
-        count = self._samples[1] if None in wanted else min(max(wanted), self._samples[1])  # over all processes
-        inputs = [inp for i, inp in enumerate(inputs) if self._samples[0] + i < count]  # this process's share of them
-        for index in progress(range(last + 1), desc="survey", disable=self.quiet):
-            with self.on_device(index) as block:
-                ctx = self.context(index, block, inputs, set(), targets, sample_count=count)
-                before = ctx.fingerprints()
-                outputs = ctx.bracketed_forward(surveyors, "begin_survey", "end_survey")
-                changes = ctx.parameter_changes(before)
-                differs = torch.stack(list(changes.values())).tolist() if changes else []
-                changed = [name for name, bad in zip(changes, differs) if bad]
-                if changed:
-                    raise PassError(f"the survey of block {index} changed {changed[0]} (passes: "
-                                    f"{', '.join(p.name for p in surveyors)}); a survey must only read the block")
-                inputs = [inp.with_hidden(h) for inp, h in zip(inputs, outputs)] if index < last else inputs
-        for p in surveyors:
-            with blamed(p, "finish_survey", f"after the survey of blocks 0..{last}"):
-                p.finish_survey()
+    def _save(self, checkpoints: CheckpointStore, index: int, block: nn.Module, hidden: list[torch.Tensor],
+              reports: list[dict]) -> None:
+        """Checkpoint finished block `index`: its state dict, or the file `experts_by_group` wrote."""
+        if self.by_group and (written := by_group_file(checkpoints, index)).exists():
+            checkpoints.adopt_block(index, written, hidden, reports)
+        else:
+            checkpoints.save_block(index, block, hidden, reports, self.prefix(index))
+
+    def _save_untouched(self, checkpoints: CheckpointStore, index: int, reports: list[dict]) -> None:
+        """Checkpoint block `index` as it is (after the last targeted block of a streaming run)."""
+        if not (self.by_group and copy_block(self.streamed, index, checkpoints, self.storage_dtype, self.expert_group_size, reports)):
+            with self.streamed.block(index) as block:
+                checkpoints.save_block(index, block, [], reports, self.prefix(index))
+
+    def round_block(self, block: nn.Module) -> None:
+        """Round `block`'s loaded weights to the storage dtype (`round_to_storage`), if there is one."""
+        if self.storage_dtype is not None:
+            round_to_storage(block, self.storage_dtype)
 
     def _propagate(self, index: int, inputs: list[BlockInput], read: Reader | None = None) -> list[BlockInput]:
         """Block `index`'s outputs as the next block's inputs."""
         with self.on_device(index, read) as block:
-            outputs = forward_block(block, inputs)
+            outputs = run_block(block, inputs)[0]
         return [inp.with_hidden(h) for inp, h in zip(inputs, outputs)]
 
     def coverage(self, targets: dict[int, set[str]], layers: list[LinearLayer]) -> Coverage:
@@ -322,7 +324,10 @@ class BlockExecutor:
         parts: dict[int, list[tuple[str, PassResult]]] = {}
         start = time.perf_counter()
         grouping = block_grouping(ctx, self.schedule, self.expert_group_size)
-        groups = split(ctx.layers, grouping, others_first=any(p.reobserves_upstream() for p in self.schedule))
+        by_group = held_experts(block) is not None
+        if by_group:
+            prune_by_groups(self, ctx, grouping, times, parts, by_group_file(self._work, index))
+        groups = [] if by_group else split(ctx.layers, grouping, others_first=any(p.reobserves_upstream() for p in self.schedule))
         for number, names in enumerate(groups):
             with ctx.narrowed(names) if len(groups) > 1 else nullcontext():
                 self._observe(ctx, times, later=number > 0)
@@ -335,10 +340,11 @@ class BlockExecutor:
         results = merge_results(parts)
         modified = any(result.modified for _name, result in results)  # each False checked against the fingerprints
         t0 = time.perf_counter()
-        if modified and self.storage_dtype is not None:
-            round_to_storage(block, self.storage_dtype)
+        if modified:
+            self.round_block(block)
         if index < last:
-            outputs = ctx.dense_outputs if (not modified and ctx.dense_outputs is not None) else forward_block(block, inputs)
+            reuse = not modified and ctx.dense_outputs is not None and not by_group
+            outputs = ctx.dense_outputs if reuse else run_block(block, inputs)[0]
         else:
             outputs = []
         times["propagate"] = time.perf_counter() - t0
@@ -351,7 +357,8 @@ class BlockExecutor:
                           expert_statistics_mb=round(grouping.statistics_bytes / 2**20, 1))
         return BlockReport(index, ctx.name, {k: round(v, 4) for k, v in times.items()}, results, memory), outputs
 
-    def _observe(self, ctx: ExecutorContext, times: dict[str, float], *, later: bool) -> None:
+    def _observe(self, ctx: ExecutorContext, times: dict[str, float], *, later: bool,
+                 run: Callable[[], list[torch.Tensor] | None] | None = None) -> None:
         """The statistics of the targeted layers (of the current group): a dense forward with the
         observing passes bracketed around it. A later group's forward ends once its layers have run
         (its layers' inputs are those of the dense block: see `expert_groups`)."""
@@ -365,8 +372,8 @@ class BlockExecutor:
         read &= ctx.targeted  # e.g. true-sequential's later stages are not read from this observation
         if later and not read:
             return
-        stops = [layer.module for layer in ctx.layers if layer.name in read] if later else None
-        ctx.bracketed_forward(self.schedule, observing=None if read >= ctx.targeted else frozenset(read), stops=stops)
+        stops = [layer.module for layer in ctx.layers if layer.name in read] if later and run is None else None
+        ctx.bracketed_forward(self.schedule, observing=None if read >= ctx.targeted else frozenset(read), stops=stops, run=run)
         check_statistics(ctx)
         times["observe"] = times.get("observe", 0.0) + time.perf_counter() - start
 
@@ -386,7 +393,7 @@ class BlockExecutor:
 
     def _check_finite_weights(self, ctx: ExecutorContext) -> None:
         """Refuse a block whose weights hold NaN or Inf before any pass ran (one host sync)."""
-        named = list(ctx.module.named_parameters())
+        named = [(n, p) for n, p in ctx.module.named_parameters() if not p.is_meta]  # experts held by group: checked as read
         finite = torch.stack([torch.isfinite(param).all() for _n, param in named]).tolist() if named else []
         nonfinite = [pname for (pname, _param), ok in zip(named, finite) if not ok]
         if nonfinite:

@@ -119,6 +119,13 @@ def free_memory_bytes(device: torch.device) -> float | None:
     return None if available is None else available * 2**20
 
 
+def fitting_group(bytes_per_expert: float, device: torch.device) -> int | None:
+    """How many experts of `bytes_per_expert` weights fit in HEADROOM × the memory free now on
+    `device` (at least one); None when that memory cannot be read (then all of them)."""
+    free = free_memory_bytes(device)
+    return None if free is None or bytes_per_expert <= 0 else max(1, int(HEADROOM * free // bytes_per_expert))
+
+
 def block_grouping(ctx: ExecutorContext, schedule: list[Pass], group_size: int | None) -> GroupPlan:
     """How the block of `ctx` splits its targeted experts (`layer_grouping`). With several processes
     the first one's split holds for all (their forwards and reductions go group by group together),

@@ -19,7 +19,7 @@ experts (checked by the tests on every tested MoE family).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -28,7 +28,7 @@ from torch import nn
 
 from d2compiler.errors import D2Error
 from d2compiler.execution.block_io import BlockInput, _StopForward, block_outputs
-from d2compiler.graph.expert_store import ExpertStore, group_call
+from d2compiler.graph.expert_store import ExpertStore, group_call, store_of
 
 Call = tuple[tuple, dict[str, Any]]  # one call of an experts module: (args, kwargs)
 
@@ -59,23 +59,32 @@ def record_calls(block: nn.Module, owner: nn.Module, inputs: list[BlockInput]) -
 
 
 @torch.no_grad()
-def group_outputs(owner: nn.Module, calls: list[Call], store: ExpertStore, groups: list[list[int]],
-                  visit: Callable[[list[int]], None] | None = None) -> list[torch.Tensor]:
+def experts_outputs(owner: nn.Module, store: ExpertStore, calls: list[Call], experts: list[int],
+                    totals: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
+    """The experts module's output for each recorded call from `experts` (resident) alone, added to
+    `totals` (the earlier groups' sums) in the module's own order when its forward starts from
+    `zeros_like(hidden)` (then in place; otherwise added after)."""
+    out = []
+    for i, (args, kwargs) in enumerate(calls):
+        store.start = None if totals is None else totals[i]
+        part = owner(*group_call(args, experts), **kwargs)
+        out.append(part if totals is None or store.started else totals[i] + part)
+        store.start, store.started = None, False
+    return out
+
+
+@torch.no_grad()
+def group_outputs(owner: nn.Module, calls: list[Call], store: ExpertStore, groups: list[list[int]]) -> list[torch.Tensor]:
     """The experts module's output for each recorded call, summed over `groups` (which must cover
-    every expert the calls route to), each group resident only while its turn lasts; `visit(group)`
-    runs after the group is loaded and before its outputs are computed (e.g. to prune it)."""
-    outputs: list[torch.Tensor | None] = [None] * len(calls)
+    every expert the calls route to), each group resident only while its turn lasts."""
+    total: list[torch.Tensor] | None = None
     for group in groups:
         store.load(group)
         try:
-            if visit is not None:
-                visit(group)
-            for i, (args, kwargs) in enumerate(calls):
-                part = owner(*group_call(args, group), **kwargs)
-                outputs[i] = part if outputs[i] is None else outputs[i] + part
+            total = experts_outputs(owner, store, calls, group, total)
         finally:
             store.drop()
-    return [out for out in outputs if out is not None]
+    return total or []
 
 
 @contextmanager
@@ -100,11 +109,31 @@ def replaying(owner: nn.Module, outputs: list[torch.Tensor]) -> Iterator[None]:
             object.__setattr__(owner, "forward", previous)
 
 
-def lazy_block_outputs(block: nn.Module, owner: nn.Module, store: ExpertStore, inputs: list[BlockInput],
-                       groups: list[list[int]]) -> list[torch.Tensor]:
-    """The block's output hidden states for `inputs`, its experts read group by group (see the module
-    docstring)."""
+def held_experts(block: nn.Module) -> tuple[nn.Module, ExpertStore] | None:
+    """The experts module of `block` whose banks are held one group at a time, with its store; None
+    when there is none."""
+    found = [(module, store) for module in block.modules() if (store := store_of(module)) is not None]
+    if len(found) > 1:
+        raise D2Error(f"{type(block).__name__}: {len(found)} experts modules in one block; experts.load = \"group\" "
+                      "handles one per block")
+    return found[0] if found else None
+
+
+def expert_groups(owner: nn.Module, store: ExpertStore) -> list[list[int]]:
+    """The experts of `owner`'s banks in groups of `store.group_size` (all in one when it is None)."""
+    count = getattr(owner, store.attrs[0]).shape[0]
+    size = store.group_size or count
+    return [list(range(start, min(start + size, count))) for start in range(0, count, size)]
+
+
+def run_block(block: nn.Module, inputs: list[BlockInput]) -> tuple[list[torch.Tensor], bool]:
+    """`block_outputs(block, inputs)`; for a block whose experts are held one group at a time, the same
+    computed experts-outer (see the module docstring)."""
+    held = held_experts(block)
+    if held is None:
+        return block_outputs(block, inputs)
+    owner, store = held
     calls = record_calls(block, owner, inputs)
-    outputs = group_outputs(owner, calls, store, groups)
+    outputs = group_outputs(owner, calls, store, expert_groups(owner, store))
     with replaying(owner, outputs):
-        return block_outputs(block, inputs)[0]
+        return block_outputs(block, inputs)

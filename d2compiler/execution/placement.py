@@ -10,7 +10,7 @@ computes them.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
@@ -25,18 +25,27 @@ if TYPE_CHECKING:
 Reader = Callable[[str], torch.Tensor]  # a tensor by its full name (`model.layers.3.mlp.up_proj.weight`)
 
 
+def _move(modules: Iterable[nn.Module], device: torch.device) -> None:
+    """Move the parameters and buffers of `modules` (not their submodules') to `device`, except those
+    on the meta device (not loaded: expert banks held one group at a time, `graph.expert_store`)."""
+    for module in modules:
+        for param in module._parameters.values():
+            if param is not None and not param.is_meta and param.device != device:
+                param.data = param.data.to(device)
+        for key, buf in module._buffers.items():
+            if buf is not None and not buf.is_meta and buf.device != device:
+                module._buffers[key] = buf.to(device)
+
+
 def move_outside_blocks(model: nn.Module, blocks: nn.ModuleList, device: torch.device) -> None:
     """Move every parameter and buffer that is not inside `blocks` to `device`."""
     inside = {id(m) for m in blocks.modules()}
-    for module in model.modules():
-        if id(module) in inside:
-            continue
-        for param in module._parameters.values():
-            if param is not None and param.device != device:
-                param.data = param.data.to(device)
-        for key, buf in module._buffers.items():
-            if buf is not None and buf.device != device:
-                module._buffers[key] = buf.to(device)
+    _move([module for module in model.modules() if id(module) not in inside], device)
+
+
+def move_loaded(module: nn.Module, device: torch.device) -> None:
+    """`module.to(device)` for every parameter and buffer that is not on the meta device."""
+    _move(module.modules(), device)
 
 
 class Placement:
@@ -57,8 +66,8 @@ class Placement:
         streaming); afterwards back on the CPU, or released to the meta device when streaming."""
         block = self.blocks[index]
         if self.streamed is not None:
-            self.streamed.load_block(index, read)
-        block.to(self.device)
+            self.streamed.load_block(index, read, self.device)
+        move_loaded(block, self.device)
         try:
             yield block
         finally:

@@ -19,8 +19,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from d2compiler.execution.block_io import Call, block_outputs, capture_block_inputs, invoke
+from d2compiler.execution.block_io import Call, capture_block_inputs, invoke
 from d2compiler.execution.distributed import SINGLE, Group
+from d2compiler.execution.lazy_experts import run_block
 from d2compiler.execution.placement import Placement, Reader
 from d2compiler.execution.progress import counter
 
@@ -119,7 +120,7 @@ class ModelRunner:
                 for index in range(len(blocks)):
                     read = self.readers[index] if self.readers is not None else None
                     with self.placement.block(index, read) as block:
-                        outputs, as_tuple = block_outputs(block, inputs)
+                        outputs, as_tuple = run_block(block, inputs)
                     inputs = [inp.with_hidden(h) for inp, h in zip(inputs, outputs)]
                     bar.update(1)
                 final: list[torch.Tensor] = [inp.args[0] for inp in inputs]

@@ -23,8 +23,11 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from d2compiler.errors import ModelLoadError
+from d2compiler.errors import D2Error, ModelLoadError
+from d2compiler.execution.expert_groups import fitting_group
 from d2compiler.graph.checkpoint_layout import assemble, assemble_expert, learn_layout, pieces_of
+from d2compiler.graph.expert_store import ExpertStore, attach_store, store_of
+from d2compiler.graph.experts import banks_of
 from d2compiler.weight_index import tensor_files
 
 
@@ -146,6 +149,8 @@ class StreamedModel:
         self.tied = _tied(model)
         self.outside_loaded = False
         self.converted: dict[str, tuple[int, ...]] = {}  # model tensors the checkpoint holds in its own layout: shape
+        self.experts_by_group = False  # experts.load = "group": banks stay in the files, read one group at a time
+        self.expert_group_size: int | None = None  # experts read at once in a forward (None: as many as fit)
         self._expert_pieces: dict[str, list[Any]] = {}  # banks read expert by expert: their pieces
         self.check_keys()
 
@@ -188,13 +193,21 @@ class StreamedModel:
     def read_source_expert(self, name: str, expert: int) -> torch.Tensor:
         """Expert `expert` ([out, in] as stored) of the model's bank `name` from the source files,
         stored under its name or in the checkpoint's own layout; the bank is never read whole."""
-        if name not in self.converted:
+        pieces = self.checkpoint_pieces(name)
+        if pieces is None:
             return self.source.read_part(name, slice(expert, expert + 1))[0]
+        return assemble_expert(name, self.converted[name], pieces, expert, self.source.read_part)
+
+    def checkpoint_pieces(self, name: str) -> list[Any] | None:
+        """The checkpoint pieces of the model tensor `name` when the checkpoint stores it in its own
+        layout (`learn_layout`), else None."""
+        if name not in self.converted:
+            return None
         if name not in self._expert_pieces:
             if len(self._expert_pieces) >= 8:  # the banks of the blocks before are done with
                 self._expert_pieces.pop(next(iter(self._expert_pieces)))
             self._expert_pieces[name] = learn_layout(self.model, {name: self.converted[name]})[name]
-        return assemble_expert(name, self.converted[name], self._expert_pieces[name], expert, self.source.read_part)
+        return self._expert_pieces[name]
 
     def in_checkpoint_layout(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """`tensors` (by model name) as the source checkpoint stores them: those it holds in its own
@@ -240,16 +253,36 @@ class StreamedModel:
             self.model.tie_weights()
         self.outside_loaded = True
 
-    def load_block(self, index: int, read: Callable[[str], torch.Tensor] | None = None) -> nn.Module:
-        """Materialise block `index` on the CPU from `read` (default: the source files)."""
-        block, read, prefix = self.blocks[index], read or self.read_source, self.block_prefix(index)
+    def load_block(self, index: int, read: Callable[[str], torch.Tensor] | None = None,
+                   device: torch.device | None = None) -> nn.Module:
+        """Materialise block `index` on the CPU from `read` (default: the source files). With
+        `experts_by_group`, its expert banks (3-D parameters) stay on the meta device and each owner of
+        banks gets an `ExpertStore` that reads one expert at a time (`read.expert`, or the source's
+        `read_source_expert`) onto `device` (default: the CPU)."""
+        block, prefix = self.blocks[index], self.block_prefix(index)
+        owners = banks_of(block) if self.experts_by_group else {}
+        banks = {f"{owner}.{attr}" if owner else attr for owner, entries in owners.items() for attr, _m in entries}
         for name in block.state_dict():  # parameters and persistent buffers
-            self._set(block, name, read(prefix + name))
+            if name not in banks:
+                self._set(block, name, (read or self.read_source)(prefix + name))
+        expert = getattr(read, "expert", None) if read is not None else self.read_source_expert
+        if owners and expert is None:
+            raise D2Error(f"{prefix}: this reader cannot read one expert at a time (experts.load = \"group\")")
+        for owner_name, entries in owners.items():
+            owner_prefix = f"{prefix}{owner_name}." if owner_name else prefix
+            per_expert = sum(getattr(m, attr)[0].numel() for attr, m in entries) * self.dtype.itemsize
+            size = self.expert_group_size or fitting_group(per_expert, device or torch.device("cpu"))
+            store = ExpertStore([attr for attr, _m in entries], lambda attr, e, p=owner_prefix: expert(p + attr, e),
+                                self.dtype, device or torch.device("cpu"), group_size=size)
+            attach_store(entries[0][1], store)
         return block
 
     def release_block(self, index: int) -> None:
         """Give block `index`'s parameters back (they return to the meta device) and hand the freed
         heap back to the operating system, so that the peak follows one block."""
+        for module in self.blocks[index].modules():
+            if store_of(module) is not None:
+                attach_store(module, None)
         _release(self.blocks[index], lambda _param: True)
 
     def outside_state(self, storage: torch.dtype | None = None) -> dict[str, torch.Tensor]:
@@ -263,15 +296,18 @@ class StreamedModel:
         """`export.metadata.weights_sha256` of the whole model, block tensors read through `readers`
         (the same value an in-memory run computes over its state dict); the tensors outside the
         blocks cast to `storage`, as they are written, when it is given."""
-        from d2compiler.export.metadata import tensors_sha256
+        from d2compiler.export.metadata import Entries, tensors_sha256
 
         self.ensure_outside()
         outside = self.model.state_dict()
 
-        def tensor(name: str) -> torch.Tensor:
+        def tensor(name: str) -> torch.Tensor | Entries:
             name = self.tied.get(name, name)
             if name.startswith(self.blocks_path + "."):
                 index = int(name[len(self.blocks_path) + 1 :].split(".")[0])
+                expert, shape = getattr(readers[index], "expert", None), tuple(outside[name].shape)
+                if self.experts_by_group and expert is not None and len(shape) == 3:  # a bank, one expert at a time
+                    return Entries(shape, (expert(name, e) for e in range(shape[0])))
                 return readers[index](name)
             return as_stored(outside[name], storage)
 
@@ -291,6 +327,21 @@ def _read(path: Path, key: str) -> torch.Tensor:
         return f.get_tensor(key)
 
 
-def file_reader(path: Path) -> Callable[[str], torch.Tensor]:
+class FileReader:
+    """Reads tensors by full name from one safetensors file (a block file of the run); `expert` reads
+    one entry of a bank's first dimension only."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __call__(self, key: str) -> torch.Tensor:
+        return _read(self.path, key)
+
+    def expert(self, key: str, expert: int) -> torch.Tensor:
+        with safe_open(str(self.path), "pt") as f:
+            return f.get_slice(key)[expert : expert + 1][0]
+
+
+def file_reader(path: Path) -> FileReader:
     """Read tensors by full name from one safetensors file (a block file of the run)."""
-    return lambda key: _read(path, key)
+    return FileReader(path)

@@ -6,7 +6,9 @@ from __future__ import annotations
 import hashlib
 import platform
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from importlib import metadata as importlib_metadata
+from itertools import chain
 from typing import Any
 
 import torch
@@ -16,14 +18,36 @@ FORMAT_VERSION = 1
 _PACKAGES = ("d2compiler", "torch", "transformers", "pydantic", "networkx", "safetensors")
 
 
-def tensors_sha256(items: Iterable[tuple[str, torch.Tensor]]) -> str:
-    """sha256 over (name, tensor) pairs, given in name order: each one's name, dtype, shape and raw bytes."""
+@dataclass
+class Entries:
+    """A tensor of `shape` given as its first-dimension entries in order (one expert of a bank at a
+    time), never whole."""
+
+    shape: tuple[int, ...]
+    entries: Iterable[torch.Tensor]
+
+
+def _bytes(t: torch.Tensor) -> bytes:
+    t = t.detach().to("cpu").contiguous()
+    return t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
+
+
+def tensors_sha256(items: Iterable[tuple[str, torch.Tensor | Entries]]) -> str:
+    """sha256 over (name, tensor) pairs, given in name order: each one's name, dtype, shape and raw
+    bytes (the same digest for a tensor given whole or as `Entries`)."""
     digest = hashlib.sha256()
     for name, tensor in items:
-        t = tensor.detach().to("cpu").contiguous()
-        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        if isinstance(tensor, Entries):
+            entries = iter(tensor.entries)
+            first = next(entries)
+            digest.update(f"{name}|{first.dtype}|{tuple(tensor.shape)}|".encode())
+            for entry in chain([first], entries):
+                digest.update(_bytes(entry))
+            continue
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(_bytes(tensor))
     return digest.hexdigest()
+
 
 
 def weights_sha256(model: nn.Module) -> str:

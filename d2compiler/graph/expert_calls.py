@@ -44,6 +44,11 @@ class ExpertSlice(nn.Module):
         store = store_of(self._owner())
         return store.weight(self.attr, self.index) if store is not None else self.bank[self.index]
 
+    @property
+    def weight_shape(self) -> tuple[int, ...]:
+        """The shape of `weight`, known whether or not the expert is loaded."""
+        return tuple(self.bank.shape[1:])
+
     def set_row_buffer(self, name: str, rows: slice, value: torch.Tensor) -> None:
         """Write this expert's `rows` (its output features) of the bank's per-row buffer `name` (e.g. a
         quantization scale), kept on the owner module stacked over the experts as `bank_buffer_name(attr,
@@ -99,6 +104,7 @@ class ExpertCalls(TorchFunctionMode):
     pieces: dict[str, Pieces] = field(default_factory=dict)  # bank -> how its first product was cut
     routing: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # weighted statistics: (hidden, index, weights)
     store: ExpertStore | None = None  # banks held one group at a time: bank[e] comes from it (`graph.expert_store`)
+    start: torch.Tensor | None = None  # the call's zeros_like(hidden) accumulator is this tensor instead (taken once)
     _rows: torch.Tensor | None = None  # the token rows the forward last took of `hidden`
     _tags: dict[int, tuple[int, int, Any]] = field(default_factory=dict)
     _calls: dict[int, list[str]] = field(default_factory=dict)  # expert -> the banks it called, in order
@@ -109,6 +115,10 @@ class ExpertCalls(TorchFunctionMode):
 
     def __torch_function__(self, func: Callable, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
+        if self.start is not None and func is torch.zeros_like and self._fits(args[0], kwargs):
+            start, self.start = self.start, None
+            self.store.started = True
+            return start
         if self.routing is not None and func in GETITEM and args and args[0] is self.routing[0] and \
                 isinstance(args[1], torch.Tensor) and args[1].dtype in (torch.int32, torch.int64):
             self._rows = args[1]  # hidden[token_idx]: the tokens of the expert about to run
@@ -139,6 +149,11 @@ class ExpertCalls(TorchFunctionMode):
         if self._followed:
             return self._follow(func, args, kwargs)
         return func(*args, **kwargs)
+
+    def _fits(self, like: torch.Tensor, kwargs: dict) -> bool:
+        start = self.start
+        return (tuple(like.shape) == tuple(start.shape) and kwargs.get("dtype", like.dtype) == start.dtype
+                and torch.device(kwargs.get("device", like.device)) == start.device)
 
     def _stored(self, attr: str, bank: torch.Tensor, index: Any, single: bool) -> torch.Tensor:
         """`bank[index]` of a bank held in the store: the resident tensor, or a meta tensor of its shape."""

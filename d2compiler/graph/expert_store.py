@@ -13,6 +13,9 @@ Giving the owner routing weights of zero for the tokens of the experts that are 
 (`group_call`) makes its output the contribution of the resident experts alone: the outputs of the
 transformers-5 experts interface are sums over the routed (token, expert) pairs of weight × expert
 output, so the sum of the group outputs over groups that cover every expert is the whole output.
+To keep that sum in the module's own order (the same bits as one call over all experts), a group's
+call can start from the sum so far (`start`): the module's `zeros_like(hidden)` accumulator is then
+that tensor, to which the other experts add exact zeros.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
-from d2compiler.errors import D2Error
+from d2compiler.errors import D2Error, PassError
 
 ReadExpert = Callable[[str, int], torch.Tensor]  # (bank attribute, expert) -> [out, in] as stored
 
@@ -30,9 +33,13 @@ ReadExpert = Callable[[str, int], torch.Tensor]  # (bank attribute, expert) -> [
 class ExpertStore:
     """The resident experts of one owner's banks (see the module docstring)."""
 
-    def __init__(self, attrs: Iterable[str], read: ReadExpert, dtype: torch.dtype, device: torch.device):
+    def __init__(self, attrs: Iterable[str], read: ReadExpert, dtype: torch.dtype, device: torch.device,
+                 group_size: int | None = None):
         self.attrs = sorted(attrs)
         self.read, self.dtype, self.device = read, dtype, device
+        self.group_size = group_size  # experts resident at once in a plain forward (None: all)
+        self.start: torch.Tensor | None = None  # the accumulator the owner's next output call adds into (`ExpertCalls`)
+        self.started = False  # whether the last output call took it
         self.resident: dict[tuple[str, int], torch.Tensor] = {}
 
     def load(self, experts: Iterable[int]) -> None:
@@ -40,7 +47,12 @@ class ExpertStore:
         for e in experts:
             for attr in self.attrs:
                 if (attr, e) not in self.resident:
-                    self.resident[(attr, e)] = self.read(attr, e).to(device=self.device, dtype=self.dtype)
+                    # a copy: a tensor read from a file may be a misaligned view of its mapping, and matrix
+                    # products round differently on misaligned operands than on the model's own tensors
+                    tensor = self.read(attr, e).to(device=self.device, dtype=self.dtype, copy=True)
+                    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                        raise PassError(f"expert {e} of bank {attr}: the weights hold NaN or Inf")
+                    self.resident[(attr, e)] = tensor
 
     def experts(self) -> list[int]:
         """The resident experts, in order."""

@@ -214,14 +214,22 @@ def _wrap_forward(owner: nn.Module, slices: dict[tuple[str, int], ExpertSlice]) 
             routing = _routing(args)
             experts = getattr(owner, attrs[0]).shape[0]
             if routing is not None and _statistics_forward(original, args, kwargs, banks, routed, routing, mode, experts, store):
-                with ExpertCalls(banks, None, store=store):
+                with ExpertCalls(banks, None, store=store, start=_take_start(store)):
                     return original(*args, **kwargs)  # the routed output, seen by no statistic
             log.warning("experts.calibration = %s: %s is not called as (hidden, top_k_index, top_k_weights) with "
                         "hidden[token_idx] per expert; its experts' statistics stay routed", mode, type(owner).__name__)
-        with ExpertCalls(banks, routed, store=store):
+        with ExpertCalls(banks, routed, store=store, start=_take_start(store)):
             return original(*args, **kwargs)
 
     object.__setattr__(owner, "forward", forward)
+
+
+def _take_start(store: ExpertStore | None) -> torch.Tensor | None:
+    """The accumulator the store holds for this output call (`graph.expert_store`), taken once."""
+    if store is None:
+        return None
+    start, store.start, store.started = store.start, None, False
+    return start
 
 
 def bank_parameter(model: nn.Module, name: str) -> torch.Tensor | None:

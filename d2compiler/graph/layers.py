@@ -76,8 +76,8 @@ class LinearLayer:
     @property
     def shape(self) -> tuple[int, int]:
         """(out_features, in_features) of this layer (of the slice, for a slice)."""
-        w = self.module.weight
-        out_f, in_f = (w.shape[1], w.shape[0]) if self.transposed else (w.shape[0], w.shape[1])
+        shape = getattr(self.module, "weight_shape", None) or self.module.weight.shape  # an expert need not be loaded
+        out_f, in_f = (shape[1], shape[0]) if self.transposed else (shape[0], shape[1])
         return (len(range(out_f)[self.row_slice]), in_f)
 
     def whole(self) -> LinearLayer:

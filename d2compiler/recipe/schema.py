@@ -215,6 +215,17 @@ class ExpertsSpec(_Strict):
         "starts (all of them, one group, whenever they fit). The result is the same as with one group for passes "
         "whose statistics are per layer. `d2c plan` shows the statistics' memory and the groups.",
     )
+    load: Literal["block", "group"] = Field(
+        default="block", description="How a streaming run holds a block's routed experts. `block`: the whole block is "
+        "read, every expert's weights in the compute dtype at once (a DeepSeek-V3 layer: 256 experts, 45 GB in "
+        "float32). `group`: the expert banks stay in the files and only one group of experts (`group_size`) is read "
+        "at a time, for its statistics, its pruning and every forward of the block; the pruned experts are written "
+        "to the run's work folder as each group finishes. Memory then follows the group size, not the number of "
+        "experts, at the cost of reading each expert once per pass over the block. Needs `model.streaming = true`, "
+        "one process and `output.path`; not available with passes that re-observe a block after pruning part of it "
+        "(`true_sequential`), survey the model first (`sparsity_allocation`) or compare block outputs with stand-in "
+        "weights (`attention_kl_update`'s trials).",
+    )
 
 
 def _recipe_base() -> type[BaseModel]:
