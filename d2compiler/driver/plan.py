@@ -224,7 +224,7 @@ def make_plan(recipe: BaseModel) -> Plan:
                 coverage=Coverage.combine(coverages) if several else coverages[0], allow_untargeted=m.allow_untargeted)
     targeted = set().union(*(names for part in parts for names in part.targets.values()))
     _estimate(plan, [layers for p in parts for layers in p.per_block[: p.last + 1]], [g for p in parts for g in p.groups],
-              targeted, seq, model, first.hidden, baseline_mb, [g for p in parts for g in p.groupings])
+              targeted, seq, model, first.hidden, baseline_mb, [g for p in parts for g in p.groupings], first.executor.by_group)
     _estimate_storage(plan, model, [b for p in parts for b in p.executor.blocks],
                       [b for p in parts for b in p.executor.blocks[: max(p.last, 0)]], first.hidden, streaming=streamed is not None,
                       group=max((g.size for p in parts for g in p.groupings if g.experts), default=0) if first.executor.by_group else None)
@@ -326,7 +326,8 @@ def project(costs: list[BlockCost], nproc: int, link_gbs: float) -> dict[str, fl
 
 
 def _estimate(plan: Plan, blocks: list[list[LinearLayer]], block_groups: list[set[tuple[str, ...]]], targeted: set[str],
-              seq: int, model: torch.nn.Module, hidden: int, baseline_mb: float, groupings: list[GroupPlan]) -> None:
+              seq: int, model: torch.nn.Module, hidden: int, baseline_mb: float, groupings: list[GroupPlan],
+              by_group: bool = False) -> None:
     tokens = plan.tokens
     costs = [p.plan_cost() for p in plan.schedule]
     solves = any(c.solves for c in costs)
@@ -350,9 +351,11 @@ def _estimate(plan: Plan, blocks: list[list[LinearLayer]], block_groups: list[se
                     + max(12 * la.shape[1] ** 2 + 16 * la.shape[0] * la.shape[1] for la in chosen or layers)) / 2**20
         working = max(working, block_mb)
         kept = max(kept, tokens * sum(others) * 4 / 2**20)  # one float32 input per shared input
-        regrouped += (grouping.groups - 1) * cost.forward_s / 2
+        # experts read by group: the block runs twice more up to its experts (recorded calls, replay); else the
+        # later groups' routed forwards
+        regrouped += cost.forward_s if by_group and grouping.experts else (grouping.groups - 1) * cost.forward_s / 2
         if grouping.experts and not plan.experts:
-            plan.experts = grouping.describe()
+            plan.experts = grouping.describe(by_group)
     fwd = sum(c.forward_s for c in plan.costs)
     stats = sum(c.stats_s for c in plan.costs)
     obs = sum(sum(c.solves_s) for c in plan.costs)

@@ -74,11 +74,13 @@ class GroupPlan:
         """The statistics held at once: one group's experts'."""
         return min(self.size, self.experts) * self.bytes_per_expert
 
-    def describe(self) -> str:
-        """One line for `d2c plan`."""
+    def describe(self, by_group: bool = False) -> str:
+        """One line for `d2c plan` (`by_group`: experts read group by group, `experts.load = "group"`)."""
         mib = self.bytes_per_expert / 2**20
         line = (f"{self.experts} per block, statistics {mib:.1f} MiB each ({self.experts * mib:.1f} MiB for all); "
                 f"{self.groups} group{'s' if self.groups > 1 else ''} of {self.size}")
+        if by_group:
+            return line + " (weights and statistics read by group, each group run on the block's recorded expert calls)"
         more = self.groups - 1
         return line + (f" ({more} more routed forward{'s' if more > 1 else ''} per block)" if more else "")
 
