@@ -49,6 +49,17 @@ def test_experts_read_by_group_give_the_whole_block_runs_weights(family, passes,
         assert torch.allclose(zeros, torch.full_like(zeros, 0.5), atol=0.02), name  # every expert pruned
 
 
+def test_blocks_after_the_last_pruned_one_are_copied_expert_by_expert(moe_models, tmp_path):  # noqa: F811
+    first_only = SPARSEGPT + 'targets = ["re:model\\\\.layers\\\\.0\\\\."]\n'
+    extra = "allow_untargeted = true\n"
+    code, whole = run(tmp_path, moe_models["qwen3_moe"], first_only, name="whole", extra=STREAMING + extra)
+    assert code == 0
+    code, grouped = run(tmp_path, moe_models["qwen3_moe"], first_only, name="grouped", extra=extra + BY_GROUP)
+    assert code == 0
+    assert grouped["weights_sha256"] == whole["weights_sha256"]
+    assert {k.split(".")[2] for k in grouped["layers"]} == {"0"}  # block 1 was copied, not pruned
+
+
 @pytest.mark.parametrize(("extra", "passes", "message"), [
     ('[experts]\nload = "group"\n', SPARSEGPT, "needs model.streaming = true"),
     (BY_GROUP, SPARSEGPT + "true_sequential = true\n", "re-observes the block"),
