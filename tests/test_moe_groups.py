@@ -4,6 +4,7 @@ observed and pruned group by group, with the weights of the one-group run."""
 from __future__ import annotations
 
 import pytest
+import torch
 
 from d2compiler.execution.expert_groups import plan_groups, statistics_bytes
 
@@ -55,3 +56,30 @@ def test_plan_shows_the_statistics_and_the_groups(moe_models, tmp_path, capsys):
     out = capsys.readouterr().out
     assert f"experts: 4 per block, statistics {per_expert:.1f} MiB each" in out
     assert "2 groups of 3 (1 more routed forward per block)" in out
+
+
+def test_the_budget_leaves_room_for_the_other_layers_statistics_and_weights_read_by_group(monkeypatch):
+    from types import SimpleNamespace
+
+    from d2compiler.execution import expert_groups
+
+    def expert(e: int, role: str, shape: tuple[int, int]) -> SimpleNamespace:
+        return SimpleNamespace(is_expert=True, module=SimpleNamespace(index=e), expert_list=None, owner=f"{role}.{e}",
+                               shape=shape)
+
+    layers = [expert(e, role, shape) for e in range(64) for role, shape in (("up", (96, 64)), ("down", (64, 96)))]
+    attention = SimpleNamespace(is_expert=False, expert_list=None, owner="o_proj", shape=(64, 256), local_name="o_proj")
+    monkeypatch.setattr(expert_groups, "free_memory_bytes", lambda _device: 2.0 * 2**20)
+    per_expert = statistics_bytes([64, 96])
+
+    def size(targeted: list, weights: int = 0) -> int:
+        return expert_groups.layer_grouping(targeted, lambda owner: [owner], [], None, torch.device("cpu"),
+                                            weight_bytes=weights).size
+
+    assert size(layers) == int(0.5 * 2 * 2**20 // per_expert)
+    others = statistics_bytes([256])
+    assert size([*layers, attention]) == int((0.5 * 2 * 2**20 - others) // per_expert)  # beside the o_proj statistics
+    with_weights = per_expert + 4 * (96 * 64 + 64 * 96)
+    grouped = expert_groups.layer_grouping([*layers, attention], lambda owner: [owner], [], None, torch.device("cpu"),
+                                           weight_bytes=4)
+    assert grouped.size == int((0.5 * 2 * 2**20 - others) // with_weights) and grouped.bytes_per_expert == per_expert

@@ -174,8 +174,10 @@ def _stack_plan(model: torch.nn.Module, manager: PassManager, recipe: BaseModel,
     last = max((i for i, layers in enumerate(per_block) if any(la.name in targeted for la in layers)), default=-1)
     groups = [{tuple(executor.structure(i, sample).group_of(la.owner)) for la in layers if la.name in targeted}
               for i, layers in enumerate(per_block[: last + 1])]
+    weights = model.dtype.itemsize if executor.by_group else 0  # experts read by group: their weights count too
     groupings = [layer_grouping([la for la in layers if la.name in targeted], executor.structure(i, sample).group_of,
-                                manager.schedule, recipe.experts.group_size, device) for i, layers in enumerate(per_block[: last + 1])]
+                                manager.schedule, recipe.experts.group_size, device, weight_bytes=weights)
+                 for i, layers in enumerate(per_block[: last + 1])]
     return StackPlan(executor, per_block, targets, last, groups, sample.args[0].shape[-1],
                      sample.args[0].shape[-2] if takes_images(model) else None, groupings)
 

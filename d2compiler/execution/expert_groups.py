@@ -134,7 +134,8 @@ def block_grouping(ctx: ExecutorContext, schedule: list[Pass], group_size: int |
     and processes that share the host's memory share its budget."""
     targeted = [layer for layer in ctx.layers if layer.name in ctx.targeted]
     processes = ctx.group.size if ctx.device.type == "cpu" else 1
-    plan = layer_grouping(targeted, ctx.structure.group_of, schedule, group_size, ctx.device, processes)
+    weights = next((t.dtype.itemsize for t in ctx.module.parameters() if t.is_meta), 0)  # banks read by group
+    plan = layer_grouping(targeted, ctx.structure.group_of, schedule, group_size, ctx.device, processes, weights)
     if ctx.group.size == 1 or not plan.experts:
         return plan
     size = int(ctx.group.broadcast(torch.tensor([plan.size], dtype=torch.int64), 0).item())
@@ -142,15 +143,21 @@ def block_grouping(ctx: ExecutorContext, schedule: list[Pass], group_size: int |
 
 
 def layer_grouping(targeted: list[LinearLayer], group_of: Callable[[str], list[str]], schedule: list[Pass],
-                   group_size: int | None, device: torch.device, processes: int = 1) -> GroupPlan:
+                   group_size: int | None, device: torch.device, processes: int = 1, weight_bytes: int = 0) -> GroupPlan:
     """How a block with these targeted layers splits its experts: `group_size` each, or as many as fit
-    in the memory free now on `device`, shared by `processes`. `group_of` names the linears sharing a
-    layer's input."""
+    in the memory free now on `device`, shared by `processes`, less the statistics of the layers that
+    are not routed experts (held beside one group's). `group_of` names the linears sharing a layer's
+    input; `weight_bytes`: the bytes per weight entry of experts read by group (their weights count
+    with their statistics; 0: loaded with the block)."""
     units = expert_order(targeted)
     if not units:
         return plan_groups(0, 0.0, None, None)
     widths = {tuple(group_of(layer.owner)): layer.shape[1] for layer in targeted if expert_key(layer) == units[0]}
+    others = {tuple(group_of(layer.owner)): layer.shape[1] for layer in targeted if expert_key(layer) is None}
     copies = max((p.plan_cost().statistics_copies for p in schedule if p.observes), default=1)
+    per_expert = statistics_bytes(widths.values(), copies)
+    weights = weight_bytes * sum(layer.shape[0] * layer.shape[1] for layer in targeted if expert_key(layer) == units[0])
     free = None if group_size is not None else free_memory_bytes(device)
-    free = None if free is None else free / processes
-    return plan_groups(len(units), statistics_bytes(widths.values(), copies), group_size, free)
+    free = None if free is None else max(0.0, free / processes - statistics_bytes(others.values(), copies) / HEADROOM)
+    size = plan_groups(len(units), per_expert + weights, group_size, free).size
+    return GroupPlan(len(units), size, per_expert)
