@@ -169,7 +169,8 @@ def describe(r: dict[str, Any]) -> str:
 
 def section(r: dict[str, Any]) -> list[str]:
     plan, p = r["plan"], r["phases_s"]
-    held = "every expert read" if r.get("load", "block") == "block" else "experts read, observed, pruned and written"
+    held = ("every expert loaded with its block, the statistics of" if r.get("load", "block") == "block"
+            else "experts read, observed, pruned and written")
     lines = [f"## {r['model']}", "", protocol.provenance_line(r["provenance"]), "",
              f"{describe(r)}; {r['parameters'] / 1e9:.2f}B parameters, {r['disk_mb'] / 1024:.1f} GiB on disk. SparseGPT 50% with "
              f"streaming (fp32 compute), calibration {r['calibration']}, `experts.load = \"{r.get('load', 'block')}\"` ({held} "
