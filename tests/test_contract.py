@@ -205,7 +205,7 @@ LAYERS = [  # top to bottom: a module imports only from its own layer or the lay
     {"d2compiler.export"},  # output formats
     {"d2compiler.recipe"},  # recipe schema, pass manager, artifact kinds
     {"d2compiler.graph"},  # tracing, roles, attention capture, 2:4 storage
-    {"d2compiler.errors", "d2compiler.lifetime", "d2compiler.weight_index"},  # stdlib-level helpers
+    {"d2compiler.errors", "d2compiler.lifetime", "d2compiler.weight_index", "d2compiler.tensor_file"},  # stdlib-level helpers
 ]
 
 

@@ -223,8 +223,8 @@ class ExpertsSpec(_Strict):
         "to the run's work folder as each group finishes. Memory then follows the group size, not the number of "
         "experts, at the cost of reading each expert once per pass over the block. Needs `model.streaming = true`, "
         "one process and `output.path`; not available with passes that re-observe a block after pruning part of it "
-        "(`true_sequential`), survey the model first (`sparsity_allocation`) or compare block outputs with stand-in "
-        "weights (`attention_kl_update`'s trials).",
+        "(true-sequential pruning), survey the whole model first (a layer-wise sparsity allocation) or score "
+        "candidates by the block's output with stand-in weights (block-output scoring).",
     )
 
 
