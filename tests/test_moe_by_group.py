@@ -157,3 +157,22 @@ def test_a_killed_run_reading_experts_by_group_resumes_to_the_same_weights(tmp_p
     assert f"resuming at block {killed_at} of 8" in rerun.stderr
     read = [json.loads((folder / "sparsity.json").read_text()) for folder in (reference, output)]
     assert read[0]["weights_sha256"] == read[1]["weights_sha256"]
+
+
+def test_a_weightless_model_makes_its_large_tensors_on_the_meta_device(moe_models, monkeypatch):  # noqa: F811
+    """A bank is never allocated while the model is built (a DeepSeek-V3 layer's would be 30 GB), and
+    the buffers computed at construction stay real."""
+    import transformers as tf
+
+    from d2compiler.execution import streaming
+
+    monkeypatch.setattr(streaming, "LARGE", 1000)
+    with streaming._LargeOnMeta():
+        assert torch.empty(10, 200).is_meta and torch.zeros((10, 100)).is_meta and not torch.empty(3).is_meta
+        assert not torch.empty(10, 200, device="cpu").is_meta  # a device named is kept
+    folder = moe_models["deepseek_v3"]
+    model = streaming.empty_model(folder, torch.float32)
+    reference = tf.AutoModelForCausalLM.from_pretrained(folder)
+    assert all(p.is_meta for p in model.parameters())
+    buffers = dict(reference.named_buffers())
+    assert all(torch.equal(b, buffers[n]) for n, b in model.named_buffers())

@@ -14,6 +14,7 @@ file: pruned); `placement.Placement` loads and releases them, for pruning and fo
 from __future__ import annotations
 
 import ctypes
+import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,6 +23,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from d2compiler.errors import D2Error, ModelLoadError
 from d2compiler.execution.expert_groups import fitting_group
@@ -65,6 +67,28 @@ def as_stored(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
     return tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
 
 
+LARGE = 1 << 26  # entries: a tensor made while a weightless model is built this large is made on the meta device
+
+
+class _LargeOnMeta(TorchFunctionMode):
+    """While a weightless model is built: tensor factories asked for LARGE entries or more, with no
+    device named, make meta tensors. `init_empty_weights` moves each parameter to the meta device only
+    once it is registered, so a module that builds `nn.Parameter(torch.empty(E, 2I, H))` would first
+    ask for the whole bank (30 GB for a DeepSeek-V3 layer in float32, refused by the allocator);
+    buffers, small and computed at construction (rotary frequencies), stay real."""
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        if func in _FACTORIES and kwargs.get("device") is None:
+            size = args[0] if args and isinstance(args[0], (tuple, list, torch.Size)) else kwargs.get("size", args)
+            if size and all(isinstance(n, int) for n in size) and math.prod(size) >= LARGE:
+                kwargs["device"] = "meta"
+        return func(*args, **kwargs)
+
+
+_FACTORIES = {torch.empty, torch.zeros, torch.ones, torch.full, torch.rand, torch.randn}
+
+
 def empty_model(folder: Path, dtype: torch.dtype, attn_implementation: str | None = None) -> nn.Module:
     """The model of `folder` with every parameter on the meta device (no memory), in eval mode."""
     from accelerate import init_empty_weights
@@ -76,7 +100,7 @@ def empty_model(folder: Path, dtype: torch.dtype, attn_implementation: str | Non
     if attn_implementation:
         config._attn_implementation = attn_implementation
     cls = model_class(config, str(folder))
-    with init_empty_weights():
+    with init_empty_weights(), _LargeOnMeta():
         model = cls._from_config(config, dtype=dtype)
     model.tie_weights()  # tied parameters share one meta tensor, as they will share the loaded one
     return model.eval()
