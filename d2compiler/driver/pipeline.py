@@ -79,9 +79,12 @@ def protected_paths(recipe: BaseModel) -> list[Path]:
     return paths + source_files(recipe.model.source)
 
 
-def output_bytes_needed(model: torch.nn.Module, windows: list[torch.Tensor], hidden_size: int) -> int:
-    """About what a run writes: the output weights, the block checkpoints, two sets of hidden states."""
-    params = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+def output_bytes_needed(model: torch.nn.Module, windows: list[torch.Tensor], hidden_size: int,
+                        storage: torch.dtype | None = None) -> int:
+    """About what a run writes: the output weights and the block checkpoints (floating tensors in the
+    `storage` dtype they are written in, when given), two sets of hidden states."""
+    params = sum(t.numel() * (storage.itemsize if storage is not None and t.is_floating_point() else t.element_size())
+                 for t in model.state_dict().values())
     tokens = sum(w.numel() for w in windows)
     return 2 * params + 2 * tokens * hidden_size * 4 + (16 << 20)
 
@@ -258,7 +261,7 @@ def _calibration_windows(job: Job, loaded: LoadedModel) -> list[torch.Tensor]:
     windows = calibration_inputs(calibration, loaded.model, loaded.tokenizer)
     if job.out_path is not None and job.main:
         hidden = getattr(getattr(loaded.model, "config", None), "hidden_size", 0) or 0
-        check_free_space(job.out_path, output_bytes_needed(loaded.model, windows, int(hidden)))
+        check_free_space(job.out_path, output_bytes_needed(loaded.model, windows, int(hidden), loaded.storage_dtype))
     return windows
 
 
