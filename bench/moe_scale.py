@@ -128,10 +128,13 @@ def deepseek_v3(folder: Path, s: dict[str, int]) -> None:
 
 
 def recipe(source: str, out: str, samples: int, seq_len: int, group_size: int, load: str = "block") -> Any:
+    """SparseGPT 50%, streaming; experts read by group (`load = "group"`) store the checkpoint's bf16
+    (`model.dtype = "auto"`: float32 compute on the CPU), the Qwen3 run float32 as before."""
     from d2compiler.recipe.schema import validate_recipe
 
+    dtype = "auto" if load == "group" else "float32"
     return validate_recipe({
-        "version": 1, "model": {"source": source, "dtype": "float32", "device": "cpu", "streaming": True},
+        "version": 1, "model": {"source": source, "dtype": dtype, "device": "cpu", "streaming": True},
         "data": {"calibration": {"source": protocol.calibration_source(), "samples": samples, "seq_len": seq_len}},
         "experts": {"group_size": group_size, "load": load},
         "passes": [{"type": "calibrate"}, {"type": "sparsegpt", "sparsity": 0.5}],
@@ -173,7 +176,7 @@ def section(r: dict[str, Any]) -> list[str]:
             else "experts read, observed, pruned and written")
     lines = [f"## {r['model']}", "", protocol.provenance_line(r["provenance"]), "",
              f"{describe(r)}; {r['parameters'] / 1e9:.2f}B parameters, {r['disk_mb'] / 1024:.1f} GiB on disk. SparseGPT 50% with "
-             f"streaming (fp32 compute), calibration {r['calibration']}, `experts.load = \"{r.get('load', 'block')}\"` ({held} "
+             f"streaming (fp32 compute, {'stored in the checkpoint' + chr(39) + 's bf16' if r.get('load') == 'group' else 'fp32 output'}), calibration {r['calibration']}, `experts.load = \"{r.get('load', 'block')}\"` ({held} "
              f"{r['group_size']} at a time: `experts.group_size = {r['group_size']}`); one process on this CPU ({r['threads']} threads).", "",
              "| measured | value |", "|---|---|",
              f"| peak RSS | {r['peak_rss_mb']:.0f} MiB ({r['peak_rss_mb'] / 1024:.1f} GiB) |",
