@@ -86,6 +86,11 @@ class TensorFileWriter:
         self._put(name, offset + index * prod(shape[1:]) * torch.empty((), dtype=dtype).element_size(), tensor, shape[1:])
         self.written[name].add(index)
 
+    def abandon(self) -> None:
+        """Close and delete the unfinished file (a run that failed half-way leaves nothing of it)."""
+        self.file.close()
+        self.path.unlink(missing_ok=True)
+
     def close(self) -> None:
         """Write the header, flush and close; an error naming the first tensor not written in full."""
         try:

@@ -35,6 +35,7 @@ from d2compiler.execution.memory import current_rss_mb, peak_rss_mb
 from d2compiler.execution.placement import Placement, Reader
 from d2compiler.execution.progress import progress
 from d2compiler.execution.report import BlockReport, ExecutionReport, merge_results
+from d2compiler.execution.streaming import round_to_storage
 from d2compiler.execution.survey import survey
 from d2compiler.graph.block_trace import trace_with_experts
 from d2compiler.graph.blocks import block_signature
@@ -70,16 +71,6 @@ class Progress:
     first: int
     inputs: list[BlockInput]
     reports: list[BlockReport] = field(default_factory=list)
-
-
-def round_to_storage(module: nn.Module, dtype: torch.dtype) -> None:
-    """Round `module`'s floating parameters and buffers, in place and in their own (compute) dtype,
-    to the values `dtype` can store: a block computed in float32 and stored in bfloat16 propagates,
-    resumes and evaluates with exactly the weights that are written."""
-    with torch.no_grad():
-        for tensor in [*module.parameters(), *module.buffers()]:
-            if tensor.is_floating_point() and tensor.dtype != dtype and not tensor.is_meta:
-                tensor.copy_(tensor.to(dtype))
 
 
 class BlockExecutor:
@@ -331,10 +322,7 @@ class BlockExecutor:
         for number, names in enumerate(groups):
             with ctx.narrowed(names) if len(groups) > 1 else nullcontext():
                 self._observe(ctx, times, later=number > 0)
-                for position, p in enumerate(self.schedule if ctx.targeted else []):
-                    t0 = time.perf_counter()
-                    parts.setdefault(position, []).append((p.name, self._apply(ctx, p)))
-                    times[p.name] = times.get(p.name, 0.0) + time.perf_counter() - t0
+                self.apply_schedule(ctx, times, parts)
             if len(groups) > 1:
                 ctx.forget(names)
         results = merge_results(parts)
@@ -376,6 +364,14 @@ class BlockExecutor:
         ctx.bracketed_forward(self.schedule, observing=None if read >= ctx.targeted else frozenset(read), stops=stops, run=run)
         check_statistics(ctx)
         times["observe"] = times.get("observe", 0.0) + time.perf_counter() - start
+
+    def apply_schedule(self, ctx: ExecutorContext, times: dict[str, float], parts: dict[int, list[tuple[str, PassResult]]]) -> None:
+        """Every pass of the schedule on the block (its current group), in order; each result added to
+        `parts` (by position) and its time to `times`."""
+        for position, p in enumerate(self.schedule if ctx.targeted else []):
+            t0 = time.perf_counter()
+            parts.setdefault(position, []).append((p.name, self._apply(ctx, p)))
+            times[p.name] = times.get(p.name, 0.0) + time.perf_counter() - t0
 
     def _apply(self, ctx: ExecutorContext, p: Pass) -> PassResult:
         """One pass on the block: precondition, `apply` (an unexpected exception becomes a located

@@ -16,13 +16,13 @@ that no bank is ever whole in memory:
    gives the next block's inputs (`lazy_experts.run_block`).
 
 Not available here (refused before the first block): several processes, passes that re-observe
-upstream layers (true-sequential) or survey the model first, and passes that compare the block's
-outputs with stand-in weights (those fail at their first comparison).
+upstream layers (true-sequential) or survey the model first, and passes whose plan cost declares
+block forwards with stand-in weights (block-output scoring); a pass that compares block outputs
+without declaring it is stopped at its first comparison (`ExecutorContext.output_error_sums`).
 """
 
 from __future__ import annotations
 
-import time
 from contextlib import nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -118,8 +118,21 @@ def prune_by_groups(executor: BlockExecutor, ctx: ExecutorContext, grouping: Gro
     assert held is not None
     owner, store = held
     names = _owner_prefix(ctx.module, owner, ctx.name + ".")
-    storage = executor.storage_dtype
     writer = TensorFileWriter(path)
+    try:
+        _prune_into(executor, ctx, grouping, times, parts, writer, owner, store, names)
+    except BaseException:
+        writer.abandon()
+        raise
+    read_back(store, path, names)
+    store.group_size = grouping.size
+
+
+def _prune_into(executor: BlockExecutor, ctx: ExecutorContext, grouping: GroupPlan, times: dict[str, float],
+                parts: dict[int, list[tuple[str, PassResult]]], writer: TensorFileWriter, owner: nn.Module,
+                store: ExpertStore, names: str) -> None:
+    """The body of `prune_by_groups`, writing into `writer` (abandoned by the caller on failure)."""
+    storage = executor.storage_dtype
     declare_banks(writer, owner, store, names, storage)
     calls = record_calls(ctx.module, owner, ctx.inputs)
     groups = split(ctx.layers, grouping)
@@ -143,18 +156,13 @@ def prune_by_groups(executor: BlockExecutor, ctx: ExecutorContext, grouping: Gro
             executor._observe(ctx, times, later=number > 0, run=observe)
             if not ran and not last:
                 dense = experts_outputs(owner, store, calls, experts, dense)
-            for position, p in enumerate(executor.schedule if ctx.targeted else []):
-                t0 = time.perf_counter()
-                parts.setdefault(position, []).append((p.name, executor._apply(ctx, p)))
-                times[p.name] = times.get(p.name, 0.0) + time.perf_counter() - t0
+            executor.apply_schedule(ctx, times, parts)
         if len(groups) > 1:
             ctx.forget(layer_names)
         write_experts(writer, store, names, experts, storage)
         store.drop()
     executor.round_block(ctx.module)
     finish_file(writer, ctx.module, ctx.name + ".", storage)
-    read_back(store, path, names)
-    store.group_size = grouping.size
 
 
 def by_group_file(checkpoints: CheckpointStore, index: int) -> Path:
@@ -175,13 +183,17 @@ def copy_block(streamed: StreamedModel, index: int, checkpoints: CheckpointStore
         owner, store = held
         names = _owner_prefix(block, owner, prefix)
         writer = TensorFileWriter(path)
-        declare_banks(writer, owner, store, names, storage)
-        count = getattr(owner, store.attrs[0]).shape[0]
-        for start in range(0, count, group_size or 1):
-            experts = list(range(start, min(start + (group_size or 1), count)))
-            store.load(experts)
-            write_experts(writer, store, names, experts, storage)
-            store.drop()
-        finish_file(writer, block, prefix, storage)
+        try:
+            declare_banks(writer, owner, store, names, storage)
+            count = getattr(owner, store.attrs[0]).shape[0]
+            for start in range(0, count, group_size or 1):
+                experts = list(range(start, min(start + (group_size or 1), count)))
+                store.load(experts)
+                write_experts(writer, store, names, experts, storage)
+                store.drop()
+            finish_file(writer, block, prefix, storage)
+        except BaseException:
+            writer.abandon()
+            raise
     checkpoints.adopt_block(index, path, [], reports)
     return True

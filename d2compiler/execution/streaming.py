@@ -67,6 +67,16 @@ def as_stored(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
     return tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
 
 
+def round_to_storage(module: nn.Module, dtype: torch.dtype) -> None:
+    """Round `module`'s floating parameters and buffers, in place and in their own (compute) dtype,
+    to the values `dtype` can store: a block computed in float32 and stored in bfloat16 propagates,
+    resumes and evaluates with exactly the weights that are written."""
+    with torch.no_grad():
+        for tensor in [*module.parameters(), *module.buffers()]:
+            if tensor.is_floating_point() and tensor.dtype != dtype and not tensor.is_meta:
+                tensor.copy_(tensor.to(dtype))
+
+
 LARGE = 1 << 26  # entries: a tensor made while a weightless model is built this large is made on the meta device
 
 
