@@ -229,7 +229,8 @@ def make_plan(recipe: BaseModel) -> Plan:
               targeted, seq, model, first.hidden, baseline_mb, [g for p in parts for g in p.groupings], first.executor.by_group)
     _estimate_storage(plan, model, [b for p in parts for b in p.executor.blocks],
                       [b for p in parts for b in p.executor.blocks[: max(p.last, 0)]], first.hidden, streaming=streamed is not None,
-                      group=max((g.size for p in parts for g in p.groupings if g.experts), default=0) if first.executor.by_group else None)
+                      group=(max((g.size for p in parts for g in p.groupings if g.experts), default=0) or None)
+                      if first.executor.by_group else None)  # experts read by group (a model with banks)
     return plan
 
 
