@@ -15,7 +15,7 @@ Recorded: peak RSS against the plan's estimate, wall time per phase, time per la
 the expert groups of each block, and every expert matrix's zeros read back from the output.
 Results: bench/results/moe_scale.{json,md}, one record per shape.
 
-    python bench/moe_scale.py [--shape qwen3|deepseek] [--samples 16] [--seq-len 512] [--group-size N]
+    python bench/moe_scale.py [--shape qwen3|deepseek|qwen3,deepseek] [--samples 16] [--seq-len 512] [--group-size N]
 """
 
 from __future__ import annotations
@@ -215,7 +215,7 @@ def earlier_records() -> dict[str, dict[str, Any]]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shape", choices=sorted(SHAPES), default="qwen3")
+    parser.add_argument("--shape", default="qwen3", help="qwen3, deepseek, or both as a comma list (each its own run)")
     parser.add_argument("--samples", type=int, default=None, help="calibration windows (16; smoke: 2)")
     parser.add_argument("--seq-len", type=int, default=None, help="tokens per window (512; smoke: 32)")
     parser.add_argument("--group-size", type=int, default=None, help="experts per group (qwen3 32, deepseek 16; smoke: 3)")
@@ -226,26 +226,36 @@ def main() -> int:
     if child_job(args, lambda source, out, samples, seq_len, group, load: recipe(source, out, int(samples), int(seq_len), int(group), load),
                  nprocs=(1, 8)):
         return 0
-    shape = protocol.pick(SHAPES, SMOKE_SHAPES)[args.shape]
+    names = args.shape.split(",")
+    unknown = [name for name in names if name not in SHAPES]
+    if unknown:
+        parser.error(f"--shape: {unknown[0]!r} is not one of {', '.join(sorted(SHAPES))}")
+    records = earlier_records()
+    for name in names:
+        records[name] = measure(name, args)
+    protocol.publish("moe_scale", {"runs": records}, markdown(records))
+    return 0
+
+
+def measure(name: str, args: argparse.Namespace) -> dict[str, Any]:
+    """The plan and the run of shape `name`, each in its own process, as one record."""
+    import torch
+
+    shape = protocol.pick(SHAPES, SMOKE_SHAPES)[name]
     samples, seq_len = args.samples or protocol.pick(16, 2), args.seq_len or protocol.pick(512, 32)
-    group, load = args.group_size or shape["group"], "group" if args.shape == "deepseek" else "block"
-    folder, out = synthetic_folder(args.shape), protocol.work_dir("moe-scale-run")
+    group, load = args.group_size or shape["group"], "group" if name == "deepseek" else "block"
+    folder, out = synthetic_folder(name), protocol.work_dir("moe-scale-run")
     job_args = [str(folder), str(out), str(samples), str(seq_len), str(group), load]
     plan, _ = protocol.run_job([sys.executable, __file__, "--plan-job", *job_args])
     result = protocol.run_job([sys.executable, __file__, "--job", *job_args])[0] | sizes(folder)
-    import torch
-
     prune_s = [b["times_s"]["total"] for b in result["blocks"]]
-    record = {"model": NAMES[args.shape], "shape_name": args.shape, "shape": shape, "load": load,
+    record = {"model": NAMES[name], "shape_name": name, "shape": shape, "load": load,
               "calibration": f"{protocol.pick('c4', 'python-docs')} first {samples} x {seq_len} tokens",
               "group_size": group, "threads": torch.get_num_threads(), **result, "plan": plan,
               "per_layer_s": sum(prune_s) / len(prune_s), "per_expert_s": sum(prune_s) / (len(prune_s) * shape["experts"]),
               "zeros": expert_zeros(out), "provenance": protocol.provenance()}
     print(json.dumps({k: v for k, v in record.items() if k != "blocks"}), flush=True)
-    records = {**earlier_records(), args.shape: record}
-    protocol.publish("moe_scale", {"runs": records}, markdown(records))
-    return 0
-
+    return record
 
 if __name__ == "__main__":
     sys.exit(main())

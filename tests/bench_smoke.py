@@ -36,7 +36,7 @@ SCRIPTS = {
     "layer_errors.py": [PY, "bench/layer_errors.py", "--smoke", "--patterns", "0.7,2:4"],
     "moe.py": [PY, "bench/moe.py", "--smoke", "--recipes", "sparsegpt-unstructured-50", "--modes", "all", "--seeds", "1"],
     "moe_solves.py": [PY, "bench/moe_solves.py", "--smoke"],
-    "moe_scale.py": [PY, "bench/moe_scale.py", "--smoke"],
+    "moe_scale.py": [PY, "bench/moe_scale.py", "--smoke", "--shape", "qwen3,deepseek"],  # deepseek: experts read by group
     "moe_allocation.py": [PY, "bench/moe_allocation.py", "--smoke", "--splits", "valid"],
 }
 WRITES = {"quality.py": ["quality.json", "quality.md"], "attention_fidelity.py": ["attention_fidelity.json", "attention_fidelity.png"],
