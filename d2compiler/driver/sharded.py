@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 from collections.abc import Callable, Collection, Iterable
+from dataclasses import replace
 from math import prod
 from pathlib import Path
 from typing import Any
@@ -74,10 +75,9 @@ def split_by_expert(src: Path, dst: Path, pieces_of_name: PiecesOf) -> None:
                 if pieces is None:
                     writer.write_entry(key, e, expert)
                     continue
-                for pc in (pc for pc in pieces if owner[id(pc)] == e):
-                    rows = expert.reshape(-1, width)[pc.rows.reshape(-1) - e * per]
-                    rows = rows.reshape(*pc.rows.shape, width) if width > 1 else rows.reshape(pc.rows.shape)
-                    writer.write(pc.key, (rows.T if pc.transposed else rows).contiguous())
+                mine = [replace(pc, rows=pc.rows - e * per) for pc in pieces if owner[id(pc)] == e]  # rows within the expert
+                for name, tensor in pieces_of(expert, mine).items():
+                    writer.write(name, tensor)
     writer.close()
 
 

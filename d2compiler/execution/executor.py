@@ -328,7 +328,7 @@ class BlockExecutor:
         results = merge_results(parts)
         modified = any(result.modified for _name, result in results)  # each False checked against the fingerprints
         t0 = time.perf_counter()
-        if modified:
+        if modified and not by_group:  # experts_by_group rounds the block before writing it
             self.round_block(block)
         if index < last:
             reuse = not modified and ctx.dense_outputs is not None and not by_group
