@@ -6,7 +6,9 @@ STAMP := $(VENV)/.d2c-installed
 .PHONY: setup browser run test lint bench python-version lock
 
 # Every install goes through constraints.txt: the same versions on every machine (see its header).
-PIP_INSTALL = -m pip install -q -c constraints.txt
+# -qq: errors only. A machine's own pip configuration can add a warning per package (an index
+# folder that is not there gave 126 lines here); a failed install still prints its errors.
+PIP_INSTALL = -m pip install -qq -c constraints.txt
 
 
 python-version:
@@ -15,7 +17,7 @@ python-version:
 
 define install
 	python3 -m venv $(1)
-	$(1)/bin/python -m pip install -q --upgrade pip
+	$(1)/bin/python -m pip install -qq --upgrade pip
 	# torch first, pinned exactly (the CPU wheel); any other spec pulls a multi-GB CUDA build
 	$(1)/bin/python $(2) torch==2.13.0
 	$(1)/bin/python $(2) $(3) ".[dev,bench,deploy,eval]"
@@ -32,7 +34,7 @@ setup: $(STAMP)
 # Re-resolve the dependencies from pyproject.toml (newest allowed versions) into constraints.txt.
 lock: python-version
 	rm -rf .venv-lock
-	$(call install,.venv-lock,-m pip install -q,)
+	$(call install,.venv-lock,-m pip install -qq,)
 	{ sed -n '/^#/p' constraints.txt; .venv-lock/bin/pip freeze --exclude d2compiler | sed 's/+cpu$$//'; } > constraints.new
 	mv constraints.new constraints.txt
 	rm -rf .venv-lock

@@ -117,6 +117,8 @@ SUITE = [  # (recipe, seeds): the README's quality table (`--suite`); seeds are 
     ("recipes/sparsegpt-unstructured-80.toml", 3), ("recipes/admm-alloc-refit-unstructured-80.toml", 3),
     ("recipes/d2prune-admm-unstructured-80.toml", 3),
     ("recipes/admm-refit-2of4.toml", 3), ("recipes/d2prune-admm-2of4.toml", 3),
+    # the deployment combination: 2:4 then GPTQ int4 (group 64: 128 does not divide SmolLM2's 576 inputs)
+    ("recipes/sparsegpt-2of4-w4.toml", 3), ("recipes/admm-refit-2of4-w4.toml", 3), ("recipes/d2prune-admm-2of4-w4.toml", 3),
 ]
 
 
@@ -264,10 +266,16 @@ def aggregate(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return list(rows.values())
 
 
-UNIFORM_SPARSEGPT = re.compile(r"sparsegpt-(unstructured-\d+|2of4)$")  # the plain baseline recipes
+# recipe stems; "-w4": followed by GPTQ int4 (the deployment combination), compared only with "-w4" recipes
+UNIFORM_SPARSEGPT = re.compile(r"sparsegpt-(unstructured-\d+|2of4)(-w4)?$")  # the plain baseline recipes
 ALLOCATED_SPARSEGPT = re.compile(r"sparsegpt-alloc-unstructured-\d+$")  # SparseGPT with the allocation D²Prune uses
-REFIT_SPARSEGPT = re.compile(r"sparsegpt-(alloc-)?refit-(unstructured-\d+|2of4)$")  # ... and with D²Prune's refit
-ALPS_CLASS = re.compile(r"admm-alloc-refit-(unstructured-\d+|2of4)$")  # the ALPS-class baseline, same allocation and refit
+REFIT_SPARSEGPT = re.compile(r"sparsegpt-(alloc-)?refit-(unstructured-\d+|2of4)(-w4)?$")  # ... and with D²Prune's refit
+ALPS_CLASS = re.compile(r"admm-(alloc-)?refit-(unstructured-\d+|2of4)(-w4)?$")  # the ALPS-class baseline, same allocation and refit
+
+
+def variant(record: dict[str, Any]) -> tuple[str, float, bool]:
+    """What a ratio compares within: the pattern, the sparsity (2 decimals) and whether int4 follows."""
+    return record["pattern"], round(record["sparsity"], 2), label(record).endswith("-w4")
 
 
 def ratio_lines(rows: list[dict[str, Any]]) -> list[str]:
@@ -276,12 +284,12 @@ def ratio_lines(rows: list[dict[str, Any]]) -> list[str]:
     `admm` with the same allocation and refit; the ratio per seed (paired on the same
     calibration set), mean ± std, and the ratio of mean pruning times."""
     def baselines(pattern: re.Pattern) -> dict[tuple[str, float], dict[str, Any]]:
-        return {(r["pattern"], round(r["sparsity"], 2)): r for r in rows if r.get("recipe") and pattern.match(label(r))}
+        return {variant(r): r for r in rows if r.get("recipe") and pattern.match(label(r))}
 
     uniform, allocated, refit, alps = (baselines(p) for p in (UNIFORM_SPARSEGPT, ALLOCATED_SPARSEGPT, REFIT_SPARSEGPT, ALPS_CLASS))
     lines = []
     for r in rows:
-        key = (r["pattern"], round(r["sparsity"], 2))
+        key = variant(r)
         d2 = label(r).startswith("d2prune")
         refs = [uniform.get(key)] + ([allocated.get(key), refit.get(key), alps.get(key)] if d2 else [])
         for ref in refs:
@@ -306,15 +314,15 @@ SUMMARY_COLUMNS = [  # (column, recipe stem patterns with {p} for the pattern's 
     ("Wanda", ("wanda-{p}",)), ("SparseGPT", ("sparsegpt-{p}",)), ("SparseGPT + OWL", ("sparsegpt-owl-{p}",)),
     ("SparseGPT + error allocation", ("sparsegpt-alloc-{p}",)),
     ("SparseGPT (+ allocation) + refit", ("sparsegpt-alloc-refit-{p}", "sparsegpt-refit-{p}")),
-    ("ALPS-class admm + allocation + refit", ("admm-alloc-refit-{p}",)),
+    ("ALPS-class admm (+ allocation) + refit", ("admm-alloc-refit-{p}", "admm-refit-{p}")),
     ("D²Prune (shipped OBS recipe)", ("d2prune-{p}",)), ("D²Prune (ADMM + dense target)", ("d2prune-admm-{p}",)),
 ]
 SUMMARY_PATTERNS = (("unstructured-50", "50%"), ("unstructured-60", "60%"), ("unstructured-70", "70%"),
-                    ("unstructured-80", "80%"), ("2of4", "2:4"))
+                    ("unstructured-80", "80%"), ("2of4", "2:4"), ("2of4-w4", "2:4 + int4"))
 D2PRUNE_COLUMNS = ("D²Prune (shipped OBS recipe)", "D²Prune (ADMM + dense target)")
 RATIO_COLUMNS = (("SparseGPT", "SparseGPT"), ("SparseGPT + allocation", "SparseGPT + error allocation"),
                  ("SparseGPT (+ allocation) + refit", "SparseGPT (+ allocation) + refit"),
-                 ("ALPS-class", "ALPS-class admm + allocation + refit"))
+                 ("ALPS-class", "ALPS-class admm (+ allocation) + refit"))
 
 
 def paired_ratio(a: dict[str, Any] | None, b: dict[str, Any] | None, *, count: bool = False) -> str:

@@ -11,9 +11,10 @@ instead is a *fingerprint* of each tensor of the pruned model, compared with a t
   change of the surviving weights (another update rule, refit steps, quantization grid) moves them
   by far more than rounding does.
 
-The tolerances are not guessed: `python -m tests.test_recipe_regression noise` reruns every recipe
-in the ways the last bits change on one machine (one thread; generic, non-vectorised kernels; every
-input weight moved by one ulp) and records the largest difference it sees. A tensor's tolerance is
+The tolerances are not guessed: `python -m tests.test_recipe_regression write` reruns every recipe
+in the ways the last bits change on one machine (one thread; generic, non-vectorised kernels; AVX2
+kernels, which is why it is written on an AVX512 machine; every input weight moved by one ulp) and
+records the largest difference it sees. A tensor's tolerance is
 `SAFETY` times that measured noise (with floors so that a zero noise does not demand bit-equality),
 and `test_guard_catches_*` shows that a sparsity changed by 0.01 and a changed update rule exceed
 it. Everything the run depends on is built here from seeded `torch.rand` draws (weights, token
@@ -212,11 +213,17 @@ def test_guard_catches_a_deliberate_change(name, change, mask_changes, windows):
 
 # ---- writing the reference ------------------------------------------------------------------------
 
+# Each probe reruns every recipe in one way the last bits change between machines. The reference is
+# written on an AVX512 machine, so that `avx2_kernels` measures what an AVX2 machine computes (on an
+# AVX2 machine it changes nothing: the ADMM recipes, whose support choice amplifies rounding, then
+# failed on AVX512 machines with a reference written on AVX2, 2026-12-07).
 NOISE_PROBES: dict[str, dict[str, str]] = {
     "one_thread": {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"},
     "generic_kernels": {"ATEN_CPU_CAPABILITY": "default", "MKL_ENABLE_INSTRUCTIONS": "SSE4_2"},
+    "avx2_kernels": {"ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"},
     "ulp_nudge": {"D2C_REGRESSION_NUDGE": "1"},
 }
+WRITE_ON = "AVX512"  # the CPU capability the reference is written on (see NOISE_PROBES)
 
 
 def fingerprints_here(folder: Path, names: list[str]) -> dict[str, Fingerprint]:
@@ -244,6 +251,10 @@ def main(argv: list[str]) -> None:
     if command not in ("write", "dump") or unknown:
         raise SystemExit(f"usage: python -m tests.test_recipe_regression write [NAME.toml ...] (not recipes/: {unknown})")
     names = names or RECIPES
+    if command == "write" and torch.backends.cpu.get_cpu_capability() != WRITE_ON:
+        raise SystemExit(f"write the reference on an {WRITE_ON} machine (this one runs "
+                         f"{torch.backends.cpu.get_cpu_capability()}): its avx2_kernels probe then measures "
+                         "what AVX2 machines compute")
     recorded: dict[str, Any] = {}
     if command == "write" and names != RECIPES:
         old = json.loads(FINGERPRINTS.read_text())
