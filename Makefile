@@ -50,7 +50,7 @@ run: setup
 	$(VENV)/bin/d2c run recipes/default.toml --overwrite
 
 # The suite in one pytest worker per usable core (at most 4; a file's tests stay on one worker, so its
-# module fixtures are built once): on 2 cores 15 minutes of tests at df0e1d7 (README). The slowest tests (20 s or
+# module fixtures are built once): on 2 cores 9 to 14 minutes of tests, by machine (README). The slowest tests (20 s or
 # more) are listed at the end, to keep the suite's time in view.
 TEST_WORKERS := $(shell python3 -c 'import os; print(max(1, min(len(os.sched_getaffinity(0)), 4)))')
 # torch threads per worker: the cores shared out (more threads than cores makes small parallel ops wait on
