@@ -283,7 +283,7 @@ def ratio_lines(rows: list[dict[str, Any]]) -> list[str]:
     D²Prune's over SparseGPT with the same allocation, with the same allocation and refit, and over the ALPS-class
     `admm` with the same allocation and refit; the ratio per seed (paired on the same
     calibration set), mean ± std, and the ratio of mean pruning times."""
-    def baselines(pattern: re.Pattern) -> dict[tuple[str, float], dict[str, Any]]:
+    def baselines(pattern: re.Pattern) -> dict[tuple[str, float, bool], dict[str, Any]]:
         return {variant(r): r for r in rows if r.get("recipe") and pattern.match(label(r))}
 
     uniform, allocated, refit, alps = (baselines(p) for p in (UNIFORM_SPARSEGPT, ALLOCATED_SPARSEGPT, REFIT_SPARSEGPT, ALPS_CLASS))
