@@ -11,6 +11,7 @@ process. After each run the script reads the pruned banks back: the smallest and
 zeros over all expert matrices, the router's zeros, and the fewest calibration tokens an expert got.
 
     python bench/moe.py --seeds 3 --fresh                      # the table of bench/results/moe.md
+    python bench/moe.py --seeds 3 --missing --until 19:40      # continue it at the same commit, done by 19:40
     python bench/moe.py --recipes d2prune-unstructured-50 --modes routed --seeds 1
 """
 
@@ -36,7 +37,15 @@ from protocol import (  # noqa: E402
     seq_len,
     start,
 )
-from quality import aggregate, load_results, missing, paired_ratio, recipe_from_file, run_workers  # noqa: E402
+from quality import (  # noqa: E402
+    add_until_flag,
+    aggregate,
+    load_results,
+    missing,
+    paired_ratio,
+    recipe_from_file,
+    run_workers,
+)
 from upcycle import upcycled_moe  # noqa: E402
 
 RECIPES = [f"{method}-{pattern}" for pattern in ("unstructured-50", "unstructured-60", "2of4")
@@ -168,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--render", action="store_true", help="only regenerate moe.md from moe.json")
     parser.add_argument("--smoke", action="store_true", help="the same code path on a tiny random model")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
+    add_until_flag(parser)
     args = parser.parse_args(argv)
     start(args.smoke)
     if args.worker:
@@ -189,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     return run_workers(__file__, configs, out, key, markdown,
                        lambda r: f"{r['recipe']:>28} {r['mode']:>6} seed={r['seed']} ppl={r['ppl']:.3f} "
                                  f"experts {r.get('expert_zeros_min', 0):.4f}-{r.get('expert_zeros_max', 0):.4f} "
-                                 f"wall={r['wall_s']:.1f}s rss={r['peak_rss_mb']:.0f}MB")
+                                 f"wall={r['wall_s']:.1f}s rss={r['peak_rss_mb']:.0f}MB", until=args.until)
 
 
 if __name__ == "__main__":

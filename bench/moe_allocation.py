@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 from moe import key, worker  # noqa: E402
 from protocol import pick, provenance_line, results_dir, start  # noqa: E402
-from quality import run_workers  # noqa: E402
+from quality import add_until_flag, run_workers  # noqa: E402
 from upcycle import upcycled_moe  # noqa: E402
 
 
@@ -47,6 +47,7 @@ def main() -> int:
     parser.add_argument("--seeds", default="0", help="comma list of calibration seeds (seed k: the k-th disjoint C4 block)")
     parser.add_argument("--smoke", action="store_true", help="the same code path on a tiny random model")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
+    add_until_flag(parser)
     args = parser.parse_args()
     start(args.smoke)
     if args.worker:
@@ -59,7 +60,7 @@ def main() -> int:
     out = results_dir() / "moe_allocation.json"
     return run_workers(__file__, configs, out, key, markdown,
                        lambda r: f"{r['split']} lmbda={r['expert_lmbda']} seed={r['seed']} ppl={r['ppl']:.3f} "
-                                 f"experts {r['expert_zeros_min']:.4f}-{r['expert_zeros_max']:.4f}")
+                                 f"experts {r['expert_zeros_min']:.4f}-{r['expert_zeros_max']:.4f}", until=args.until)
 
 
 if __name__ == "__main__":

@@ -19,13 +19,14 @@ k·samples .. (k+1)·samples−1 of the C4 text (`data.calibration.offset`). `--
 recipes of `SUITE` (files in recipes/, each with its number of seeds) exactly as written, except the
 calibration offset of each seed; `--fresh` first drops every earlier record of the results file, so
 the table comes from this one run (`--suite --missing` continues an interrupted one at the same
-commit). `--options '{"allocation": "owl"}'` puts a `sparsity_allocation` pass before the pruning
+commit; `--until 19:40` stops between configurations in time to be done by then). `--options '{"allocation": "owl"}'` puts a `sparsity_allocation` pass before the pruning
 pass of a method (with `owl_m`, `owl_lmbda`, `survey_samples`).
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import re
@@ -417,6 +418,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--render", action="store_true", help="only regenerate the .md from the results file's records")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     add_smoke_flag(parser)
+    add_until_flag(parser)
     args = parser.parse_args(argv)
     start(args.smoke)
     if args.worker:
@@ -454,16 +456,50 @@ def main(argv: list[str] | None = None) -> int:
           f"evaluation WikiText-2 {args.eval} first {args.windows} x {seq_len()}; {len(configs)} configurations", flush=True)
     return run_workers(__file__, configs, out, config_key, markdown,
                        lambda r: f"{label(r):>32} seed={r['seed']} {r['pattern']:>12} sparsity={r['sparsity']:.3f} ppl={r['ppl']:.3f} "
-                                 f"wall={r['wall_s']:.1f}s rss={r['peak_rss_mb']:.0f}MB")
+                                 f"wall={r['wall_s']:.1f}s rss={r['peak_rss_mb']:.0f}MB", until=args.until)
+
+
+def parse_until(text: str, now: datetime.datetime | None = None) -> float:
+    """`--until`'s value as a POSIX time: `HH:MM` (its next occurrence, today or tomorrow, local time) or
+    an ISO date and time (`2026-12-07T19:40`). Raises `argparse.ArgumentTypeError` (a usage error) otherwise."""
+    now = now or datetime.datetime.now()
+    try:
+        if re.fullmatch(r"\d{1,2}:\d{2}", text):
+            clock = datetime.time.fromisoformat(text.zfill(5))
+            moment = datetime.datetime.combine(now.date(), clock)
+            if moment <= now:
+                moment += datetime.timedelta(days=1)
+        else:
+            moment = datetime.datetime.fromisoformat(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected HH:MM or an ISO date and time such as 2026-12-07T19:40, got {text!r}") from err
+    return moment.timestamp()
+
+
+def add_until_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--until", type=parse_until, default=None, metavar="HH:MM",
+                        help="finish by this time (HH:MM, or an ISO date and time): a configuration starts only if the "
+                        "longest one of this run so far would still end before it; the rest are left for `--missing` "
+                        "(at the same commit). A configuration is never cut off, so the results file stays whole.")
 
 
 def run_workers(script: str, configs: list[dict[str, Any]], out: Path, key: Callable[[dict[str, Any]], str],
-                render: Callable[[list[dict[str, Any]]], str], describe: Callable[[dict[str, Any]], str]) -> int:
+                render: Callable[[list[dict[str, Any]]], str], describe: Callable[[dict[str, Any]], str],
+                until: float | None = None) -> int:
     """Run each configuration as `script --worker CFG` in its own process; after each, replace its
     record (by `key`) in the results file `out`, regenerate `out`'s .md with `render` and print
-    `describe(record)`. A failed configuration is reported and skipped; returns 1 if any failed."""
-    failed = 0
-    for cfg in configs:
+    `describe(record)`. A failed configuration is reported and skipped; returns 1 if any failed.
+    With `until` (a POSIX time) a configuration starts only if the longest one so far (none yet: 0 s)
+    would end before it; the ones left are named in one printed line."""
+    failed, longest = 0, 0.0
+    for done, cfg in enumerate(configs):
+        if until is not None and time.time() + longest > until:
+            left = len(configs) - done
+            print(f"--until {time.strftime('%Y-%m-%d %H:%M', time.localtime(until))}: stopped before {left} of "
+                  f"{len(configs)} configurations (the longest so far took {longest:.0f} s); continue them with "
+                  "--missing at this commit", flush=True)
+            break
+        began = time.time()
         proc = subprocess.run([sys.executable, script, "--worker", json.dumps(cfg)], capture_output=True, text=True, cwd=ROOT)
         lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
         if proc.returncode or not lines:
@@ -475,6 +511,7 @@ def run_workers(script: str, configs: list[dict[str, Any]], out: Path, key: Call
         out.write_text(json.dumps(records, indent=1) + "\n")
         out.with_suffix(".md").write_text(render(records))
         print(describe(record), flush=True)
+        longest = max(longest, time.time() - began)
     return 1 if failed else 0
 
 
