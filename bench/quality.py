@@ -19,8 +19,9 @@ k·samples .. (k+1)·samples−1 of the C4 text (`data.calibration.offset`). `--
 recipes of `SUITE` (files in recipes/, each with its number of seeds) exactly as written, except the
 calibration offset of each seed; `--fresh` first drops every earlier record of the results file, so
 the table comes from this one run (`--suite --missing` continues an interrupted one at the same
-commit; `--until 19:40` stops between configurations in time to be done by then). `--options '{"allocation": "owl"}'` puts a `sparsity_allocation` pass before the pruning
-pass of a method (with `owl_m`, `owl_lmbda`, `survey_samples`).
+commit; `--until 19:40` stops between configurations in time to be done by then).
+`--options '{"allocation": "owl"}'` puts a `sparsity_allocation` pass before the pruning pass of a
+method (with `owl_m`, `owl_lmbda`, `survey_samples`).
 """
 
 from __future__ import annotations
