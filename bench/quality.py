@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import os
 import re
 import subprocess
@@ -339,6 +340,63 @@ def paired_ratio(a: dict[str, Any] | None, b: dict[str, Any] | None, *, count: b
     return f"{mean:.3f}" + (f" ± {std:.3f}" if len(ratios) > 1 else "") + (f" ({len(ratios)})" if count else "")
 
 
+def _pattern_columns(by_label: dict[str, dict[str, Any]], suffix: str) -> dict[str, dict[str, Any] | None]:
+    """The row of each summary column for one pattern suffix (None where the suite has no such recipe)."""
+    return {column: next((by_label[x] for x in (st.format(p=suffix) for st in stems) if x in by_label), None)
+            for column, stems in SUMMARY_COLUMNS}
+
+
+def _best_d2prune(found: dict[str, dict[str, Any] | None]) -> dict[str, Any] | None:
+    """The D²Prune column with the lower mean perplexity, or None."""
+    return min((found[c] for c in D2PRUNE_COLUMNS if found[c] is not None), key=lambda r: r["ppl_mean"], default=None)
+
+
+GAIN_STEPS = (("allocation", "SparseGPT + error allocation"), ("refit", "SparseGPT (+ allocation) + refit"),
+              ("ALPS-class ADMM support", "ALPS-class admm (+ allocation) + refit"), ("D²Prune's own", None))
+
+
+def gain_shares(rows: list[dict[str, Any]]) -> list[str]:
+    """Per pattern, the best D²Prune recipe's gain over plain SparseGPT split into the steps of the measured
+    chain SparseGPT → + error allocation → + refit → ALPS-class ADMM (same allocation and refit) → best
+    D²Prune: each step's ratio of mean perplexities and its share of ln(best D²Prune / SparseGPT). The
+    ratios of means telescope to the total. A column a pattern lacks is skipped and its gain is counted in
+    the next measured step, whose cell names the steps it does not separate; N:M patterns have no allocation."""
+    by_label = {label(r): r for r in rows if r.get("recipe")}
+    lines = []
+    for suffix, name in SUMMARY_PATTERNS:
+        found = _pattern_columns(by_label, suffix)
+        base, d2 = found["SparseGPT"], _best_d2prune(found)
+        if base is None or d2 is None:
+            continue
+        total = math.log(d2["ppl_mean"] / base["ppl_mean"])
+        previous, skipped, cells = base, [], []
+        for step, column in GAIN_STEPS:
+            row = d2 if column is None else found[column]
+            if step == "allocation" and suffix.startswith("2of4"):
+                cells.append("n/a (N:M)")
+                continue
+            if row is None:
+                skipped.append(step)
+                cells.append("")
+                continue
+            ratio = row["ppl_mean"] / previous["ppl_mean"]
+            share = math.log(ratio) / total if total else float("nan")
+            covers = f"; not separated: {', '.join(skipped)}" if skipped else ""
+            cells.append(f"{ratio:.3f} ({share:.0%}{covers})")
+            previous, skipped = row, []
+        lines.append(f"| {name} | {d2['ppl_mean'] / base['ppl_mean']:.3f} | " + " | ".join(cells) + f" | {label(d2)} |")
+    if not lines:
+        return []
+    return ["### Where the gain over SparseGPT comes from", "",
+            "Each step's ratio of mean perplexities along SparseGPT → + error allocation → + refit → ALPS-class `admm` "
+            "(same allocation and refit) → the best D²Prune recipe, and its share of the whole gain (of ln(best D²Prune / "
+            "SparseGPT)); the step ratios multiply to the total. A step the suite has no recipe for is counted in the next "
+            "measured one (\"not separated: ...\"; N:M patterns fix every layer's sparsity, so they have no "
+            "allocation). The refit column is one seed; the others are means over their seeds.", "",
+            "| pattern | best D²Prune / SparseGPT | " + " | ".join(step for step, _ in GAIN_STEPS) + " | best D²Prune |",
+            "|---" * (len(GAIN_STEPS) + 3) + "|", *lines, ""]
+
+
 def summary_table(rows: list[dict[str, Any]]) -> list[str]:
     """The README table: per pattern, the mean test perplexity (± std over seeds) of each suite recipe,
     and the best D²Prune recipe's (the lower mean of the two D²Prune columns) seed-paired ratios to
@@ -352,13 +410,12 @@ def summary_table(rows: list[dict[str, Any]]) -> list[str]:
              + " | ".join(f"best D²Prune / {name}" for name, _ in RATIO_COLUMNS) + " | best D²Prune wall / SparseGPT wall |",
              "|---" * (len(SUMMARY_COLUMNS) + len(RATIO_COLUMNS) + 3) + "|"]
     for suffix, name in SUMMARY_PATTERNS:
-        found = {column: next((by_label[x] for x in (st.format(p=suffix) for st in stems) if x in by_label), None)
-                 for column, stems in SUMMARY_COLUMNS}
+        found = _pattern_columns(by_label, suffix)
         if not any(found.values()):
             continue
         cells = ["" if r is None else f"{r['ppl_mean']:.2f}" + (f" ± {r['ppl_std']:.2f}" if len(r["ppls"]) > 1 else "")
                  for r in found.values()]
-        d2 = min((found[c] for c in D2PRUNE_COLUMNS if found[c] is not None), key=lambda r: r["ppl_mean"], default=None)
+        d2 = _best_d2prune(found)
         base = found["SparseGPT"]
         wall = f"{d2['wall_mean'] / base['wall_mean']:.2f}×" if d2 and base and base["wall_mean"] else ""
         ratios = [paired_ratio(d2, found[column]) for _name, column in RATIO_COLUMNS]
@@ -395,7 +452,7 @@ def markdown(records: list[dict[str, Any]]) -> str:
             lines.append(f"| {label(r)} | {r['pattern']} | {r['sparsity']:.3f} | {opts} | {r['ppl_mean']:.3f}{spread} | {seeds} | "
                          f"{r['wall_mean']:.1f} | {r['peak_rss_mb']:.0f} | {r.get('measured', 'earlier run')} "
                          f"({', '.join(sorted(r['commits']))}) |")
-        lines += ["", *summary_table(rows), *ratio_lines(rows)]
+        lines += ["", *summary_table(rows), *gain_shares(rows), *ratio_lines(rows)]
     return "\n".join(lines)
 
 
