@@ -359,8 +359,9 @@ def gain_shares(rows: list[dict[str, Any]]) -> list[str]:
     """Per pattern, the best D²Prune recipe's gain over plain SparseGPT split into the steps of the measured
     chain SparseGPT → + error allocation → + refit → ALPS-class ADMM (same allocation and refit) → best
     D²Prune: each step's ratio of mean perplexities and its share of ln(best D²Prune / SparseGPT). The
-    ratios of means telescope to the total. A column a pattern lacks is skipped and its gain is counted in
-    the next measured step, whose cell names the steps it does not separate; N:M patterns have no allocation."""
+    ratios of means telescope to the total; a cell whose two rows have different seed counts names them.
+    A column a pattern lacks is skipped and its gain is counted in the next measured step, whose cell
+    names the steps it does not separate; N:M patterns have no allocation."""
     by_label = {label(r): r for r in rows if r.get("recipe")}
     lines = []
     for suffix, name in SUMMARY_PATTERNS:
@@ -382,7 +383,9 @@ def gain_shares(rows: list[dict[str, Any]]) -> list[str]:
             ratio = row["ppl_mean"] / previous["ppl_mean"]
             share = math.log(ratio) / total if total else float("nan")
             covers = f"; not separated: {', '.join(skipped)}" if skipped else ""
-            cells.append(f"{ratio:.3f} ({share:.0%}{covers})")
+            seeds = (len(previous["ppls"]), len(row["ppls"]))
+            mixed = f"; seeds {seeds[0]}→{seeds[1]}" if seeds[0] != seeds[1] else ""
+            cells.append(f"{ratio:.3f} ({share:.0%}{covers}{mixed})")
             previous, skipped = row, []
         lines.append(f"| {name} | {d2['ppl_mean'] / base['ppl_mean']:.3f} | " + " | ".join(cells) + f" | {label(d2)} |")
     if not lines:
@@ -392,7 +395,8 @@ def gain_shares(rows: list[dict[str, Any]]) -> list[str]:
             "(same allocation and refit) → the best D²Prune recipe, and its share of the whole gain (of ln(best D²Prune / "
             "SparseGPT)); the step ratios multiply to the total. A step the suite has no recipe for is counted in the next "
             "measured one (\"not separated: ...\"; N:M patterns fix every layer's sparsity, so they have no "
-            "allocation). The refit column is one seed; the others are means over their seeds.", "",
+            "allocation). Each ratio divides one row's mean over its seeds by the previous row's; a cell whose two rows have "
+            "different numbers of seeds says so (\"seeds 3→1\").", "",
             "| pattern | best D²Prune / SparseGPT | " + " | ".join(step for step, _ in GAIN_STEPS) + " | best D²Prune |",
             "|---" * (len(GAIN_STEPS) + 3) + "|", *lines, ""]
 

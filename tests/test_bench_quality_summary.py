@@ -52,15 +52,16 @@ def test_gain_shares_telescope_to_the_total_and_name_what_they_merge() -> None:
     chain = {"sparsegpt-unstructured-70": 400.0, "sparsegpt-alloc-unstructured-70": 200.0,
              "sparsegpt-alloc-refit-unstructured-70": 160.0, "admm-alloc-refit-unstructured-70": 100.0,
              "d2prune-admm-unstructured-70": 80.0}
-    records = _records() + [{"key": f"recipes/{stem}.toml|0.7|seed=0", "recipe": f"recipes/{stem}.toml", "method": "x",
-                             "pattern": "unstructured", "sparsity": 0.7, "seed": 0, "ppl": ppl, "wall_s": 1.0,
+    records = _records() + [{"key": f"recipes/{stem}.toml|0.7|seed={seed}", "recipe": f"recipes/{stem}.toml", "method": "x",
+                             "pattern": "unstructured", "sparsity": 0.7, "seed": seed, "ppl": ppl, "wall_s": 1.0,
                              "peak_rss_mb": 1.0, "calibration": "c4", "evaluation": "test", "options": {}}
-                            for stem, ppl in chain.items()]
+                            for stem, ppl in chain.items() for seed in ((0,) if stem == "sparsegpt-alloc-refit-unstructured-70" else (0, 1))]
     lines = quality.gain_shares(quality.aggregate(records))
     seventy, plain = _row(lines, "70%"), _row(lines, "2:4")
     assert seventy[1] == "0.200" and seventy[-1].strip() == "d2prune-admm-unstructured-70"
     steps = seventy[2:6]  # allocation, refit, ALPS-class, D²Prune's own: ratios 0.5, 0.8, 0.625, 0.8 of ln(0.2)
     assert [s.split(" ")[0] for s in steps] == ["0.500", "0.800", "0.625", "0.800"]
-    assert [s.split("(")[1].rstrip(")") for s in steps] == ["43%", "14%", "29%", "14%"]
+    # the SparseGPT + refit row has one seed, the others two: the two cells it takes part in say so
+    assert [s.split("(")[1].rstrip(")") for s in steps] == ["43%", "14%; seeds 2→1", "29%; seeds 1→2", "14%"]
     assert plain[2] == "n/a (N:M)" and plain[3] == ""  # 2:4 has no allocation; its refit step is not measured here
     assert plain[4] == f"{84 / 105:.3f} ({math.log(84 / 105) / math.log(74.5 / 105):.0%}; not separated: refit)"
