@@ -140,7 +140,7 @@ def markdown(records: list[dict[str, Any]]) -> str:
         lines += ["Dense perplexity (`dense-smollm2`: the model it was built from; `dense`: the upcycled MoE): "
                   + "; ".join(dense) + ".", ""]
     lines += ["| pattern | method | routed | all | all / routed (paired) | vs SparseGPT, routed | vs SparseGPT, all | "
-              "expert zeros (min–max) | router zeros | fewest tokens (routed) |",
+              "expert zeros (min–max) | router zeros (max) | fewest tokens (routed) |",
               "|---|---|---|---|---|---|---|---|---|---|"]
     for pattern in ("unstructured-50", "unstructured-60", "2of4"):
         for method in ("wanda", "sparsegpt", "d2prune"):
@@ -149,17 +149,20 @@ def markdown(records: list[dict[str, Any]]) -> str:
             if routed is None and every is None:
                 continue
             base_r, base_a = rows.get((f"sparsegpt-{pattern}", "routed")), rows.get((f"sparsegpt-{pattern}", "all"))
-            any_row = routed or every
-            zeros = f"{min(r['expert_zeros_min'] for r in (routed, every) if r):.4f}–{max(r['expert_zeros_max'] for r in (routed, every) if r):.4f}"
+            runs = [r for r in records if r["recipe"] == recipe]  # every seed of both modes
+            tokens = [r["fewest_expert_tokens"] for r in runs if r["mode"] == "routed"]
+            zeros = f"{min(r['expert_zeros_min'] for r in runs):.4f}–{max(r['expert_zeros_max'] for r in runs):.4f}"
             lines.append(f"| {pattern} | {method} | {_cell(routed)} | {_cell(every)} | {paired_ratio(every, routed, count=True)} | "
                          f"{'' if method == 'sparsegpt' else paired_ratio(routed, base_r, count=True)} | {'' if method == 'sparsegpt' else paired_ratio(every, base_a, count=True)} | "
-                         f"{zeros} | {any_row['router_zeros']:.3f} | {routed['fewest_expert_tokens'] if routed else ''} |")
+                         f"{zeros} | {max(r['router_zeros'] for r in runs):.3f} | {min(tokens) if tokens else ''} |")
     pruned = [r for r in records if r["recipe"] not in ("dense", "dense-smollm2")]
     full = len(RECIPES) * len(MODES) * 3
     lines += ["", "Ratios are per seed, paired on the same calibration windows (mean ± std, number of shared seeds). "
               "Pruning times (`wall_s`) are in the JSON only: they are comparable only between runs that had the machine "
               "to themselves. The shipped D²Prune recipes allocate the sparsity across blocks (`sparsity_allocation`, "
-              "error profile), so their expert zeros span a range; the experts of one block share its sparsity.", "",
+              "error profile), so their expert zeros span a range; the experts of one block share its sparsity. "
+              "The last three columns cover every seed: expert zeros and router zeros over both modes, the fewest "
+              "tokens over the routed runs (with `all` every expert sees every calibration token).", "",
               f"Measured: {len(pruned)} of the {full} pruned runs of the full table (`python bench/moe.py --seeds 3 --fresh`: "
               f"{len(RECIPES)} recipes × {len(MODES)} calibration modes × 3 seeds)"
               + (" — a partial table." if len(pruned) < full else "."), ""]
