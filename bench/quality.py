@@ -255,13 +255,16 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 
 
 def aggregate(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per configuration over its seeds: ppl mean and sample std, per-seed values, mean wall."""
+    """One row per configuration over its seeds: ppl mean and sample std, per-seed values, mean wall,
+    the largest peak RSS, and the dates and commits of its records."""
     rows: dict[str, dict[str, Any]] = {}
     for r in sorted(records, key=lambda r: r.get("seed", 0)):
         key = r["key"].rsplit("|seed=", 1)[0]
-        row = rows.setdefault(key, {**r, "ppls": {}, "walls": [], "commits": set()})
+        row = rows.setdefault(key, {**r, "ppls": {}, "walls": [], "commits": set(), "dates": set()})
         row["ppls"][r.get("seed", 0)] = r["ppl"]
         row["walls"].append(r["wall_s"])
+        row["peak_rss_mb"] = max(row["peak_rss_mb"], r["peak_rss_mb"])
+        row["dates"].add(r.get("measured", "earlier run"))
         row["commits"].add(r.get("provenance", {}).get("commit", "")[:7] or "commit not recorded")
     for row in rows.values():
         row["ppl_mean"], row["ppl_std"] = mean_std(list(row["ppls"].values()))
@@ -436,8 +439,8 @@ def markdown(records: list[dict[str, Any]]) -> str:
         "disjoint block of them (`data.calibration.offset = k × samples`). Perplexity follows the SparseGPT/Wanda "
         "protocol on the first windows of WikiText-2. `ppl` is the mean over the seeds ± the sample standard deviation. "
         "`wall_s` is the mean pruning time (survey, block capture, statistics, masks, updates, re-forward), `peak_rss_mb` "
-        "the peak resident memory of a run's process. Wall times compare only within one run (this machine is noisy). "
-        "`measured` names the date and the commit of the rows (each record's `provenance` in the JSON also has the command).",
+        "the largest peak resident memory of a row's processes. Wall times compare only within one run (this machine is noisy). "
+        "`measured` names the dates and the commits of the rows (each record's `provenance` in the JSON also has the command).",
         "",
     ]
     groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
@@ -454,7 +457,7 @@ def markdown(records: list[dict[str, Any]]) -> str:
             seeds = " / ".join(f"{v:.2f}" for v in r["ppls"].values())
             spread = f" ± {r['ppl_std']:.2f}" if len(r["ppls"]) > 1 else ""
             lines.append(f"| {label(r)} | {r['pattern']} | {r['sparsity']:.3f} | {opts} | {r['ppl_mean']:.3f}{spread} | {seeds} | "
-                         f"{r['wall_mean']:.1f} | {r['peak_rss_mb']:.0f} | {r.get('measured', 'earlier run')} "
+                         f"{r['wall_mean']:.1f} | {r['peak_rss_mb']:.0f} | {', '.join(sorted(r['dates']))} "
                          f"({', '.join(sorted(r['commits']))}) |")
         lines += ["", *summary_table(rows), *gain_shares(rows), *ratio_lines(rows)]
     return "\n".join(lines)
