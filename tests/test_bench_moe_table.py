@@ -14,7 +14,7 @@ import moe  # noqa: E402
 def _record(recipe: str, mode: str, seed: int, ppl: float, zeros: tuple[float, float], router: float,
             tokens: int) -> dict[str, Any]:
     cfg = {"recipe": recipe, "mode": mode, "seed": seed, "samples": 32, "windows": 32}
-    return {**cfg, "key": moe.key(cfg), "ppl": ppl, "wall_s": 1.0, "sparsity": 0.5, "expert_zeros_min": zeros[0],
+    return {**cfg, "key": moe.key(cfg), "ppl": ppl, "wall_s": 1.0, "peak_rss_mb": 1.0, "sparsity": 0.5, "expert_zeros_min": zeros[0],
             "expert_zeros_max": zeros[1], "router_zeros": router, "fewest_expert_tokens": tokens,
             "provenance": {"commit": "abcdef0123"}}
 
