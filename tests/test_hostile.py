@@ -8,6 +8,7 @@ import errno
 import json
 import os
 import shutil
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -319,6 +320,11 @@ MODELS = {
     "architectures names a non-model class": (lambda m: _set_config(m, architectures=["AutoTokenizer"]),
                                               "names no transformers model class"),
     "architectures names a function": (lambda m: _set_config(m, architectures=["pipeline"]), "names no transformers model class"),
+    "config failing its class's own checks": (lambda m: _set_config(m, hidden_size=-5),
+                                              "unsupported model: The hidden size (-5) is not a multiple"),
+    "config of a negative size": (lambda m: _set_config(m, intermediate_size=-4), "cannot build the model: "),
+    "config value of the wrong type": (lambda m: _set_config(m, hidden_size="big"), "unsupported model: Field 'hidden_size'"),
+    "unknown model type": (lambda m: _set_config(m, model_type="no-such-model"), "unsupported model: The checkpoint"),
     "pickle-only checkpoint (.bin)": (lambda m: ((m / "model.safetensors").unlink(), (m / "pytorch_model.bin").write_bytes(b"x")),
                                       "only pickle checkpoints (pytorch_model.bin); d2compiler never unpickles"),
 }
@@ -332,6 +338,19 @@ def test_bad_model(case, tmp_path, llama4, capsys):
     code, err = run(["run", str(recipe_for(tmp_path, llama4, output)), "--model", str(model)], capsys)
     assert code == 2 and expected in err, err
     assert err.count("\n") == 1 and not output.exists() and not work_dir_for(output).exists()
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_truncated_gguf(streaming, tmp_path, llama4, capsys):
+    """A GGUF file whose header ends early (a cut download) is one line, in memory and when the
+    streaming run converts it."""
+    gguf = tmp_path / "cut.gguf"
+    gguf.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 0, 5))  # version 3, no tensors, 5 metadata keys that are not there
+    output = tmp_path / "out"
+    code, err = run(["run", str(recipe_for(tmp_path, llama4, output)), "--model", str(gguf),
+                     "--set", f"model.streaming={str(streaming).lower()}"], capsys)
+    assert code == 2 and f"{gguf}: " in err and "GGUF file" in err, err
+    assert err.count("\n") == 1 and not output.exists()
 
 
 # --- bad recipes and flags ---------------------------------------------------------------------------

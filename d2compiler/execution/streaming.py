@@ -102,15 +102,14 @@ _FACTORIES = {torch.empty, torch.zeros, torch.ones, torch.full, torch.rand, torc
 def empty_model(folder: Path, dtype: torch.dtype, attn_implementation: str | None = None) -> nn.Module:
     """The model of `folder` with every parameter on the meta device (no memory), in eval mode."""
     from accelerate import init_empty_weights
-    from transformers import AutoConfig
 
-    from d2compiler.graph.model_class import model_class
+    from d2compiler.graph.model_class import model_class, model_load_errors, read_config
 
-    config = AutoConfig.from_pretrained(str(folder))
+    config = read_config(str(folder), str(folder))
     if attn_implementation:
         config._attn_implementation = attn_implementation
     cls = model_class(config, str(folder))
-    with init_empty_weights(), _LargeOnMeta():
+    with init_empty_weights(), _LargeOnMeta(), model_load_errors(str(folder)):
         model = cls._from_config(config, dtype=dtype)
     model.tie_weights()  # tied parameters share one meta tensor, as they will share the loaded one
     return model.eval()

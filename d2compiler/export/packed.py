@@ -138,9 +138,7 @@ def _stored_values(tensors: dict[str, torch.Tensor], name: str, entry: dict[str,
 
 def load_packed(folder: Path) -> nn.Module:
     """Rebuild the model of a packed checkpoint, with `Packed24Linear` layers."""
-    from transformers import AutoConfig
-
-    from d2compiler.graph.model_class import model_class
+    from d2compiler.graph.model_class import model_class, model_load_errors, read_config
 
     path = folder / "model.safetensors"
     with safe_open(str(path), "pt") as f:
@@ -149,8 +147,9 @@ def load_packed(folder: Path) -> nn.Module:
         raise ModelLoadError(f"{path}: unsupported d2c-packed version {meta.get('format_version')!r}")
     entries = json.loads(meta["packed"])
     tensors = load_file(str(path))
-    config = AutoConfig.from_pretrained(folder)
-    model = model_class(config, str(folder))(config)  # float32: stored fp16/bf16 tensors are widened exactly
+    config = read_config(str(folder), str(folder))
+    with model_load_errors(str(folder)):
+        model = model_class(config, str(folder))(config)  # float32: stored fp16/bf16 tensors are widened exactly
     dtype = next(model.parameters()).dtype
     banks: list[tuple[dict[str, Any], torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]] = []
     for entry in entries:

@@ -1,10 +1,52 @@
-"""Which transformers class a model's config names (the one decision every loader shares)."""
+"""A model's config and the transformers class it names (what every loader shares); a model that
+cannot be read or built is a `ModelLoadError` of one line."""
 
 from __future__ import annotations
 
+import struct
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from d2compiler.errors import ModelLoadError
+
+
+def reason(exc: BaseException) -> str:
+    """The first line of what went wrong: the innermost cause's message (a validator's wrapper names
+    only the validator), else the exception's type."""
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[0] if lines else type(exc).__name__
+
+
+@contextmanager
+def model_load_errors(source: str) -> Iterator[None]:
+    """Turns what transformers raises for a model it cannot read or build into a ModelLoadError of one
+    line located at `source`: a missing or unreachable file, a truncated GGUF header (`struct.error`),
+    bad config values (huggingface_hub's strict validators, or a tensor of negative size when the model
+    is built), an unknown model type."""
+    from huggingface_hub.errors import StrictDataclassError
+
+    try:
+        yield
+    except OSError as exc:
+        raise ModelLoadError(f"{source}: cannot load the model: {reason(exc)}") from None
+    except struct.error as exc:
+        raise ModelLoadError(f"{source}: truncated or damaged GGUF file ({reason(exc)})") from None
+    except (ValueError, KeyError, TypeError, StrictDataclassError) as exc:
+        raise ModelLoadError(f"{source}: unsupported model: {reason(exc)}") from None
+    except RuntimeError as exc:  # torch, while the model is built: a negative size, too little memory
+        raise ModelLoadError(f"{source}: cannot build the model: {reason(exc)}") from None
+
+
+def read_config(folder: str, source: str, **extra: Any) -> Any:
+    """The transformers config of `folder` (a folder or a hub id; `extra`: `gguf_file`, `revision`).
+    Raises ModelLoadError, located at `source`, when it cannot be read or is not valid."""
+    from transformers import AutoConfig
+
+    with model_load_errors(source):
+        return AutoConfig.from_pretrained(folder, **extra)
 
 
 def model_class(config: Any, source: str) -> Any:

@@ -22,7 +22,7 @@ from d2compiler.errors import ModelLoadError
 from d2compiler.evaluation.model_kind import takes_images
 from d2compiler.export.hf import QUANT_FILE
 from d2compiler.export.packed import is_packed_folder, load_packed
-from d2compiler.graph.model_class import model_class
+from d2compiler.graph.model_class import model_class, model_load_errors, read_config
 from d2compiler.loading.content_key import content_key, known_digests
 from d2compiler.loading.dtypes import compute_dtype, resolve_device, resolve_dtype, stored_dtype
 from d2compiler.weight_index import index_shards
@@ -119,11 +119,9 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     log.info("converting %s to safetensors in %s (once)", gguf.name, target)
-    try:
+    with model_load_errors(str(gguf)):
         model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise ModelLoadError(f"{gguf}: cannot read this GGUF file: {exc}") from None
     _strip_gguf_quantizer(model)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
@@ -312,7 +310,6 @@ def load_streamed(source: str, dtype: str = "float32", device: str = "auto", att
     outside the blocks, which are read once; blocks are read when their turn comes. A GGUF file is
     converted once into a cached safetensors folder (`gguf_folder`); a hub id is read from the hub
     cache's safetensors (`hub_folder`)."""
-    from transformers import AutoConfig
 
     from d2compiler.execution.streaming import StreamedModel, WeightSource, empty_model
 
@@ -329,7 +326,7 @@ def load_streamed(source: str, dtype: str = "float32", device: str = "auto", att
     torch_dtype = resolve_dtype(dtype, resolve_device(device))
     storage = None
     if torch_dtype == "auto":
-        torch_dtype, storage = compute_dtype(stored_dtype(AutoConfig.from_pretrained(folder)), resolve_device(device))
+        torch_dtype, storage = compute_dtype(stored_dtype(read_config(folder, source)), resolve_device(device))
     streamed = StreamedModel(empty_model(Path(folder), torch_dtype, attn_implementation), WeightSource(Path(folder)), torch_dtype)
     streamed.load_outside_blocks()
     model = streamed.model
@@ -342,7 +339,6 @@ def load_model(source: str, dtype: str = "float32", device: str = "auto", revisi
     """Load a model and its tokenizer from any supported source (see `ModelSpec.source`).
 
     The model is returned on the CPU in eval mode; the executor moves blocks to the device."""
-    from transformers import AutoConfig
 
     torch_dtype = resolve_dtype(dtype, resolve_device(device))
     path = Path(source).expanduser()
@@ -357,8 +353,8 @@ def load_model(source: str, dtype: str = "float32", device: str = "auto", revisi
     if gguf_file:
         extra["gguf_file"] = gguf_file
     storage = None
-    try:
-        config = AutoConfig.from_pretrained(folder, **extra)
+    config = read_config(folder, source, **extra)
+    with model_load_errors(source):
         if torch_dtype == "auto" and not gguf_file:
             torch_dtype, storage = compute_dtype(stored_dtype(config), resolve_device(device))
         cls = model_class(config, source)
@@ -369,10 +365,6 @@ def load_model(source: str, dtype: str = "float32", device: str = "auto", revisi
             warnings.filterwarnings("ignore", message="You passed `quantization_config`")
             model, info = cls.from_pretrained(folder, dtype=torch_dtype, output_loading_info=True, ignore_mismatched_sizes=True,
                                               **safe, **attn, **quant, **extra)
-    except OSError as exc:
-        raise ModelLoadError(f"{source}: cannot load the model: {exc}") from None
-    except (ValueError, KeyError, TypeError) as exc:
-        raise ModelLoadError(f"{source}: unsupported model: {exc}") from None
     _check_load_report(info, source)
     if gguf_file:
         _strip_gguf_quantizer(model)
