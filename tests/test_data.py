@@ -53,6 +53,10 @@ def test_windows():
         calibration_windows(ids, 11, 100)
     with pytest.raises(DataError, match="too little evaluation text"):
         evaluation_windows(ids, 2000)
+    with pytest.raises(DataError, match="^corpus.txt: too little evaluation text"):
+        evaluation_windows(ids, 2000, source="corpus.txt")
+    with pytest.raises(DataError, match="^corpus.txt: too little calibration text"):
+        calibration_windows(ids, 11, 100, source="corpus.txt")
 
 
 def test_calibration_offset_gives_disjoint_sets():

@@ -43,7 +43,8 @@ CASES = {
     "N >= M": ("{llama}", 'mask_structure = "4:4"', "", "passes[1].mask_structure"),
     "targets match nothing": ("{llama}", 'sparsity = 0.5\ntargets = ["re:.*nonexistent.*"]', "",
                               "match no linear in model.layers.*; the blocks hold: mlp.down_proj"),
-    "too little calibration text": ("{llama}", "sparsity = 0.5", "samples = 100000", "too little calibration text"),
+    "too little calibration text": ("{llama}", "sparsity = 0.5", "samples = 100000",
+                                    "builtin:python-docs: too little calibration text"),
 }
 
 

@@ -138,35 +138,43 @@ def leading_tokens(tokenizer: Any, source: str, part: Part, need: int, **kwargs:
         chars *= 2
 
 
+def _at(source: str | None) -> str:
+    """The location that starts an error message about `source` ("" when there is none)."""
+    return f"{source}: " if source else ""
+
+
 def calibration_windows(
-    ids: torch.Tensor, samples: int, seq_len: int, *, sampling: str = "sequential", seed: int = 0, offset: int = 0
+    ids: torch.Tensor, samples: int, seq_len: int, *, sampling: str = "sequential", seed: int = 0, offset: int = 0,
+    source: str | None = None,
 ) -> list[torch.Tensor]:
     """`samples` windows of `seq_len` tokens, each shaped (1, seq_len): consecutive ones from window
-    `offset` on, or at random offsets drawn with `seed`."""
+    `offset` on, or at random offsets drawn with `seed`. Too few tokens: a DataError naming `source`."""
     n = ids.shape[1]
     if sampling == "sequential":
         need = (offset + samples) * seq_len
         if n < need:
             skipped = f" after {offset} skipped windows" if offset else ""
             raise DataError(
-                f"too little calibration text: {n} tokens, but {samples} windows of {seq_len}{skipped} "
+                f"{_at(source)}too little calibration text: {n} tokens, but {samples} windows of {seq_len}{skipped} "
                 f"need {need}; use fewer samples, a shorter seq_len, a smaller offset or a larger corpus"
             )
         return [ids[:, i * seq_len : (i + 1) * seq_len] for i in range(offset, offset + samples)]
     if n <= seq_len:
-        raise DataError(f"too little calibration text: {n} tokens, need more than seq_len={seq_len}")
+        raise DataError(f"{_at(source)}too little calibration text: {n} tokens, need more than seq_len={seq_len}")
     gen = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, n - seq_len, (samples,), generator=gen).tolist()
     return [ids[:, s : s + seq_len] for s in starts]
 
 
-def evaluation_windows(ids: torch.Tensor, seq_len: int, max_windows: int | None = None) -> list[torch.Tensor]:
-    """Non-overlapping windows of `seq_len` tokens (the tail shorter than a window is dropped)."""
+def evaluation_windows(ids: torch.Tensor, seq_len: int, max_windows: int | None = None,
+                       source: str | None = None) -> list[torch.Tensor]:
+    """Non-overlapping windows of `seq_len` tokens (the tail shorter than a window is dropped). Not
+    one window: a DataError naming `source`."""
     count = ids.shape[1] // seq_len
     if max_windows is not None:
         count = min(count, max_windows)
     if count == 0:
-        raise DataError(f"too little evaluation text: {ids.shape[1]} tokens, less than one window of {seq_len}")
+        raise DataError(f"{_at(source)}too little evaluation text: {ids.shape[1]} tokens, less than one window of {seq_len}")
     return [ids[:, i * seq_len : (i + 1) * seq_len] for i in range(count)]
 
 

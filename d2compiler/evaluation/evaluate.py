@@ -208,4 +208,4 @@ def make_metric(resolved: ResolvedSource, model: nn.Module, tokenizer: Any, *, q
             raise DataError(f"{spec.source}: no windows")
         return Perplexity(windows, quiet)
     ids = tokenize(tokenizer, load_text(spec.source, "evaluation", config=spec.config, split=spec.split, field=spec.field))
-    return Perplexity(evaluation_windows(ids, spec.seq_len, spec.max_windows), quiet)
+    return Perplexity(evaluation_windows(ids, spec.seq_len, spec.max_windows, source=spec.source), quiet)

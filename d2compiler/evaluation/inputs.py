@@ -52,5 +52,5 @@ def calibration_inputs(resolved: ResolvedSource, model: nn.Module, tokenizer: An
         else:  # random windows are drawn over the whole text
             ids = tokenize(tokenizer, load_text(spec.source, "calibration", **text))
         windows = calibration_windows(ids, spec.samples, spec.seq_len, sampling=spec.sampling, seed=spec.seed,
-                                      offset=spec.offset)
+                                      offset=spec.offset, source=spec.source)
     return _stack(windows, spec.batch_size)
