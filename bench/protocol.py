@@ -179,7 +179,27 @@ def provenance() -> dict[str, Any]:
     script = Path(sys.argv[0]).resolve()
     shown = f"bench/{script.name}" if script.parent == ROOT / "bench" else sys.argv[0]
     command = " ".join(["python", shlex.quote(shown), *(shlex.quote(a) for a in sys.argv[1:])])
-    return {"commit": commit, "dirty": bool(status), "command": command, "smoke": smoke(), "data": data_digests()}
+    return {"commit": commit, "dirty": bool(status), "command": command, "smoke": smoke(), "data": data_digests(),
+            "machine": machine()}
+
+
+def machine() -> dict[str, Any]:
+    """The hardware a run measured on (its times compare only with runs on the same): the CPU's model
+    name, the cores this process may use, torch's CPU kernel level (e.g. AVX512, AVX2) and the GPU,
+    if torch sees one."""
+    import platform
+
+    import torch
+
+    name = platform.processor() or platform.machine()
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        name = next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {"cpu": name, "cores": cores, "cpu_capability": torch.backends.cpu.get_cpu_capability(), "gpu": gpu}
 
 
 def write_json(path: Path, data: Any) -> None:

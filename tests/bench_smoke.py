@@ -69,6 +69,7 @@ def run_smoke(script: str, smoke_dir: Path) -> None:
                 entries = data if isinstance(data, list) else list(data["models"].values())
                 prov = entries[-1]["provenance"]
             assert prov["smoke"] is True and prov["command"] and prov["commit"]
+            assert prov["machine"]["cpu"] and prov["machine"]["cores"] >= 1  # timings compare only on one machine
     if script == "cost.py" and not (ROOT / ".venv-llmc").exists():
         assert "llm-compressor side skipped" in proc.stdout
     assert {p.name: p.stat().st_mtime_ns for p in results.iterdir()} == before, "a smoke run wrote into bench/results"
