@@ -60,6 +60,9 @@ def lowest_k(score: torch.Tensor, k: int) -> torch.Tensor:
     if k >= flat.numel():
         return torch.ones_like(score, dtype=torch.bool)
     kth = kth_smallest(flat, k)
+    at_most = flat <= kth
+    if int(at_most.sum()) == k:  # the usual case: every score equal to the k-th is taken
+        return at_most.view_as(score)
     below = flat < kth
     tied = flat == kth
     prune = below | (tied & (torch.cumsum(tied, 0) <= k - below.sum()))

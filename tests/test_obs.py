@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from passes.masks import kth_smallest, lowest_n_of_m, lowest_per_row, split_count
+from passes.masks import kth_smallest, lowest_k, lowest_n_of_m, lowest_per_row, split_count
 from passes.obs import obs_prune
 from passes.pruning import relative_error
 
@@ -41,6 +41,19 @@ def test_n_of_m_is_the_stable_sort_with_ties_and_nan():
         order = torch.argsort(score.view(30, 16, m), dim=2, stable=True)[..., :n]
         want = torch.zeros(30, 16, m, dtype=torch.bool).scatter_(2, order, True).view(30, 16 * m)
         assert torch.equal(lowest_n_of_m(score, n, m), want), (n, m)
+
+
+def test_lowest_k_is_the_stable_sort():
+    """The k lowest over a whole tensor are the first k of a stable ascending sort, with ties at the
+    k-th value split by position (cumulative count) or all taken (the quick path)."""
+    gen = torch.Generator().manual_seed(0)
+    for name, score in {"spread": torch.randn(60, 70, generator=gen),
+                        "ties": torch.randint(0, 6, (60, 70), generator=gen).float()}.items():
+        for k in (1, 5, 700, 2100, 2101, 4199):
+            want = torch.zeros(score.numel(), dtype=torch.bool)
+            want[torch.argsort(score.flatten(), stable=True)[:k]] = True
+            got = lowest_k(score, k)
+            assert got.sum() == k and torch.equal(got.flatten(), want), (name, k)
 
 
 def test_kth_smallest_is_kthvalue():
