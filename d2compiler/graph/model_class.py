@@ -12,10 +12,7 @@ from d2compiler.errors import ModelLoadError
 
 
 def reason(exc: BaseException) -> str:
-    """The first line of what went wrong: the innermost cause's message (a validator's wrapper names
-    only the validator), else the exception's type."""
-    while exc.__cause__ is not None:
-        exc = exc.__cause__
+    """The first line of an exception's message, else its type's name."""
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     return lines[0] if lines else type(exc).__name__
 
@@ -34,7 +31,9 @@ def model_load_errors(source: str) -> Iterator[None]:
         raise ModelLoadError(f"{source}: cannot load the model: {reason(exc)}") from None
     except struct.error as exc:
         raise ModelLoadError(f"{source}: truncated or damaged GGUF file ({reason(exc)})") from None
-    except (ValueError, KeyError, TypeError, StrictDataclassError) as exc:
+    except StrictDataclassError as exc:  # its message names the validator; the cause says what failed
+        raise ModelLoadError(f"{source}: unsupported model: {reason(exc.__cause__ or exc)}") from None
+    except (ValueError, KeyError, TypeError) as exc:
         raise ModelLoadError(f"{source}: unsupported model: {reason(exc)}") from None
     except RuntimeError as exc:  # torch, while the model is built: a negative size, too little memory
         raise ModelLoadError(f"{source}: cannot build the model: {reason(exc)}") from None
