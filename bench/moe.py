@@ -149,7 +149,7 @@ def markdown(records: list[dict[str, Any]]) -> str:
             if routed is None and every is None:
                 continue
             base_r, base_a = rows.get((f"sparsegpt-{pattern}", "routed")), rows.get((f"sparsegpt-{pattern}", "all"))
-            runs = [r for r in records if r["recipe"] == recipe]  # every seed of both modes
+            runs = [run for row in (routed, every) if row for run in row["runs"]]  # every seed of both modes
             tokens = [r["fewest_expert_tokens"] for r in runs if r["mode"] == "routed"]
             zeros = f"{min(r['expert_zeros_min'] for r in runs):.4f}–{max(r['expert_zeros_max'] for r in runs):.4f}"
             lines.append(f"| {pattern} | {method} | {_cell(routed)} | {_cell(every)} | {paired_ratio(every, routed, count=True)} | "

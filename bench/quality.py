@@ -256,11 +256,12 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 
 def aggregate(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per configuration over its seeds: ppl mean and sample std, per-seed values, mean wall,
-    the largest peak RSS, and the dates and commits of its records."""
+    the largest peak RSS, the dates and commits of its records, and the records themselves (`runs`)."""
     rows: dict[str, dict[str, Any]] = {}
     for r in sorted(records, key=lambda r: r.get("seed", 0)):
         key = r["key"].rsplit("|seed=", 1)[0]
-        row = rows.setdefault(key, {**r, "ppls": {}, "walls": [], "commits": set(), "dates": set()})
+        row = rows.setdefault(key, {**r, "ppls": {}, "walls": [], "commits": set(), "dates": set(), "runs": []})
+        row["runs"].append(r)
         row["ppls"][r.get("seed", 0)] = r["ppl"]
         row["walls"].append(r["wall_s"])
         row["peak_rss_mb"] = max(row["peak_rss_mb"], r["peak_rss_mb"])
