@@ -64,7 +64,7 @@ def lowest_k(score: torch.Tensor, k: int) -> torch.Tensor:
     if int(at_most.sum()) == k:  # the usual case: every score equal to the k-th is taken
         return at_most.view_as(score)
     below = flat < kth
-    tied = flat == kth
+    tied = at_most & ~below
     prune = below | (tied & (torch.cumsum(tied, 0) <= k - below.sum()))
     return prune.view_as(score)
 
