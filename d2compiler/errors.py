@@ -53,3 +53,10 @@ class OutputError(D2Error):
 
 class PluginError(D2Error):
     """A pass plugin (entry point `d2compiler.passes`) could not be loaded or registered."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first non-blank line of an exception's message (stripped), else its type's name: what a
+    one-line error quotes of a library's exception."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[0] if lines else type(exc).__name__

@@ -8,13 +8,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from d2compiler.errors import ModelLoadError
-
-
-def reason(exc: BaseException) -> str:
-    """The first line of an exception's message, else its type's name."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    return lines[0] if lines else type(exc).__name__
+from d2compiler.errors import ModelLoadError, first_line
 
 
 @contextmanager
@@ -28,15 +22,15 @@ def model_load_errors(source: str) -> Iterator[None]:
     try:
         yield
     except OSError as exc:
-        raise ModelLoadError(f"{source}: cannot load the model: {reason(exc)}") from None
+        raise ModelLoadError(f"{source}: cannot load the model: {first_line(exc)}") from None
     except struct.error as exc:
-        raise ModelLoadError(f"{source}: truncated or damaged GGUF file ({reason(exc)})") from None
+        raise ModelLoadError(f"{source}: truncated or damaged GGUF file ({first_line(exc)})") from None
     except StrictDataclassError as exc:  # its message names the validator; the cause says what failed
-        raise ModelLoadError(f"{source}: unsupported model: {reason(exc.__cause__ or exc)}") from None
+        raise ModelLoadError(f"{source}: unsupported model: {first_line(exc.__cause__ or exc)}") from None
     except (ValueError, KeyError, TypeError) as exc:
-        raise ModelLoadError(f"{source}: unsupported model: {reason(exc)}") from None
+        raise ModelLoadError(f"{source}: unsupported model: {first_line(exc)}") from None
     except RuntimeError as exc:  # torch, while the model is built: a negative size, too little memory
-        raise ModelLoadError(f"{source}: cannot build the model: {reason(exc)}") from None
+        raise ModelLoadError(f"{source}: cannot build the model: {first_line(exc)}") from None
 
 
 def read_config(folder: str, source: str, **extra: Any) -> Any:

@@ -29,7 +29,7 @@ import networkx as nx
 import torch
 from torch import nn
 
-from d2compiler.errors import TraceError
+from d2compiler.errors import TraceError, first_line
 from d2compiler.graph.layers import LinearLayer, is_linear_module, slice_name
 
 log = logging.getLogger(__name__)
@@ -326,7 +326,7 @@ def _model_frame(exc: BaseException) -> str | None:
 def trace_failure_message(block: nn.Module, label: str, exc: BaseException) -> str:
     """Which block, which operation (the model's source line and torch's reason), and the recipe
     lines that skip tracing by naming every linear's role."""
-    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    reason = first_line(exc)
     where = _model_frame(exc)
     linears = [n for n, m in block.named_modules() if n and is_linear_module(m)]
     override = "\n".join(f'"{n}" = "other"' for n in linears)
